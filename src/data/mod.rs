@@ -1,0 +1,1 @@
+//! Data pipeline: tokenizer, shards, packing, bucket ordering, loader (issue 4).
