@@ -3,3 +3,11 @@
 //! See ARCHITECTURE.md for how the crates fit together.
 pub mod batch;
 pub mod data;
+pub mod autograd;
+pub mod backend;
+pub mod config;
+pub mod cpu;
+pub mod fsutil;
+pub mod tensor;
+pub mod model;
+pub mod weights;

@@ -1,0 +1,250 @@
+//! A minimal reverse-mode tape. Each operator records one node: the ids of its inputs and a
+//! closure that maps the gradient of its output to the gradients of its inputs, holding exactly
+//! the tensors it needs (as shared buffers). `backward` walks the nodes in reverse order.
+//!
+//! [`Graph::checkpoint`] runs a sub-computation (a decoder layer) without recording it, keeps only
+//! its inputs, and re-runs it on a private tape during the backward: the same operators in the same
+//! order, so on the CPU its gradients are bit-identical to the recorded path.
+use crate::backend::{AttnShape, Backend};
+use crate::tensor::Tensor;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// A value in a graph: a tensor and the id gradients are keyed by.
+pub struct Var<B: Backend> {
+    pub id: usize,
+    pub value: Tensor<B>,
+}
+
+impl<B: Backend> Clone for Var<B> {
+    fn clone(&self) -> Self {
+        Var { id: self.id, value: self.value.clone() }
+    }
+}
+
+type BackwardFn<B> = Box<dyn FnOnce(&B, <B as Backend>::Buf) -> Vec<Option<<B as Backend>::Buf>>>;
+
+struct Node<B: Backend> {
+    output: usize,
+    inputs: Vec<usize>,
+    backward: BackwardFn<B>,
+}
+
+struct Tape<B: Backend> {
+    nodes: Vec<Node<B>>,
+    next_id: usize,
+}
+
+pub struct Graph<'b, B: Backend> {
+    backend: &'b B,
+    /// When false (inference, or the forward of a checkpointed block) nothing is recorded.
+    record: bool,
+    tape: RefCell<Tape<B>>,
+}
+
+/// Gradients by variable id.
+pub struct Grads<B: Backend> {
+    map: HashMap<usize, B::Buf>,
+}
+
+impl<B: Backend> Grads<B> {
+    pub fn take(&mut self, v: &Var<B>) -> Option<B::Buf> {
+        self.map.remove(&v.id)
+    }
+    pub fn get(&self, v: &Var<B>) -> Option<&B::Buf> {
+        self.map.get(&v.id)
+    }
+}
+
+impl<'b, B: Backend> Graph<'b, B> {
+    /// A graph that records operators for a backward pass.
+    pub fn new(backend: &'b B) -> Self {
+        Graph { backend, record: true, tape: RefCell::new(Tape { nodes: Vec::new(), next_id: 0 }) }
+    }
+
+    /// A graph that records nothing (inference).
+    pub fn inference(backend: &'b B) -> Self {
+        Graph { record: false, ..Self::new(backend) }
+    }
+
+    pub fn backend(&self) -> &'b B {
+        self.backend
+    }
+
+    fn new_id(&self) -> usize {
+        let mut t = self.tape.borrow_mut();
+        t.next_id += 1;
+        t.next_id - 1
+    }
+
+    /// A leaf: a parameter or an input whose gradient may be asked for.
+    pub fn leaf(&self, value: Tensor<B>) -> Var<B> {
+        Var { id: self.new_id(), value }
+    }
+
+    /// Records an operator's output and its backward.
+    fn push(&self, value: Tensor<B>, inputs: &[&Var<B>], backward: impl FnOnce(&B, B::Buf) -> Vec<Option<B::Buf>> + 'static) -> Var<B> {
+        let out = self.leaf(value);
+        if self.record {
+            self.tape.borrow_mut().nodes.push(Node {
+                output: out.id,
+                inputs: inputs.iter().map(|v| v.id).collect(),
+                backward: Box::new(backward),
+            });
+        }
+        out
+    }
+
+    /// Runs the tape backwards from `output` with `seed` as its gradient. Consumes the tape.
+    pub fn backward(&self, output: &Var<B>, seed: B::Buf) -> Grads<B> {
+        let nodes = std::mem::take(&mut self.tape.borrow_mut().nodes);
+        let mut map: HashMap<usize, B::Buf> = HashMap::new();
+        map.insert(output.id, seed);
+        for node in nodes.into_iter().rev() {
+            let Some(g) = map.remove(&node.output) else { continue };
+            let input_grads = (node.backward)(self.backend, g);
+            debug_assert_eq!(input_grads.len(), node.inputs.len());
+            for (id, grad) in node.inputs.into_iter().zip(input_grads) {
+                let Some(grad) = grad else { continue };
+                match map.get_mut(&id) {
+                    Some(acc) => self.backend.add_assign(acc, &grad),
+                    None => {
+                        map.insert(id, grad);
+                    }
+                }
+            }
+        }
+        Grads { map }
+    }
+
+    pub fn add(&self, a: &Var<B>, b: &Var<B>) -> Var<B> {
+        assert_eq!(a.value.shape, b.value.shape, "add: shapes differ");
+        let y = self.backend.add(&a.value.buf, &b.value.buf);
+        self.push(Tensor::new(y, &a.value.shape), &[a, b], |_, g| vec![Some(g.clone()), Some(g)])
+    }
+
+    /// `x[m,k]·w[n,k]ᵀ`.
+    pub fn linear(&self, x: &Var<B>, w: &Var<B>) -> Var<B> {
+        let (m, k) = (x.value.rows(), x.value.cols());
+        let n = w.value.shape[0];
+        assert_eq!(w.value.cols(), k, "linear: input has {k} features, weight {:?}", w.value.shape);
+        let y = self.backend.linear(&x.value.buf, &w.value.buf, m, k, n);
+        let (xs, ws) = (x.value.buf.clone(), w.value.buf.clone());
+        self.push(Tensor::new(y, &[m, n]), &[x, w], move |be, g| {
+            let mut dw = be.zeros(n * k);
+            let dx = be.linear_backward(&g, &xs, &ws, &mut dw, m, k, n);
+            vec![Some(dx), Some(dw)]
+        })
+    }
+
+    pub fn embedding(&self, table: &Var<B>, ids: Arc<Vec<u32>>) -> Var<B> {
+        let dim = table.value.cols();
+        let rows = table.value.rows();
+        let y = self.backend.embedding(&table.value.buf, &ids, dim);
+        self.push(Tensor::new(y, &[ids.len(), dim]), &[table], move |be, g| {
+            let mut dt = be.zeros(rows * dim);
+            be.embedding_backward(&g, &ids, dim, &mut dt);
+            vec![Some(dt)]
+        })
+    }
+
+    pub fn rmsnorm(&self, x: &Var<B>, w: &Var<B>, eps: f64) -> Var<B> {
+        let dim = x.value.cols();
+        let (y, rstd) = self.backend.rmsnorm(&x.value.buf, &w.value.buf, dim, eps);
+        let (xs, ws) = (x.value.buf.clone(), w.value.buf.clone());
+        self.push(Tensor::new(y, &x.value.shape), &[x, w], move |be, g| {
+            let mut dw = be.zeros(dim);
+            let dx = be.rmsnorm_backward(&g, &xs, &ws, &rstd, dim, &mut dw);
+            vec![Some(dx), Some(dw)]
+        })
+    }
+
+    /// RoPE on `[tokens, heads·head_dim]`.
+    pub fn rope(&self, x: &Var<B>, positions: Arc<Vec<u32>>, heads: usize, head_dim: usize, theta: f64) -> Var<B> {
+        let y = self.backend.rope(&x.value.buf, &positions, heads, head_dim, theta, false);
+        self.push(Tensor::new(y, &x.value.shape), &[x], move |be, g| {
+            vec![Some(be.rope(&g, &positions, heads, head_dim, theta, true))]
+        })
+    }
+
+    pub fn attention(&self, q: &Var<B>, k: &Var<B>, v: &Var<B>, cu_seqlens: Arc<Vec<u32>>, shape: AttnShape) -> Var<B> {
+        let (out, lse) = self.backend.attention(&q.value.buf, &k.value.buf, &v.value.buf, &cu_seqlens, shape);
+        let out = Arc::new(out);
+        let (qs, ks, vs, os) = (q.value.buf.clone(), k.value.buf.clone(), v.value.buf.clone(), out.clone());
+        let result = Tensor { buf: out, shape: q.value.shape.clone() };
+        self.push(result, &[q, k, v], move |be, g| {
+            let (dq, dk, dv) = be.attention_backward(&g, &qs, &ks, &vs, &os, &lse, &cu_seqlens, shape);
+            vec![Some(dq), Some(dk), Some(dv)]
+        })
+    }
+
+    pub fn swiglu(&self, gate: &Var<B>, up: &Var<B>) -> Var<B> {
+        let y = self.backend.swiglu(&gate.value.buf, &up.value.buf);
+        let (gs, us) = (gate.value.buf.clone(), up.value.buf.clone());
+        self.push(Tensor::new(y, &gate.value.shape), &[gate, up], move |be, g| {
+            let (dg, du) = be.swiglu_backward(&g, &gs, &us);
+            vec![Some(dg), Some(du)]
+        })
+    }
+
+    /// Mean cross-entropy of `logits` (`[tokens, vocab]`) against `targets`; returns the loss as a
+    /// one-element variable (the backward seed multiplies the gradient) and as f64.
+    pub fn cross_entropy(&self, logits: &Var<B>, targets: Arc<Vec<i32>>) -> (Var<B>, f64) {
+        let vocab = logits.value.cols();
+        let (loss, lse) = self.backend.cross_entropy(&logits.value.buf, &targets, vocab);
+        let ls = logits.value.buf.clone();
+        let out = self.push(Tensor::new(self.backend.upload(&[loss as f32]), &[1]), &[logits], move |be, g| {
+            let dloss = be.download(&g)[0] as f64;
+            vec![Some(be.cross_entropy_backward(&ls, &lse, &targets, vocab, dloss))]
+        });
+        (out, loss)
+    }
+
+    /// Runs `f` on `inputs` without keeping its intermediate activations; the backward re-runs it.
+    /// `f` must be a pure function of its inputs (parameters included), as a decoder layer is.
+    pub fn checkpoint(&self, inputs: &[&Var<B>], f: impl Fn(&Graph<B>, &[Var<B>]) -> Var<B> + 'static) -> Var<B> {
+        let values: Vec<Tensor<B>> = inputs.iter().map(|v| v.value.clone()).collect();
+        let out = {
+            let quiet = Graph::inference(self.backend);
+            let leaves: Vec<Var<B>> = values.iter().map(|t| quiet.leaf(t.clone())).collect();
+            f(&quiet, &leaves).value
+        };
+        self.push(out, inputs, move |be, g| {
+            let sub = Graph::new(be);
+            let leaves: Vec<Var<B>> = values.into_iter().map(|t| sub.leaf(t)).collect();
+            let out = f(&sub, &leaves);
+            let mut grads = sub.backward(&out, g);
+            leaves.iter().map(|l| grads.take(l)).collect()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::Cpu;
+
+    #[test]
+    fn shared_input_gradients_accumulate() {
+        // y = sum((x + x) * w) through linear: dy/dx = 2 w.
+        let be = Cpu;
+        let g = Graph::new(&be);
+        let x = g.leaf(Tensor::from_host(&be, &[1.0, 2.0], &[1, 2]));
+        let w = g.leaf(Tensor::from_host(&be, &[3.0, 4.0], &[1, 2]));
+        let s = g.add(&x, &x);
+        let y = g.linear(&s, &w);
+        let mut grads = g.backward(&y, vec![1.0]);
+        assert_eq!(grads.take(&x).unwrap(), vec![6.0, 8.0]);
+        assert_eq!(grads.take(&w).unwrap(), vec![2.0, 4.0]);
+    }
+
+    #[test]
+    fn inference_graph_records_nothing() {
+        let be = Cpu;
+        let g = Graph::inference(&be);
+        let x = g.leaf(Tensor::from_host(&be, &[1.0], &[1, 1]));
+        let _ = g.add(&x, &x);
+        assert!(g.tape.borrow().nodes.is_empty());
+    }
+}

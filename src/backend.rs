@@ -1,0 +1,90 @@
+//! The device interface: one method per operator (forward and backward), the unit a CUDA kernel
+//! implements. The CPU backend ([`crate::cpu::Cpu`]) calls the `ops` crate's reference for each.
+//!
+//! Buffers are flat; shapes live in [`crate::tensor::Tensor`]. Activations are `[tokens, features]`,
+//! attention tensors `[tokens, heads, head_dim]`, linear weights `[out, in]`.
+pub use llama_cpt_ops::attention::AttnShape;
+pub use llama_cpt_ops::adamw::AdamWConfig;
+
+pub trait Backend: Send + Sync + Sized + 'static {
+    /// A device buffer (its element type is the backend's business: f32 on the CPU).
+    type Buf: Clone + Send + Sync + 'static;
+
+    /// Short human-readable name, e.g. "cpu (2 threads)".
+    fn name(&self) -> String;
+    /// Peak FLOP/s of the device for the compute type in use (for MFU), if known.
+    fn peak_flops(&self) -> Option<f64>;
+
+    fn upload(&self, data: &[f32]) -> Self::Buf;
+    fn download(&self, buf: &Self::Buf) -> Vec<f32>;
+    fn zeros(&self, len: usize) -> Self::Buf;
+    fn len(&self, buf: &Self::Buf) -> usize;
+
+    /// `a + b`.
+    fn add(&self, a: &Self::Buf, b: &Self::Buf) -> Self::Buf;
+    /// `a += b`.
+    fn add_assign(&self, a: &mut Self::Buf, b: &Self::Buf);
+    /// `a *= s`.
+    fn scale_assign(&self, a: &mut Self::Buf, s: f32);
+
+    /// `y[m,n] = x[m,k]·w[n,k]ᵀ`.
+    fn linear(&self, x: &Self::Buf, w: &Self::Buf, m: usize, k: usize, n: usize) -> Self::Buf;
+    /// Returns `dx = dy·w`; accumulates `dw += dyᵀ·x`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward(&self, dy: &Self::Buf, x: &Self::Buf, w: &Self::Buf, dw: &mut Self::Buf, m: usize, k: usize, n: usize) -> Self::Buf;
+
+    fn embedding(&self, table: &Self::Buf, ids: &[u32], dim: usize) -> Self::Buf;
+    /// Accumulates `dtable[ids[t]] += dout[t]`, deterministically.
+    fn embedding_backward(&self, dout: &Self::Buf, ids: &[u32], dim: usize, dtable: &mut Self::Buf);
+
+    /// Returns `(y, rstd)`.
+    fn rmsnorm(&self, x: &Self::Buf, w: &Self::Buf, dim: usize, eps: f64) -> (Self::Buf, Self::Buf);
+    /// Returns `dx`; accumulates `dw`.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_backward(&self, dy: &Self::Buf, x: &Self::Buf, w: &Self::Buf, rstd: &Self::Buf, dim: usize, dw: &mut Self::Buf) -> Self::Buf;
+
+    /// Rotates `[tokens, heads, head_dim]` by each token's position (`inverse` for the backward).
+    fn rope(&self, x: &Self::Buf, positions: &[u32], heads: usize, head_dim: usize, theta: f64, inverse: bool) -> Self::Buf;
+
+    /// Returns `(out, lse)`.
+    fn attention(&self, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, cu_seqlens: &[u32], shape: AttnShape) -> (Self::Buf, Self::Buf);
+    /// Returns `(dq, dk, dv)`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        dout: &Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        cu_seqlens: &[u32],
+        shape: AttnShape,
+    ) -> (Self::Buf, Self::Buf, Self::Buf);
+
+    fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf) -> Self::Buf;
+    /// Returns `(dgate, dup)`.
+    fn swiglu_backward(&self, dout: &Self::Buf, gate: &Self::Buf, up: &Self::Buf) -> (Self::Buf, Self::Buf);
+
+    /// Mean cross-entropy over targets that are not `IGNORE_INDEX` (0 when there are none), and
+    /// each row's log-sum-exp.
+    fn cross_entropy(&self, logits: &Self::Buf, targets: &[i32], vocab: usize) -> (f64, Self::Buf);
+    fn cross_entropy_backward(&self, logits: &Self::Buf, lse: &Self::Buf, targets: &[i32], vocab: usize, dloss: f64) -> Self::Buf;
+
+    /// Σ x² in f64.
+    fn sum_squares(&self, x: &Self::Buf) -> f64;
+    /// One AdamW update of `param` from `grad · grad_scale`; `step` counts from 1.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw_step(
+        &self,
+        param: &mut Self::Buf,
+        grad: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        cfg: &AdamWConfig,
+        lr: f64,
+        step: u64,
+        decay: bool,
+        grad_scale: f32,
+    );
+}

@@ -1,0 +1,123 @@
+//! The CPU backend: f32 buffers, every operator straight from the `ops` reference crate
+//! (multithreaded through rayon and the `gemm` crate).
+use crate::backend::{AdamWConfig, AttnShape, Backend};
+use llama_cpt_ops as ops;
+
+#[derive(Clone, Debug, Default)]
+pub struct Cpu;
+
+impl Backend for Cpu {
+    type Buf = Vec<f32>;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+    fn peak_flops(&self) -> Option<f64> {
+        None
+    }
+    fn upload(&self, data: &[f32]) -> Vec<f32> {
+        data.to_vec()
+    }
+    fn download(&self, buf: &Vec<f32>) -> Vec<f32> {
+        buf.clone()
+    }
+    fn zeros(&self, len: usize) -> Vec<f32> {
+        vec![0.0; len]
+    }
+    fn len(&self, buf: &Vec<f32>) -> usize {
+        buf.len()
+    }
+    fn add(&self, a: &Vec<f32>, b: &Vec<f32>) -> Vec<f32> {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).map(|(x, y)| x + y).collect()
+    }
+    fn add_assign(&self, a: &mut Vec<f32>, b: &Vec<f32>) {
+        assert_eq!(a.len(), b.len());
+        a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+    }
+    fn scale_assign(&self, a: &mut Vec<f32>, s: f32) {
+        a.iter_mut().for_each(|x| *x *= s);
+    }
+    fn linear(&self, x: &Vec<f32>, w: &Vec<f32>, m: usize, k: usize, n: usize) -> Vec<f32> {
+        let mut y = vec![0.0; m * n];
+        ops::matmul::linear_forward(&mut y, x, w, m, k, n);
+        y
+    }
+    fn linear_backward(&self, dy: &Vec<f32>, x: &Vec<f32>, w: &Vec<f32>, dw: &mut Vec<f32>, m: usize, k: usize, n: usize) -> Vec<f32> {
+        let mut dx = vec![0.0; m * k];
+        ops::matmul::linear_backward(&mut dx, dw, dy, x, w, m, k, n);
+        dx
+    }
+    fn embedding(&self, table: &Vec<f32>, ids: &[u32], dim: usize) -> Vec<f32> {
+        let mut out = vec![0.0; ids.len() * dim];
+        ops::embedding::embedding_forward(&mut out, table, ids, dim);
+        out
+    }
+    fn embedding_backward(&self, dout: &Vec<f32>, ids: &[u32], dim: usize, dtable: &mut Vec<f32>) {
+        ops::embedding::embedding_backward(dtable, dout, ids, dim);
+    }
+    fn rmsnorm(&self, x: &Vec<f32>, w: &Vec<f32>, dim: usize, eps: f64) -> (Vec<f32>, Vec<f32>) {
+        let mut y = vec![0.0; x.len()];
+        let mut rstd = vec![0.0; x.len() / dim];
+        ops::rmsnorm::rmsnorm_forward(&mut y, &mut rstd, x, w, dim, eps);
+        (y, rstd)
+    }
+    fn rmsnorm_backward(&self, dy: &Vec<f32>, x: &Vec<f32>, w: &Vec<f32>, rstd: &Vec<f32>, dim: usize, dw: &mut Vec<f32>) -> Vec<f32> {
+        let mut dx = vec![0.0; x.len()];
+        ops::rmsnorm::rmsnorm_backward(&mut dx, dw, dy, x, w, rstd, dim);
+        dx
+    }
+    fn rope(&self, x: &Vec<f32>, positions: &[u32], heads: usize, head_dim: usize, theta: f64, inverse: bool) -> Vec<f32> {
+        let (cos, sin) = ops::rope::rope_tables::<f32>(positions, head_dim, theta);
+        let mut y = x.clone();
+        ops::rope::rope_apply(&mut y, &cos, &sin, heads, head_dim, inverse);
+        y
+    }
+    fn attention(&self, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, cu_seqlens: &[u32], shape: AttnShape) -> (Vec<f32>, Vec<f32>) {
+        let mut out = vec![0.0; q.len()];
+        let mut lse = vec![0.0; q.len() / shape.head_dim];
+        ops::attention::attention_forward(&mut out, &mut lse, q, k, v, cu_seqlens, shape);
+        (out, lse)
+    }
+    fn attention_backward(
+        &self,
+        dout: &Vec<f32>,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        out: &Vec<f32>,
+        lse: &Vec<f32>,
+        cu_seqlens: &[u32],
+        shape: AttnShape,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+        ops::attention::attention_backward(&mut dq, &mut dk, &mut dv, dout, q, k, v, out, lse, cu_seqlens, shape);
+        (dq, dk, dv)
+    }
+    fn swiglu(&self, gate: &Vec<f32>, up: &Vec<f32>) -> Vec<f32> {
+        let mut out = vec![0.0; gate.len()];
+        ops::swiglu::swiglu_forward(&mut out, gate, up);
+        out
+    }
+    fn swiglu_backward(&self, dout: &Vec<f32>, gate: &Vec<f32>, up: &Vec<f32>) -> (Vec<f32>, Vec<f32>) {
+        let (mut dg, mut du) = (vec![0.0; gate.len()], vec![0.0; up.len()]);
+        ops::swiglu::swiglu_backward(&mut dg, &mut du, dout, gate, up);
+        (dg, du)
+    }
+    fn cross_entropy(&self, logits: &Vec<f32>, targets: &[i32], vocab: usize) -> (f64, Vec<f32>) {
+        let mut lse = vec![0.0; targets.len()];
+        let loss = ops::cross_entropy::cross_entropy_forward(&mut lse, logits, targets, vocab);
+        (loss, lse)
+    }
+    fn cross_entropy_backward(&self, logits: &Vec<f32>, lse: &Vec<f32>, targets: &[i32], vocab: usize, dloss: f64) -> Vec<f32> {
+        let mut d = vec![0.0; logits.len()];
+        ops::cross_entropy::cross_entropy_backward(&mut d, logits, lse, targets, vocab, dloss);
+        d
+    }
+    fn sum_squares(&self, x: &Vec<f32>) -> f64 {
+        ops::gradnorm::sum_squares(x)
+    }
+    fn adamw_step(&self, param: &mut Vec<f32>, grad: &Vec<f32>, m: &mut Vec<f32>, v: &mut Vec<f32>, cfg: &AdamWConfig, lr: f64, step: u64, decay: bool, grad_scale: f32) {
+        ops::adamw::adamw_step(param, grad, m, v, cfg, lr, step, decay, grad_scale);
+    }
+}
