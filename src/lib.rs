@@ -11,3 +11,4 @@ pub mod fsutil;
 pub mod tensor;
 pub mod model;
 pub mod weights;
+pub mod optim;
