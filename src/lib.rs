@@ -12,3 +12,5 @@ pub mod tensor;
 pub mod model;
 pub mod weights;
 pub mod optim;
+#[cfg(feature = "cuda")] pub mod cuda;
+pub mod train;

@@ -1,0 +1,358 @@
+//! The training configuration (TOML), with `--set key.path=value` overrides. Relative paths are
+//! resolved against the config file's folder. Unknown keys and bad values are errors that name
+//! the key's path (`stages[1].lr`).
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub data: DataConfig,
+    pub stages: Vec<StageConfig>,
+    #[serde(default)]
+    pub run: RunConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// A Hugging Face model directory to continue from (config.json + safetensors).
+    pub from: Option<PathBuf>,
+    /// Or a config.json to initialise randomly from.
+    pub config: Option<PathBuf>,
+    /// tokenizer.json copied into every checkpoint (default: `from`'s tokenizer.json, if any).
+    pub tokenizer: Option<PathBuf>,
+    /// Seed of the random initialisation.
+    #[serde(default)]
+    pub seed: u64,
+    /// Recompute each decoder layer in the backward instead of keeping its activations.
+    #[serde(default)]
+    pub checkpoint_layers: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    pub seq_len: usize,
+    /// Rows per micro-batch (the gradient-accumulation unit).
+    pub micro_batch_rows: usize,
+    pub seed: u64,
+    /// "bucket" (Colossal's bucket-based order) or "shuffle".
+    pub ordering: String,
+    /// Bins per sub-dataset for bucket ordering.
+    pub bins: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig { seq_len: 4096, micro_batch_rows: 1, seed: 42, ordering: "bucket".into(), bins: 8 }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetRef {
+    /// A sub-dataset written by `prepare-data` (a folder with manifest.json and shards).
+    pub dir: PathBuf,
+    #[serde(default = "one")]
+    pub weight: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageConfig {
+    pub name: String,
+    pub datasets: Vec<DatasetRef>,
+    /// Length of the stage in optimizer steps, or …
+    pub steps: Option<u64>,
+    /// … in tokens (rounded up to whole steps).
+    pub tokens: Option<u64>,
+    /// Rows per optimizer step over all ranks (the global batch is this × seq_len tokens).
+    pub global_batch_rows: usize,
+    pub lr: f64,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// Cosine decay ends at `min_lr_ratio × lr` (Colossal: 0.1).
+    #[serde(default = "default_min_lr_ratio")]
+    pub min_lr_ratio: f64,
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f64,
+    #[serde(default = "default_beta1")]
+    pub beta1: f64,
+    #[serde(default = "default_beta2")]
+    pub beta2: f64,
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// Global-norm clipping threshold; 0 disables clipping.
+    #[serde(default = "one")]
+    pub max_grad_norm: f64,
+    /// Train only the embeddings and the LM head (Colossal's first step after growing the
+    /// vocabulary).
+    #[serde(default)]
+    pub freeze_non_embeddings: bool,
+}
+
+fn default_min_lr_ratio() -> f64 {
+    0.1
+}
+fn default_weight_decay() -> f64 {
+    0.1
+}
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.95
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    pub out_dir: PathBuf,
+    /// Save a resumable checkpoint every N optimizer steps (0: only at stage ends).
+    pub checkpoint_every: u64,
+    /// Resumable checkpoints kept (the newest ones).
+    pub keep_checkpoints: usize,
+    /// Print and log metrics every N steps.
+    pub log_every: u64,
+    /// Stop after this many non-finite steps in a row (each one is skipped).
+    pub max_consecutive_skips: u32,
+    /// Validation: sub-datasets held out of training, evaluated every `eval_every` steps on
+    /// `eval_batches` micro-batches (0 disables).
+    #[serde(default)]
+    pub eval_datasets: Vec<DatasetRef>,
+    #[serde(default)]
+    pub eval_every: u64,
+    #[serde(default = "default_eval_batches")]
+    pub eval_batches: usize,
+    /// Stop (with a checkpoint) after this many global steps — for tests and time-boxed runs.
+    #[serde(default)]
+    pub stop_after_steps: Option<u64>,
+}
+
+fn default_eval_batches() -> usize {
+    4
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            out_dir: "runs/default".into(),
+            checkpoint_every: 0,
+            keep_checkpoints: 2,
+            log_every: 1,
+            max_consecutive_skips: 5,
+            eval_datasets: vec![],
+            eval_every: 0,
+            eval_batches: default_eval_batches(),
+            stop_after_steps: None,
+        }
+    }
+}
+
+/// Sets `path` (dot-separated keys, numbers index arrays: `stages.1.lr`) to `value`, parsed as a
+/// TOML value when it is one (`3`, `1e-4`, `true`, `"x"`, `[1, 2]`), else taken as a string.
+pub fn apply_override(root: &mut toml::Value, assignment: &str) -> Result<()> {
+    let (path, raw) = assignment.split_once('=').with_context(|| format!("override `{assignment}`: expected key.path=value"))?;
+    let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let keys: Vec<&str> = path.split('.').collect();
+    let mut node = root;
+    for (i, key) in keys.iter().enumerate() {
+        let last = i + 1 == keys.len();
+        node = match node {
+            toml::Value::Table(t) => {
+                if last {
+                    t.insert(key.to_string(), value);
+                    return Ok(());
+                }
+                t.entry(key.to_string()).or_insert_with(|| toml::Value::Table(Default::default()))
+            }
+            toml::Value::Array(a) => {
+                let idx: usize = key.parse().with_context(|| format!("override `{path}`: `{key}` must be an index"))?;
+                let len = a.len();
+                let slot = a.get_mut(idx).with_context(|| format!("override `{path}`: index {idx} beyond {len} items"))?;
+                if last {
+                    *slot = value;
+                    return Ok(());
+                }
+                slot
+            }
+            _ => bail!("override `{path}`: `{key}` is inside a value that is not a table"),
+        };
+    }
+    unreachable!("the loop returns at the last key")
+}
+
+impl TrainConfig {
+    /// Parses TOML text; `origin` names the source in errors, `base` resolves relative paths.
+    pub fn parse(text: &str, origin: &str, base: &Path, overrides: &[String]) -> Result<TrainConfig> {
+        let mut value: toml::Value = toml::from_str(text).map_err(|e| anyhow!("{origin}: {e}"))?;
+        for o in overrides {
+            apply_override(&mut value, o)?;
+        }
+        let mut cfg: TrainConfig = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            anyhow!("{origin}: key `{path}`: {}", e.into_inner())
+        })?;
+        cfg.resolve_paths(base);
+        cfg.validate().with_context(|| origin.to_string())?;
+        Ok(cfg)
+    }
+
+    pub fn from_file(path: &Path, overrides: &[String]) -> Result<TrainConfig> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Self::parse(&text, &path.display().to_string(), path.parent().unwrap_or(Path::new(".")), overrides)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        for p in [&mut self.model.from, &mut self.model.config, &mut self.model.tokenizer].into_iter().flatten() {
+            fix(p);
+        }
+        for d in self.stages.iter_mut().flat_map(|s| s.datasets.iter_mut()).chain(self.run.eval_datasets.iter_mut()) {
+            fix(&mut d.dir);
+        }
+        fix(&mut self.run.out_dir);
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        match (&self.model.from, &self.model.config) {
+            (Some(_), Some(_)) => bail!("key `model`: give `from` (a checkpoint) or `config` (random init), not both"),
+            (None, None) => bail!("key `model`: give `from` (a checkpoint directory) or `config` (a config.json for random init)"),
+            _ => {}
+        }
+        let d = &self.data;
+        if d.seq_len == 0 || d.micro_batch_rows == 0 {
+            bail!("key `data`: `seq_len` and `micro_batch_rows` must be positive");
+        }
+        if d.ordering != "bucket" && d.ordering != "shuffle" {
+            bail!("key `data.ordering`: {:?} is neither \"bucket\" nor \"shuffle\"", d.ordering);
+        }
+        if d.ordering == "bucket" && d.bins == 0 {
+            bail!("key `data.bins` must be positive for bucket ordering");
+        }
+        if self.stages.is_empty() {
+            bail!("key `stages`: at least one stage is needed");
+        }
+        for (i, s) in self.stages.iter().enumerate() {
+            let at = |k: &str| format!("key `stages[{i}].{k}`");
+            if s.steps.is_some() == s.tokens.is_some() {
+                bail!("{}: give exactly one of `steps` and `tokens`", at("steps"));
+            }
+            if s.steps == Some(0) || s.tokens == Some(0) {
+                bail!("{}: the stage must be longer than 0", at("steps"));
+            }
+            if s.global_batch_rows == 0 || s.global_batch_rows % d.micro_batch_rows != 0 {
+                bail!("{}: {} must be a positive multiple of data.micro_batch_rows ({})", at("global_batch_rows"), s.global_batch_rows, d.micro_batch_rows);
+            }
+            if !(s.lr > 0.0 && s.lr.is_finite()) {
+                bail!("{}: must be a positive number, found {}", at("lr"), s.lr);
+            }
+            if !(0.0..=1.0).contains(&s.min_lr_ratio) {
+                bail!("{}: must lie in [0, 1], found {}", at("min_lr_ratio"), s.min_lr_ratio);
+            }
+            if !(0.0..1.0).contains(&s.beta1) || !(0.0..1.0).contains(&s.beta2) {
+                bail!("{}: betas must lie in [0, 1)", at("beta1"));
+            }
+            if s.weight_decay < 0.0 || s.max_grad_norm < 0.0 || s.eps <= 0.0 {
+                bail!("{}: weight_decay and max_grad_norm must be ≥ 0 and eps > 0", at("weight_decay"));
+            }
+            if s.datasets.is_empty() {
+                bail!("{}: at least one dataset is needed", at("datasets"));
+            }
+            for (j, ds) in s.datasets.iter().enumerate() {
+                if !(ds.weight > 0.0 && ds.weight.is_finite()) {
+                    bail!("{}: must be positive, found {}", at(&format!("datasets[{j}].weight")), ds.weight);
+                }
+            }
+            if self.stages[..i].iter().any(|o| o.name == s.name) {
+                bail!("{}: {:?} names two stages", at("name"), s.name);
+            }
+        }
+        if self.run.log_every == 0 {
+            bail!("key `run.log_every` must be positive");
+        }
+        if self.run.keep_checkpoints == 0 {
+            bail!("key `run.keep_checkpoints` must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// Optimizer steps in stage `i`.
+    pub fn stage_steps(&self, i: usize) -> u64 {
+        let s = &self.stages[i];
+        s.steps.unwrap_or_else(|| {
+            let per_step = (s.global_batch_rows * self.data.seq_len) as u64;
+            s.tokens.unwrap().div_ceil(per_step)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [model]
+        config = "cfg.json"
+        [data]
+        seq_len = 64
+        micro_batch_rows = 2
+        seed = 1
+        ordering = "bucket"
+        bins = 2
+        [[stages]]
+        name = "a"
+        datasets = [{ dir = "d1" }]
+        steps = 10
+        global_batch_rows = 4
+        lr = 1e-3
+        [[stages]]
+        name = "b"
+        datasets = [{ dir = "d2", weight = 2.0 }]
+        tokens = 1000
+        global_batch_rows = 4
+        lr = 1e-4
+    "#;
+
+    #[test]
+    fn parses_resolves_and_overrides() {
+        let c = TrainConfig::parse(GOOD, "t.toml", Path::new("/base"), &["stages.1.lr=5e-5".into(), "run.out_dir=out".into()]).unwrap();
+        assert_eq!(c.stages[1].lr, 5e-5);
+        assert_eq!(c.run.out_dir, PathBuf::from("/base/out"));
+        assert_eq!(c.stages[0].datasets[0].dir, PathBuf::from("/base/d1"));
+        assert_eq!(c.stage_steps(1), 4); // 1000 tokens / (4 × 64) rounded up
+        assert_eq!(c.stages[0].min_lr_ratio, 0.1);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let bad_key = GOOD.replace("lr = 1e-4", "lr = 1e-4\nlrr = 3");
+        let e = format!("{:#}", TrainConfig::parse(&bad_key, "t.toml", Path::new("."), &[]).unwrap_err());
+        assert!(e.contains("t.toml") && e.contains("stages[1]") && e.contains("lrr"), "{e}");
+        let bad_val = GOOD.replace("seq_len = 64", "seq_len = \"long\"");
+        let e = format!("{:#}", TrainConfig::parse(&bad_val, "t.toml", Path::new("."), &[]).unwrap_err());
+        assert!(e.contains("data.seq_len"), "{e}");
+        let e = format!("{:#}", TrainConfig::parse(GOOD, "t.toml", Path::new("."), &["stages.0.lr=-1".into()]).unwrap_err());
+        assert!(e.contains("stages[0].lr"), "{e}");
+        let e = format!("{:#}", TrainConfig::parse(GOOD, "t.toml", Path::new("."), &["stages.0.tokens=5".into()]).unwrap_err());
+        assert!(e.contains("exactly one of `steps` and `tokens`"), "{e}");
+    }
+}
