@@ -62,7 +62,10 @@ fn main() -> Result<()> {
     let outcome = train::run(&Cpu, &cfg, &interrupt)?;
     match (&outcome.final_model, outcome.interrupted) {
         (_, true) => eprintln!("interrupted at step {}; run the same command to resume", outcome.global_step),
-        (Some(dir), false) => eprintln!("done after {} steps (last loss {:.4}); final model: {}", outcome.global_step, outcome.last_loss.unwrap_or(f64::NAN), dir.display()),
+        (Some(dir), false) => match outcome.last_loss {
+            Some(l) => eprintln!("done after {} steps (last loss {l:.4}); final model: {}", outcome.global_step, dir.display()),
+            None => eprintln!("done after {} steps; final model: {}", outcome.global_step, dir.display()),
+        },
         (None, false) => eprintln!("done after {} steps", outcome.global_step),
     }
     Ok(())

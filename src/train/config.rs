@@ -138,6 +138,9 @@ pub struct RunConfig {
     /// Stop (with a checkpoint) after this many global steps — for tests and time-boxed runs.
     #[serde(default)]
     pub stop_after_steps: Option<u64>,
+    /// Fault injection for tests: global steps (1-based) whose loss is replaced by NaN.
+    #[serde(default)]
+    pub inject_nan_at_steps: Vec<u64>,
 }
 
 fn default_eval_batches() -> usize {
@@ -156,6 +159,7 @@ impl Default for RunConfig {
             eval_every: 0,
             eval_batches: default_eval_batches(),
             stop_after_steps: None,
+            inject_nan_at_steps: vec![],
         }
     }
 }

@@ -216,7 +216,10 @@ pub fn run<B: Backend>(backend: &B, cfg: &TrainConfig, interrupt: &AtomicBool) -
                     Some(acc) => acc.iter_mut().zip(&g).for_each(|(a, x)| backend.add_assign(a, x)),
                 }
             }
-            let loss = if n_valid > 0 { loss_sum / n_valid as f64 } else { f64::NAN };
+            let mut loss = if n_valid > 0 { loss_sum / n_valid as f64 } else { f64::NAN };
+            if cfg.run.inject_nan_at_steps.contains(&(state.global_step + 1)) {
+                loss = f64::NAN;
+            }
             let lr = schedule::lr_at(state.stage_step, total, stage.lr, stage.warmup_steps, stage.min_lr_ratio);
             let clip = (stage.max_grad_norm > 0.0).then_some(stage.max_grad_norm);
             let report = match (&grads, loss.is_finite()) {
@@ -269,7 +272,8 @@ pub fn run<B: Backend>(backend: &B, cfg: &TrainConfig, interrupt: &AtomicBool) -
             }
             state.loader = Some(loader.state());
             let stop_now = interrupt.load(AtomicOrdering::SeqCst) || cfg.run.stop_after_steps.is_some_and(|s| state.global_step >= s);
-            let periodic = cfg.run.checkpoint_every > 0 && state.global_step % cfg.run.checkpoint_every == 0;
+            // No periodic checkpoint inside a run of skipped steps: the last one stays the last good one.
+            let periodic = cfg.run.checkpoint_every > 0 && state.global_step % cfg.run.checkpoint_every == 0 && state.consecutive_skips == 0;
             if state.stage_step < total && (periodic || stop_now) {
                 let p = save_ckpt(&model, &opt, &state)?;
                 if stop_now {

@@ -1,0 +1,214 @@
+//! The trainer end to end on the embedded default (shortened): exact resume after stops and
+//! after kill -9, NaN skipping, prompt masking in the replay stage, and the output loading in
+//! transformers.
+mod common;
+use llama_cpt::cpu::Cpu;
+use llama_cpt::model::Llama;
+use llama_cpt::train::{self, checkpoint, config::TrainConfig, default_run};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::AtomicBool;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// Short settings: 2 stages of 6 and 4 steps on 4 rows × 32 tokens.
+const SHORT: [&str; 10] = [
+    "data.seq_len=32",
+    "data.micro_batch_rows=2",
+    "stages.0.steps=6",
+    "stages.0.global_batch_rows=4",
+    "stages.0.warmup_steps=2",
+    "stages.1.steps=4",
+    "stages.1.global_batch_rows=4",
+    "stages.1.warmup_steps=1",
+    "run.log_every=1",
+    "run.eval_every=0",
+];
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("train")
+}
+
+/// The default corpus, tokenizer and shards, prepared once for every test.
+fn prepared() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = root().join("prepared");
+        let _ = std::fs::remove_dir_all(&dir);
+        default_run::prepare(&dir, &[]).unwrap();
+        dir
+    })
+}
+
+fn config(out: &Path, extra: &[&str]) -> TrainConfig {
+    let mut o: Vec<String> = SHORT.iter().map(|s| s.to_string()).collect();
+    o.extend(extra.iter().map(|s| s.to_string()));
+    o.push(format!("run.out_dir={}", toml::Value::String(out.display().to_string())));
+    TrainConfig::from_file(&prepared().join("data/default.toml"), &o).unwrap()
+}
+
+fn losses(out: &Path) -> Vec<(u64, u64)> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap().to_bits())
+        })
+        .collect()
+}
+
+fn weights(dir: &Path) -> Vec<Vec<u32>> {
+    let m = Llama::load(&Cpu, dir).unwrap();
+    m.params.iter().map(|p| p.value.buf.iter().map(|x| x.to_bits()).collect()).collect()
+}
+
+fn fresh(name: &str) -> PathBuf {
+    let d = root().join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// The uninterrupted reference run.
+fn reference() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = fresh("reference");
+        let o = train::run(&Cpu, &config(&out, &[]), &AtomicBool::new(false)).unwrap();
+        assert!(!o.interrupted && o.global_step == 10);
+        out
+    })
+}
+
+#[test]
+fn loss_falls_and_the_result_loads_in_transformers() {
+    let out = reference();
+    let l: Vec<f64> = losses(out).iter().map(|(_, b)| f64::from_bits(*b)).collect();
+    assert_eq!(l.len(), 10);
+    assert!(l[5] < l[0] * 0.9 && l[9] < l[0] * 0.85, "loss did not fall: {l:?}");
+    let model_dir = out.join("stage-knowledge-replay");
+    assert!(model_dir.join("tokenizer.json").exists());
+    let model = Llama::load(&Cpu, &model_dir).unwrap();
+    let expected = root().join("default-expected.safetensors");
+    let tokens: Vec<u32> = (0..16).map(|i| (i * 13 % 300) as u32).collect();
+    let batch = llama_cpt::batch::Batch::from_rows(2, 8, tokens.clone(), &[-100; 16]);
+    let logits = model.logits(&Cpu, &batch).unwrap();
+    let ids: Vec<u8> = tokens.iter().flat_map(|&t| (t as i64).to_le_bytes()).collect();
+    let lg: Vec<u8> = logits.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let views = vec![
+        ("input_ids", safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![2, 8], &ids).unwrap()),
+        ("logits", safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 8, model.config.vocab_size], &lg).unwrap()),
+    ];
+    safetensors::serialize_to_file(views, None, &expected).unwrap();
+    print!("{}", common::run_python("check_hf_load.py", &[&model_dir, &expected]));
+}
+
+#[test]
+fn stopping_and_resuming_is_bit_identical() {
+    let want_losses = losses(reference());
+    let want = weights(&reference().join("stage-knowledge-replay"));
+    let out = fresh("resumed");
+    // Stop inside stage 1, at the stage boundary, inside stage 2, then finish.
+    for stop in [3u64, 6, 8] {
+        let o = train::run(&Cpu, &config(&out, &[&format!("run.stop_after_steps={stop}")]), &AtomicBool::new(false)).unwrap();
+        assert!(o.interrupted, "stop at {stop}");
+        assert_eq!(o.global_step, stop);
+    }
+    let o = train::run(&Cpu, &config(&out, &[]), &AtomicBool::new(false)).unwrap();
+    assert!(!o.interrupted && o.global_step == 10);
+    assert_eq!(losses(&out), want_losses, "per-step losses differ from the uninterrupted run");
+    assert_eq!(weights(&out.join("stage-knowledge-replay")), want, "final weights differ");
+}
+
+#[test]
+fn kill_9_at_random_moments_then_resume_is_bit_identical() {
+    let want = weights(&reference().join("stage-knowledge-replay"));
+    let out = fresh("killed");
+    let cfg_path = prepared().join("data/default.toml");
+    let mut args: Vec<String> = vec!["--config".into(), cfg_path.display().to_string(), "--out".into(), out.display().to_string()];
+    for s in SHORT.iter().chain(&["run.checkpoint_every=1", "run.keep_checkpoints=2"]) {
+        args.push("--set".into());
+        args.push(s.to_string());
+    }
+    let mut kills = 0;
+    let mut seed = 12345u64;
+    for attempt in 0..60 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pretrain")).args(&args).env("RUST_BACKTRACE", "0").stderr(std::process::Stdio::null()).spawn().unwrap();
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let wait_ms = 150 + (seed >> 33) % 900;
+        std::thread::sleep(Duration::from_millis(wait_ms));
+        if child.try_wait().unwrap().is_some() {
+            assert!(child.wait().unwrap().success(), "attempt {attempt}: pretrain failed");
+            break;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills += 1;
+        // Whatever the moment, every complete checkpoint must be loadable.
+        for ck in checkpoint::complete_checkpoints(&out).unwrap() {
+            Llama::<Cpu>::load(&Cpu, &ck).unwrap_or_else(|e| panic!("unreadable checkpoint after kill {kills}: {e:#}"));
+        }
+    }
+    let status = Command::new(env!("CARGO_BIN_EXE_pretrain")).args(&args).env("RUST_BACKTRACE", "0").status().unwrap();
+    assert!(status.success());
+    println!("killed {kills} times");
+    assert!(kills >= 2, "the run finished before it could be killed twice");
+    assert_eq!(weights(&out.join("stage-knowledge-replay")), want, "final weights differ after kill -9 and resume");
+}
+
+#[test]
+fn non_finite_steps_are_skipped_and_too_many_stop_the_run() {
+    let out = fresh("nan-skip");
+    let o = train::run(&Cpu, &config(&out, &["run.inject_nan_at_steps=[3, 4]"]), &AtomicBool::new(false)).unwrap();
+    assert!(!o.interrupted);
+    let m: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(m.last().unwrap()["skipped_steps"], 2);
+    assert_eq!(m[2]["applied"], false);
+    let out = fresh("nan-stop");
+    let err = train::run(&Cpu, &config(&out, &["run.inject_nan_at_steps=[3, 4, 5]", "run.max_consecutive_skips=3", "run.checkpoint_every=2"]), &AtomicBool::new(false)).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("3 non-finite steps in a row") && msg.contains("step-00000002"), "{msg}");
+    assert!(!out.join("checkpoints/step-00000004").exists(), "no checkpoint inside a run of skipped steps");
+    Llama::<Cpu>::load(&Cpu, &out.join("checkpoints/step-00000002")).unwrap();
+}
+
+#[test]
+fn replay_stage_trains_only_on_answers() {
+    use llama_cpt::data::{Loader, LoaderConfig, SubsetSpec};
+    let dir = prepared();
+    let tok = tokenizers::Tokenizer::from_file(dir.join("data/tokenizer.json")).unwrap();
+    let cfg = LoaderConfig { seq_len: 64, global_batch_rows: 4, micro_batch_rows: 4, max_epochs: Some(1), ..Default::default() };
+    let mut loader = Loader::new(&[SubsetSpec::new(dir.join("data/shards/qa"), 1.0)], cfg, None).unwrap();
+    let (mut counted, mut batches) = (0, 0);
+    while let Some(b) = loader.next_micro_batch().unwrap() {
+        batches += 1;
+        let ids: Vec<u32> = b.targets.iter().filter(|&&t| t >= 0).map(|&t| t as u32).collect();
+        counted += ids.len();
+        let text = tok.decode(&ids, false).unwrap();
+        assert!(!text.contains("Question") && !text.contains("Answer"), "prompt tokens carry loss: {text}");
+        assert!(text.contains("lives") || text.contains("likes") || text.contains("keeps") || text.contains("works"));
+    }
+    assert!(batches > 10 && counted > 1000);
+}
+
+#[test]
+fn a_failed_checkpoint_write_leaves_the_previous_one_intact() {
+    let out = fresh("failed-save");
+    let o = train::run(&Cpu, &config(&out, &["run.stop_after_steps=2"]), &AtomicBool::new(false)).unwrap();
+    assert!(o.interrupted);
+    let good = out.join("checkpoints/step-00000002");
+    assert!(good.join(checkpoint::MARKER).exists());
+    // A file where the next checkpoint's temporary folder goes makes its write fail (as a full
+    // disk or an unwritable folder would): the run stops with an error, step 2 stays readable.
+    let blocker = out.join("checkpoints/.step-00000004.tmp");
+    std::fs::write(&blocker, "in the way").unwrap();
+    let err = train::run(&Cpu, &config(&out, &["run.stop_after_steps=4"]), &AtomicBool::new(false)).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("step-00000004") && msg.contains("earlier checkpoints are intact"), "{msg}");
+    assert_eq!(checkpoint::complete_checkpoints(&out).unwrap(), vec![good.clone()]);
+    Llama::<Cpu>::load(&Cpu, &good).unwrap();
+    // Once the obstacle is gone the run resumes from step 2.
+    std::fs::remove_file(&blocker).unwrap();
+    let o = train::run(&Cpu, &config(&out, &["run.stop_after_steps=4"]), &AtomicBool::new(false)).unwrap();
+    assert_eq!(o.global_step, 4);
+}
