@@ -104,6 +104,24 @@ fn loss_falls_and_the_result_loads_in_transformers() {
 }
 
 #[test]
+fn tensorboard_reads_the_event_files() {
+    let out = reference();
+    let text = common::run_python("read_tensorboard.py", &[&out.join("tensorboard")]);
+    let loss: Vec<(u64, f64)> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["tag"] == "loss")
+        .map(|v| (v["step"].as_u64().unwrap(), v["value"].as_f64().unwrap()))
+        .collect();
+    let want: Vec<(u64, f64)> = losses(out).iter().map(|(s, b)| (*s, f64::from_bits(*b))).collect();
+    assert_eq!(loss.len(), want.len(), "{text}");
+    for ((s1, a), (s2, b)) in loss.iter().zip(&want) {
+        assert_eq!(s1, s2);
+        assert!((a - b).abs() <= 1e-6 * b.abs(), "step {s1}: {a} vs {b}");
+    }
+}
+
+#[test]
 fn stopping_and_resuming_is_bit_identical() {
     let want_losses = losses(reference());
     let want = weights(&reference().join("stage-knowledge-replay"));

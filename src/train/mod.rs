@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod default_run;
 pub mod schedule;
+pub mod tensorboard;
 
 use crate::backend::{AdamWConfig, Backend};
 use crate::batch::Batch;
@@ -74,9 +75,10 @@ fn trainable<B: Backend>(model: &Llama<B>, stage: &StageConfig) -> Vec<bool> {
         .collect()
 }
 
-/// Appends JSON lines to `metrics.jsonl`.
+/// Appends JSON lines to `metrics.jsonl` and scalars to TensorBoard event files in `tensorboard/`.
 struct Metrics {
     file: std::fs::File,
+    events: tensorboard::EventWriter,
 }
 
 impl Metrics {
@@ -94,11 +96,18 @@ impl Metrics {
             crate::fsutil::write_atomic(&path, kept.as_bytes())?;
         }
         let file = std::fs::OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
-        Ok(Metrics { file })
+        let events = tensorboard::EventWriter::create(&out.join("tensorboard"))?;
+        Ok(Metrics { file, events })
     }
 
     fn log(&mut self, v: serde_json::Value) -> Result<()> {
-        writeln!(self.file, "{v}").context("writing metrics.jsonl")
+        writeln!(self.file, "{v}").context("writing metrics.jsonl")?;
+        let step = v["step"].as_u64().unwrap_or(0);
+        let scalars: Vec<(&str, f64)> = ["loss", "lr", "grad_norm", "tokens_per_s", "flops_per_s", "val_loss", "skipped_steps"]
+            .iter()
+            .filter_map(|k| v[*k].as_f64().map(|x| (*k, x)))
+            .collect();
+        self.events.scalars(step, &scalars)
     }
 }
 
