@@ -1,0 +1,277 @@
+//! Kernel benchmarks: the CPU reference operators always; the CUDA kernels when built with
+//! `--features cuda` and a GPU is present. Throughput is reported by criterion as bytes/s for
+//! memory-bound kernels and as "elements"/s = FLOP/s for attention and GEMMs.
+//!
+//! `LLAMA_CPT_BENCH_JSON=path` skips criterion and times the CUDA cases directly (median of
+//! repeated runs, synchronised), writing one JSON object per line:
+//! `{"kernel", "shape", "seconds", "bytes", "flops"}` — what tools/device-check.sh feeds to
+//! tools/bench_torch_gpu.py for the side-by-side table.
+use criterion::{black_box, Criterion, Throughput};
+use llama_cpt::backend::{AdamWConfig, AttnShape, Backend};
+use llama_cpt::cpu::Cpu;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = StdRng::seed_from_u64(seed);
+    (0..n).map(|_| r.gen_range(-1.0f32..1.0)).collect()
+}
+
+fn cpu_benches(c: &mut Criterion) {
+    let be = Cpu;
+    let mut g = c.benchmark_group("cpu");
+    g.sample_size(10);
+    let (rows, dim) = (256, 4096);
+    let x = rand_vec(rows * dim, 1);
+    let w = rand_vec(dim, 2);
+    g.throughput(Throughput::Bytes((2 * rows * dim * 4) as u64));
+    g.bench_function(format!("rmsnorm {rows}x{dim}"), |b| b.iter(|| black_box(be.rmsnorm(&x, &w, dim, 1e-5))));
+    let n = 1 << 20;
+    let (gate, up) = (rand_vec(n, 3), rand_vec(n, 4));
+    g.throughput(Throughput::Bytes((3 * n * 4) as u64));
+    g.bench_function(format!("swiglu {n}"), |b| b.iter(|| black_box(be.swiglu(&gate, &up))));
+    let (r, vocab) = (8, 69_104);
+    let logits = rand_vec(r * vocab, 5);
+    let targets: Vec<i32> = (0..r as i32).map(|i| i * 7).collect();
+    g.throughput(Throughput::Bytes((r * vocab * 4) as u64));
+    g.bench_function(format!("cross_entropy {r}x{vocab}"), |b| b.iter(|| black_box(be.cross_entropy(&logits, &targets, vocab))));
+    let shape = AttnShape { heads: 4, kv_heads: 2, head_dim: 64 };
+    let t = 512;
+    let (q, k, v) = (rand_vec(t * 4 * 64, 6), rand_vec(t * 2 * 64, 7), rand_vec(t * 2 * 64, 8));
+    g.throughput(Throughput::Elements((2 * t * t * 4 * 64) as u64));
+    g.bench_function(format!("attention fwd t{t} {shape:?} (FLOP)"), |b| b.iter(|| black_box(be.attention(&q, &k, &v, &[0, t as u32], shape))));
+    let n = 1 << 20;
+    let (mut p, grad, mut m, mut vv) = (rand_vec(n, 9), rand_vec(n, 10), vec![0.0; n], vec![0.0; n]);
+    let cfg = AdamWConfig::default();
+    g.throughput(Throughput::Bytes((7 * n * 4) as u64));
+    g.bench_function(format!("adamw {n}"), |b| b.iter(|| be.adamw_step(&mut p, &grad, &mut m, &mut vv, &cfg, 1e-4, 1, true, 1.0)));
+    g.finish();
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::*;
+    use llama_cpt::cuda::{Cuda, CudaBuf, GemmPrecision};
+
+    /// One timed case: name, shape, bytes moved (at least), FLOPs, and the work.
+    pub struct Case<'a> {
+        pub kernel: String,
+        pub shape: String,
+        pub bytes: f64,
+        pub flops: f64,
+        pub run: Box<dyn FnMut() + 'a>,
+    }
+
+    pub struct Inputs {
+        pub be: Cuda,
+        x: CudaBuf,
+        w: CudaBuf,
+        gate: CudaBuf,
+        up: CudaBuf,
+        logits: CudaBuf,
+        lse_ce: CudaBuf,
+        q: CudaBuf,
+        k: CudaBuf,
+        v: CudaBuf,
+        o: CudaBuf,
+        lse: CudaBuf,
+        p: CudaBuf,
+        g: CudaBuf,
+        m: CudaBuf,
+        vv: CudaBuf,
+        a: CudaBuf,
+        bm: CudaBuf,
+    }
+
+    pub const ROWS: usize = 4096;
+    pub const DIM: usize = 4096;
+    pub const FF: usize = 11_008;
+    pub const VOCAB: usize = 69_104;
+    pub const SEQ: usize = 4096;
+    pub const ATTN: AttnShape = AttnShape { heads: 32, kv_heads: 8, head_dim: 128 };
+    pub const ADAM_N: usize = 64 << 20;
+    pub const GEMM: usize = 4096;
+
+    impl Inputs {
+        pub fn new(be: Cuda) -> Inputs {
+            let up = |n: usize, s: u64| be.upload(&rand_vec(n, s));
+            let (hq, hk, d) = (ATTN.heads, ATTN.kv_heads, ATTN.head_dim);
+            let x = up(ROWS * DIM, 1);
+            let w = up(DIM, 2);
+            let gate = up(ROWS * FF, 3);
+            let upb = up(ROWS * FF, 4);
+            let logits = up(ROWS * VOCAB, 5);
+            let targets: Vec<i32> = (0..ROWS as i32).map(|i| (i * 131) % VOCAB as i32).collect();
+            let (_, lse_ce) = be.cross_entropy(&logits, &targets, VOCAB);
+            let (q, k, v) = (up(SEQ * hq * d, 6), up(SEQ * hk * d, 7), up(SEQ * hk * d, 8));
+            let (o, lse) = be.attention(&q, &k, &v, &[0, SEQ as u32], ATTN);
+            let (p, g, m, vv) = (up(ADAM_N, 9), up(ADAM_N, 10), be.zeros(ADAM_N), be.zeros(ADAM_N));
+            let (a, bm) = (up(GEMM * GEMM, 11), up(GEMM * GEMM, 12));
+            Inputs { be, x, w, gate, up: upb, logits, lse_ce, q, k, v, o, lse, p, g, m, vv, a, bm }
+        }
+
+        pub fn cases(&mut self) -> Vec<Case<'_>> {
+            let Inputs { be, x, w, gate, up, logits, lse_ce, q, k, v, o, lse, p, g, m, vv, a, bm } = self;
+            let be: &Cuda = be;
+            #[rustfmt::skip]
+            let (x, w, gate, up, logits, lse_ce, q, k, v, o, lse, g, a, bm): (&CudaBuf, &CudaBuf, &CudaBuf, &CudaBuf, &CudaBuf, &CudaBuf, &CudaBuf, &CudaBuf, &CudaBuf, &CudaBuf, &CudaBuf, &CudaBuf, &CudaBuf, &CudaBuf) =
+                (x, w, gate, up, logits, lse_ce, q, k, v, o, lse, g, a, bm);
+            let targets: Vec<i32> = (0..ROWS as i32).map(|i| (i * 131) % VOCAB as i32).collect();
+            let t2 = targets.clone();
+            let (hq, d) = (ATTN.heads, ATTN.head_dim);
+            let attn_flops = 2.0 * (SEQ * SEQ) as f64 * (hq * d) as f64; // causal: half of 4·S²·H·D
+            let q_bytes = (SEQ * hq * d * 4) as f64;
+            let kv_bytes = (SEQ * ATTN.kv_heads * d * 4) as f64;
+            let dout = o.clone();
+            let cfg = AdamWConfig::default();
+            let gemm_flops = 2.0 * (GEMM as f64).powi(3);
+            let mut cases = vec![
+                Case {
+                    kernel: "rmsnorm_fwd".into(),
+                    shape: format!("{ROWS}x{DIM}"),
+                    bytes: (2 * ROWS * DIM * 4) as f64,
+                    flops: 0.0,
+                    run: Box::new(move || drop(be.rmsnorm(x, w, DIM, 1e-5))),
+                },
+                Case {
+                    kernel: "swiglu_fwd".into(),
+                    shape: format!("{ROWS}x{FF}"),
+                    bytes: (3 * ROWS * FF * 4) as f64,
+                    flops: 0.0,
+                    run: Box::new(move || drop(be.swiglu(gate, up))),
+                },
+                Case {
+                    kernel: "cross_entropy_fwd".into(),
+                    shape: format!("{ROWS}x{VOCAB}"),
+                    bytes: (ROWS * VOCAB * 4) as f64,
+                    flops: 0.0,
+                    run: Box::new(move || drop(be.cross_entropy(logits, &targets, VOCAB))),
+                },
+                Case {
+                    kernel: "cross_entropy_bwd".into(),
+                    shape: format!("{ROWS}x{VOCAB}"),
+                    bytes: (2 * ROWS * VOCAB * 4) as f64,
+                    flops: 0.0,
+                    run: Box::new(move || drop(be.cross_entropy_backward(logits, lse_ce, &t2, VOCAB, 1.0))),
+                },
+                Case {
+                    kernel: "attention_fwd".into(),
+                    shape: format!("s{SEQ} h{hq}/{} d{d} causal", ATTN.kv_heads),
+                    bytes: 2.0 * q_bytes + 2.0 * kv_bytes,
+                    flops: attn_flops,
+                    run: Box::new(move || drop(be.attention(q, k, v, &[0, SEQ as u32], ATTN))),
+                },
+                Case {
+                    kernel: "attention_bwd".into(),
+                    shape: format!("s{SEQ} h{hq}/{} d{d} causal", ATTN.kv_heads),
+                    bytes: 4.0 * q_bytes + 4.0 * kv_bytes,
+                    flops: 2.5 * attn_flops,
+                    run: Box::new(move || drop(be.attention_backward(&dout, q, k, v, o, lse, &[0, SEQ as u32], ATTN))),
+                },
+                Case {
+                    kernel: "sum_squares".into(),
+                    shape: format!("{ADAM_N}"),
+                    bytes: (ADAM_N * 4) as f64,
+                    flops: 0.0,
+                    run: Box::new(move || {
+                        black_box(be.sum_squares(g));
+                    }),
+                },
+            ];
+            let gr = g;
+            cases.push(Case {
+                kernel: "adamw".into(),
+                shape: format!("{ADAM_N}"),
+                bytes: (7 * ADAM_N * 4) as f64,
+                flops: 0.0,
+                run: Box::new(move || be.adamw_step(p, gr, m, vv, &cfg, 1e-4, 3, true, 1.0)),
+            });
+            for prec in [GemmPrecision::F32, GemmPrecision::Tf32, GemmPrecision::Bf16] {
+                cases.push(Case {
+                    kernel: format!("linear_{prec:?}").to_lowercase(),
+                    shape: format!("{GEMM}x{GEMM}x{GEMM}"),
+                    bytes: (3 * GEMM * GEMM * 4) as f64,
+                    flops: gemm_flops,
+                    run: Box::new(move || {
+                        be.set_gemm_precision(prec);
+                        drop(be.linear(a, bm, GEMM, GEMM, GEMM));
+                        be.set_gemm_precision(GemmPrecision::F32);
+                    }),
+                });
+            }
+            cases
+        }
+    }
+
+    pub fn gpu() -> Option<Cuda> {
+        match Cuda::new(0) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("kernels bench: CUDA benches skipped: {e}");
+                None
+            }
+        }
+    }
+
+    pub fn criterion_benches(c: &mut Criterion) {
+        let Some(be) = gpu() else { return };
+        let mut inputs = Inputs::new(be.clone());
+        let mut g = c.benchmark_group("cuda");
+        g.sample_size(20);
+        for mut case in inputs.cases() {
+            if case.flops > 0.0 {
+                g.throughput(Throughput::Elements(case.flops as u64));
+            } else {
+                g.throughput(Throughput::Bytes(case.bytes as u64));
+            }
+            g.bench_function(format!("{} {}", case.kernel, case.shape), |b| {
+                b.iter(|| {
+                    (case.run)();
+                    be.synchronize().unwrap();
+                })
+            });
+        }
+        g.finish();
+    }
+
+    pub fn json_table(path: &str) {
+        let Some(be) = gpu() else { return };
+        let mut inputs = Inputs::new(be.clone());
+        let mut lines = String::new();
+        for mut case in inputs.cases() {
+            for _ in 0..3 {
+                (case.run)();
+            }
+            be.synchronize().unwrap();
+            let mut times = Vec::new();
+            for _ in 0..15 {
+                let t = std::time::Instant::now();
+                (case.run)();
+                be.synchronize().unwrap();
+                times.push(t.elapsed().as_secs_f64());
+            }
+            times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            let s = times[times.len() / 2];
+            eprintln!("{:<20} {:<28} {:>10.3} ms", case.kernel, case.shape, s * 1e3);
+            lines.push_str(&format!(
+                "{{\"kernel\": \"{}\", \"shape\": \"{}\", \"seconds\": {s:.9}, \"bytes\": {}, \"flops\": {}}}\n",
+                case.kernel, case.shape, case.bytes, case.flops
+            ));
+        }
+        let stats = be.memory_stats();
+        eprintln!("allocator: {stats:?}");
+        std::fs::write(path, lines).expect("writing the bench table");
+    }
+}
+
+fn main() {
+    #[cfg(feature = "cuda")]
+    if let Ok(path) = std::env::var("LLAMA_CPT_BENCH_JSON") {
+        gpu::json_table(&path);
+        return;
+    }
+    let mut c = Criterion::default().configure_from_args();
+    cpu_benches(&mut c);
+    #[cfg(feature = "cuda")]
+    gpu::criterion_benches(&mut c);
+    c.final_summary();
+}

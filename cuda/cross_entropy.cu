@@ -1,0 +1,104 @@
+// Softmax cross-entropy over a large vocabulary (ops::cross_entropy), never materialising the
+// probabilities: the forward makes one pass over each row with an online (max, sum) per thread and
+// writes the row's log-sum-exp and loss; the backward recomputes softmax from lse in one pass.
+// Rows whose target is -100 give loss 0 and gradient 0. One block per row.
+#include "common.cuh"
+
+__device__ __forceinline__ void lcpt_online_add(float& m, float& s, float x) {
+    if (x > m) {
+        s = s * expf(m - x) + 1.f;  // m = -inf: expf(-inf) = 0
+        m = x;
+    } else {
+        s += expf(x - m);
+    }
+}
+
+__device__ __forceinline__ void lcpt_online_merge(float& m, float& s, float m2, float s2) {
+    const float mx = fmaxf(m, m2);
+    if (mx == -INFINITY) return;  // both empty
+    s = (m == -INFINITY ? 0.f : s * expf(m - mx)) + (m2 == -INFINITY ? 0.f : s2 * expf(m2 - mx));
+    m = mx;
+}
+
+// lse[row], loss[row] = lse − logits[target] (0 when ignored; NaN for a target outside the vocab).
+extern "C" __global__ void __launch_bounds__(512) cross_entropy_fwd(float* __restrict__ lse, float* __restrict__ loss, const float* __restrict__ logits,
+                                                                     const int* __restrict__ targets, int vocab) {
+    __shared__ float sm[32], ss[32];
+    const unsigned long long row = blockIdx.x;
+    const float* x = logits + row * vocab;
+    float m = -INFINITY, s = 0.f;
+    if ((vocab & 3) == 0) {
+        const float4* x4 = reinterpret_cast<const float4*>(x);
+        for (int c = threadIdx.x; c < vocab / 4; c += blockDim.x) {
+            const float4 v = x4[c];
+            lcpt_online_add(m, s, v.x);
+            lcpt_online_add(m, s, v.y);
+            lcpt_online_add(m, s, v.z);
+            lcpt_online_add(m, s, v.w);
+        }
+    } else {
+        for (int c = threadIdx.x; c < vocab; c += blockDim.x) lcpt_online_add(m, s, x[c]);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+        lcpt_online_merge(m, s, m2, s2);
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    if (lane == 0) {
+        sm[warp] = m;
+        ss[warp] = s;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        m = lane < nwarps ? sm[lane] : -INFINITY;
+        s = lane < nwarps ? ss[lane] : 0.f;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+            lcpt_online_merge(m, s, m2, s2);
+        }
+        if (lane == 0) {
+            const float l = m + logf(s);
+            lse[row] = l;
+            const int t = targets[row];
+            float li = 0.f;
+            if (t != LCPT_IGNORE_INDEX) li = (t >= 0 && t < vocab) ? l - x[t] : __int_as_float(0x7fc00000);
+            loss[row] = li;
+        }
+    }
+}
+
+// dlogits = scale·(softmax − onehot(target)) on counted rows, 0 on ignored ones; scale = dloss/n_valid.
+extern "C" __global__ void __launch_bounds__(512) cross_entropy_bwd(float* __restrict__ dlogits, const float* __restrict__ logits, const float* __restrict__ lse,
+                                                                     const int* __restrict__ targets, int vocab, float scale) {
+    const unsigned long long row = blockIdx.x;
+    const float* x = logits + row * vocab;
+    float* d = dlogits + row * vocab;
+    const int t = targets[row];
+    if (t == LCPT_IGNORE_INDEX) {
+        for (int c = threadIdx.x; c < vocab; c += blockDim.x) d[c] = 0.f;
+        return;
+    }
+    const float l = lse[row];
+    if ((vocab & 3) == 0) {
+        const float4* x4 = reinterpret_cast<const float4*>(x);
+        float4* d4 = reinterpret_cast<float4*>(d);
+        for (int c = threadIdx.x; c < vocab / 4; c += blockDim.x) {
+            const float4 v = x4[c];
+            float4 o = make_float4(expf(v.x - l) * scale, expf(v.y - l) * scale, expf(v.z - l) * scale, expf(v.w - l) * scale);
+            const int k = t - 4 * c;
+            if (k == 0) o.x -= scale;
+            if (k == 1) o.y -= scale;
+            if (k == 2) o.z -= scale;
+            if (k == 3) o.w -= scale;
+            d4[c] = o;
+        }
+    } else {
+        for (int c = threadIdx.x; c < vocab; c += blockDim.x) {
+            float o = expf(x[c] - l) * scale;
+            if (c == t) o -= scale;
+            d[c] = o;
+        }
+    }
+}

@@ -1,0 +1,21 @@
+// Σ x² with f64 accumulation, for the global gradient norm. Each block writes one partial sum
+// (a fixed grid, so a fixed order); the host adds the partials in order: deterministic.
+#include "common.cuh"
+
+extern "C" __global__ void sum_squares_partial(double* __restrict__ partial, const float* __restrict__ x, unsigned long long n) {
+    __shared__ double scratch[32];
+    double acc = 0.0;
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
+        const double v = x[i];
+        acc += v * v;
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    acc = lcpt::warp_sum_d(acc);
+    if (lane == 0) scratch[warp] = acc;
+    __syncthreads();
+    if (warp == 0) {
+        double t = lane < nwarps ? scratch[lane] : 0.0;
+        t = lcpt::warp_sum_d(t);
+        if (lane == 0) partial[blockIdx.x] = t;
+    }
+}

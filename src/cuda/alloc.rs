@@ -1,0 +1,183 @@
+//! Stream-ordered caching allocator and the device buffer type.
+//!
+//! Every kernel, copy and GEMM of a [`super::Cuda`] runs on its one stream, so a block freed by a
+//! dropped buffer can be handed to the next allocation at once: whatever the new owner enqueues
+//! runs after the work that still reads the old contents. Blocks are cached by size class and never
+//! returned to the driver during training; `cuMemAlloc` is called only when no cached block of the
+//! class is free (so not at all once a training step has run once), and on out-of-memory the cache
+//! is released (after a stream synchronize) and the allocation retried.
+use cudarc::driver::{result, sys};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Byte counts of the allocator.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemStats {
+    /// Bytes in live buffers (rounded up to their size class).
+    pub in_use: usize,
+    /// Highest `in_use` since the start or the last [`super::Cuda::reset_peak_memory`].
+    pub peak_in_use: usize,
+    /// Bytes held from the driver (live and cached).
+    pub reserved: usize,
+    pub peak_reserved: usize,
+    /// `cuMemAlloc` calls so far (constant once warm).
+    pub driver_allocs: u64,
+    /// Allocations served from the cache.
+    pub cache_hits: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Pool {
+    free: HashMap<usize, Vec<sys::CUdeviceptr>>,
+    pub(crate) stats: MemStats,
+}
+
+/// The size class of a request: multiples of 512 B up to 64 KiB, then an eighth of the next power
+/// of two (less than 25% waste).
+pub(crate) fn size_class(bytes: usize) -> usize {
+    let bytes = bytes.max(1);
+    if bytes <= 64 << 10 {
+        return bytes.div_ceil(512) * 512;
+    }
+    let step = bytes.next_power_of_two() / 8;
+    bytes.div_ceil(step) * step
+}
+
+impl Pool {
+    /// A block of at least `bytes`; the caller holds the context current and the stream.
+    pub(crate) fn alloc(&mut self, bytes: usize, stream: sys::CUstream) -> Result<(sys::CUdeviceptr, usize), result::DriverError> {
+        let class = size_class(bytes);
+        let ptr = if let Some(p) = self.free.get_mut(&class).and_then(|v| v.pop()) {
+            self.stats.cache_hits += 1;
+            p
+        } else {
+            let p = match unsafe { result::malloc_sync(class) } {
+                Ok(p) => p,
+                Err(_) => {
+                    // Out of memory (or fragmented): give the cache back and try once more.
+                    self.release_cached(stream)?;
+                    unsafe { result::malloc_sync(class) }?
+                }
+            };
+            self.stats.driver_allocs += 1;
+            self.stats.reserved += class;
+            self.stats.peak_reserved = self.stats.peak_reserved.max(self.stats.reserved);
+            p
+        };
+        self.stats.in_use += class;
+        self.stats.peak_in_use = self.stats.peak_in_use.max(self.stats.in_use);
+        Ok((ptr, class))
+    }
+
+    pub(crate) fn free(&mut self, ptr: sys::CUdeviceptr, class: usize) {
+        self.stats.in_use -= class;
+        self.free.entry(class).or_default().push(ptr);
+    }
+
+    /// Returns every cached (free) block to the driver.
+    pub(crate) fn release_cached(&mut self, stream: sys::CUstream) -> Result<(), result::DriverError> {
+        unsafe { result::stream::synchronize(stream) }?;
+        for (class, ptrs) in self.free.drain() {
+            for p in ptrs {
+                unsafe { result::free_sync(p) }?;
+                self.stats.reserved -= class;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a buffer needs to give its block back.
+pub(crate) struct Home {
+    pub(crate) pool: Mutex<Pool>,
+    pub(crate) ctx: Arc<cudarc::driver::CudaContext>,
+    pub(crate) stream: Arc<cudarc::driver::CudaStream>,
+}
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        if let Ok(mut p) = self.pool.lock() {
+            let _ = p.release_cached(self.stream.cu_stream());
+        }
+    }
+}
+
+/// A device buffer of `len` elements of 4 bytes (f32, or u32/i32 for index arrays) — the
+/// [`Backend::Buf`](crate::backend::Backend::Buf) of the CUDA backend. Cloning copies the contents
+/// (on the stream); dropping returns the block to the cache.
+pub struct CudaBuf {
+    pub(crate) ptr: sys::CUdeviceptr,
+    pub(crate) len: usize,
+    pub(crate) class: usize,
+    pub(crate) home: Arc<Home>,
+}
+
+// SAFETY: a CUdeviceptr is an address valid in the context from any thread; all access to the
+// memory is ordered by the one stream, and the pool is behind a mutex.
+unsafe impl Send for CudaBuf {}
+unsafe impl Sync for CudaBuf {}
+
+impl CudaBuf {
+    pub(crate) fn alloc(home: &Arc<Home>, len: usize) -> CudaBuf {
+        home.ctx.bind_to_thread().expect("binding the CUDA context");
+        let (ptr, class) = home
+            .pool
+            .lock()
+            .unwrap()
+            .alloc(len * 4, home.stream.cu_stream())
+            .unwrap_or_else(|e| panic!("CUDA allocation of {} bytes failed: {e}", len * 4));
+        CudaBuf { ptr, len, class, home: home.clone() }
+    }
+
+    /// The device address (for kernels and tests that launch by hand).
+    pub fn device_ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Clone for CudaBuf {
+    fn clone(&self) -> Self {
+        let out = CudaBuf::alloc(&self.home, self.len);
+        if self.len > 0 {
+            unsafe { result::memcpy_dtod_async(out.ptr, self.ptr, self.len * 4, self.home.stream.cu_stream()) }.expect("device copy");
+        }
+        out
+    }
+}
+
+impl Drop for CudaBuf {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.home.pool.lock() {
+            p.free(self.ptr, self.class);
+        }
+    }
+}
+
+impl std::fmt::Debug for CudaBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaBuf({} x 4 B at {:#x})", self.len, self.ptr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::size_class;
+
+    #[test]
+    fn size_classes_cover_the_request_with_little_waste() {
+        for b in [1usize, 511, 512, 513, 65536, 65537, 1 << 20, (1 << 20) + 1, 3 << 30, 123_456_789] {
+            let c = size_class(b);
+            assert!(c >= b && (c - b) as f64 <= 0.25 * b as f64 + 512.0, "{b} -> {c}");
+            assert_eq!(c % 256, 0);
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! The CUDA backend against the CPU reference (`ops` through `Cpu`), kernel by kernel and for a
+//! whole forward+backward of a small model. Every test that needs a GPU is `#[ignore]`d: run them
+//! on a GPU machine with `cargo test --features cuda --release -- --include-ignored`
+//! (tools/device-check.sh does).
+//!
+//! Inputs are fresh random numbers on every run (the seed is printed, `CUDA_TEST_SEED` replays
+//! one); every output buffer is filled with NaN when it is allocated, before the kernel that must
+//! write it, and NaN never passes a comparison. Errors are ‖got − want‖ / ‖want‖: ~1e-5 for f32
+//! kernels, ~2e-2 where bf16 tensor cores are used.
+#![cfg(feature = "cuda")]
+
+use llama_cpt::backend::{AdamWConfig, AttnShape, Backend};
+use llama_cpt::batch::Batch;
+use llama_cpt::config::LlamaConfig;
+use llama_cpt::cpu::Cpu;
+use llama_cpt::cuda::{AttnKernel, Cuda, GemmPrecision};
+use llama_cpt::model::{Llama, StepOptions};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const F32_TOL: f64 = 1e-5;
+const BF16_TOL: f64 = 2e-2;
+
+fn gpu() -> Cuda {
+    let c = Cuda::new(0).unwrap_or_else(|e| panic!("these tests need a CUDA GPU: {e}"));
+    c.set_poison_allocations(true);
+    c.set_sync_each_launch(true);
+    c.set_gemm_precision(GemmPrecision::F32);
+    c.set_attention_kernel(AttnKernel::Auto);
+    c
+}
+
+/// A fresh generator per call: a per-process base seed (time, or CUDA_TEST_SEED) plus a counter.
+fn rng() -> StdRng {
+    static BASE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static N: AtomicU64 = AtomicU64::new(0);
+    let base = *BASE.get_or_init(|| {
+        let s = std::env::var("CUDA_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+        });
+        eprintln!("cuda_kernels: CUDA_TEST_SEED={s}");
+        s
+    });
+    StdRng::seed_from_u64(base.wrapping_add(N.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9e37_79b9_7f4a_7c15)))
+}
+
+fn rand_vec(n: usize, scale: f32) -> Vec<f32> {
+    let mut r = rng();
+    (0..n).map(|_| r.gen_range(-1.0f32..1.0) * scale).collect()
+}
+
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len(), "lengths differ");
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        if !g.is_finite() {
+            return f64::INFINITY;
+        }
+        num += ((g - w) as f64).powi(2);
+        den += (w as f64).powi(2);
+    }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+#[track_caller]
+fn check(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    let e = rel_err(got, want);
+    let nan = got.iter().filter(|x| x.is_nan()).count();
+    assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.0e} ({nan} NaN of {})", got.len());
+}
+
+#[test]
+fn constructing_without_a_gpu_is_an_error_not_a_panic() {
+    let made = std::panic::catch_unwind(|| Cuda::new(0).map(|_| ()));
+    let made = made.expect("Cuda::new must not panic");
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        let e = made.expect_err("no driver: Cuda::new must fail");
+        assert!(format!("{e}").contains("no CUDA driver found"), "{e}");
+    }
+    // A device ordinal that cannot exist is an error too, wherever this runs.
+    let far = std::panic::catch_unwind(|| Cuda::new(4096).is_err()).expect("Cuda::new must not panic");
+    assert!(far);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn upload_download_clone_and_elementwise() {
+    let g = gpu();
+    for n in [1usize, 7, 1000, 1 << 20 | 3] {
+        let (a, b) = (rand_vec(n, 2.0), rand_vec(n, 2.0));
+        let (da, db) = (g.upload(&a), g.upload(&b));
+        assert_eq!(g.download(&da), a);
+        let copy = da.clone();
+        let want: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+        check("add", &g.download(&g.add(&da, &db)), &want, 0.0);
+        let mut acc = da.clone();
+        g.add_assign(&mut acc, &db);
+        check("add_assign", &g.download(&acc), &want, 0.0);
+        g.scale_assign(&mut acc, 0.5);
+        let half: Vec<f32> = want.iter().map(|x| x * 0.5).collect();
+        check("scale_assign", &g.download(&acc), &half, 0.0);
+        assert_eq!(g.download(&copy), a, "a clone is independent of the original");
+        assert!(g.download(&g.zeros(n)).iter().all(|&x| x == 0.0));
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn linear_forward_backward_matches_cpu() {
+    let g = gpu();
+    for prec in [GemmPrecision::F32, GemmPrecision::Tf32, GemmPrecision::Bf16] {
+        g.set_gemm_precision(prec);
+        let tol = if prec == GemmPrecision::F32 { F32_TOL } else { BF16_TOL };
+        for &(m, k, n) in &[(1, 1, 1), (3, 5, 7), (17, 33, 9), (70, 65, 130), (257, 96, 1000)] {
+            let (x, w, dy) = (rand_vec(m * k, 1.0), rand_vec(n * k, 1.0), rand_vec(m * n, 1.0));
+            let dw0 = rand_vec(n * k, 1.0);
+            let what = format!("{prec:?} {m}x{k}x{n}");
+            check(&format!("linear {what}"), &g.download(&g.linear(&g.upload(&x), &g.upload(&w), m, k, n)), &Cpu.linear(&x, &w, m, k, n), tol);
+            let (mut dw_c, mut dw_g) = (dw0.clone(), g.upload(&dw0));
+            let dx_c = Cpu.linear_backward(&dy, &x, &w, &mut dw_c, m, k, n);
+            let dx_g = g.linear_backward(&g.upload(&dy), &g.upload(&x), &g.upload(&w), &mut dw_g, m, k, n);
+            check(&format!("linear dx {what}"), &g.download(&dx_g), &dx_c, tol);
+            check(&format!("linear dw (accumulated) {what}"), &g.download(&dw_g), &dw_c, tol);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn embedding_forward_and_deterministic_backward() {
+    let g = gpu();
+    for (vocab, dim) in [(70_000usize, 3usize), (1000, 256), (50, 1000)] {
+        let table = rand_vec(vocab * dim, 1.0);
+        let mut r = rng();
+        let mut ids: Vec<u32> = (0..300).map(|_| r.gen_range(0..vocab as u32)).collect();
+        ids.extend_from_slice(&[vocab as u32 - 1, 5, 5, 0, 5]);
+        let out = g.download(&g.embedding(&g.upload(&table), &ids, dim));
+        assert_eq!(out, Cpu.embedding(&table, &ids, dim), "embedding forward is a copy");
+        let dy = rand_vec(ids.len() * dim, 1.0);
+        let d0 = rand_vec(vocab * dim, 1.0);
+        let mut dc = d0.clone();
+        Cpu.embedding_backward(&dy, &ids, dim, &mut dc);
+        let mut dg = g.upload(&d0);
+        g.embedding_backward(&g.upload(&dy), &ids, dim, &mut dg);
+        assert_eq!(g.download(&dg), dc, "embedding backward: same sums in the same order as the CPU");
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn rmsnorm_forward_backward_matches_cpu() {
+    let g = gpu();
+    for &(rows, dim) in &[(1usize, 1usize), (5, 7), (33, 24), (300, 4096), (7, 4099)] {
+        let (x, w, dy) = (rand_vec(rows * dim, 3.0), rand_vec(dim, 1.0), rand_vec(rows * dim, 1.0));
+        let (y_c, r_c) = Cpu.rmsnorm(&x, &w, dim, 1e-5);
+        let (xg, wg) = (g.upload(&x), g.upload(&w));
+        let (y_g, r_g) = g.rmsnorm(&xg, &wg, dim, 1e-5);
+        check(&format!("rmsnorm y {rows}x{dim}"), &g.download(&y_g), &y_c, F32_TOL);
+        check(&format!("rmsnorm rstd {rows}x{dim}"), &g.download(&r_g), &r_c, F32_TOL);
+        let dw0 = rand_vec(dim, 1.0);
+        let (mut dw_c, mut dw_g) = (dw0.clone(), g.upload(&dw0));
+        let dx_c = Cpu.rmsnorm_backward(&dy, &x, &w, &r_c, dim, &mut dw_c);
+        let dx_g = g.rmsnorm_backward(&g.upload(&dy), &xg, &wg, &r_g, dim, &mut dw_g);
+        check(&format!("rmsnorm dx {rows}x{dim}"), &g.download(&dx_g), &dx_c, F32_TOL);
+        check(&format!("rmsnorm dw {rows}x{dim}"), &g.download(&dw_g), &dw_c, F32_TOL);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn rope_both_directions_match_cpu() {
+    let g = gpu();
+    for &(heads, hd) in &[(3usize, 6usize), (4, 64), (2, 128)] {
+        let mut r = rng();
+        let mut pos: Vec<u32> = (0..37).map(|_| r.gen_range(0..4096)).collect();
+        pos.extend_from_slice(&[0, 1, 4095, 131_071]);
+        let x = rand_vec(pos.len() * heads * hd, 1.0);
+        for theta in [10_000.0, 500_000.0] {
+            for inverse in [false, true] {
+                let want = Cpu.rope(&x, &pos, heads, hd, theta, inverse);
+                let got = g.download(&g.rope(&g.upload(&x), &pos, heads, hd, theta, inverse));
+                check(&format!("rope h{heads} d{hd} θ{theta} inverse {inverse}"), &got, &want, F32_TOL);
+            }
+        }
+    }
+}
+
+fn attention_cases() -> Vec<(AttnShape, Vec<u32>)> {
+    let sh = |heads, kv_heads, head_dim| AttnShape { heads, kv_heads, head_dim };
+    vec![
+        (sh(2, 2, 64), vec![0, 13]),
+        (sh(4, 2, 64), vec![0, 64, 65, 129, 300]),
+        (sh(4, 1, 128), vec![0, 1, 2, 66, 130, 130, 387]),
+        (sh(8, 2, 128), vec![0, 520]),
+        (sh(2, 1, 64), vec![0, 63, 127, 191]),
+        (sh(4, 2, 6), vec![0, 5, 6, 11]),
+        (sh(3, 3, 80), vec![0, 40, 97]),
+        (sh(2, 1, 256), vec![0, 33]),
+    ]
+}
+
+fn attention_against_cpu(g: &Cuda, shape: AttnShape, cu: &[u32], tol: f64) {
+    let t = *cu.last().unwrap() as usize;
+    let (hq, hk, d) = (shape.heads, shape.kv_heads, shape.head_dim);
+    let (q, k, v) = (rand_vec(t * hq * d, 2.0), rand_vec(t * hk * d, 2.0), rand_vec(t * hk * d, 1.0));
+    let dout = rand_vec(t * hq * d, 1.0);
+    let what = format!("{shape:?} cu {cu:?} {:?}", g.attention_kernel());
+    let (o_c, l_c) = Cpu.attention(&q, &k, &v, cu, shape);
+    let (qg, kg, vg) = (g.upload(&q), g.upload(&k), g.upload(&v));
+    let (o_g, l_g) = g.attention(&qg, &kg, &vg, cu, shape);
+    check(&format!("attention out {what}"), &g.download(&o_g), &o_c, tol);
+    check(&format!("attention lse {what}"), &g.download(&l_g), &l_c, tol);
+    let (dq_c, dk_c, dv_c) = Cpu.attention_backward(&dout, &q, &k, &v, &o_c, &l_c, cu, shape);
+    let (dq_g, dk_g, dv_g) = g.attention_backward(&g.upload(&dout), &qg, &kg, &vg, &o_g, &l_g, cu, shape);
+    check(&format!("attention dq {what}"), &g.download(&dq_g), &dq_c, tol * 1.5);
+    check(&format!("attention dk {what}"), &g.download(&dk_g), &dk_c, tol * 1.5);
+    check(&format!("attention dv {what}"), &g.download(&dv_g), &dv_c, tol * 1.5);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn attention_tensor_core_kernels_match_cpu() {
+    let g = gpu();
+    for (shape, cu) in attention_cases() {
+        let tol = if shape.head_dim == 64 || shape.head_dim == 128 { BF16_TOL } else { 1e-4 };
+        attention_against_cpu(&g, shape, &cu, tol);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn attention_simple_kernels_match_cpu() {
+    let g = gpu();
+    g.set_attention_kernel(AttnKernel::Simple);
+    for (shape, cu) in attention_cases() {
+        attention_against_cpu(&g, shape, &cu, 1e-4);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn swiglu_forward_backward_matches_cpu() {
+    let g = gpu();
+    for n in [1usize, 37, 100_003] {
+        let (gate, up, dy) = (rand_vec(n, 6.0), rand_vec(n, 1.0), rand_vec(n, 1.0));
+        let (gg, ug) = (g.upload(&gate), g.upload(&up));
+        check("swiglu", &g.download(&g.swiglu(&gg, &ug)), &Cpu.swiglu(&gate, &up), F32_TOL);
+        let (dg_c, du_c) = Cpu.swiglu_backward(&dy, &gate, &up);
+        let (dg_g, du_g) = g.swiglu_backward(&g.upload(&dy), &gg, &ug);
+        check("swiglu dgate", &g.download(&dg_g), &dg_c, F32_TOL);
+        check("swiglu dup", &g.download(&du_g), &du_c, F32_TOL);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cross_entropy_matches_cpu_with_ignored_targets() {
+    let g = gpu();
+    for &(rows, vocab) in &[(1usize, 11usize), (37, 1001), (64, 69_104), (3, 128_256)] {
+        let logits = rand_vec(rows * vocab, 8.0);
+        let mut r = rng();
+        let mut targets: Vec<i32> = (0..rows).map(|_| r.gen_range(0..vocab as i32)).collect();
+        if rows > 2 {
+            targets[1] = -100;
+            targets[rows - 1] = vocab as i32 - 1;
+        }
+        let (loss_c, lse_c) = Cpu.cross_entropy(&logits, &targets, vocab);
+        let lg = g.upload(&logits);
+        let (loss_g, lse_g) = g.cross_entropy(&lg, &targets, vocab);
+        assert!((loss_g - loss_c).abs() <= 1e-5 * loss_c.abs().max(1.0), "loss {loss_g} vs {loss_c} ({rows}x{vocab})");
+        check(&format!("ce lse {rows}x{vocab}"), &g.download(&lse_g), &lse_c, F32_TOL);
+        let d_c = Cpu.cross_entropy_backward(&logits, &lse_c, &targets, vocab, 0.7);
+        let d_g = g.cross_entropy_backward(&lg, &lse_g, &targets, vocab, 0.7);
+        check(&format!("ce dlogits {rows}x{vocab}"), &g.download(&d_g), &d_c, F32_TOL);
+    }
+    // All ignored: loss 0, gradient 0 (never 0/0).
+    let logits = rand_vec(2 * 70_000, 1.0);
+    let lg = g.upload(&logits);
+    let (loss, lse) = g.cross_entropy(&lg, &[-100, -100], 70_000);
+    assert_eq!(loss, 0.0);
+    assert!(g.download(&g.cross_entropy_backward(&lg, &lse, &[-100, -100], 70_000, 1.0)).iter().all(|&x| x == 0.0));
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn sum_squares_and_adamw_match_cpu() {
+    let g = gpu();
+    for n in [1usize, 1000, 1 << 20 | 5] {
+        let x = rand_vec(n, 3.0);
+        let (c, d) = (Cpu.sum_squares(&x), g.sum_squares(&g.upload(&x)));
+        assert!((c - d).abs() <= 1e-9 * c, "sum_squares {d} vs {c}");
+    }
+    let cfg = AdamWConfig { lr: 1e-2, ..Default::default() };
+    for (n, decay) in [(1usize, true), (1001, false), (300_007, true)] {
+        let (mut p_c, mut m_c, mut v_c) = (rand_vec(n, 1.0), vec![0.0f32; n], vec![0.0f32; n]);
+        let (mut p_g, mut m_g, mut v_g) = (g.upload(&p_c), g.zeros(n), g.zeros(n));
+        for step in 1..=4u64 {
+            let grad = rand_vec(n, 1.0);
+            Cpu.adamw_step(&mut p_c, &grad, &mut m_c, &mut v_c, &cfg, cfg.lr, step, decay, 0.7);
+            g.adamw_step(&mut p_g, &g.upload(&grad), &mut m_g, &mut v_g, &cfg, cfg.lr, step, decay, 0.7);
+        }
+        check("adamw param", &g.download(&p_g), &p_c, 1e-6);
+        check("adamw m", &g.download(&m_g), &m_c, 1e-6);
+        check("adamw v", &g.download(&v_g), &v_c, 1e-6);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn bf16_casts_round_to_nearest_even() {
+    let g = gpu();
+    let mut x = rand_vec(1001, 100.0);
+    x.extend_from_slice(&[f32::NAN, f32::INFINITY, f32::MAX, 1.0 + 2f32.powi(-8), -0.0, 1e-30]);
+    let b = g.to_bf16(&g.upload(&x));
+    let got = g.download_bf16(&b, x.len());
+    let mut want = vec![half::bf16::ZERO; x.len()];
+    llama_cpt_ops::convert::f32_to_bf16(&x, &mut want);
+    for (i, (a, w)) in got.iter().zip(&want).enumerate() {
+        assert!(a.to_bits() == w.to_bits() || (a.is_nan() && w.is_nan()), "{i}: {} -> {a} vs {w}", x[i]);
+    }
+    let back = g.download(&g.from_bf16(&b, x.len()));
+    for (i, (a, w)) in back.iter().zip(&want).enumerate() {
+        assert!(a.to_bits() == w.to_f32().to_bits() || (a.is_nan() && w.is_nan()), "{i}");
+    }
+}
+
+fn small_model_case(g: &Cuda, head_dim: usize, tol: f64) {
+    // hidden = heads · head_dim; GQA 2:1; an untied head; two documents in the second row.
+    let heads = 4;
+    let cfg = LlamaConfig::small(1000, heads * head_dim, 3 * head_dim, 2, heads, 2, false);
+    assert_eq!(cfg.head_dim, head_dim);
+    let cpu_model = Llama::random(&Cpu, cfg.clone(), 11);
+    let gpu_model = Llama::random(g, cfg, 11);
+    let (rows, seq) = (2, 77);
+    let mut r = rng();
+    let tokens: Vec<u32> = (0..rows * seq).map(|_| r.gen_range(0..1000)).collect();
+    let labels: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+    let mut b = Batch::from_rows(rows, seq, tokens, &labels);
+    b.cu_seqlens = vec![0, seq as u32, seq as u32 + 30, 2 * seq as u32];
+    for i in seq + 30..2 * seq {
+        b.positions[i] = (i - seq - 30) as u32;
+    }
+    b.targets[seq + 29] = -100;
+    for checkpoint in [false, true] {
+        let opts = StepOptions { checkpoint_layers: checkpoint };
+        let (l_c, g_c) = cpu_model.loss_and_grads(&Cpu, &b, 1.0, opts).unwrap();
+        let (l_g, g_g) = gpu_model.loss_and_grads(g, &b, 1.0, opts).unwrap();
+        assert!((l_c - l_g).abs() <= tol * l_c.abs(), "loss {l_g} vs {l_c} (head_dim {head_dim})");
+        for (p, (a, bb)) in cpu_model.params.iter().zip(g_c.iter().zip(&g_g)) {
+            check(&format!("grad {} (head_dim {head_dim}, checkpoint {checkpoint})", p.name), &g.download(bb), a, tol);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn whole_model_forward_backward_matches_cpu() {
+    let g = gpu();
+    g.set_sync_each_launch(false);
+    // f32 GEMMs and the simple f32 attention: round-off only.
+    g.set_attention_kernel(AttnKernel::Simple);
+    small_model_case(&g, 64, 1e-3);
+    small_model_case(&g, 6, 1e-3);
+    // Tensor-core attention (bf16 tiles) for head_dim 64 and 128.
+    g.set_attention_kernel(AttnKernel::Auto);
+    small_model_case(&g, 64, 5e-2);
+    small_model_case(&g, 128, 5e-2);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn allocator_is_warm_after_one_step_and_tracks_the_peak() {
+    let g = gpu();
+    g.set_poison_allocations(false);
+    g.set_sync_each_launch(false);
+    let cfg = LlamaConfig::small(500, 256, 512, 2, 4, 2, true);
+    let model = Llama::random(&g, cfg, 3);
+    let tokens: Vec<u32> = (0..4 * 64).map(|i| (i * 7 % 500) as u32).collect();
+    let labels: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+    let b = Batch::from_rows(4, 64, tokens, &labels);
+    let _ = model.loss_and_grads(&g, &b, 1.0, StepOptions::default()).unwrap();
+    g.synchronize().unwrap();
+    let warm = g.memory_stats();
+    for _ in 0..3 {
+        let _ = model.loss_and_grads(&g, &b, 1.0, StepOptions::default()).unwrap();
+    }
+    g.synchronize().unwrap();
+    let after = g.memory_stats();
+    assert_eq!(after.driver_allocs, warm.driver_allocs, "no cuMemAlloc once warm: {warm:?} -> {after:?}");
+    assert!(after.peak_in_use >= after.in_use && after.peak_in_use > 0);
+    eprintln!("allocator after 4 steps: {after:?}");
+}

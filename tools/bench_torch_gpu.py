@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""PyTorch on the shapes of benches/kernels.rs (GPU), the card's two ceilings, and the table.
+
+Measures: device-to-device copy bandwidth (bytes read + written) and the bf16 matmul rate
+(8192^3) of the card; PyTorch's time for each kernel of ours (F.scaled_dot_product_attention
+causal bf16 at seq 4096 head_dim 128, F.rms_norm, silu*up, cross-entropy at vocab 69,104,
+torch.optim.AdamW(fused=True), the sum of squares, matmuls). Then, with --ours (the JSON lines of
+`LLAMA_CPT_BENCH_JSON=... kernels_bench`), prints one table last: kernel, shape, time, GB/s or
+TFLOP/s, % of the measured roofline, and our time over PyTorch's (below 1 = we are faster).
+"""
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+ROWS, DIM, FF, VOCAB, SEQ, HQ, HK, D = 4096, 4096, 11008, 69104, 4096, 32, 8, 128
+ADAM_N, GEMM = 64 << 20, 4096
+
+
+def bench(fn, warmup=3, reps=15):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ours", help="JSON lines from kernels_bench")
+    ap.add_argument("--json", help="write PyTorch's numbers here")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    props = torch.cuda.get_device_properties(0)
+    print(f"device: {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}")
+
+    # Ceilings.
+    src = torch.randn(1 << 28, device=dev)  # 1 GiB
+    dst = torch.empty_like(src)
+    t = bench(lambda: dst.copy_(src))
+    copy_bw = 2 * src.numel() * 4 / t
+    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    t = bench(lambda: a @ b, reps=10)
+    mm_rate = 2 * 8192**3 / t
+    del src, dst, a, b
+    print(f"measured copy bandwidth {copy_bw / 1e9:.0f} GB/s, bf16 matmul {mm_rate / 1e12:.0f} TFLOP/s")
+
+    torch_t = {}
+    x = torch.randn(ROWS, DIM, device=dev)
+    w = torch.randn(DIM, device=dev)
+    torch_t["rmsnorm_fwd"] = bench(lambda: F.rms_norm(x, (DIM,), w, 1e-5))
+    g = torch.randn(ROWS, FF, device=dev)
+    u = torch.randn(ROWS, FF, device=dev)
+    torch_t["swiglu_fwd"] = bench(lambda: F.silu(g) * u)
+    del x, g, u
+    logits = torch.randn(ROWS, VOCAB, device=dev, requires_grad=True)
+    tgt = torch.randint(0, VOCAB, (ROWS,), device=dev)
+    torch_t["cross_entropy_fwd"] = bench(lambda: F.cross_entropy(logits, tgt))
+    loss = F.cross_entropy(logits, tgt)
+    torch_t["cross_entropy_bwd"] = bench(lambda: torch.autograd.grad(loss, logits, retain_graph=True))
+    del logits, loss
+    q = torch.randn(1, HQ, SEQ, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, HK, SEQ, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, HK, SEQ, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch_t["attention_fwd"] = bench(sdpa)
+    o = sdpa()
+    do = torch.randn_like(o)
+    torch_t["attention_bwd"] = bench(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True))
+    del q, k, v, o, do
+    p = torch.nn.Parameter(torch.randn(ADAM_N, device=dev))
+    p.grad = torch.randn(ADAM_N, device=dev)
+    opt = torch.optim.AdamW([p], lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    torch_t["adamw"] = bench(opt.step)
+    torch_t["sum_squares"] = bench(lambda: torch.linalg.vector_norm(p.grad, dtype=torch.float64))
+    del p, opt
+    ga = torch.randn(GEMM, GEMM, device=dev)
+    gb = torch.randn(GEMM, GEMM, device=dev)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch_t["linear_f32"] = bench(lambda: ga @ gb.t())
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch_t["linear_tf32"] = bench(lambda: ga @ gb.t())
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ha, hb = ga.bfloat16(), gb.bfloat16()
+    torch_t["linear_bf16"] = bench(lambda: ha @ hb.t())
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"copy_bw": copy_bw, "bf16_matmul": mm_rate, "torch_seconds": torch_t}, f, indent=1)
+
+    rows = []
+    if args.ours:
+        with open(args.ours) as f:
+            for line in f:
+                if line.strip():
+                    rows.append(json.loads(line))
+    print()
+    print(f"{'kernel':<20} {'shape':<26} {'time ms':>9} {'rate':>14} {'% roof':>7} {'torch ms':>9} {'ours/torch':>10}")
+    print("-" * 101)
+    for r in rows:
+        s = r["seconds"]
+        if r["flops"] > 0:
+            rate, roof = r["flops"] / s, r["flops"] / s / mm_rate
+            rate_s = f"{rate / 1e12:8.1f} TFLOP/s"
+        else:
+            rate, roof = r["bytes"] / s, r["bytes"] / s / copy_bw
+            rate_s = f"{rate / 1e9:9.0f} GB/s"
+        tt = torch_t.get(r["kernel"])
+        tt_s = f"{tt * 1e3:9.3f}" if tt else f"{'-':>9}"
+        ratio = f"{s / tt:10.2f}" if tt else f"{'-':>10}"
+        print(f"{r['kernel']:<20} {r['shape']:<26} {s * 1e3:9.3f} {rate_s:>14} {100 * roof:6.0f}% {tt_s} {ratio}")
+    if not rows:
+        print("(no timings of ours: pass --ours)")
+        for k_, v_ in torch_t.items():
+            print(f"torch {k_:<20} {v_ * 1e3:9.3f} ms")
+    print(f"roofline: copy {copy_bw / 1e9:.0f} GB/s, bf16 matmul {mm_rate / 1e12:.0f} TFLOP/s ({props.name}); "
+          "attention and our GEMMs' FLOPs against the bf16 rate, the rest bytes against the copy bandwidth")
+
+
+if __name__ == "__main__":
+    main()
