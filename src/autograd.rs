@@ -179,6 +179,13 @@ impl<'b, B: Backend> Graph<'b, B> {
         })
     }
 
+    /// Attention of new queries against cached keys/values (inference only: records nothing).
+    pub fn attention_decode(&self, q: &Var<B>, k_all: &B::Buf, v_all: &B::Buf, shape: AttnShape) -> Var<B> {
+        assert!(!self.record, "attention_decode has no backward; use an inference graph");
+        let out = self.backend.attention_decode(&q.value.buf, k_all, v_all, shape);
+        self.leaf(Tensor::new(out, &q.value.shape))
+    }
+
     pub fn swiglu(&self, gate: &Var<B>, up: &Var<B>) -> Var<B> {
         let y = self.backend.swiglu(&gate.value.buf, &up.value.buf);
         let (gs, us) = (gate.value.buf.clone(), up.value.buf.clone());

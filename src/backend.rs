@@ -62,6 +62,23 @@ pub trait Backend: Send + Sync + Sized + 'static {
         shape: AttnShape,
     ) -> (Self::Buf, Self::Buf, Self::Buf);
 
+    /// Inference with a KV cache: `n` new queries (`[n, heads, head_dim]`) against all `t ≥ n`
+    /// cached keys/values of one sequence, the queries being its last `n` positions. The default
+    /// goes through the host and the `ops` reference (correct everywhere; a device may override it).
+    fn attention_decode(&self, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, shape: AttnShape) -> Self::Buf {
+        let (qh, kh, vh) = (self.download(q), self.download(k), self.download(v));
+        let mut out = vec![0.0; qh.len()];
+        llama_cpt_ops::attention::attention_decode(&mut out, &qh, &kh, &vh, shape);
+        self.upload(&out)
+    }
+
+    /// `[a; b]`: `b`'s values after `a`'s (appending to a KV cache).
+    fn concat(&self, a: &Self::Buf, b: &Self::Buf) -> Self::Buf {
+        let mut h = self.download(a);
+        h.extend(self.download(b));
+        self.upload(&h)
+    }
+
     fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf) -> Self::Buf;
     /// Returns `(dgate, dup)`.
     fn swiglu_backward(&self, dout: &Self::Buf, gate: &Self::Buf, up: &Self::Buf) -> (Self::Buf, Self::Buf);

@@ -14,3 +14,6 @@ pub mod weights;
 pub mod optim;
 #[cfg(feature = "cuda")] pub mod cuda;
 pub mod train;
+pub mod vocab;
+pub mod generate;
+pub mod eval;

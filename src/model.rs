@@ -6,7 +6,7 @@ use crate::config::LlamaConfig;
 use crate::tensor::Tensor;
 use anyhow::{bail, Result};
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// One parameter tensor, named as transformers names it.
 pub struct Param<B: Backend> {
@@ -54,24 +54,74 @@ pub fn param_specs(c: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
     specs
 }
 
+/// How attention sees other tokens.
+enum AttnMode<B: Backend> {
+    /// Causal inside each document of a packed batch (training, scoring).
+    Varlen(Arc<Vec<u32>>),
+    /// New tokens of one sequence against its KV cache (generation).
+    Cached(Arc<Mutex<KvCache<B>>>),
+}
+
+impl<B: Backend> Clone for AttnMode<B> {
+    fn clone(&self) -> Self {
+        match self {
+            AttnMode::Varlen(c) => AttnMode::Varlen(c.clone()),
+            AttnMode::Cached(c) => AttnMode::Cached(c.clone()),
+        }
+    }
+}
+
 /// What a decoder layer needs besides its parameters; cheap to clone into a checkpoint closure.
-#[derive(Clone)]
-struct LayerCtx {
+struct LayerCtx<B: Backend> {
     eps: f64,
     theta: f64,
     shape: AttnShape,
     positions: Arc<Vec<u32>>,
-    cu_seqlens: Arc<Vec<u32>>,
+    attn: AttnMode<B>,
+}
+
+impl<B: Backend> Clone for LayerCtx<B> {
+    fn clone(&self) -> Self {
+        LayerCtx { eps: self.eps, theta: self.theta, shape: self.shape, positions: self.positions.clone(), attn: self.attn.clone() }
+    }
+}
+
+/// Keys and values of every layer for the tokens of one sequence seen so far.
+pub struct KvCache<B: Backend> {
+    k: Vec<Option<B::Buf>>,
+    v: Vec<Option<B::Buf>>,
+    /// Tokens cached.
+    pub len: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(layers: usize) -> Self {
+        KvCache { k: vec![None; layers], v: vec![None; layers], len: 0 }
+    }
 }
 
 /// One decoder layer: `x + attn(norm(x))`, then `h + mlp(norm(h))`. `p` in [`LAYER_PARAMS`] order.
-fn decoder_layer<B: Backend>(g: &Graph<B>, x: &Var<B>, p: &[Var<B>], c: &LayerCtx) -> Var<B> {
+fn decoder_layer<B: Backend>(g: &Graph<B>, x: &Var<B>, p: &[Var<B>], c: &LayerCtx<B>, layer: usize) -> Var<B> {
     let AttnShape { heads, kv_heads, head_dim } = c.shape;
     let n = g.rmsnorm(x, &p[0], c.eps);
     let q = g.rope(&g.linear(&n, &p[1]), c.positions.clone(), heads, head_dim, c.theta);
     let k = g.rope(&g.linear(&n, &p[2]), c.positions.clone(), kv_heads, head_dim, c.theta);
     let v = g.linear(&n, &p[3]);
-    let a = g.attention(&q, &k, &v, c.cu_seqlens.clone(), c.shape);
+    let a = match &c.attn {
+        AttnMode::Varlen(cu) => g.attention(&q, &k, &v, cu.clone(), c.shape),
+        AttnMode::Cached(cache) => {
+            let mut cache = cache.lock().expect("KV cache lock");
+            let (ks, vs) = (cache.k[layer].take(), cache.v[layer].take());
+            let (kb, vb) = (&k.value.buf, &v.value.buf);
+            let be = g.backend();
+            let kk = ks.map_or_else(|| (**kb).clone(), |old| be.concat(&old, kb));
+            let vv = vs.map_or_else(|| (**vb).clone(), |old| be.concat(&old, vb));
+            let out = g.attention_decode(&q, &kk, &vv, c.shape);
+            cache.k[layer] = Some(kk);
+            cache.v[layer] = Some(vv);
+            out
+        }
+    };
     let h = g.add(x, &g.linear(&a, &p[4]));
     let n2 = g.rmsnorm(&h, &p[5], c.eps);
     let s = g.swiglu(&g.linear(&n2, &p[6]), &g.linear(&n2, &p[7]));
@@ -143,33 +193,85 @@ impl<B: Backend> Llama<B> {
         Ok(())
     }
 
-    /// Records the forward on `g`; returns the parameter variables and the logits `[tokens, vocab]`.
-    pub fn forward(&self, g: &Graph<B>, batch: &Batch, opts: StepOptions) -> Result<(Vec<Var<B>>, Var<B>)> {
-        self.check_batch(batch)?;
+    fn layer_ctx(&self, positions: Vec<u32>, attn: AttnMode<B>) -> LayerCtx<B> {
         let c = &self.config;
-        let vars: Vec<Var<B>> = self.params.iter().map(|p| g.leaf(p.value.clone())).collect();
-        let ctx = LayerCtx {
+        LayerCtx {
             eps: c.rms_norm_eps,
             theta: c.rope_theta,
             shape: AttnShape { heads: c.num_attention_heads, kv_heads: c.num_key_value_heads, head_dim: c.head_dim },
-            positions: Arc::new(batch.positions.clone()),
-            cu_seqlens: Arc::new(batch.cu_seqlens.clone()),
-        };
-        let mut x = g.embedding(&vars[0], Arc::new(batch.tokens.clone()));
-        for l in 0..c.num_hidden_layers {
+            positions: Arc::new(positions),
+            attn,
+        }
+    }
+
+    /// Embedding and decoder layers: the hidden states before the final norm.
+    fn trunk(&self, g: &Graph<B>, vars: &[Var<B>], tokens: &[u32], ctx: &LayerCtx<B>, opts: StepOptions) -> Var<B> {
+        let mut x = g.embedding(&vars[0], Arc::new(tokens.to_vec()));
+        for l in 0..self.config.num_hidden_layers {
             let p = &vars[1 + 9 * l..10 + 9 * l];
             x = if opts.checkpoint_layers {
                 let inputs: Vec<&Var<B>> = std::iter::once(&x).chain(p).collect();
                 let ctx = ctx.clone();
-                g.checkpoint(&inputs, move |g, v| decoder_layer(g, &v[0], &v[1..], &ctx))
+                g.checkpoint(&inputs, move |g, v| decoder_layer(g, &v[0], &v[1..], &ctx, l))
             } else {
-                decoder_layer(g, &x, p, &ctx)
+                decoder_layer(g, &x, p, ctx, l)
             };
         }
+        x
+    }
+
+    /// Final norm and LM head: logits of the rows of `h`.
+    fn head(&self, g: &Graph<B>, vars: &[Var<B>], h: &Var<B>) -> Var<B> {
+        let c = &self.config;
         let norm = &vars[1 + 9 * c.num_hidden_layers];
         let head = if c.tie_word_embeddings { &vars[0] } else { &vars[2 + 9 * c.num_hidden_layers] };
-        let logits = g.linear(&g.rmsnorm(&x, norm, c.rms_norm_eps), head);
+        g.linear(&g.rmsnorm(h, norm, c.rms_norm_eps), head)
+    }
+
+    /// Records the forward on `g`; returns the parameter variables and the logits `[tokens, vocab]`.
+    pub fn forward(&self, g: &Graph<B>, batch: &Batch, opts: StepOptions) -> Result<(Vec<Var<B>>, Var<B>)> {
+        self.check_batch(batch)?;
+        let vars: Vec<Var<B>> = self.params.iter().map(|p| g.leaf(p.value.clone())).collect();
+        let ctx = self.layer_ctx(batch.positions.clone(), AttnMode::Varlen(Arc::new(batch.cu_seqlens.clone())));
+        let h = self.trunk(g, &vars, &batch.tokens, &ctx, opts);
+        let logits = self.head(g, &vars, &h);
         Ok((vars, logits))
+    }
+
+    /// Logits `[rows.len(), vocab]` at the given token indices of the batch only (scoring: the
+    /// LM head runs on those rows alone).
+    pub fn logits_at(&self, backend: &B, batch: &Batch, rows: &[usize]) -> Result<Vec<f32>> {
+        self.check_batch(batch)?;
+        let g = Graph::inference(backend);
+        let vars: Vec<Var<B>> = self.params.iter().map(|p| g.leaf(p.value.clone())).collect();
+        let ctx = self.layer_ctx(batch.positions.clone(), AttnMode::Varlen(Arc::new(batch.cu_seqlens.clone())));
+        let h = self.trunk(&g, &vars, &batch.tokens, &ctx, StepOptions::default());
+        let logits = self.head(&g, &vars, &select_rows(&g, &h, rows)?);
+        Ok(logits.value.to_host(backend))
+    }
+
+    /// Feeds `tokens` (the next ones of a sequence) through the model with a KV cache and returns
+    /// the logits after the last of them (`[vocab]`).
+    pub fn forward_cached(&self, backend: &B, tokens: &[u32], cache: &mut KvCache<B>) -> Result<Vec<f32>> {
+        if tokens.is_empty() {
+            bail!("forward_cached: no tokens");
+        }
+        let v = self.config.vocab_size;
+        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= v) {
+            bail!("token id {id} is outside the model's vocabulary ({v})");
+        }
+        let start = cache.len;
+        let shared = Arc::new(Mutex::new(std::mem::replace(cache, KvCache::new(0))));
+        let g = Graph::inference(backend);
+        let vars: Vec<Var<B>> = self.params.iter().map(|p| g.leaf(p.value.clone())).collect();
+        let positions = (start..start + tokens.len()).map(|p| p as u32).collect();
+        let ctx = self.layer_ctx(positions, AttnMode::Cached(shared.clone()));
+        let h = self.trunk(&g, &vars, tokens, &ctx, StepOptions::default());
+        let logits = self.head(&g, &vars, &select_rows(&g, &h, &[tokens.len() - 1])?);
+        drop(ctx);
+        *cache = Arc::try_unwrap(shared).ok().expect("the cache is no longer shared").into_inner().expect("KV cache lock");
+        cache.len = start + tokens.len();
+        Ok(logits.value.to_host(backend))
     }
 
     /// Logits `[tokens, vocab]` without recording a tape.
@@ -200,6 +302,20 @@ impl<B: Backend> Llama<B> {
         let (_, logits) = self.forward(&g, batch, StepOptions::default())?;
         Ok(g.cross_entropy(&logits, Arc::new(batch.targets.clone())).1)
     }
+}
+
+/// The rows `rows` of `x` as a new (untracked) variable, through the host.
+fn select_rows<B: Backend>(g: &Graph<B>, x: &Var<B>, rows: &[usize]) -> Result<Var<B>> {
+    let cols = x.value.cols();
+    let host = x.value.to_host(g.backend());
+    let mut out = Vec::with_capacity(rows.len() * cols);
+    for &r in rows {
+        if r >= x.value.rows() {
+            bail!("row {r} is outside the {} tokens", x.value.rows());
+        }
+        out.extend_from_slice(&host[r * cols..(r + 1) * cols]);
+    }
+    Ok(g.leaf(Tensor::from_host(g.backend(), &out, &[rows.len(), cols])))
 }
 
 /// A standard normal sample (Box–Muller), so initialisation needs no extra crate.

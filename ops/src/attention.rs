@@ -235,6 +235,35 @@ pub fn attention_backward_blocked<T: Real>(
     });
 }
 
+/// Attention of `n` new queries against a cache of `t ≥ n` keys/values of one sequence (KV-cached
+/// decoding): query `i` sits at position `t − n + i` and attends to keys `0..=t − n + i`. The same
+/// math as [`attention_forward`] on the whole sequence, restricted to its last `n` rows.
+pub fn attention_decode<T: Real>(out: &mut [T], q: &[T], k: &[T], v: &[T], shape: AttnShape) {
+    let AttnShape { heads, kv_heads, head_dim: d } = shape;
+    let group = shape.group();
+    let n = q.len() / (heads * d);
+    let t = k.len() / (kv_heads * d);
+    assert!(n <= t && out.len() == q.len() && v.len() == k.len());
+    let scale: T = shape.scale();
+    out.par_chunks_mut(d).enumerate().for_each(|(ih, o)| {
+        let (i, h) = (ih / heads, ih % heads);
+        let kvh = h / group;
+        let qi = &q[ih * d..(ih + 1) * d];
+        let last = t - n + i;
+        let s: Vec<T> = (0..=last).map(|j| dot(qi, &k[(j * kv_heads + kvh) * d..][..d]) * scale).collect();
+        let m = s.iter().fold(T::NEG_INFINITY, |a, &b| a.max(b));
+        o.fill(T::ZERO);
+        let mut sum = T::ZERO;
+        for (j, &sj) in s.iter().enumerate() {
+            let p = (sj - m).exp();
+            sum += p;
+            axpy(p, &v[(j * kv_heads + kvh) * d..][..d], o);
+        }
+        let inv = T::ONE / sum;
+        o.iter_mut().for_each(|x| *x *= inv);
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -316,6 +345,22 @@ mod tests {
             check_gradient(&format!("attention dq {what}"), &q, &dq, &dy, |q| fwd(q, &k, &v).0);
             check_gradient(&format!("attention dk {what}"), &k, &dk, &dy, |k| fwd(&q, k, &v).0);
             check_gradient(&format!("attention dv {what}"), &v, &dv, &dy, |v| fwd(&q, &k, v).0);
+        }
+    }
+
+    #[test]
+    fn decode_matches_the_last_rows_of_full_attention() {
+        let shape = AttnShape { heads: 4, kv_heads: 2, head_dim: 6 };
+        let t = 11;
+        let q = random_vec(t * 4 * 6, 8);
+        let k = random_vec(t * 2 * 6, 9);
+        let v = random_vec(k.len(), 10);
+        let (mut full, mut lse) = (vec![0.0; q.len()], vec![0.0; t * 4]);
+        attention_forward(&mut full, &mut lse, &q, &k, &v, &[0, t as u32], shape);
+        for n in [1, 3, t] {
+            let mut out = vec![f64::NAN; n * 4 * 6];
+            attention_decode(&mut out, &q[(t - n) * 24..], &k, &v, shape);
+            assert_close(&out, &full[(t - n) * 24..], 1e-12, &format!("decode n={n}"));
         }
     }
 

@@ -1,0 +1,77 @@
+//! `evaluate`: perplexity / bits per character on text sets, and multiple-choice benchmarks
+//! (MMLU, CMMLU, C-Eval, AGIEval, GAOKAO-Bench layouts) scored by first-token logits.
+use anyhow::{Context, Result};
+use clap::Parser;
+use llama_cpt::cpu::Cpu;
+use llama_cpt::data::corpus::{read_corpus, CorpusOptions};
+use llama_cpt::data::tokenizer::{SpecialTokenOptions, TextTokenizer};
+use llama_cpt::eval::{mc, ppl};
+use llama_cpt::model::Llama;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(about = "Evaluate a LLaMA model directory: bits per character and multiple choice")]
+struct Args {
+    /// Model directory (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Text set to score, NAME=PATH (JSONL {"text"} / .txt file or folder). Repeatable.
+    #[arg(long = "text", value_name = "NAME=PATH")]
+    texts: Vec<String>,
+    /// Multiple-choice benchmark, FORMAT=DIR with FORMAT one of mmlu, cmmlu, ceval, agieval,
+    /// gaokao (the published folder layout). Repeatable.
+    #[arg(long = "mc", value_name = "FORMAT=DIR")]
+    mcs: Vec<String>,
+    #[arg(long, default_value_t = 5)]
+    shots: usize,
+    /// Longest prompt or text window in tokens (default: the model's max_position_embeddings).
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    #[arg(long, default_value_t = 4096)]
+    batch_tokens: usize,
+    /// Write the results as JSON here (they are also printed as tables).
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn main() -> Result<()> {
+    let a = Args::parse();
+    let model = Llama::load(&Cpu, &a.model)?;
+    let tok_path = a.tokenizer.clone().unwrap_or_else(|| a.model.join("tokenizer.json"));
+    let tok = TextTokenizer::load(&tok_path, &SpecialTokenOptions { model_config: Some(a.model.join("config.json")), add_bos: None, add_eos: Some(false) })?;
+    let max_tokens = a.max_tokens.unwrap_or(model.config.max_position_embeddings);
+    let mut results = serde_json::Map::new();
+    for spec in &a.texts {
+        let (name, path) = spec.split_once('=').with_context(|| format!("--text {spec}: expected NAME=PATH"))?;
+        let mut issues = Vec::new();
+        let mut texts = Vec::new();
+        read_corpus(path.as_ref(), &CorpusOptions::default(), &mut issues, |d| {
+            texts.push(format!("{}{}", d.source, d.target));
+            Ok(())
+        })?;
+        for i in &issues {
+            eprintln!("{name}: skipped {}:{}: {:?} {}", i.file.display(), i.line.unwrap_or(0), i.kind, i.detail);
+        }
+        let s = ppl::score_texts(&model, &Cpu, &tok, &texts, max_tokens, a.batch_tokens)?;
+        println!("text {name}: {} documents, {} tokens, {} chars: perplexity {:.3}, {:.4} bits/token, {:.4} bits/char", s.documents, s.tokens, s.chars, s.perplexity, s.bits_per_token, s.bits_per_char);
+        results.insert(format!("text:{name}"), serde_json::to_value(&s)?);
+    }
+    for spec in &a.mcs {
+        let (fmt, dir) = spec.split_once('=').with_context(|| format!("--mc {spec}: expected FORMAT=DIR"))?;
+        let format: mc::Format = fmt.parse()?;
+        let mut issues = Vec::new();
+        let subjects = mc::load(format, dir.as_ref(), &mut issues)?;
+        let r = mc::evaluate(&model, &Cpu, &tok, format, &subjects, a.shots, max_tokens, a.batch_tokens, issues)?;
+        for i in &r.issues {
+            eprintln!("{fmt}: skipped {i}");
+        }
+        println!("{}", mc::table(&r));
+        results.insert(format!("mc:{fmt}"), serde_json::to_value(&r)?);
+    }
+    if let Some(p) = &a.json {
+        llama_cpt::fsutil::write_atomic(p, serde_json::to_string_pretty(&serde_json::Value::Object(results))?.as_bytes())?;
+    }
+    Ok(())
+}
