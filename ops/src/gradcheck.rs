@@ -6,10 +6,6 @@ pub fn random_vec(n: usize, seed: u64) -> Vec<f64> {
     (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect()
 }
 
-pub fn random_vec_f32(n: usize, seed: u64) -> Vec<f32> {
-    random_vec(n, seed).into_iter().map(|v| v as f32).collect()
-}
-
 /// Max |a-b| / max(|b|, floor) over the whole tensor.
 pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
