@@ -17,9 +17,6 @@ use llama_cpt::data::prepare::{prepare_subset, write_subset, PrepareConfig};
 use llama_cpt::data::report::load_texts;
 use llama_cpt::data::tokenizer::{SpecialTokenOptions, TextTokenizer};
 use llama_cpt::data::{Loader, LoaderConfig, Ordering, SubsetSpec};
-use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, TokenizerBuilder};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -57,22 +54,8 @@ fn corpus(work: &Path) -> PathBuf {
 }
 
 fn train_tokenizer(work: &Path, texts: &[String]) -> PathBuf {
-    let mut trainer = BpeTrainerBuilder::new()
-        .vocab_size(8000)
-        .min_frequency(2)
-        .show_progress(false)
-        .special_tokens(vec![AddedToken::from("<s>", true), AddedToken::from("</s>", true)])
-        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
-        .build();
-    let mut tok = TokenizerBuilder::<BPE, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>::new()
-        .with_model(BPE::default())
-        .with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false).into()))
-        .with_decoder(Some(ByteLevel::default().into()))
-        .build()
-        .unwrap();
-    tok.train(&mut trainer, texts.iter()).unwrap();
     let p = work.join("tokenizer.json");
-    tok.save(&p, false).unwrap();
+    llama_cpt::train::default_run::train_bpe_tokenizer(&p, texts, 8000).unwrap();
     p
 }
 
