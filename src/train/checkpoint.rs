@@ -87,7 +87,7 @@ pub fn save<B: Backend>(out: &Path, keep: usize, backend: &B, model: &Llama<B>, 
         crate::fsutil::write_atomic(&tmp.join(MARKER), b"")?;
         sync_tree(&tmp)?;
         if dst.exists() {
-            std::fs::remove_dir_all(&dst)?;
+            discard(&dst)?;
         }
         std::fs::rename(&tmp, &dst)?;
         sync_dir(&root)
@@ -98,10 +98,19 @@ pub fn save<B: Backend>(out: &Path, keep: usize, backend: &B, model: &Llama<B>, 
     }
     let mut all = complete_checkpoints(out)?;
     while all.len() > keep {
-        let old = all.remove(0);
-        std::fs::remove_dir_all(&old).with_context(|| format!("removing old checkpoint {}", old.display()))?;
+        discard(&all.remove(0))?;
     }
     Ok(dst)
+}
+
+/// Removes a checkpoint without ever leaving a half-deleted folder that still looks complete: it
+/// is first renamed (atomically) to a `.tmp` name, which readers ignore and the next run cleans up.
+fn discard(dir: &Path) -> Result<()> {
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint");
+    let trash = dir.with_file_name(format!(".{name}.discarded.tmp"));
+    let _ = std::fs::remove_dir_all(&trash);
+    std::fs::rename(dir, &trash).with_context(|| format!("removing old checkpoint {}", dir.display()))?;
+    std::fs::remove_dir_all(&trash).with_context(|| format!("removing old checkpoint {}", trash.display()))
 }
 
 /// Complete checkpoints, oldest first.
