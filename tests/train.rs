@@ -234,3 +234,37 @@ fn a_failed_checkpoint_write_leaves_the_previous_one_intact() {
     let o = train::run(&Cpu, &config(&out, &["run.stop_after_steps=4"]), &AtomicBool::new(false)).unwrap();
     assert_eq!(o.global_step, 4);
 }
+
+#[test]
+fn a_vocabulary_extended_model_trains_with_only_its_embeddings_unfrozen() {
+    use llama_cpt::vocab::{extend_model, ExtendOptions, PieceSource};
+    let base = reference().join("stage-knowledge-replay");
+    let extended = fresh("extended");
+    let pieces = vec!["Zanzibarian".to_string(), "离离原上草".to_string()];
+    let report = extend_model(&base, &extended, &PieceSource::Pieces(pieces), &ExtendOptions { pad_to_multiple: 64, overwrite: true }).unwrap();
+    assert!(report.failures.is_empty() && report.new_model_vocab > report.old_model_vocab, "{report:?}");
+    let out = fresh("frozen");
+    // The default config initialises randomly; continue from the extended model instead.
+    let text = std::fs::read_to_string(prepared().join("data/default.toml")).unwrap();
+    let cfg_line = text.lines().find(|l| l.starts_with("config = ")).unwrap();
+    let text = text.replace(cfg_line, &format!("from = {}", toml::Value::String(extended.display().to_string())));
+    let text = text.replace(text.lines().find(|l| l.starts_with("tokenizer = ")).unwrap(), "");
+    let mut o: Vec<String> = SHORT.iter().map(|s| s.to_string()).collect();
+    for s in ["stages.0.freeze_non_embeddings=true", "stages.0.steps=3", "stages.1.steps=1", "stages.1.freeze_non_embeddings=true"] {
+        o.push(s.to_string());
+    }
+    o.push(format!("run.out_dir={}", toml::Value::String(out.display().to_string())));
+    let cfg = TrainConfig::parse(&text, "test config", &prepared().join("data"), &o).unwrap();
+    train::run(&Cpu, &cfg, &AtomicBool::new(false)).unwrap();
+    let before = Llama::load(&Cpu, &extended).unwrap();
+    let after = Llama::load(&Cpu, &out.join("stage-knowledge-replay")).unwrap();
+    assert_eq!(after.config.vocab_size, before.config.vocab_size);
+    for (a, b) in after.params.iter().zip(&before.params) {
+        let same = a.value.buf.iter().zip(b.value.buf.iter()).all(|(x, y)| x.to_bits() == y.to_bits());
+        if a.name == "model.embed_tokens.weight" || a.name == "lm_head.weight" {
+            assert!(!same, "{} did not train", a.name);
+        } else {
+            assert!(same, "{} changed although frozen", a.name);
+        }
+    }
+}
