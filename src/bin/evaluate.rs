@@ -2,6 +2,7 @@
 //! (MMLU, CMMLU, C-Eval, AGIEval, GAOKAO-Bench layouts) scored by first-token logits.
 use anyhow::{Context, Result};
 use clap::Parser;
+use llama_cpt::backend::Backend;
 use llama_cpt::cpu::Cpu;
 use llama_cpt::data::corpus::{read_corpus, CorpusOptions};
 use llama_cpt::data::tokenizer::{SpecialTokenOptions, TextTokenizer};
@@ -34,11 +35,23 @@ struct Args {
     /// Write the results as JSON here (they are also printed as tables).
     #[arg(long)]
     json: Option<PathBuf>,
+    /// `cpu`, or `cuda` (GPU 0; needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 fn main() -> Result<()> {
     let a = Args::parse();
-    let model = Llama::load(&Cpu, &a.model)?;
+    match a.device.as_str() {
+        "cpu" => run(&Cpu, &a),
+        #[cfg(feature = "cuda")]
+        "cuda" => run(&llama_cpt::cuda::Cuda::new(0)?, &a),
+        other => anyhow::bail!("--device {other:?}: expected cpu{}", if cfg!(feature = "cuda") { " or cuda" } else { " (cuda needs a build with --features cuda)" }),
+    }
+}
+
+fn run<B: Backend>(backend: &B, a: &Args) -> Result<()> {
+    let model = Llama::load(backend, &a.model)?;
     let tok_path = a.tokenizer.clone().unwrap_or_else(|| a.model.join("tokenizer.json"));
     let tok = TextTokenizer::load(&tok_path, &SpecialTokenOptions { model_config: Some(a.model.join("config.json")), add_bos: None, add_eos: Some(false) })?;
     let max_tokens = a.max_tokens.unwrap_or(model.config.max_position_embeddings);
@@ -54,7 +67,7 @@ fn main() -> Result<()> {
         for i in &issues {
             eprintln!("{name}: skipped {}:{}: {:?} {}", i.file.display(), i.line.unwrap_or(0), i.kind, i.detail);
         }
-        let s = ppl::score_texts(&model, &Cpu, &tok, &texts, max_tokens, a.batch_tokens)?;
+        let s = ppl::score_texts(&model, backend, &tok, &texts, max_tokens, a.batch_tokens)?;
         println!("text {name}: {} documents, {} tokens, {} chars: perplexity {:.3}, {:.4} bits/token, {:.4} bits/char", s.documents, s.tokens, s.chars, s.perplexity, s.bits_per_token, s.bits_per_char);
         results.insert(format!("text:{name}"), serde_json::to_value(&s)?);
     }
@@ -63,7 +76,7 @@ fn main() -> Result<()> {
         let format: mc::Format = fmt.parse()?;
         let mut issues = Vec::new();
         let subjects = mc::load(format, dir.as_ref(), &mut issues)?;
-        let r = mc::evaluate(&model, &Cpu, &tok, format, &subjects, a.shots, max_tokens, a.batch_tokens, issues)?;
+        let r = mc::evaluate(&model, backend, &tok, format, &subjects, a.shots, max_tokens, a.batch_tokens, issues)?;
         for i in &r.issues {
             eprintln!("{fmt}: skipped {i}");
         }

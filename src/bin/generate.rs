@@ -2,6 +2,7 @@
 //! tokens as they come. KV-cached; greedy by default, or temperature / top-k / top-p sampling.
 use anyhow::Result;
 use clap::Parser;
+use llama_cpt::backend::Backend;
 use llama_cpt::cpu::Cpu;
 use llama_cpt::data::tokenizer::{SpecialTokenOptions, TextTokenizer};
 use llama_cpt::generate::{generate, Sampling};
@@ -35,11 +36,23 @@ struct Args {
     /// Print token ids instead of text (and the timing) as JSON.
     #[arg(long)]
     ids: bool,
+    /// `cpu`, or `cuda` (GPU 0; needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 fn main() -> Result<()> {
     let a = Args::parse();
-    let model = Llama::load(&Cpu, &a.model)?;
+    match a.device.as_str() {
+        "cpu" => run(&Cpu, &a),
+        #[cfg(feature = "cuda")]
+        "cuda" => run(&llama_cpt::cuda::Cuda::new(0)?, &a),
+        other => anyhow::bail!("--device {other:?}: expected cpu{}", if cfg!(feature = "cuda") { " or cuda" } else { " (cuda needs a build with --features cuda)" }),
+    }
+}
+
+fn run<B: Backend>(backend: &B, a: &Args) -> Result<()> {
+    let model = Llama::load(backend, &a.model)?;
     let tok_path = a.tokenizer.clone().unwrap_or_else(|| a.model.join("tokenizer.json"));
     let opts = SpecialTokenOptions { model_config: Some(a.model.join("config.json")), add_bos: None, add_eos: Some(false) };
     let tok = TextTokenizer::load(&tok_path, &opts)?;
@@ -59,7 +72,7 @@ fn main() -> Result<()> {
     }
     let mut produced: Vec<u32> = Vec::new();
     let mut shown = String::new();
-    let ids = generate(&model, &Cpu, &prompt, a.max_new_tokens, &sampling, &stop, limit, |t| {
+    let ids = generate(&model, backend, &prompt, a.max_new_tokens, &sampling, &stop, limit, |t| {
         produced.push(t);
         if !a.ids {
             // Decode the whole continuation each time so multi-byte characters print whole.

@@ -28,6 +28,9 @@ struct Args {
     /// CPU threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// `cpu`, or `cuda` (GPU 0; needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 fn main() -> Result<()> {
@@ -59,7 +62,12 @@ fn main() -> Result<()> {
         }
         eprintln!("interrupt: writing a checkpoint after this step…");
     })?;
-    let outcome = train::run(&Cpu, &cfg, &interrupt)?;
+    let outcome = match args.device.as_str() {
+        "cpu" => train::run(&Cpu, &cfg, &interrupt)?,
+        #[cfg(feature = "cuda")]
+        "cuda" => train::run(&llama_cpt::cuda::Cuda::new(0)?, &cfg, &interrupt)?,
+        other => anyhow::bail!("--device {other:?}: expected cpu{}", if cfg!(feature = "cuda") { " or cuda" } else { " (cuda needs a build with --features cuda)" }),
+    };
     match (&outcome.final_model, outcome.interrupted) {
         (_, true) => eprintln!("interrupted at step {}; run the same command to resume", outcome.global_step),
         (Some(dir), false) => match outcome.last_loss {
