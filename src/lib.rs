@@ -17,3 +17,4 @@ pub mod train;
 pub mod vocab;
 pub mod generate;
 pub mod eval;
+pub mod device;

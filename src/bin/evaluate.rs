@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use llama_cpt::backend::Backend;
-use llama_cpt::cpu::Cpu;
+use llama_cpt::device::{on_device, OnBackend};
 use llama_cpt::data::corpus::{read_corpus, CorpusOptions};
 use llama_cpt::data::tokenizer::{SpecialTokenOptions, TextTokenizer};
 use llama_cpt::eval::{mc, ppl};
@@ -42,11 +42,15 @@ struct Args {
 
 fn main() -> Result<()> {
     let a = Args::parse();
-    match a.device.as_str() {
-        "cpu" => run(&Cpu, &a),
-        #[cfg(feature = "cuda")]
-        "cuda" => run(&llama_cpt::cuda::Cuda::new(0)?, &a),
-        other => anyhow::bail!("--device {other:?}: expected cpu{}", if cfg!(feature = "cuda") { " or cuda" } else { " (cuda needs a build with --features cuda)" }),
+    on_device(&a.device, Task(&a))
+}
+
+struct Task<'a>(&'a Args);
+
+impl OnBackend for Task<'_> {
+    type Output = ();
+    fn run<B: Backend>(self, backend: &B) -> Result<()> {
+        run(backend, self.0)
     }
 }
 

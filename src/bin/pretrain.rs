@@ -4,7 +4,8 @@
 //! resumes from it; Ctrl-C / SIGTERM write a checkpoint and exit.
 use anyhow::Result;
 use clap::Parser;
-use llama_cpt::cpu::Cpu;
+use llama_cpt::backend::Backend;
+use llama_cpt::device::{on_device, OnBackend};
 use llama_cpt::train::{self, config::TrainConfig, default_run};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -62,12 +63,7 @@ fn main() -> Result<()> {
         }
         eprintln!("interrupt: writing a checkpoint after this step…");
     })?;
-    let outcome = match args.device.as_str() {
-        "cpu" => train::run(&Cpu, &cfg, &interrupt)?,
-        #[cfg(feature = "cuda")]
-        "cuda" => train::run(&llama_cpt::cuda::Cuda::new(0)?, &cfg, &interrupt)?,
-        other => anyhow::bail!("--device {other:?}: expected cpu{}", if cfg!(feature = "cuda") { " or cuda" } else { " (cuda needs a build with --features cuda)" }),
-    };
+    let outcome = on_device(&args.device, Train { cfg: &cfg, interrupt: &interrupt })?;
     match (&outcome.final_model, outcome.interrupted) {
         (_, true) => eprintln!("interrupted at step {}; run the same command to resume", outcome.global_step),
         (Some(dir), false) => match outcome.last_loss {
@@ -77,4 +73,16 @@ fn main() -> Result<()> {
         (None, false) => eprintln!("done after {} steps", outcome.global_step),
     }
     Ok(())
+}
+
+struct Train<'a> {
+    cfg: &'a TrainConfig,
+    interrupt: &'a AtomicBool,
+}
+
+impl OnBackend for Train<'_> {
+    type Output = train::Outcome;
+    fn run<B: Backend>(self, backend: &B) -> Result<train::Outcome> {
+        train::run(backend, self.cfg, self.interrupt)
+    }
 }
