@@ -17,18 +17,43 @@ impl Default for AdamWConfig {
     }
 }
 
+/// The per-step scalars of an update, computed once (in f64, as torch does) and shared by every
+/// implementation (this reference and the CUDA kernel) so that they cannot drift apart.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWScalars {
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// `lr / (1 − β₁ᵗ)`.
+    pub step_size: f32,
+    /// `√(1 − β₂ᵗ)`.
+    pub bc2_sqrt: f32,
+    /// `1 − lr·weight_decay`, or 1 without decay.
+    pub decay_factor: f32,
+}
+
+impl AdamWScalars {
+    pub fn new(cfg: &AdamWConfig, lr: f64, step: u64, decay: bool) -> Self {
+        assert!(step >= 1, "adamw: steps count from 1");
+        let bc1 = 1.0 - cfg.beta1.powi(step as i32);
+        let bc2 = 1.0 - cfg.beta2.powi(step as i32);
+        AdamWScalars {
+            beta1: cfg.beta1 as f32,
+            beta2: cfg.beta2 as f32,
+            eps: cfg.eps as f32,
+            step_size: (lr / bc1) as f32,
+            bc2_sqrt: bc2.sqrt() as f32,
+            decay_factor: if decay { (1.0 - lr * cfg.weight_decay) as f32 } else { 1.0 },
+        }
+    }
+}
+
 /// One update of `param` from `grad · grad_scale` (the scale carries gradient clipping), with the
 /// f32 moments `m`, `v`. `step` counts from 1. `decay` false skips weight decay (norms, biases).
 #[allow(clippy::too_many_arguments)]
 pub fn adamw_step(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], cfg: &AdamWConfig, lr: f64, step: u64, decay: bool, grad_scale: f32) {
-    assert!(step >= 1, "adamw: steps count from 1");
     assert!(param.len() == grad.len() && m.len() == grad.len() && v.len() == grad.len());
-    let bc1 = 1.0 - cfg.beta1.powi(step as i32);
-    let bc2 = 1.0 - cfg.beta2.powi(step as i32);
-    let step_size = (lr / bc1) as f32;
-    let bc2_sqrt = bc2.sqrt() as f32;
-    let decay_factor = if decay { (1.0 - lr * cfg.weight_decay) as f32 } else { 1.0 };
-    let (b1, b2, eps) = (cfg.beta1 as f32, cfg.beta2 as f32, cfg.eps as f32);
+    let AdamWScalars { beta1: b1, beta2: b2, eps, step_size, bc2_sqrt, decay_factor } = AdamWScalars::new(cfg, lr, step, decay);
     for i in 0..param.len() {
         let g = grad[i] * grad_scale;
         param[i] *= decay_factor;

@@ -5,7 +5,7 @@ use clap::Parser;
 use llama_cpt::backend::Backend;
 use llama_cpt::device::{on_device, OnBackend};
 use llama_cpt::data::corpus::{read_corpus, CorpusOptions};
-use llama_cpt::data::tokenizer::{SpecialTokenOptions, TextTokenizer};
+use llama_cpt::data::tokenizer::TextTokenizer;
 use llama_cpt::eval::{mc, ppl};
 use llama_cpt::model::Llama;
 use std::path::PathBuf;
@@ -56,8 +56,7 @@ impl OnBackend for Task<'_> {
 
 fn run<B: Backend>(backend: &B, a: &Args) -> Result<()> {
     let model = Llama::load(backend, &a.model)?;
-    let tok_path = a.tokenizer.clone().unwrap_or_else(|| a.model.join("tokenizer.json"));
-    let tok = TextTokenizer::load(&tok_path, &SpecialTokenOptions { model_config: Some(a.model.join("config.json")), add_bos: None, add_eos: Some(false) })?;
+    let tok = TextTokenizer::for_model(&a.model, a.tokenizer.as_deref())?;
     let max_tokens = a.max_tokens.unwrap_or(model.config.max_position_embeddings);
     let mut results = serde_json::Map::new();
     for spec in &a.texts {

@@ -4,7 +4,7 @@ use anyhow::Result;
 use clap::Parser;
 use llama_cpt::backend::Backend;
 use llama_cpt::device::{on_device, OnBackend};
-use llama_cpt::data::tokenizer::{SpecialTokenOptions, TextTokenizer};
+use llama_cpt::data::tokenizer::TextTokenizer;
 use llama_cpt::generate::{generate, Sampling};
 use llama_cpt::model::Llama;
 use std::io::Write;
@@ -57,9 +57,7 @@ impl OnBackend for Task<'_> {
 
 fn run<B: Backend>(backend: &B, a: &Args) -> Result<()> {
     let model = Llama::load(backend, &a.model)?;
-    let tok_path = a.tokenizer.clone().unwrap_or_else(|| a.model.join("tokenizer.json"));
-    let opts = SpecialTokenOptions { model_config: Some(a.model.join("config.json")), add_bos: None, add_eos: Some(false) };
-    let tok = TextTokenizer::load(&tok_path, &opts)?;
+    let tok = TextTokenizer::for_model(&a.model, a.tokenizer.as_deref())?;
     let mut prompt = Vec::new();
     if tok.add_bos {
         prompt.extend(tok.bos);

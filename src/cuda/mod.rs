@@ -760,16 +760,11 @@ impl Backend for Cuda {
     }
 
     fn adamw_step(&self, param: &mut CudaBuf, grad: &CudaBuf, m: &mut CudaBuf, v: &mut CudaBuf, cfg: &AdamWConfig, lr: f64, step: u64, decay: bool, grad_scale: f32) {
-        assert!(step >= 1, "adamw: steps count from 1");
         assert!(param.len == grad.len && m.len == grad.len && v.len == grad.len);
         self.bind();
-        // The scalars exactly as ops::adamw computes them.
-        let bc1 = 1.0 - cfg.beta1.powi(step as i32);
-        let bc2 = 1.0 - cfg.beta2.powi(step as i32);
-        let step_size = (lr / bc1) as f32;
-        let bc2_sqrt = bc2.sqrt() as f32;
-        let decay_factor = if decay { (1.0 - lr * cfg.weight_decay) as f32 } else { 1.0f32 };
-        let (b1, b2, eps) = (cfg.beta1 as f32, cfg.beta2 as f32, cfg.eps as f32);
+        // The same scalars as the ops reference.
+        let llama_cpt_ops::adamw::AdamWScalars { beta1: b1, beta2: b2, eps, step_size, bc2_sqrt, decay_factor } =
+            llama_cpt_ops::adamw::AdamWScalars::new(cfg, lr, step, decay);
         let (pp, gp, mp, vp, n) = (param.ptr, grad.ptr, m.ptr, v.ptr, param.len as u64);
         self.elementwise("adamw_step", param.len, args![pp, gp, mp, vp, n, b1, b2, eps, step_size, bc2_sqrt, decay_factor, grad_scale]);
     }

@@ -145,6 +145,14 @@ impl TextTokenizer {
         })
     }
 
+    /// The tokenizer of a model directory for inference (evaluation, generation): `tokenizer`
+    /// or the directory's tokenizer.json, BOS as the tokenizer and config.json say, no EOS.
+    pub fn for_model(model_dir: &Path, tokenizer: Option<&Path>) -> Result<TextTokenizer> {
+        let path = tokenizer.map_or_else(|| model_dir.join("tokenizer.json"), Path::to_path_buf);
+        let opts = SpecialTokenOptions { model_config: Some(model_dir.join("config.json")), add_bos: None, add_eos: Some(false) };
+        Self::load(&path, &opts)
+    }
+
     pub fn inner(&self) -> &Tokenizer {
         &self.tok
     }
