@@ -98,22 +98,53 @@ impl<'b, B: Backend> Graph<'b, B> {
 
     /// Runs the tape backwards from `output` with `seed` as its gradient. Consumes the tape.
     pub fn backward(&self, output: &Var<B>, seed: B::Buf) -> Grads<B> {
+        self.backward_streaming(output, seed, &[], &mut |_, _| {})
+    }
+
+    /// Like [`Graph::backward`], but hands each variable of `watch` to `ready` (with its index in
+    /// `watch`) as soon as its gradient is final — right after the backward of the first operator
+    /// that used it — so a caller can start reducing a layer's gradients while earlier layers are
+    /// still being differentiated. Watched variables no operator used get zeros, at the end.
+    /// Their gradients are not in the returned [`Grads`].
+    pub fn backward_streaming(&self, output: &Var<B>, seed: B::Buf, watch: &[&Var<B>], ready: &mut dyn FnMut(usize, B::Buf)) -> Grads<B> {
         let nodes = std::mem::take(&mut self.tape.borrow_mut().nodes);
-        let mut map: HashMap<usize, B::Buf> = HashMap::new();
-        map.insert(output.id, seed);
-        for node in nodes.into_iter().rev() {
-            let Some(g) = map.remove(&node.output) else { continue };
-            let input_grads = (node.backward)(self.backend, g);
-            debug_assert_eq!(input_grads.len(), node.inputs.len());
-            for (id, grad) in node.inputs.into_iter().zip(input_grads) {
-                let Some(grad) = grad else { continue };
-                match map.get_mut(&id) {
-                    Some(acc) => self.backend.add_assign(acc, &grad),
-                    None => {
-                        map.insert(id, grad);
+        // For each node, the watched variables whose first use it is.
+        let watched: HashMap<usize, usize> = watch.iter().enumerate().map(|(i, v)| (v.id, i)).collect();
+        let mut first_use: Vec<Vec<usize>> = vec![Vec::new(); nodes.len()];
+        let mut seen = vec![false; watch.len()];
+        for (n, node) in nodes.iter().enumerate() {
+            for id in &node.inputs {
+                if let Some(&w) = watched.get(id) {
+                    if !seen[w] {
+                        seen[w] = true;
+                        first_use[n].push(w);
                     }
                 }
             }
+        }
+        let mut map: HashMap<usize, B::Buf> = HashMap::new();
+        map.insert(output.id, seed);
+        for (n, node) in nodes.into_iter().enumerate().rev() {
+            if let Some(g) = map.remove(&node.output) {
+                let input_grads = (node.backward)(self.backend, g);
+                debug_assert_eq!(input_grads.len(), node.inputs.len());
+                for (id, grad) in node.inputs.into_iter().zip(input_grads) {
+                    let Some(grad) = grad else { continue };
+                    match map.get_mut(&id) {
+                        Some(acc) => self.backend.add_assign(acc, &grad),
+                        None => {
+                            map.insert(id, grad);
+                        }
+                    }
+                }
+            }
+            for &w in &first_use[n] {
+                let v = watch[w];
+                ready(w, map.remove(&v.id).unwrap_or_else(|| self.backend.zeros(v.value.numel())));
+            }
+        }
+        for (w, v) in watch.iter().enumerate().filter(|(w, _)| !seen[*w]) {
+            ready(w, map.remove(&v.id).unwrap_or_else(|| self.backend.zeros(v.value.numel())));
         }
         Grads { map }
     }

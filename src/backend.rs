@@ -15,6 +15,16 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// Peak FLOP/s of the device for the compute type in use (for MFU), if known.
     fn peak_flops(&self) -> Option<f64>;
 
+    /// The collectives for this backend's buffers between the ranks of `launch` (one process:
+    /// [`llama_cpt_parallel::SingleProcess`]). `timeout` bounds every wait for a collective.
+    fn communicator(&self, launch: &llama_cpt_parallel::launch::Launch, timeout: std::time::Duration) -> anyhow::Result<Box<dyn llama_cpt_parallel::Communicator<Self::Buf>>> {
+        let _ = timeout;
+        if launch.world_size == 1 {
+            return Ok(Box::new(llama_cpt_parallel::SingleProcess::default()));
+        }
+        anyhow::bail!("{} ranks were launched ({}), but the {} backend has no multi-process communicator in this build", launch.world_size, launch.launcher, self.name())
+    }
+
     fn upload(&self, data: &[f32]) -> Self::Buf;
     fn download(&self, buf: &Self::Buf) -> Vec<f32>;
     fn zeros(&self, len: usize) -> Self::Buf;
@@ -77,6 +87,19 @@ pub trait Backend: Send + Sync + Sized + 'static {
         let mut h = self.download(a);
         h.extend(self.download(b));
         self.upload(&h)
+    }
+
+    /// Elements `[start, start + len)` of `buf` as a new buffer.
+    fn slice(&self, buf: &Self::Buf, start: usize, len: usize) -> Self::Buf {
+        self.upload(&self.download(buf)[start..start + len])
+    }
+
+    /// Overwrites elements `[start, start + len(src))` of `dst` with `src`.
+    fn write_slice(&self, dst: &mut Self::Buf, start: usize, src: &Self::Buf) {
+        let mut h = self.download(dst);
+        let s = self.download(src);
+        h[start..start + s.len()].copy_from_slice(&s);
+        *dst = self.upload(&h);
     }
 
     fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf) -> Self::Buf;

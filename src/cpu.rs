@@ -15,6 +15,26 @@ impl Backend for Cpu {
     fn peak_flops(&self) -> Option<f64> {
         None
     }
+    /// MPI between processes (a build with `--features mpi`, launched by mpirun or srun).
+    fn communicator(&self, launch: &llama_cpt_parallel::launch::Launch, timeout: std::time::Duration) -> anyhow::Result<Box<dyn llama_cpt_parallel::Communicator<Vec<f32>>>> {
+        if launch.world_size == 1 {
+            return Ok(Box::new(llama_cpt_parallel::SingleProcess::default()));
+        }
+        #[cfg(feature = "mpi")]
+        {
+            let mpi = llama_cpt_parallel::mpi::Mpi::init(timeout)?;
+            let world = llama_cpt_parallel::Communicator::<Vec<f32>>::world_size(&mpi);
+            if world != launch.world_size {
+                anyhow::bail!("the {} launch says {} ranks but MPI sees {world} (was the job started with mpirun/srun?)", launch.launcher, launch.world_size);
+            }
+            Ok(Box::new(mpi))
+        }
+        #[cfg(not(feature = "mpi"))]
+        {
+            let _ = timeout;
+            anyhow::bail!("{} ranks were launched ({}): multi-process CPU training needs a build with `--features mpi`", launch.world_size, launch.launcher)
+        }
+    }
     fn upload(&self, data: &[f32]) -> Vec<f32> {
         data.to_vec()
     }
@@ -26,6 +46,12 @@ impl Backend for Cpu {
     }
     fn len(&self, buf: &Vec<f32>) -> usize {
         buf.len()
+    }
+    fn slice(&self, buf: &Vec<f32>, start: usize, len: usize) -> Vec<f32> {
+        buf[start..start + len].to_vec()
+    }
+    fn write_slice(&self, dst: &mut Vec<f32>, start: usize, src: &Vec<f32>) {
+        dst[start..start + src.len()].copy_from_slice(src);
     }
     fn add(&self, a: &Vec<f32>, b: &Vec<f32>) -> Vec<f32> {
         assert_eq!(a.len(), b.len());

@@ -12,6 +12,7 @@ pub mod tensor;
 pub mod model;
 pub mod weights;
 pub mod optim;
+pub mod dist;
 #[cfg(feature = "cuda")] pub mod cuda;
 pub mod train;
 pub mod vocab;

@@ -284,16 +284,22 @@ impl<B: Backend> Llama<B> {
     /// Mean loss of the batch and the gradient of `loss_scale · loss` for every parameter (in
     /// [`Llama::params`] order). `loss_scale` weights micro-batches in gradient accumulation.
     pub fn loss_and_grads(&self, backend: &B, batch: &Batch, loss_scale: f64, opts: StepOptions) -> Result<(f64, Vec<B::Buf>)> {
+        let mut grads: Vec<Option<B::Buf>> = vec![None; self.params.len()];
+        let loss = self.loss_and_streamed_grads(backend, batch, loss_scale, opts, &mut |i, g| grads[i] = Some(g))?;
+        Ok((loss, grads.into_iter().map(|g| g.expect("every parameter's gradient is handed over")).collect()))
+    }
+
+    /// Like [`Llama::loss_and_grads`], but hands each parameter's gradient (by index) to `ready`
+    /// as soon as the backward has finished it: the last layers' first, so data parallelism can
+    /// reduce them while the earlier layers are still being differentiated.
+    pub fn loss_and_streamed_grads(&self, backend: &B, batch: &Batch, loss_scale: f64, opts: StepOptions, ready: &mut dyn FnMut(usize, B::Buf)) -> Result<f64> {
         let g = Graph::new(backend);
         let (vars, logits) = self.forward(&g, batch, opts)?;
         let (loss_var, loss) = g.cross_entropy(&logits, Arc::new(batch.targets.clone()));
         drop(logits);
-        let mut grads = g.backward(&loss_var, backend.upload(&[loss_scale as f32]));
-        let grads = vars
-            .iter()
-            .map(|v| grads.take(v).unwrap_or_else(|| backend.zeros(v.value.numel())))
-            .collect();
-        Ok((loss, grads))
+        let watch: Vec<&Var<B>> = vars.iter().collect();
+        g.backward_streaming(&loss_var, backend.upload(&[loss_scale as f32]), &watch, ready);
+        Ok(loss)
     }
 
     /// Mean loss without gradients.

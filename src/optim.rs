@@ -1,12 +1,24 @@
-//! AdamW over a model's parameters with global-norm gradient clipping.
+//! AdamW over a model's parameters, or over the pieces of them one ZeRO rank owns, with
+//! global-norm gradient clipping.
 use crate::backend::{AdamWConfig, Backend};
 use crate::model::Param;
 
+/// Elements `[start, start + len)` of parameter `param`, updated by this rank, with its moments.
+/// A sharded segment (ZeRO-1/2) also keeps an fp32 master copy of its elements: the update goes
+/// there and the working parameters are all-gathered from the masters. A whole, unsharded segment
+/// updates the parameter in place.
+pub struct Segment<B: Backend> {
+    pub param: usize,
+    pub start: usize,
+    pub len: usize,
+    pub master: Option<B::Buf>,
+    pub m: B::Buf,
+    pub v: B::Buf,
+}
+
 pub struct AdamW<B: Backend> {
     pub config: AdamWConfig,
-    /// First and second moments, one pair per parameter (f32 on every backend).
-    pub m: Vec<B::Buf>,
-    pub v: Vec<B::Buf>,
+    pub segments: Vec<Segment<B>>,
     /// Updates applied so far (bias correction uses it).
     pub step: u64,
 }
@@ -21,13 +33,56 @@ pub struct StepReport {
 }
 
 impl<B: Backend> AdamW<B> {
+    /// Every parameter whole, updated in place (one process, or ZeRO-0 where every rank keeps all
+    /// optimizer state).
     pub fn new(backend: &B, params: &[Param<B>], config: AdamWConfig) -> Self {
-        let zeros = || params.iter().map(|p| backend.zeros(p.value.numel())).collect();
-        AdamW { config, m: zeros(), v: zeros(), step: 0 }
+        let pieces: Vec<(usize, usize, usize)> = params.iter().enumerate().map(|(i, p)| (i, 0, p.value.numel())).collect();
+        Self::for_pieces(backend, params, config, &pieces, false)
     }
 
-    /// Clips by the global norm (when `max_grad_norm` is set) and updates every parameter whose
-    /// `trainable` flag is set. A non-finite norm skips the update and leaves all state untouched.
+    /// The given `(param, start, len)` pieces, each with moments and — when `masters` — an fp32
+    /// master copy taken from the current parameters.
+    pub fn for_pieces(backend: &B, params: &[Param<B>], config: AdamWConfig, pieces: &[(usize, usize, usize)], masters: bool) -> Self {
+        let segments = pieces
+            .iter()
+            .map(|&(param, start, len)| Segment {
+                param,
+                start,
+                len,
+                master: masters.then(|| backend.slice(&params[param].value.buf, start, len)),
+                m: backend.zeros(len),
+                v: backend.zeros(len),
+            })
+            .collect();
+        AdamW { config, segments, step: 0 }
+    }
+
+    /// Bytes of optimizer state this rank holds (moments and masters), counted from the buffers.
+    pub fn state_bytes(&self, backend: &B) -> usize {
+        let bufs = self.segments.iter().flat_map(|s| [Some(&s.m), Some(&s.v), s.master.as_ref()]).flatten();
+        bufs.map(|b| 4 * backend.len(b)).sum()
+    }
+
+    /// One AdamW update of every segment from its gradient (of the segment's length) scaled by
+    /// `grad_scale` (the clipping factor); a segment given `None` is not updated (frozen this
+    /// stage). Counts the step.
+    pub fn update(&mut self, backend: &B, params: &mut [Param<B>], grads: &[Option<&B::Buf>], lr: f64, grad_scale: f32) {
+        assert_eq!(grads.len(), self.segments.len());
+        self.step += 1;
+        for (s, g) in self.segments.iter_mut().zip(grads) {
+            let Some(g) = g else { continue };
+            let p = &mut params[s.param];
+            let target = match s.master.as_mut() {
+                Some(master) => master,
+                None => p.value.buf_mut(),
+            };
+            backend.adamw_step(target, g, &mut s.m, &mut s.v, &self.config, lr, self.step, p.decay, grad_scale);
+        }
+    }
+
+    /// Whole-parameter optimizer ([`AdamW::new`]): clips by the global norm of the trainable
+    /// gradients (when `max_grad_norm` is set) and updates every parameter whose `trainable` flag
+    /// is set. A non-finite norm skips the update and leaves all state untouched.
     pub fn step(&mut self, backend: &B, params: &mut [Param<B>], grads: &[B::Buf], trainable: &[bool], lr: f64, max_grad_norm: Option<f64>) -> StepReport {
         assert!(params.len() == grads.len() && trainable.len() == grads.len());
         let sq: f64 = grads.iter().zip(trainable).filter(|(_, &t)| t).map(|(g, _)| backend.sum_squares(g)).sum();
@@ -36,13 +91,8 @@ impl<B: Backend> AdamW<B> {
             return StepReport { grad_norm, applied: false };
         }
         let scale = max_grad_norm.map_or(1.0, |max| llama_cpt_ops::gradnorm::clip_scale(grad_norm, max));
-        self.step += 1;
-        for (i, p) in params.iter_mut().enumerate() {
-            if trainable[i] {
-                let decay = p.decay;
-                backend.adamw_step(p.value.buf_mut(), &grads[i], &mut self.m[i], &mut self.v[i], &self.config, lr, self.step, decay, scale);
-            }
-        }
+        let per_segment: Vec<Option<&B::Buf>> = self.segments.iter().map(|s| trainable[s.param].then(|| &grads[s.param])).collect();
+        self.update(backend, params, &per_segment, lr, scale);
         StepReport { grad_norm, applied: true }
     }
 }

@@ -2,10 +2,14 @@
 //! With no `--config` it runs the embedded default (a tiny model on a generated corpus, about a
 //! minute on two CPU cores). A run finds its newest complete checkpoint in the output folder and
 //! resumes from it; Ctrl-C / SIGTERM write a checkpoint and exit.
+//!
+//! Launched by `mpirun`/`srun` (or with torchrun-style `RANK`/`WORLD_SIZE`), every process is one
+//! data-parallel rank: rank 0 logs and writes the model, every rank writes its optimizer shard.
 use anyhow::Result;
 use clap::Parser;
 use llama_cpt::backend::Backend;
-use llama_cpt::device::{on_device, OnBackend};
+use llama_cpt::device::{on_device_index, OnBackend};
+use llama_cpt_parallel::launch::Launch;
 use llama_cpt::train::{self, config::TrainConfig, default_run};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,21 +43,6 @@ fn main() -> Result<()> {
     if let Some(n) = args.threads {
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global()?;
     }
-    let mut overrides = args.overrides.clone();
-    if let Some(out) = &args.out {
-        overrides.push(format!("run.out_dir={}", toml::Value::String(out.display().to_string())));
-    }
-    let cfg = match &args.config {
-        Some(path) => TrainConfig::from_file(path, &overrides)?,
-        None => {
-            let out = args.out.clone().unwrap_or_else(default_run::default_out_dir);
-            eprintln!("no --config: running the embedded default (tiny LLaMA, generated corpus) into {}", out.display());
-            default_run::prepare(&out, &overrides)?
-        }
-    };
-    if args.resume && train::checkpoint::complete_checkpoints(&cfg.run.out_dir)?.is_empty() {
-        anyhow::bail!("--resume: no complete checkpoint in {}", train::checkpoint::checkpoints_dir(&cfg.run.out_dir).display());
-    }
     let interrupt = Arc::new(AtomicBool::new(false));
     let flag = interrupt.clone();
     ctrlc::set_handler(move || {
@@ -63,7 +52,11 @@ fn main() -> Result<()> {
         }
         eprintln!("interrupt: writing a checkpoint after this step…");
     })?;
-    let outcome = on_device(&args.device, Train { cfg: &cfg, interrupt: &interrupt })?;
+    let launch = Launch::from_env()?;
+    let outcome = on_device_index(&args.device, launch.local_rank, Train { args: &args, launch: &launch, interrupt: &interrupt })?;
+    if launch.rank != 0 {
+        return Ok(());
+    }
     match (&outcome.final_model, outcome.interrupted) {
         (_, true) => eprintln!("interrupted at step {}; run the same command to resume", outcome.global_step),
         (Some(dir), false) => match outcome.last_loss {
@@ -76,13 +69,40 @@ fn main() -> Result<()> {
 }
 
 struct Train<'a> {
-    cfg: &'a TrainConfig,
+    args: &'a Args,
+    launch: &'a Launch,
     interrupt: &'a AtomicBool,
 }
 
 impl OnBackend for Train<'_> {
     type Output = train::Outcome;
     fn run<B: Backend>(self, backend: &B) -> Result<train::Outcome> {
-        train::run(backend, self.cfg, self.interrupt)
+        let args = self.args;
+        let mut overrides = args.overrides.clone();
+        if let Some(out) = &args.out {
+            overrides.push(format!("run.out_dir={}", toml::Value::String(out.display().to_string())));
+        }
+        // The config's own timeout is not known yet: the communicator is needed to read it
+        // consistently (rank 0 writes the embedded default's data). Take it from the overrides.
+        let timeout = overrides.iter().rev().find_map(|o| o.strip_prefix("parallel.timeout_s=")?.parse().ok()).unwrap_or(600);
+        let comm = backend.communicator(self.launch, std::time::Duration::from_secs(timeout))?;
+        let leader = comm.rank() == 0;
+        let cfg = match &args.config {
+            Some(path) => TrainConfig::from_file(path, &overrides)?,
+            None => {
+                let out = args.out.clone().unwrap_or_else(default_run::default_out_dir);
+                if leader {
+                    eprintln!("no --config: running the embedded default (tiny LLaMA, generated corpus) into {}", out.display());
+                    default_run::prepare(&out, &overrides)?;
+                }
+                // The other ranks read what rank 0 generated.
+                comm.barrier()?;
+                default_run::load_prepared(&out, &overrides)?
+            }
+        };
+        if args.resume && train::checkpoint::complete_checkpoints(&cfg.run.out_dir)?.is_empty() {
+            anyhow::bail!("--resume: no complete checkpoint in {}", train::checkpoint::checkpoints_dir(&cfg.run.out_dir).display());
+        }
+        train::run_parallel(backend, comm.as_ref(), &cfg, self.interrupt)
     }
 }

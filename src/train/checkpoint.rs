@@ -1,12 +1,16 @@
 //! Resumable checkpoints: `<out>/checkpoints/step-NNNNNNNN/` holding the model (HF safetensors,
-//! f32 master weights), the optimizer moments (`optimizer.safetensors`), the trainer state
-//! (`trainer_state.json`: stage, steps, loader state, counters) and the tokenizer. Each is written
-//! into a temporary folder, synced, renamed into place and marked `COMPLETE`; a folder without the
-//! marker is never read. Only the newest `keep` complete checkpoints are kept.
+//! f32), the optimizer state (`optimizer.json`, a manifest of which parameter pieces each
+//! `optimizer-rankNNNNN.safetensors` file holds: under ZeRO-1/2 every rank writes its own shard,
+//! under ZeRO-0 rank 0 writes everything), the trainer state (`trainer_state.json`: stage, steps,
+//! loader state, counters) and the tokenizer. Rank 0 writes into a temporary folder, every rank
+//! adds its shard, rank 0 syncs, marks it `COMPLETE` and renames it into place; a folder without
+//! the marker is never read. Only the newest `keep` complete checkpoints are kept. Loading reads the
+//! pieces a rank needs from whichever files hold them, so a run resumes at any world size and
+//! ZeRO stage (a shared filesystem is assumed across nodes).
 use crate::backend::Backend;
 use crate::data::LoaderState;
 use crate::model::Llama;
-use crate::optim::AdamW;
+use crate::dist::{DataParallel, Piece, ZeroStage};
 use crate::weights::StoreDtype;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -54,51 +58,141 @@ fn sync_tree(dir: &Path) -> Result<()> {
     sync_dir(dir)
 }
 
-fn write_tensors(path: &Path, tensors: Vec<(String, Vec<usize>, Vec<f32>)>) -> Result<()> {
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> =
-        tensors.into_iter().map(|(n, s, v)| (n, s, v.iter().flat_map(|x| x.to_le_bytes()).collect())).collect();
-    let views = bytes.iter().map(|(n, s, b)| (n.as_str(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).expect("sizes match")));
+fn write_tensors(path: &Path, tensors: Vec<(String, Vec<f32>)>) -> Result<()> {
+    let bytes: Vec<(String, usize, Vec<u8>)> = tensors.into_iter().map(|(n, v)| (n, v.len(), bytemuck::cast_slice(&v).to_vec())).collect();
+    let views = bytes.iter().map(|(n, len, b)| (n.as_str(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![*len], b).expect("sizes match")));
     let data = safetensors::serialize(views, None)?;
     crate::fsutil::write_atomic(path, &data)
 }
 
-/// Writes a checkpoint for `state.global_step` and prunes old ones. On any error the partial
-/// folder is removed and the earlier checkpoints are untouched.
-pub fn save<B: Backend>(out: &Path, keep: usize, backend: &B, model: &Llama<B>, opt: &AdamW<B>, state: &TrainerState, tokenizer: Option<&Path>) -> Result<PathBuf> {
+/// `optimizer.json`: where each rank's optimizer pieces are.
+#[derive(Debug, Serialize, Deserialize)]
+struct OptimizerManifest {
+    world_size: usize,
+    zero_stage: ZeroStage,
+    files: Vec<ShardFile>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ShardFile {
+    file: String,
+    pieces: Vec<StoredPiece>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct StoredPiece {
+    param: String,
+    start: usize,
+    len: usize,
+    /// Holds an fp32 master copy (ZeRO-1/2); otherwise the weights are the masters.
+    master: bool,
+}
+
+fn shard_file_name(rank: usize) -> String {
+    format!("optimizer-rank{rank:05}.safetensors")
+}
+
+fn tensor_name(param: &str, start: usize, what: &str) -> String {
+    format!("{param}@{start}.{what}")
+}
+
+/// The pieces every rank writes (ZeRO-0: rank 0 alone, everything).
+fn manifest<B: Backend>(model: &Llama<B>, dp: &DataParallel<B>) -> OptimizerManifest {
+    let sharded = dp.stage != ZeroStage::Zero0;
+    let sizes: Vec<usize> = model.params.iter().map(|p| p.value.numel()).collect();
+    let writers = if sharded { dp.world_size() } else { 1 };
+    let files = (0..writers)
+        .map(|r| {
+            let pieces = if sharded { dp.layout.shard_pieces(r) } else { dp.layout.whole_pieces(&sizes) };
+            let pieces = pieces.iter().map(|p| StoredPiece { param: model.params[p.param].name.clone(), start: p.start, len: p.len, master: sharded }).collect();
+            ShardFile { file: shard_file_name(r), pieces }
+        })
+        .collect();
+    OptimizerManifest { world_size: dp.world_size(), zero_stage: dp.stage, files }
+}
+
+/// Every rank reports whether its part succeeded; all fail together if one did.
+fn agree<B: Backend>(dp: &DataParallel<B>, part: Result<()>) -> Result<()> {
+    let mut failed = [if part.is_err() { 1.0 } else { 0.0 }];
+    dp.comm.all_reduce_scalars(&mut failed)?;
+    part?;
+    if failed[0] > 0.0 {
+        bail!("{} other rank(s) failed to write their part", failed[0]);
+    }
+    Ok(())
+}
+
+/// Writes a checkpoint for `state.global_step` (every rank calls this) and prunes old ones. On any
+/// error the partial folder is removed and the earlier checkpoints are untouched.
+pub fn save<B: Backend>(out: &Path, keep: usize, backend: &B, model: &Llama<B>, dp: &DataParallel<B>, state: &TrainerState, tokenizer: Option<&Path>) -> Result<PathBuf> {
     let root = checkpoints_dir(out);
-    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
     let name = format!("step-{:08}", state.global_step);
     let tmp = root.join(format!(".{name}.tmp"));
     let dst = root.join(&name);
-    let _ = std::fs::remove_dir_all(&tmp);
+    let rank = dp.rank();
     let result = (|| -> Result<()> {
-        std::fs::create_dir_all(&tmp)?;
-        model.save(backend, &tmp, StoreDtype::F32, None)?;
-        let mut moments = Vec::new();
-        for (i, p) in model.params.iter().enumerate() {
-            moments.push((format!("m.{}", p.name), p.value.shape.clone(), backend.download(&opt.m[i])));
-            moments.push((format!("v.{}", p.name), p.value.shape.clone(), backend.download(&opt.v[i])));
-        }
-        write_tensors(&tmp.join("optimizer.safetensors"), moments)?;
-        crate::fsutil::write_atomic(&tmp.join("trainer_state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
-        if let Some(t) = tokenizer {
-            std::fs::copy(t, tmp.join("tokenizer.json")).with_context(|| format!("copying {}", t.display()))?;
-        }
-        crate::fsutil::write_atomic(&tmp.join(MARKER), b"")?;
-        sync_tree(&tmp)?;
-        if dst.exists() {
-            discard(&dst)?;
-        }
-        std::fs::rename(&tmp, &dst)?;
-        sync_dir(&root)
+        agree(
+            dp,
+            (|| {
+                if rank == 0 {
+                    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+                    let _ = std::fs::remove_dir_all(&tmp);
+                    std::fs::create_dir_all(&tmp)?;
+                    model.save(backend, &tmp, StoreDtype::F32, None)?;
+                    crate::fsutil::write_atomic(&tmp.join("optimizer.json"), serde_json::to_string_pretty(&manifest(model, dp))?.as_bytes())?;
+                    crate::fsutil::write_atomic(&tmp.join("trainer_state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
+                    if let Some(t) = tokenizer {
+                        std::fs::copy(t, tmp.join("tokenizer.json")).with_context(|| format!("copying {}", t.display()))?;
+                    }
+                }
+                Ok(())
+            })(),
+        )?;
+        agree(
+            dp,
+            (|| {
+                if rank == 0 || dp.stage != ZeroStage::Zero0 {
+                    let mut tensors = Vec::new();
+                    for (p, s) in dp.pieces.iter().zip(&dp.opt.segments) {
+                        let pname = &model.params[p.param].name;
+                        tensors.push((tensor_name(pname, p.start, "m"), backend.download(&s.m)));
+                        tensors.push((tensor_name(pname, p.start, "v"), backend.download(&s.v)));
+                        if let Some(master) = &s.master {
+                            tensors.push((tensor_name(pname, p.start, "master"), backend.download(master)));
+                        }
+                    }
+                    write_tensors(&tmp.join(shard_file_name(rank)), tensors)?;
+                }
+                Ok(())
+            })(),
+        )?;
+        agree(
+            dp,
+            (|| {
+                if rank == 0 {
+                    crate::fsutil::write_atomic(&tmp.join(MARKER), b"")?;
+                    sync_tree(&tmp)?;
+                    if dst.exists() {
+                        discard(&dst)?;
+                    }
+                    std::fs::rename(&tmp, &dst)?;
+                    sync_dir(&root)?;
+                }
+                Ok(())
+            })(),
+        )
     })();
     if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&tmp);
+        if rank == 0 {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
         return Err(e.context(format!("saving checkpoint {} (earlier checkpoints are intact)", dst.display())));
     }
-    let mut all = complete_checkpoints(out)?;
-    while all.len() > keep {
-        discard(&all.remove(0))?;
+    if rank == 0 {
+        let mut all = complete_checkpoints(out)?;
+        while all.len() > keep {
+            discard(&all.remove(0))?;
+        }
     }
     Ok(dst)
 }
@@ -127,8 +221,9 @@ pub fn complete_checkpoints(out: &Path) -> Result<Vec<PathBuf>> {
     Ok(found)
 }
 
-/// Restores the model, optimizer and state from checkpoint folder `dir`.
-pub fn load<B: Backend>(dir: &Path, backend: &B, model: &mut Llama<B>, opt: &mut AdamW<B>) -> Result<TrainerState> {
+/// Restores the model, this rank's optimizer pieces and the trainer state from checkpoint folder
+/// `dir`, whatever world size and ZeRO stage wrote it.
+pub fn load<B: Backend>(dir: &Path, backend: &B, model: &mut Llama<B>, dp: &mut DataParallel<B>) -> Result<TrainerState> {
     if !dir.join(MARKER).exists() {
         bail!("{}: not a complete checkpoint (no {MARKER} marker)", dir.display());
     }
@@ -137,34 +232,65 @@ pub fn load<B: Backend>(dir: &Path, backend: &B, model: &mut Llama<B>, opt: &mut
         bail!("{}: the checkpoint's model does not match the configured one", dir.display());
     }
     model.params = loaded.params;
-    let specs: Vec<(String, Vec<usize>)> = model
-        .params
-        .iter()
-        .flat_map(|p| [(format!("m.{}", p.name), p.value.shape.clone()), (format!("v.{}", p.name), p.value.shape.clone())])
-        .collect();
-    let moments = load_optimizer(&dir.join("optimizer.safetensors"), &specs)?;
-    for (i, pair) in moments.chunks_exact(2).enumerate() {
-        opt.m[i] = backend.upload(&pair[0]);
-        opt.v[i] = backend.upload(&pair[1]);
+    let mpath = dir.join("optimizer.json");
+    let text = std::fs::read_to_string(&mpath).with_context(|| format!("reading {}", mpath.display()))?;
+    let manifest: OptimizerManifest = serde_json::from_str(&text).with_context(|| format!("{}: invalid optimizer manifest", mpath.display()))?;
+    let mut files: Vec<Option<memmap2::Mmap>> = (0..manifest.files.len()).map(|_| None).collect();
+    let pieces: Vec<Piece> = dp.pieces.clone();
+    for (p, seg) in pieces.iter().zip(dp.opt.segments.iter_mut()) {
+        let pname = model.params[p.param].name.clone();
+        let mut m = vec![f32::NAN; p.len];
+        let mut v = vec![f32::NAN; p.len];
+        let mut master = seg.master.as_ref().map(|_| backend.download(&backend.slice(&model.params[p.param].value.buf, p.start, p.len)));
+        let mut covered = 0;
+        for (fi, f) in manifest.files.iter().enumerate() {
+            for sp in f.pieces.iter().filter(|sp| sp.param == pname) {
+                let (lo, hi) = (sp.start.max(p.start), (sp.start + sp.len).min(p.start + p.len));
+                if lo >= hi {
+                    continue;
+                }
+                let path = dir.join(&f.file);
+                if files[fi].is_none() {
+                    let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+                    // SAFETY: checkpoint files are never modified after they are complete.
+                    files[fi] = Some(unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?);
+                }
+                let st = safetensors::SafeTensors::deserialize(files[fi].as_ref().unwrap()).map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
+                let copy = |what: &str, dst: &mut [f32]| -> Result<()> {
+                    let name = tensor_name(&pname, sp.start, what);
+                    let t = st.tensor(&name).map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {e}", path.display()))?;
+                    if t.dtype() != safetensors::Dtype::F32 || t.shape() != [sp.len] {
+                        bail!("{}: tensor `{name}` is not F32 [{}]", path.display(), sp.len);
+                    }
+                    let src = &t.data()[4 * (lo - sp.start)..4 * (hi - sp.start)];
+                    for (d, b) in dst[lo - p.start..hi - p.start].iter_mut().zip(src.chunks_exact(4)) {
+                        *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                    }
+                    Ok(())
+                };
+                copy("m", &mut m)?;
+                copy("v", &mut v)?;
+                if let (Some(dst), true) = (master.as_mut(), sp.master) {
+                    copy("master", dst)?;
+                }
+                covered += hi - lo;
+            }
+        }
+        if covered != p.len {
+            bail!("{}: optimizer state for `{pname}`[{}..{}] is incomplete ({covered} of {} elements)", mpath.display(), p.start, p.start + p.len, p.len);
+        }
+        seg.m = backend.upload(&m);
+        seg.v = backend.upload(&v);
+        seg.master = master.map(|h| backend.upload(&h));
     }
-    let p = dir.join("trainer_state.json");
-    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-    let state: TrainerState = serde_json::from_str(&text).with_context(|| format!("{}: invalid trainer state", p.display()))?;
-    opt.step = state.optimizer_updates;
+    let state = read_state(dir)?;
+    dp.opt.step = state.optimizer_updates;
     Ok(state)
 }
 
-fn load_optimizer(path: &Path, specs: &[(String, Vec<usize>)]) -> Result<Vec<Vec<f32>>> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
-    specs
-        .iter()
-        .map(|(name, shape)| {
-            let v = st.tensor(name).map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {e}", path.display()))?;
-            if v.shape() != shape.as_slice() || v.dtype() != safetensors::Dtype::F32 {
-                bail!("{}: tensor `{name}` is not F32 {shape:?}", path.display());
-            }
-            Ok(v.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
-        })
-        .collect()
+/// The trainer state of checkpoint folder `dir`.
+pub fn read_state(dir: &Path) -> Result<TrainerState> {
+    let p = dir.join("trainer_state.json");
+    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: invalid trainer state", p.display()))
 }

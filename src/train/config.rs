@@ -14,6 +14,39 @@ pub struct TrainConfig {
     pub stages: Vec<StageConfig>,
     #[serde(default)]
     pub run: RunConfig,
+    #[serde(default)]
+    pub parallel: ParallelConfig,
+}
+
+/// Data parallelism (used when the process was launched as one of several ranks).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ParallelConfig {
+    /// 0: replicated optimizer, gradients all-reduced; 1: optimizer state sharded (gradients
+    /// reduce-scattered); 2: gradients sharded too (reduce-scattered after every micro-step).
+    pub zero_stage: u8,
+    /// Gradients are reduced in buckets of about this many MiB (f32), launched as the backward
+    /// finishes them.
+    pub bucket_mib: f64,
+    /// A collective that has not finished after this many seconds stops the run (a rank died).
+    pub timeout_s: u64,
+}
+
+impl Default for ParallelConfig {
+    fn default() -> Self {
+        ParallelConfig { zero_stage: 0, bucket_mib: 32.0, timeout_s: 600 }
+    }
+}
+
+impl ParallelConfig {
+    pub fn stage(&self) -> crate::dist::ZeroStage {
+        use crate::dist::ZeroStage;
+        [ZeroStage::Zero0, ZeroStage::Zero1, ZeroStage::Zero2][self.zero_stage.min(2) as usize]
+    }
+    /// Bucket size in f32 elements.
+    pub fn bucket_elems(&self) -> usize {
+        ((self.bucket_mib * 1024.0 * 1024.0 / 4.0) as usize).max(1)
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -292,6 +325,12 @@ impl TrainConfig {
         }
         if self.run.log_every == 0 {
             bail!("key `run.log_every` must be positive");
+        }
+        if self.parallel.zero_stage > 2 {
+            bail!("key `parallel.zero_stage`: {} is not 0, 1 or 2", self.parallel.zero_stage);
+        }
+        if !(self.parallel.bucket_mib > 0.0 && self.parallel.bucket_mib.is_finite()) || self.parallel.timeout_s == 0 {
+            bail!("key `parallel.bucket_mib` and `parallel.timeout_s` must be positive");
         }
         if self.run.keep_checkpoints == 0 {
             bail!("key `run.keep_checkpoints` must be at least 1");

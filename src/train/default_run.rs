@@ -170,8 +170,21 @@ eval_batches = 4
         heldout = shards.join("heldout").display(),
         out = out.display(),
     );
-    crate::fsutil::write_atomic(&data.join("default.toml"), text.as_bytes())?;
+    crate::fsutil::write_atomic(&config_path(out), text.as_bytes())?;
     TrainConfig::parse(&text, "embedded default config", Path::new("."), overrides)
+}
+
+/// Where [`prepare`] writes the default run's config.
+pub fn config_path(out: &Path) -> PathBuf {
+    out.join("data").join("default.toml")
+}
+
+/// The config [`prepare`] wrote (for the other ranks of a data-parallel default run).
+pub fn load_prepared(out: &Path, overrides: &[String]) -> Result<TrainConfig> {
+    let path = config_path(out);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    // Same base as `prepare`: its paths are already relative to the working directory.
+    TrainConfig::parse(&text, &path.display().to_string(), Path::new("."), overrides)
 }
 
 /// Where the default run writes: `runs/default`.

@@ -12,7 +12,8 @@ use crate::batch::Batch;
 use crate::config::LlamaConfig;
 use crate::data::{Loader, LoaderConfig, Ordering, SubsetSpec};
 use crate::model::{Llama, StepOptions};
-use crate::optim::AdamW;
+use crate::dist::DataParallel;
+use llama_cpt_parallel::{Communicator, SingleProcess, TrafficCount};
 use crate::weights::StoreDtype;
 use anyhow::{bail, Context, Result};
 use checkpoint::TrainerState;
@@ -42,14 +43,14 @@ pub fn flops_per_token(c: &LlamaConfig, seq_len: usize) -> f64 {
     6.0 * c.non_embedding_params() as f64 + 12.0 * (c.num_hidden_layers * c.hidden_size * seq_len) as f64
 }
 
-fn loader_config(cfg: &TrainConfig, stage_index: usize) -> LoaderConfig {
+fn loader_config(cfg: &TrainConfig, stage_index: usize, rank: usize, world_size: usize) -> LoaderConfig {
     let d = &cfg.data;
     LoaderConfig {
         seq_len: d.seq_len,
         global_batch_rows: cfg.stages[stage_index].global_batch_rows,
         micro_batch_rows: d.micro_batch_rows,
-        world_size: 1,
-        rank: 0,
+        world_size,
+        rank,
         // Each stage orders its data with its own seed.
         seed: d.seed.wrapping_add(stage_index as u64),
         ordering: if d.ordering == "shuffle" { Ordering::Shuffle } else { Ordering::Bucket { bins: d.bins } },
@@ -111,12 +112,14 @@ impl Metrics {
     }
 }
 
-/// Mean loss over `batches` micro-batches of held-out data (token-weighted).
-fn validate<B: Backend>(backend: &B, model: &Llama<B>, cfg: &TrainConfig) -> Result<Option<f64>> {
+/// Mean loss over `eval_batches` global batches of held-out data (token-weighted), each rank
+/// scoring its rows.
+fn validate<B: Backend>(backend: &B, model: &Llama<B>, cfg: &TrainConfig, comm: &dyn Communicator<B::Buf>) -> Result<Option<f64>> {
     if cfg.run.eval_datasets.is_empty() {
         return Ok(None);
     }
-    let lc = LoaderConfig { global_batch_rows: cfg.data.micro_batch_rows, max_epochs: Some(1), ordering: Ordering::Shuffle, seed: 0, ..loader_config(cfg, 0) };
+    let world = comm.world_size();
+    let lc = LoaderConfig { global_batch_rows: cfg.data.micro_batch_rows * world, max_epochs: Some(1), ordering: Ordering::Shuffle, seed: 0, ..loader_config(cfg, 0, comm.rank(), world) };
     let mut loader = Loader::new(&subsets(&cfg.run.eval_datasets), lc, None)?;
     let (mut sum, mut n) = (0.0, 0usize);
     for _ in 0..cfg.run.eval_batches {
@@ -128,7 +131,9 @@ fn validate<B: Backend>(backend: &B, model: &Llama<B>, cfg: &TrainConfig) -> Res
         sum += model.loss(backend, &b)? * k as f64;
         n += k;
     }
-    Ok((n > 0).then(|| sum / n as f64))
+    let mut totals = [sum, n as f64];
+    comm.all_reduce_scalars(&mut totals)?;
+    Ok((totals[1] > 0.0).then(|| totals[0] / totals[1]))
 }
 
 fn line(bar: &ProgressBar, text: String) {
@@ -139,39 +144,75 @@ fn line(bar: &ProgressBar, text: String) {
     }
 }
 
-/// Runs (or resumes) every stage of `cfg`. `interrupt` is polled after each step: when set, a
-/// checkpoint is written and the run returns with `interrupted`.
+/// Runs (or resumes) every stage of `cfg` in this one process. `interrupt` is polled after each
+/// step: when set, a checkpoint is written and the run returns with `interrupted`.
 pub fn run<B: Backend>(backend: &B, cfg: &TrainConfig, interrupt: &AtomicBool) -> Result<Outcome> {
+    run_parallel(backend, &SingleProcess::default(), cfg, interrupt)
+}
+
+fn traffic_delta(a: TrafficCount, b: TrafficCount) -> serde_json::Value {
+    serde_json::json!({"all_reduce": b.all_reduce - a.all_reduce, "reduce_scatter": b.reduce_scatter - a.reduce_scatter, "all_gather": b.all_gather - a.all_gather})
+}
+
+/// [`run`] as one rank of a data-parallel group: every rank calls it with the same config; rank 0
+/// logs, shows progress and writes the model files; every rank writes its optimizer shard.
+pub fn run_parallel<B: Backend>(backend: &B, comm: &dyn Communicator<B::Buf>, cfg: &TrainConfig, interrupt: &AtomicBool) -> Result<Outcome> {
     let out = &cfg.run.out_dir;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    crate::fsutil::write_atomic(&out.join("config.resolved.toml"), toml::to_string_pretty(cfg)?.as_bytes())?;
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let leader = rank == 0;
+    for (i, s) in cfg.stages.iter().enumerate() {
+        if s.global_batch_rows % (world * cfg.data.micro_batch_rows) != 0 {
+            bail!("key `stages[{i}].global_batch_rows`: {} is not a multiple of {world} ranks × data.micro_batch_rows {}", s.global_batch_rows, cfg.data.micro_batch_rows);
+        }
+    }
+    if leader {
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        crate::fsutil::write_atomic(&out.join("config.resolved.toml"), toml::to_string_pretty(cfg)?.as_bytes())?;
+    }
     let mut model = match (&cfg.model.from, &cfg.model.config) {
         (Some(dir), _) => Llama::load(backend, dir)?,
         (None, Some(c)) => Llama::random(backend, LlamaConfig::from_file(c)?, cfg.model.seed),
         _ => unreachable!("validated"),
     };
     let tokenizer = cfg.model.tokenizer.clone().or_else(|| cfg.model.from.as_ref().map(|d| d.join("tokenizer.json")).filter(|p| p.exists()));
-    let mut opt = AdamW::new(backend, &model.params, adamw_config(&cfg.stages[0]));
     // Clean up a checkpoint write that was cut off, then resume from the newest complete one.
-    if let Ok(entries) = std::fs::read_dir(checkpoint::checkpoints_dir(out)) {
-        for e in entries.flatten() {
-            if e.file_name().to_string_lossy().ends_with(".tmp") {
-                let _ = std::fs::remove_dir_all(e.path());
+    if leader {
+        if let Ok(entries) = std::fs::read_dir(checkpoint::checkpoints_dir(out)) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().ends_with(".tmp") {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
             }
         }
     }
-    let mut state = match checkpoint::complete_checkpoints(out)?.pop() {
+    let resume = checkpoint::complete_checkpoints(out)?.pop();
+    let first_stage = match &resume {
+        Some(dir) => checkpoint::read_state(dir)?.stage.min(cfg.stages.len() - 1),
+        None => 0,
+    };
+    let new_dp = |model: &Llama<B>, si: usize| {
+        let stage = &cfg.stages[si];
+        DataParallel::new(backend, comm, &model.params, &trainable(model, stage), cfg.parallel.stage(), cfg.parallel.bucket_elems(), adamw_config(stage))
+    };
+    let mut dp = new_dp(&model, first_stage);
+    let mut state = match resume {
         Some(dir) => {
-            let s = checkpoint::load(&dir, backend, &mut model, &mut opt)?;
-            eprintln!("resuming from {} (stage {}, step {})", dir.display(), s.stage, s.global_step);
+            let s = checkpoint::load(&dir, backend, &mut model, &mut dp)?;
+            if leader {
+                eprintln!("resuming from {} (stage {}, step {})", dir.display(), s.stage, s.global_step);
+            }
             s
         }
         None => TrainerState::fresh(),
     };
-    let mut metrics = Metrics::open(out, state.global_step)?;
+    comm.barrier()?;
+    let mut metrics = if leader { Some(Metrics::open(out, state.global_step)?) } else { None };
     let c = &model.config;
     let fpt = flops_per_token(c, cfg.data.seq_len);
-    eprintln!(
+    if leader {
+        eprintln!("data parallel: {} (rank {rank}), ZeRO-{}, {} gradient buckets, optimizer state {:.1} MiB on this rank", comm.name(), cfg.parallel.zero_stage, dp.layout.buckets.len(), dp.opt.state_bytes(backend) as f64 / (1 << 20) as f64);
+    }
+    if leader { eprintln!(
         "model: {} parameters ({} non-embedding), {} layers, hidden {}, vocab {}; {:.3} GFLOP per trained token; backend {}",
         model.num_params(),
         c.non_embedding_params(),
@@ -180,25 +221,24 @@ pub fn run<B: Backend>(backend: &B, cfg: &TrainConfig, interrupt: &AtomicBool) -
         c.vocab_size,
         fpt / 1e9,
         backend.name()
-    );
+    ); }
     let step_opts = StepOptions { checkpoint_layers: cfg.model.checkpoint_layers };
     let mut final_model = None;
     let mut last_loss = None;
-    let save_ckpt = |model: &Llama<B>, opt: &AdamW<B>, state: &TrainerState| checkpoint::save(out, cfg.run.keep_checkpoints, backend, model, opt, state, tokenizer.as_deref());
+    let save_ckpt = |model: &Llama<B>, dp: &DataParallel<B>, state: &TrainerState| checkpoint::save(out, cfg.run.keep_checkpoints, backend, model, dp, state, tokenizer.as_deref());
 
     while state.stage < cfg.stages.len() {
         let si = state.stage;
         let stage = &cfg.stages[si];
         let total = cfg.stage_steps(si);
-        let lc = loader_config(cfg, si);
+        let lc = loader_config(cfg, si, rank, world);
         let micro_steps = lc.micro_steps();
         let mut loader = Loader::new(&subsets(&stage.datasets), lc, state.loader.clone()).with_context(|| format!("stage {:?}: opening its data", stage.name))?;
-        opt.config = adamw_config(stage);
-        let train_mask = trainable(&model, stage);
-        let bar = ProgressBar::new(total).with_position(state.stage_step);
+        dp.opt.config = adamw_config(stage);
+        let bar = if leader { ProgressBar::new(total) } else { ProgressBar::hidden() }.with_position(state.stage_step);
         bar.set_style(ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}").unwrap().progress_chars("=> "));
         bar.set_prefix(format!("stage {}/{} {}", si + 1, cfg.stages.len(), stage.name));
-        line(&bar, format!("stage {:?}: {total} steps of {} rows × {} tokens, lr {:e}{}", stage.name, stage.global_batch_rows, cfg.data.seq_len, stage.lr, if stage.freeze_non_embeddings { ", only embeddings and LM head train" } else { "" }));
+        if leader { line(&bar, format!("stage {:?}: {total} steps of {} rows × {} tokens, lr {:e}{}", stage.name, stage.global_batch_rows, cfg.data.seq_len, stage.lr, if stage.freeze_non_embeddings { ", only embeddings and LM head train" } else { "" })); }
 
         while state.stage_step < total {
             let t0 = Instant::now();
@@ -209,43 +249,28 @@ pub fn run<B: Backend>(backend: &B, cfg: &TrainConfig, interrupt: &AtomicBool) -
                     None => bail!("stage {:?}: its data ended before step {}", stage.name, state.stage_step),
                 }
             }
-            let n_valid: usize = batches.iter().map(|b| count_valid(&b.targets)).sum();
             let tokens: usize = batches.iter().map(|b| b.num_tokens()).sum();
-            let mut grads: Option<Vec<B::Buf>> = None;
-            let mut loss_sum = 0.0;
-            for b in batches.iter().filter(|b| b.rows > 0) {
-                let k = count_valid(&b.targets);
-                // Weight each micro-batch by its share of counted tokens: the accumulated gradient
-                // is that of the mean loss over the whole global batch.
-                let share = if n_valid > 0 { k as f64 / n_valid as f64 } else { 0.0 };
-                let (loss, g) = model.loss_and_grads(backend, b, share, step_opts)?;
-                loss_sum += loss * k as f64;
-                match grads.as_mut() {
-                    None => grads = Some(g),
-                    Some(acc) => acc.iter_mut().zip(&g).for_each(|(a, x)| backend.add_assign(a, x)),
-                }
-            }
-            let mut loss = if n_valid > 0 { loss_sum / n_valid as f64 } else { f64::NAN };
-            if cfg.run.inject_nan_at_steps.contains(&(state.global_step + 1)) {
-                loss = f64::NAN;
-            }
             let lr = schedule::lr_at(state.stage_step, total, stage.lr, stage.warmup_steps, stage.min_lr_ratio);
             let clip = (stage.max_grad_norm > 0.0).then_some(stage.max_grad_norm);
-            let report = match (&grads, loss.is_finite()) {
-                (Some(g), true) => opt.step(backend, &mut model.params, g, &train_mask, lr, clip),
-                _ => crate::optim::StepReport { grad_norm: f64::NAN, applied: false },
-            };
+            let poison = cfg.run.inject_nan_at_steps.contains(&(state.global_step + 1));
+            let traffic_before = comm.traffic();
+            let report = dp.step(backend, &mut model, &batches, step_opts, lr, clip, poison)?;
+            let traffic = traffic_delta(traffic_before, comm.traffic());
+            let loss = report.loss;
             state.stage_step += 1;
             state.global_step += 1;
-            state.tokens_seen += tokens as u64;
+            // Every rank counts the whole global batch's tokens.
+            state.tokens_seen += (tokens * world) as u64;
             if report.applied {
                 state.consecutive_skips = 0;
-                state.optimizer_updates = opt.step;
+                state.optimizer_updates = dp.opt.step;
                 last_loss = Some(loss);
             } else {
                 state.skipped_steps += 1;
                 state.consecutive_skips += 1;
-                line(&bar, format!("step {}: loss {loss}, gradient norm {} — not finite, step skipped ({} in a row)", state.global_step, report.grad_norm, state.consecutive_skips));
+                if leader {
+                    line(&bar, format!("step {}: loss {loss}, gradient norm {} — not finite, step skipped ({} in a row)", state.global_step, report.grad_norm, state.consecutive_skips));
+                }
                 if state.consecutive_skips >= cfg.run.max_consecutive_skips {
                     let last = checkpoint::complete_checkpoints(out)?.pop();
                     bail!(
@@ -256,7 +281,7 @@ pub fn run<B: Backend>(backend: &B, cfg: &TrainConfig, interrupt: &AtomicBool) -
                 }
             }
             let secs = t0.elapsed().as_secs_f64();
-            let tok_s = tokens as f64 / secs;
+            let tok_s = (tokens * world) as f64 / secs;
             let flops = fpt * tok_s;
             let mfu = backend.peak_flops().map(|p| flops / p);
             bar.set_position(state.stage_step);
@@ -266,28 +291,43 @@ pub fn run<B: Backend>(backend: &B, cfg: &TrainConfig, interrupt: &AtomicBool) -
                 "lr": lr, "grad_norm": report.grad_norm, "applied": report.applied, "tokens": state.tokens_seen,
                 "tokens_per_s": tok_s, "flops_per_s": flops, "mfu": mfu, "skipped_steps": state.skipped_steps,
                 "skipped_rows": loader.skipped_rows(), "loader_wait_s": loader.stats().wait.as_secs_f64(),
+                "world_size": world, "comm_wait_s": report.comm_wait.as_secs_f64(), "comm_bytes": traffic,
             });
             if cfg.run.eval_every > 0 && (state.global_step % cfg.run.eval_every == 0 || state.stage_step == total) {
-                if let Some(v) = validate(backend, &model, cfg)? {
+                if let Some(v) = validate(backend, &model, cfg, comm)? {
                     record["val_loss"] = v.into();
-                    line(&bar, format!("step {}: validation loss {v:.4}", state.global_step));
+                    if leader {
+                        line(&bar, format!("step {}: validation loss {v:.4}", state.global_step));
+                    }
                 }
             }
             if state.global_step % cfg.run.log_every == 0 || state.stage_step == total {
+                // Measured optimizer-state bytes of every rank (one slot each, summed).
+                let mut per_rank = vec![0.0; world];
+                per_rank[rank] = dp.opt.state_bytes(backend) as f64;
+                comm.all_reduce_scalars(&mut per_rank)?;
+                record["optimizer_state_bytes"] = per_rank.into();
+            }
+            if let (Some(metrics), true) = (metrics.as_mut(), state.global_step % cfg.run.log_every == 0 || state.stage_step == total) {
                 metrics.log(record)?;
                 if bar.is_hidden() {
                     eprintln!("step {} stage {} loss {loss:.4} lr {lr:.2e} grad_norm {:.3} {tok_s:.0} tok/s", state.global_step, stage.name, report.grad_norm);
                 }
             }
             state.loader = Some(loader.state());
-            let stop_now = interrupt.load(AtomicOrdering::SeqCst) || cfg.run.stop_after_steps.is_some_and(|s| state.global_step >= s);
+            // A signal may reach only some ranks: all stop if one does.
+            let mut stop = [if interrupt.load(AtomicOrdering::SeqCst) { 1.0 } else { 0.0 }];
+            comm.all_reduce_scalars(&mut stop)?;
+            let stop_now = stop[0] > 0.0 || cfg.run.stop_after_steps.is_some_and(|s| state.global_step >= s);
             // No periodic checkpoint inside a run of skipped steps: the last one stays the last good one.
             let periodic = cfg.run.checkpoint_every > 0 && state.global_step % cfg.run.checkpoint_every == 0 && state.consecutive_skips == 0;
             if state.stage_step < total && (periodic || stop_now) {
-                let p = save_ckpt(&model, &opt, &state)?;
+                let p = save_ckpt(&model, &dp, &state)?;
                 if stop_now {
                     bar.abandon();
-                    eprintln!("stopped at step {}; checkpoint {} (run again to resume)", state.global_step, p.display());
+                    if leader {
+                        eprintln!("stopped at step {}; checkpoint {} (run again to resume)", state.global_step, p.display());
+                    }
                     return Ok(Outcome { final_model, interrupted: true, global_step: state.global_step, last_loss });
                 }
             }
@@ -295,18 +335,20 @@ pub fn run<B: Backend>(backend: &B, cfg: &TrainConfig, interrupt: &AtomicBool) -
         bar.finish();
         // Stage end: an HF model directory, then a checkpoint positioned at the next stage.
         let stage_dir = out.join(format!("stage-{}", stage.name));
-        model.save(backend, &stage_dir, StoreDtype::F32, None)?;
-        if let Some(t) = &tokenizer {
-            std::fs::copy(t, stage_dir.join("tokenizer.json")).with_context(|| format!("copying {}", t.display()))?;
+        if leader {
+            model.save(backend, &stage_dir, StoreDtype::F32, None)?;
+            if let Some(t) = &tokenizer {
+                std::fs::copy(t, stage_dir.join("tokenizer.json")).with_context(|| format!("copying {}", t.display()))?;
+            }
+            eprintln!("stage {:?} done: model written to {}", stage.name, stage_dir.display());
         }
-        eprintln!("stage {:?} done: model written to {}", stage.name, stage_dir.display());
         final_model = Some(stage_dir);
         state.stage += 1;
         state.stage_step = 0;
         state.optimizer_updates = 0;
         state.loader = None;
-        opt = AdamW::new(backend, &model.params, opt.config);
-        save_ckpt(&model, &opt, &state)?;
+        dp = new_dp(&model, state.stage.min(cfg.stages.len() - 1));
+        save_ckpt(&model, &dp, &state)?;
         if interrupt.load(AtomicOrdering::SeqCst) || cfg.run.stop_after_steps.is_some_and(|s| state.global_step >= s) {
             return Ok(Outcome { final_model, interrupted: state.stage < cfg.stages.len(), global_step: state.global_step, last_loss });
         }

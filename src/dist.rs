@@ -1,0 +1,228 @@
+//! Data parallelism with ZeRO over a [`Communicator`]: every rank runs the same model on its own
+//! rows of the global batch, gradients are summed across ranks, and the optimizer state is
+//! replicated (ZeRO-0) or sharded (ZeRO-1: optimizer state; ZeRO-2: gradients too).
+//!
+//! Gradients travel in **buckets**: runs of whole parameters, taken in the order the backward
+//! finishes them (last layer first), of about `bucket_elems` elements, each padded to a multiple
+//! of the world size. A bucket's collective is launched as soon as its last gradient is final,
+//! while the backward of earlier layers goes on; buckets are always launched in the same order on
+//! every rank. Rank `r` owns slice `r` of every bucket (`padded / world` elements): with ZeRO-1/2
+//! it keeps an fp32 master copy, AdamW moments and the reduced gradient of exactly that slice,
+//! updates it, and the parameters are all-gathered bucket by bucket after the step.
+//!
+//! | stage | per micro-step | per step | optimizer state per rank |
+//! |---|---|---|---|
+//! | 0 | local accumulation | all-reduce of the gradients (after the last micro-step) | 8 bytes × Ψ (moments; parameters are the masters) |
+//! | 1 | local accumulation | reduce-scatter (after the last micro-step), update, all-gather | 12 bytes × Ψ/N (master, moments) |
+//! | 2 | reduce-scatter, only the shard accumulates | update, all-gather | 12 bytes × Ψ/N |
+//!
+//! Only parameters that train in the current stage are in the layout (a frozen stage reduces and
+//! stores nothing for the rest). The loss of each micro-batch is weighted by its share of the
+//! *global* count of target tokens, so the summed gradient is that of the global mean loss and the
+//! result does not depend on the world size beyond f32 summation order.
+use crate::backend::{AdamWConfig, Backend};
+use crate::batch::Batch;
+use crate::model::{Llama, Param, StepOptions};
+use crate::optim::AdamW;
+use anyhow::Result;
+use llama_cpt_ops::cross_entropy::count_valid;
+pub use llama_cpt_parallel::buckets::{Bucket, Layout, Piece};
+pub use llama_cpt_parallel::plan::ZeroStage;
+use llama_cpt_parallel::{Communicator, Pending};
+use std::time::{Duration, Instant};
+
+/// What one data-parallel step did.
+#[derive(Clone, Copy, Debug)]
+pub struct StepResult {
+    /// Mean loss over the global batch's target tokens (NaN when there were none).
+    pub loss: f64,
+    /// Target tokens in the global batch.
+    pub target_tokens: usize,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// False when the loss or the norm was not finite: nothing was updated, on any rank.
+    pub applied: bool,
+    /// Time spent waiting for collectives (the part of communication not hidden by compute).
+    pub comm_wait: Duration,
+}
+
+pub struct DataParallel<'c, B: Backend> {
+    pub comm: &'c dyn Communicator<B::Buf>,
+    pub stage: ZeroStage,
+    pub layout: Layout,
+    /// What this rank updates, one [`crate::optim::Segment`] of `opt` per piece.
+    pub pieces: Vec<Piece>,
+    pub opt: AdamW<B>,
+}
+
+impl<'c, B: Backend> DataParallel<'c, B> {
+    pub fn new(backend: &B, comm: &'c dyn Communicator<B::Buf>, params: &[Param<B>], trainable: &[bool], stage: ZeroStage, bucket_elems: usize, config: AdamWConfig) -> Self {
+        let sizes: Vec<usize> = params.iter().map(|p| p.value.numel()).collect();
+        let layout = Layout::new(&sizes, trainable, bucket_elems.max(1), comm.world_size());
+        let sharded = stage != ZeroStage::Zero0;
+        let pieces = if sharded { layout.shard_pieces(comm.rank()) } else { layout.whole_pieces(&sizes) };
+        let spans: Vec<(usize, usize, usize)> = pieces.iter().map(|p| (p.param, p.start, p.len)).collect();
+        let opt = AdamW::for_pieces(backend, params, config, &spans, sharded);
+        DataParallel { comm, stage, layout, pieces, opt }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.comm.world_size()
+    }
+
+    fn sharded(&self) -> bool {
+        self.stage != ZeroStage::Zero0
+    }
+
+    /// Forward and backward over this rank's micro-batches of one global batch, gradient
+    /// reduction, clipping by the global norm and the AdamW update (then the all-gather of the
+    /// parameters under ZeRO-1/2). `poison_loss` makes the step non-finite (fault injection).
+    #[allow(clippy::too_many_arguments)]
+    pub fn step(&mut self, backend: &B, model: &mut Llama<B>, batches: &[Batch], opts: StepOptions, lr: f64, max_grad_norm: Option<f64>, poison_loss: bool) -> Result<StepResult> {
+        let mut scalars = [batches.iter().map(|b| count_valid(&b.targets)).sum::<usize>() as f64];
+        self.comm.all_reduce_scalars(&mut scalars)?;
+        let target_tokens = scalars[0] as usize;
+        let mut reducer = Reducer::new(backend, self.comm, &self.layout, self.stage, model.params.len());
+        let mut loss_sum = 0.0;
+        for (j, b) in batches.iter().enumerate() {
+            reducer.reduce_now = j + 1 == batches.len() || self.stage == ZeroStage::Zero2;
+            let k = count_valid(&b.targets);
+            if b.rows > 0 {
+                let share = if target_tokens > 0 { k as f64 / target_tokens as f64 } else { 0.0 };
+                let loss = model.loss_and_streamed_grads(backend, b, share, opts, &mut |i, g| reducer.ready(i, g))?;
+                loss_sum += loss * k as f64;
+            }
+            reducer.finish_micro_step()?;
+        }
+        let mut scalars = [loss_sum];
+        self.comm.all_reduce_scalars(&mut scalars)?;
+        let mut loss = if target_tokens > 0 { scalars[0] / target_tokens as f64 } else { f64::NAN };
+        if poison_loss {
+            loss = f64::NAN;
+        }
+        let reduced = reducer.reduced;
+        let mut comm_wait = reducer.waited;
+        let grads: Vec<B::Buf> = self.pieces.iter().map(|p| backend.slice(reduced[p.bucket].as_ref().expect("every bucket is reduced"), p.shard_offset, p.len)).collect();
+        drop(reduced);
+        let mut sq = [grads.iter().map(|g| backend.sum_squares(g)).sum::<f64>()];
+        if self.sharded() {
+            self.comm.all_reduce_scalars(&mut sq)?;
+        }
+        let grad_norm = if loss.is_finite() { sq[0].sqrt() } else { f64::NAN };
+        if !grad_norm.is_finite() {
+            return Ok(StepResult { loss, target_tokens, grad_norm, applied: false, comm_wait });
+        }
+        let scale = max_grad_norm.map_or(1.0, |max| llama_cpt_ops::gradnorm::clip_scale(grad_norm, max));
+        let refs: Vec<Option<&B::Buf>> = grads.iter().map(Some).collect();
+        self.opt.update(backend, &mut model.params, &refs, lr, scale);
+        if self.sharded() {
+            comm_wait += self.gather_params(backend, &mut model.params)?;
+        }
+        Ok(StepResult { loss, target_tokens, grad_norm, applied: true, comm_wait })
+    }
+
+    /// ZeRO-1/2: every rank's updated masters → everyone's working parameters. Returns the time
+    /// spent waiting.
+    pub fn gather_params(&self, backend: &B, params: &mut [Param<B>]) -> Result<Duration> {
+        let world = self.world_size();
+        let mut pending: Vec<(usize, Pending<B::Buf>)> = Vec::new();
+        for (bi, b) in self.layout.buckets.iter().enumerate() {
+            let mut shard = backend.zeros(b.padded / world);
+            for (p, s) in self.pieces.iter().zip(&self.opt.segments).filter(|(p, _)| p.bucket == bi) {
+                backend.write_slice(&mut shard, p.shard_offset, s.master.as_ref().expect("sharded segments keep masters"));
+            }
+            pending.push((bi, self.comm.all_gather(shard)));
+        }
+        let t = Instant::now();
+        for (bi, p) in pending {
+            let full = p.wait()?;
+            let b = &self.layout.buckets[bi];
+            for ((&param, &off), &n) in b.params.iter().zip(&b.offsets).zip(&b.sizes) {
+                *params[param].value.buf_mut() = backend.slice(&full, off, n);
+            }
+        }
+        Ok(t.elapsed())
+    }
+}
+
+/// Collects one micro-step's gradients as the backward hands them over, launching each bucket's
+/// collective when its gradients are final (in bucket order), and accumulating the results.
+struct Reducer<'a, B: Backend> {
+    backend: &'a B,
+    comm: &'a dyn Communicator<B::Buf>,
+    layout: &'a Layout,
+    stage: ZeroStage,
+    /// Reduce at the end of this micro-step (else only accumulate locally).
+    reduce_now: bool,
+    /// Local gradients not yet handed to a collective.
+    local: Vec<Option<B::Buf>>,
+    /// Gradients of each bucket handed over in this micro-step.
+    arrived: Vec<usize>,
+    /// Next bucket to launch (collectives must be issued in the same order on every rank).
+    next: usize,
+    pending: Vec<(usize, Pending<B::Buf>)>,
+    /// Reduced gradients per bucket: the whole bucket (ZeRO-0) or this rank's slice (ZeRO-1/2).
+    reduced: Vec<Option<B::Buf>>,
+    waited: Duration,
+}
+
+impl<'a, B: Backend> Reducer<'a, B> {
+    fn new(backend: &'a B, comm: &'a dyn Communicator<B::Buf>, layout: &'a Layout, stage: ZeroStage, num_params: usize) -> Self {
+        let n = layout.buckets.len();
+        Reducer { backend, comm, layout, stage, reduce_now: false, local: vec![None; num_params], arrived: vec![0; n], next: 0, pending: vec![], reduced: vec![None; n], waited: Duration::ZERO }
+    }
+
+    fn ready(&mut self, param: usize, grad: B::Buf) {
+        let Some((bucket, _)) = self.layout.bucket_of[param] else { return };
+        match self.local[param].as_mut() {
+            Some(acc) => self.backend.add_assign(acc, &grad),
+            None => self.local[param] = Some(grad),
+        }
+        if self.reduce_now {
+            self.arrived[bucket] += 1;
+            while self.next < self.layout.buckets.len() && self.arrived[self.next] == self.layout.buckets[self.next].params.len() {
+                self.launch(self.next);
+            }
+        }
+    }
+
+    fn launch(&mut self, bi: usize) {
+        let b = &self.layout.buckets[bi];
+        let mut flat = self.backend.zeros(b.padded);
+        for (&p, &off) in b.params.iter().zip(&b.offsets) {
+            // A parameter the micro-batch never reached (an empty micro-batch) contributes zeros.
+            if let Some(g) = self.local[p].take() {
+                self.backend.write_slice(&mut flat, off, &g);
+            }
+        }
+        let pending = if self.stage == ZeroStage::Zero0 { self.comm.all_reduce(flat) } else { self.comm.reduce_scatter(flat) };
+        self.pending.push((bi, pending));
+        self.next = bi + 1;
+    }
+
+    /// Launches what is left (in order) and waits for this micro-step's collectives.
+    fn finish_micro_step(&mut self) -> Result<()> {
+        if !self.reduce_now {
+            return Ok(());
+        }
+        while self.next < self.layout.buckets.len() {
+            self.launch(self.next);
+        }
+        let t = Instant::now();
+        for (bi, p) in std::mem::take(&mut self.pending) {
+            let r = p.wait()?;
+            match self.reduced[bi].as_mut() {
+                Some(acc) => self.backend.add_assign(acc, &r),
+                None => self.reduced[bi] = Some(r),
+            }
+        }
+        self.waited += t.elapsed();
+        self.arrived.iter_mut().for_each(|a| *a = 0);
+        self.next = 0;
+        Ok(())
+    }
+}

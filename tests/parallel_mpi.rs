@@ -1,0 +1,254 @@
+//! Data parallelism for real: the `pretrain` binary under `mpirun` (several processes, MPI
+//! collectives), checked against one process. Needs `--features mpi` and Open MPI's `mpirun`
+//! (`.ci/run` installs both). Every run uses one rayon thread per rank so four ranks fit two cores.
+#![cfg(feature = "mpi")]
+
+use llama_cpt::dist::{Layout, ZeroStage};
+use llama_cpt::train::default_run;
+use llama_cpt_parallel::plan::step_payload;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Loss trajectories at any world size and ZeRO stage agree with one process within this relative
+/// error: only the order of f32 sums differs (measured: ≤ 5e-7).
+const LOSS_RTOL: f64 = 1e-5;
+/// Parameters after the run, max |Δ| relative to the tensor's max |p|. Adam divides each gradient
+/// by its own running RMS, so an element whose gradient is near zero — where summation order
+/// decides its sign — can move by up to lr per step either way; measured ≤ 8e-5 over 10 steps.
+const PARAM_RTOL: f32 = 5e-4;
+
+/// One MPI job at a time: the machine has two cores, and the fault test looks processes up by rank.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("parallel-mpi")
+}
+
+/// The embedded default's data and config, generated once for all tests.
+fn config() -> &'static Path {
+    static CONFIG: OnceLock<PathBuf> = OnceLock::new();
+    CONFIG.get_or_init(|| {
+        let base = root().join("data-src");
+        let _ = std::fs::remove_dir_all(&base);
+        default_run::prepare(&base, &[]).unwrap();
+        default_run::config_path(&base)
+    })
+}
+
+fn mpirun(np: usize, out: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new("mpirun");
+    c.args(["--oversubscribe", "--allow-run-as-root", "-np", &np.to_string(), "-x", "RAYON_NUM_THREADS=1", "-x", "RUST_BACKTRACE=0"]);
+    c.arg(env!("CARGO_BIN_EXE_pretrain")).arg("--config").arg(config()).arg("--set").arg(format!("run.out_dir={:?}", out.display().to_string()));
+    for s in ["run.eval_every=0", "run.log_every=1", "parallel.bucket_mib=0.05"].iter().chain(extra) {
+        c.args(["--set", s]);
+    }
+    c
+}
+
+fn run(np: usize, out: &Path, extra: &[&str]) -> Output {
+    let o = mpirun(np, out, extra).output().expect("mpirun (Open MPI) must be installed: apt-get install openmpi-bin libopenmpi-dev");
+    let text = String::from_utf8_lossy(&o.stderr).to_string() + &String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "mpirun -np {np} failed:\n{text}");
+    o
+}
+
+fn metrics(out: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn losses(out: &Path) -> Vec<(u64, f64)> {
+    metrics(out).iter().map(|m| (m["step"].as_u64().unwrap(), m["loss"].as_f64().unwrap())).collect()
+}
+
+fn final_params(out: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(out.join("stage-knowledge-replay/model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<(String, Vec<f32>)> = st.tensors().into_iter().map(|(n, t)| (n, t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn assert_losses_agree(what: &str, got: &[(u64, f64)], want: &[(u64, f64)]) -> f64 {
+    assert_eq!(got.len(), want.len(), "{what}: steps logged");
+    let mut worst: f64 = 0.0;
+    for ((s, a), (t, b)) in got.iter().zip(want) {
+        assert_eq!(s, t);
+        let rel = (a - b).abs() / b.abs();
+        assert!(rel <= LOSS_RTOL, "{what}: step {s} loss {a} vs {b} (relative {rel:.2e})");
+        worst = worst.max(rel);
+    }
+    worst
+}
+
+fn stage(z: usize) -> ZeroStage {
+    ZeroStage::ALL[z]
+}
+
+#[test]
+fn world_sizes_1_2_4_and_zero_stages_0_1_2_train_alike() {
+    let _serial = serial();
+    // 16 rows per step, 4 per micro-batch: 4, 2 and 1 micro-steps at 1, 2 and 4 ranks.
+    let common = ["stages.0.steps=6", "stages.1.steps=4", "data.micro_batch_rows=4"];
+    let reference = root().join("w1-z0");
+    let _ = std::fs::remove_dir_all(&reference);
+    let args = |z: usize| -> Vec<String> { common.iter().map(|s| s.to_string()).chain([format!("parallel.zero_stage={z}")]).collect() };
+    run(1, &reference, &args(0).iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    let want = losses(&reference);
+    let want_params = final_params(&reference);
+    let sizes: Vec<usize> = want_params.iter().map(|(_, v)| v.len()).collect();
+    let psi: usize = sizes.iter().sum();
+    let bucket_elems = (0.05 * 1024.0 * 1024.0 / 4.0) as usize;
+    let mut report = Vec::new();
+    for world in [1usize, 2, 4] {
+        for z in 0..3 {
+            let out = root().join(format!("w{world}-z{z}"));
+            if (world, z) != (1, 0) {
+                let _ = std::fs::remove_dir_all(&out);
+                run(world, &out, &args(z).iter().map(|s| s.as_str()).collect::<Vec<_>>());
+            }
+            let what = format!("{world} ranks, ZeRO-{z}");
+            let loss_err = assert_losses_agree(&what, &losses(&out), &want);
+            let mut param_err: f32 = 0.0;
+            for ((name, a), (_, b)) in final_params(&out).iter().zip(&want_params) {
+                let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let d = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
+                assert!(d <= PARAM_RTOL, "{what}: {name} differs by {d:.2e} of its max");
+                param_err = param_err.max(d);
+            }
+            if world == 1 {
+                // One rank: sharding changes nothing at all.
+                assert_eq!(param_err, 0.0, "{what}");
+            }
+            // Optimizer state as each rank measured it: 8Ψ replicated, 12Ψ/N sharded (each bucket
+            // padded to a multiple of N).
+            let m = metrics(&out);
+            let per_rank: Vec<u64> = m[0]["optimizer_state_bytes"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as u64).collect();
+            assert_eq!(per_rank.len(), world);
+            let layout = Layout::new(&sizes_in_model_order(&out), &vec![true; sizes.len()], bucket_elems, world);
+            let padded = layout.reduced_elems();
+            for &b in &per_rank {
+                if z == 0 {
+                    assert_eq!(b, 8 * psi as u64, "{what}");
+                } else {
+                    assert_eq!(b, 12 * (padded / world) as u64, "{what}");
+                    assert!((b as f64 - 12.0 * psi as f64 / world as f64).abs() <= 12.0 * layout.buckets.len() as f64, "{what}: {b} vs 12Ψ/N");
+                }
+            }
+            // Bytes handed to MPI per step, as the plan predicts them.
+            let micro = (16 / (world * 4)) as u64;
+            let predicted = step_payload(stage(z), padded as u64, world as u64, micro, 4, 4);
+            for rec in &m {
+                let c = &rec["comm_bytes"];
+                let counted = [c["all_reduce"].as_u64().unwrap(), c["reduce_scatter"].as_u64().unwrap(), c["all_gather"].as_u64().unwrap()];
+                let expect = if world == 1 { [0, 0, 0] } else { [predicted.all_reduce, predicted.reduce_scatter, predicted.all_gather] };
+                assert_eq!(counted, expect, "{what}: step {}", rec["step"]);
+            }
+            report.push(format!("{what}: loss ≤ {loss_err:.1e}, params ≤ {param_err:.1e}, optimizer bytes/rank {}", per_rank[0]));
+        }
+    }
+    eprintln!("{}", report.join("\n"));
+}
+
+/// Parameter sizes in model order (the safetensors listing is alphabetical).
+fn sizes_in_model_order(out: &Path) -> Vec<usize> {
+    let c = llama_cpt::config::LlamaConfig::from_file(&out.join("stage-knowledge-replay/config.json")).unwrap();
+    llama_cpt::model::param_specs(&c).iter().map(|(_, s)| s.iter().product()).collect()
+}
+
+#[test]
+fn a_checkpoint_from_4_ranks_resumes_at_2_and_3_ranks_and_other_zero_stages() {
+    let _serial = serial();
+    // 24 rows per step, 2 per micro-batch: divisible by 1, 2, 3 and 4 ranks.
+    let common = ["stages.0.steps=6", "stages.1.steps=4", "data.micro_batch_rows=2", "stages.0.global_batch_rows=24", "stages.1.global_batch_rows=24", "run.checkpoint_every=100"];
+    let with = |more: &[&str]| -> Vec<String> { common.iter().chain(more).map(|s| s.to_string()).collect() };
+    let full = root().join("reshard-full");
+    let _ = std::fs::remove_dir_all(&full);
+    run(4, &full, &strs(&with(&["parallel.zero_stage=1"])));
+    let want = losses(&full);
+    for (np, z) in [(2usize, 1usize), (3, 2), (3, 0)] {
+        let out = root().join(format!("reshard-{np}-{z}"));
+        let _ = std::fs::remove_dir_all(&out);
+        // Stop after step 4 (a checkpoint written by 4 ranks under ZeRO-1) ...
+        run(4, &out, &strs(&with(&["parallel.zero_stage=1", "run.stop_after_steps=4"])));
+        let manifest: Value = serde_json::from_str(&std::fs::read_to_string(out.join("checkpoints/step-00000004/optimizer.json")).unwrap()).unwrap();
+        assert_eq!(manifest["world_size"], 4);
+        assert_eq!(manifest["files"].as_array().unwrap().len(), 4, "every rank wrote its shard");
+        // ... then resume at another world size and stage.
+        let z_set = format!("parallel.zero_stage={z}");
+        run(np, &out, &strs(&with(&[&z_set])));
+        let what = format!("saved at 4 ranks ZeRO-1, resumed at {np} ranks ZeRO-{z}");
+        assert_losses_agree(&what, &losses(&out), &want);
+    }
+}
+
+#[test]
+fn a_rank_that_dies_or_stalls_stops_the_others_and_the_run_resumes() {
+    let _serial = serial();
+    let out = root().join("fault");
+    let _ = std::fs::remove_dir_all(&out);
+    let args = ["stages.0.steps=40", "stages.1.steps=4", "data.micro_batch_rows=4", "run.checkpoint_every=3", "parallel.timeout_s=5"];
+    for signal in ["STOP", "KILL"] {
+        let before = llama_cpt::train::checkpoint::complete_checkpoints(&out).unwrap();
+        let mut child = mpirun(2, &out, &args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        // Wait for a new checkpoint, then hit rank 1.
+        let t0 = Instant::now();
+        while llama_cpt::train::checkpoint::complete_checkpoints(&out).unwrap().last() == before.last() {
+            assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let Some(rank1) = rank_pid(&out, 1) else {
+            let _ = child.kill();
+            let o = child.wait_with_output().unwrap();
+            panic!("rank 1's process not found; the job said:\n{}", String::from_utf8_lossy(&o.stderr));
+        };
+        assert!(Command::new("kill").args([&format!("-{signal}"), &rank1.to_string()]).status().unwrap().success());
+        let t1 = Instant::now();
+        let o = child.wait_with_output().unwrap();
+        let waited = t1.elapsed();
+        let text = String::from_utf8_lossy(&o.stderr).to_string() + &String::from_utf8_lossy(&o.stdout);
+        assert!(!o.status.success(), "SIG{signal}: the job must fail:\n{text}");
+        assert!(waited < Duration::from_secs(60), "SIG{signal}: the others took {waited:?} to stop");
+        if signal == "STOP" {
+            // Rank 0 gave up on its own: the collective's timeout, with a message saying why.
+            assert!(text.contains("did not complete within 5 s"), "SIG{signal}:\n{text}");
+            let _ = Command::new("kill").args(["-KILL", &rank1.to_string()]).status();
+        }
+        eprintln!("SIG{signal} to rank 1: job stopped after {waited:.1?}");
+    }
+    // Resume from the last checkpoint and finish.
+    let before = llama_cpt::train::checkpoint::complete_checkpoints(&out).unwrap();
+    assert!(!before.is_empty());
+    let args_done: Vec<&str> = args.iter().copied().filter(|a| !a.starts_with("parallel.timeout_s")).collect();
+    run(2, &out, &args_done);
+    let steps: Vec<u64> = metrics(&out).iter().map(|m| m["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, (1..=44).collect::<Vec<_>>(), "every step logged once");
+    assert!(out.join("stage-knowledge-replay/model.safetensors").exists());
+}
+
+/// The pid of the `pretrain` process writing to `out` with the given MPI rank.
+fn rank_pid(out: &Path, rank: usize) -> Option<u32> {
+    let want = format!("OMPI_COMM_WORLD_RANK={rank}");
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&cmd);
+        if !cmd.contains(env!("CARGO_BIN_EXE_pretrain")) || !cmd.contains(&out.display().to_string()) {
+            continue;
+        }
+        let Ok(env) = std::fs::read(e.path().join("environ")) else { continue };
+        if env.split(|&b| b == 0).any(|kv| kv == want.as_bytes()) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(|s| s.as_str()).collect()
+}
