@@ -11,6 +11,7 @@ pub mod fsutil;
 pub mod tensor;
 pub mod model;
 pub mod weights;
+pub mod gguf;
 pub mod optim;
 #[cfg(feature = "cuda")] pub mod cuda;
 pub mod train;
