@@ -11,6 +11,7 @@ pub mod fsutil;
 pub mod tensor;
 pub mod model;
 pub mod weights;
+pub mod gguf;
 pub mod optim;
 pub mod dist;
 #[cfg(feature = "cuda")] pub mod cuda;
