@@ -394,3 +394,46 @@ fn allocator_is_warm_after_one_step_and_tracks_the_peak() {
     assert!(after.peak_in_use >= after.in_use && after.peak_in_use > 0);
     eprintln!("allocator after 4 steps: {after:?}");
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU and libnccl"]
+fn nccl_at_world_size_1_runs_the_data_parallel_path_like_one_process() {
+    use llama_cpt::dist::{DataParallel, ZeroStage};
+    use llama_cpt_parallel::{launch::Launch, Communicator, SingleProcess};
+    let g = gpu();
+    g.set_sync_each_launch(false);
+    let nccl = g.nccl(&Launch::single(), std::time::Duration::from_secs(60)).expect("NCCL communicator");
+    // The collectives themselves (identity at one rank), on poisoned-then-written buffers.
+    let x: Vec<f32> = (0..1000).map(|i| i as f32 * 0.5 - 3.0).collect();
+    for (name, got) in [
+        ("all-reduce", nccl.all_reduce(g.upload(&x)).wait().unwrap()),
+        ("reduce-scatter", nccl.reduce_scatter(g.upload(&x)).wait().unwrap()),
+        ("all-gather", nccl.all_gather(g.upload(&x)).wait().unwrap()),
+        ("broadcast", nccl.broadcast(g.upload(&x), 0).wait().unwrap()),
+    ] {
+        assert_eq!(g.download(&got), x, "{name}");
+    }
+    let mut s = [1.5, -2.0];
+    nccl.all_reduce_scalars(&mut s).unwrap();
+    assert_eq!(s, [1.5, -2.0]);
+    // A ZeRO-1 step through NCCL equals the same step through the single-process communicator.
+    let cfg = LlamaConfig::small(300, 128, 256, 2, 4, 2, false);
+    let tokens: Vec<u32> = (0..4 * 32).map(|i| (i * 11 % 300) as u32).collect();
+    let labels: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+    let batches = vec![Batch::from_rows(2, 32, tokens[..64].to_vec(), &labels[..64]), Batch::from_rows(2, 32, tokens[64..].to_vec(), &labels[64..])];
+    let single = SingleProcess::default();
+    let mut results = Vec::new();
+    for comm in [&nccl as &dyn Communicator<_>, &single] {
+        let mut model = Llama::random(&g, cfg.clone(), 5);
+        let trainable = vec![true; model.params.len()];
+        let mut dp = DataParallel::new(&g, comm, &model.params, &trainable, ZeroStage::Zero1, 20_000, AdamWConfig { lr: 1e-3, ..Default::default() });
+        let mut losses = Vec::new();
+        for _ in 0..3 {
+            losses.push(dp.step(&g, &mut model, &batches, StepOptions::default(), 1e-3, Some(1.0), false).unwrap().loss);
+        }
+        results.push((losses, model.params.iter().map(|p| g.download(&p.value.buf)).collect::<Vec<_>>()));
+    }
+    assert_eq!(results[0].0, results[1].0, "losses");
+    assert!(results[0].1 == results[1].1, "parameters after 3 steps");
+    eprintln!("nccl world 1: losses {:?}", results[0].0);
+}

@@ -14,6 +14,7 @@
 //! simple f32 attention kernels; `LLAMA_CPT_CUDA_SYNC=1` synchronises and checks after every launch.
 pub mod alloc;
 pub mod gemm;
+pub mod nccl;
 
 pub use alloc::{CudaBuf, MemStats};
 pub use gemm::GemmPrecision;
@@ -249,6 +250,11 @@ impl Cuda {
         p.stats.peak_in_use = p.stats.in_use;
         p.stats.peak_reserved = p.stats.reserved;
     }
+    /// An NCCL communicator of this device for the ranks of `launch` (also at world size 1, to
+    /// test the NCCL path on one GPU).
+    pub fn nccl(&self, launch: &llama_cpt_parallel::launch::Launch, timeout: std::time::Duration) -> Result<nccl::Nccl> {
+        nccl::Nccl::new(self.inner.home.clone(), launch, timeout)
+    }
     /// Waits for all queued work; surfaces asynchronous kernel errors.
     pub fn synchronize(&self) -> Result<()> {
         self.bind();
@@ -458,6 +464,29 @@ impl Backend for Cuda {
         })
     }
 
+    /// NCCL between processes (one GPU each, the local rank's).
+    fn communicator(&self, launch: &llama_cpt_parallel::launch::Launch, timeout: std::time::Duration) -> Result<Box<dyn llama_cpt_parallel::Communicator<CudaBuf>>> {
+        if launch.world_size == 1 {
+            return Ok(Box::new(llama_cpt_parallel::SingleProcess::default()));
+        }
+        Ok(Box::new(self.nccl(launch, timeout)?))
+    }
+    fn slice(&self, buf: &CudaBuf, start: usize, len: usize) -> CudaBuf {
+        assert!(start + len <= buf.len, "slice [{start}, {}) of {} elements", start + len, buf.len);
+        self.bind();
+        let out = self.alloc(len);
+        if len > 0 {
+            unsafe { result::memcpy_dtod_async(out.ptr, buf.ptr + 4 * start as u64, 4 * len, self.stream()) }.expect("device copy");
+        }
+        out
+    }
+    fn write_slice(&self, dst: &mut CudaBuf, start: usize, src: &CudaBuf) {
+        assert!(start + src.len <= dst.len, "write [{start}, {}) into {} elements", start + src.len, dst.len);
+        self.bind();
+        if src.len > 0 {
+            unsafe { result::memcpy_dtod_async(dst.ptr + 4 * start as u64, src.ptr, 4 * src.len, self.stream()) }.expect("device copy");
+        }
+    }
     fn upload(&self, data: &[f32]) -> CudaBuf {
         self.upload_raw(data)
     }
