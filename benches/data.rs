@@ -55,7 +55,7 @@ fn corpus(work: &Path) -> PathBuf {
 
 fn train_tokenizer(work: &Path, texts: &[String]) -> PathBuf {
     let p = work.join("tokenizer.json");
-    llama_cpt::train::default_run::train_bpe_tokenizer(&p, texts, 8000).unwrap();
+    llama_cpt::train::default_run::train_bpe_tokenizer(&p, texts, 8000, false).unwrap();
     p
 }
 

@@ -939,7 +939,7 @@ pub fn train_base_tokenizer(kind: TokenizerKind, texts: &[String], vocab_size: u
             let dir = std::env::temp_dir().join(format!("llama-cpt-bpe-{}-{:?}", std::process::id(), std::thread::current().id()));
             std::fs::create_dir_all(&dir)?;
             let p = dir.join("tokenizer.json");
-            crate::train::default_run::train_bpe_tokenizer(&p, texts, vocab_size)?;
+            crate::train::default_run::train_bpe_tokenizer(&p, texts, vocab_size, false)?;
             let t = Tokenizer::from_file(&p).map_err(|e| anyhow!("{e}"))?;
             let _ = std::fs::remove_dir_all(&dir);
             Ok(t)

@@ -1,5 +1,5 @@
 //! Packing + ordering + loader on synthetic data with unique token ids: round trip at several
-//! world sizes, resume, determinism, all-masked rows.
+//! world sizes, resume, determinism, all-masked rows — in both packing modes.
 mod data_common;
 
 use std::collections::HashMap;
@@ -9,7 +9,7 @@ use data_common::*;
 use llama_cpt::batch::Batch;
 use llama_cpt::data::order::Catalog;
 use llama_cpt::data::prepare::write_subset;
-use llama_cpt::data::{Loader, LoaderConfig, LoaderState, Ordering};
+use llama_cpt::data::{Loader, LoaderConfig, LoaderState, Ordering, Packing};
 use llama_cpt_ops::IGNORE_INDEX;
 
 const VOCAB: u64 = 1 << 20; // > 65,536: u32 tokens on disk
@@ -58,6 +58,7 @@ fn cfg(ws: usize, rank: usize, m: usize) -> LoaderConfig {
         rank,
         seed: 42,
         ordering: Ordering::Bucket { bins: 3 },
+        packing: Packing::Concat,
         max_epochs: Some(1),
         prefetch: 2,
         pad_id: 0,
@@ -130,9 +131,69 @@ fn round_trip_every_token_once_at_world_sizes_1_2_3_8() {
 }
 
 #[test]
+fn whole_docs_never_splits_a_document_that_fits_at_world_sizes_1_2_4() {
+    let d = data("whole", false);
+    let total: usize = d.docs.iter().map(|x| x.0.len()).sum();
+    assert!(d.docs.iter().any(|x| x.0.len() > 64) && d.docs.iter().any(|x| x.0.len() <= 64));
+    let mut reference: Option<Vec<Vec<u32>>> = None;
+    for (ws, m) in [(1, 1), (1, 4), (2, 3), (4, 1), (4, 2)] {
+        let c = LoaderConfig { packing: Packing::WholeDocs, ..cfg(ws, 0, m) };
+        let per_rank = run_all(&d, &c);
+        let mut seen = vec![0u32; d.where_.len() + 1];
+        for b in per_rank.iter().flatten() {
+            for t in check_batch(b, &d.where_, &d.docs) {
+                seen[t as usize] += 1;
+            }
+            for w in b.cu_seqlens.windows(2) {
+                let (s, e) = (w[0] as usize, w[1] as usize);
+                if b.tokens[s] == 0 {
+                    continue; // padding
+                }
+                let (doc, p0) = d.where_[&b.tokens[s]];
+                let len = d.docs[doc].0.len();
+                if len <= 64 {
+                    assert_eq!((p0, e - s), (0, len), "ws {ws}: document {doc} ({len} tokens) was split");
+                } else {
+                    assert_eq!((p0 % 64, e - s), (0, (len - p0).min(64)), "ws {ws}: long document {doc} not cut into 64-token pieces");
+                }
+            }
+        }
+        // No token is lost: each is fed once, except the one-token tail of a long document when the
+        // next document does not fit beside it — that row has no target and is skipped, and the
+        // token was already the target of the row before.
+        let targets: std::collections::HashSet<i32> = per_rank.iter().flatten().flat_map(|b| b.targets.iter().copied()).collect();
+        for (t, &n) in seen.iter().enumerate().skip(1) {
+            let (doc, p) = d.where_[&(t as u32)];
+            let ok = n == 1 || (n == 0 && p + 1 == d.docs[doc].0.len() && p % 64 == 0 && targets.contains(&(t as i32)));
+            assert!(ok, "ws {ws} m {m}: token {t} (document {doc}, position {p}) fed {n} times");
+        }
+        let rows = global_rows(&per_rank, c.micro_steps());
+        // A row is padded only when the document that starts the next row did not fit in it.
+        for pair in rows.windows(2) {
+            let pad = pair[0].iter().rev().take_while(|&&t| t == 0).count();
+            if pad > 0 {
+                let (doc, p0) = d.where_[&pair[1][0]];
+                assert!(p0 == 0 && d.docs[doc].0.len() > pad, "a row was padded although the next document fitted");
+            }
+        }
+        assert!(rows.len() > total.div_ceil(64), "whole_docs should pad some rows");
+        match &reference {
+            None => reference = Some(rows),
+            Some(r) => assert_eq!(r, &rows, "global order differs at world size {ws}, micro {m}"),
+        }
+    }
+}
+
+#[test]
 fn resume_exactly_at_another_world_size() {
     let d = data("resume", true);
-    let base = LoaderConfig { max_epochs: None, ordering: Ordering::Shuffle, ..cfg(1, 0, 1) };
+    for packing in [Packing::Concat, Packing::WholeDocs] {
+        resume_exactly(&d, LoaderConfig { max_epochs: None, ordering: Ordering::Shuffle, packing, ..cfg(1, 0, 1) });
+    }
+}
+
+/// 30 global batches in one go vs. in three legs at world sizes 2, 3 and 8.
+fn resume_exactly(d: &Data, base: LoaderConfig) {
     // Reference: one rank, 30 global batches (several epochs: the stream is endless).
     let reference = {
         let mut l = Loader::with_catalog(d.cat.clone(), base.clone(), None).unwrap();
@@ -164,7 +225,7 @@ fn resume_exactly_at_another_world_size() {
     }
     assert_eq!(state.as_ref().unwrap().global_batches, 30);
     assert!(state.as_ref().unwrap().epoch >= 1);
-    assert_eq!(rows, reference);
+    assert_eq!(rows, reference, "{:?}", base.packing);
 }
 
 #[test]
@@ -183,6 +244,13 @@ fn mid_batch_state_resumes_only_at_same_world_size() {
     let other = LoaderConfig { world_size: 4, rank: 0, micro_batch_rows: 1, ..c.clone() };
     let err = Loader::with_catalog(d.cat.clone(), other, Some(st.clone())).err().expect("must refuse");
     assert!(err.to_string().contains("middle of a global batch"), "{err}");
+    let other_packing = LoaderConfig { packing: Packing::WholeDocs, ..c.clone() };
+    let err = Loader::with_catalog(d.cat.clone(), other_packing, Some(st.clone())).err().expect("must refuse");
+    assert!(err.to_string().contains("packing"), "{err}");
+    // A state saved before packing modes existed has no `packing` key: it was concat.
+    let mut old = serde_json::to_value(&st).unwrap();
+    old.as_object_mut().unwrap().remove("packing").unwrap();
+    assert_eq!(serde_json::from_value::<LoaderState>(old).unwrap(), st);
     let other_seed = LoaderConfig { seed: 7, ..c };
     assert!(Loader::with_catalog(d.cat.clone(), other_seed, Some(st)).is_err());
 }
@@ -190,23 +258,28 @@ fn mid_batch_state_resumes_only_at_same_world_size() {
 #[test]
 fn all_masked_rows_are_skipped_and_counted() {
     let d = data("masked", true);
-    let c = LoaderConfig { seq_len: 64, ..cfg(1, 0, 1) };
-    let per_rank = run_all(&d, &c);
-    let mut fed = 0usize;
-    for b in &per_rank[0] {
-        for r in 0..b.rows {
-            assert!(b.targets[r * 64..(r + 1) * 64].iter().any(|&t| t != IGNORE_INDEX), "an all-masked row was fed");
-        }
-        fed += check_batch(b, &d.where_, &d.docs).len();
-    }
-    let mut l = Loader::with_catalog(d.cat.clone(), c, None).unwrap();
-    while l.next_micro_batch().unwrap().is_some() {}
-    let skipped = l.skipped_rows();
-    assert!(skipped >= 3, "the 300-token all-masked document must produce skipped rows, got {skipped}");
-    assert_eq!(l.stats().skipped_rows, skipped);
     let total: usize = d.docs.iter().map(|x| x.0.len()).sum();
-    // Every token is either fed or inside a skipped (full, unpadded) row.
-    assert!(fed + skipped as usize * 64 >= total && fed + (skipped as usize - 1) * 64 < total);
+    for packing in [Packing::Concat, Packing::WholeDocs] {
+        let c = LoaderConfig { seq_len: 64, packing, ..cfg(1, 0, 1) };
+        let per_rank = run_all(&d, &c);
+        let mut fed = 0usize;
+        for b in &per_rank[0] {
+            for r in 0..b.rows {
+                assert!(b.targets[r * 64..(r + 1) * 64].iter().any(|&t| t != IGNORE_INDEX), "{packing:?}: an all-masked row was fed");
+            }
+            fed += check_batch(b, &d.where_, &d.docs).len();
+        }
+        let mut l = Loader::with_catalog(d.cat.clone(), c, None).unwrap();
+        while l.next_micro_batch().unwrap().is_some() {}
+        let skipped = l.skipped_rows();
+        assert!(skipped >= 3, "{packing:?}: the 300-token all-masked document must produce skipped rows, got {skipped}");
+        assert_eq!(l.stats().skipped_rows, skipped);
+        // Every token is either fed or inside a skipped row (full and unpadded in concat).
+        assert!(fed + skipped as usize * 64 >= total, "{packing:?}");
+        if packing == Packing::Concat {
+            assert!(fed + (skipped as usize - 1) * 64 < total);
+        }
+    }
 }
 
 #[test]

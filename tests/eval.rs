@@ -30,7 +30,7 @@ fn model_dir() -> &'static PathBuf {
             texts.extend(std::fs::read_to_string(fixtures().join(f)).unwrap().lines().map(String::from));
         }
         texts.push("The following are multiple choice questions (with answers) about astronomy. Answer: A B C D 以下是关于的单项选择题，请直接给出正确答案的选项。答案：".into());
-        default_run::train_bpe_tokenizer(&dir.join("tokenizer.json"), &texts, 600).unwrap();
+        default_run::train_bpe_tokenizer(&dir.join("tokenizer.json"), &texts, 600, false).unwrap();
         let tok = TextTokenizer::load(&dir.join("tokenizer.json"), &SpecialTokenOptions::default()).unwrap();
         let vocab = (tok.vocab_size as usize).div_ceil(64) * 64;
         let mut config = LlamaConfig::small(vocab, 64, 128, 2, 4, 2, false);

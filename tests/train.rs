@@ -1,6 +1,6 @@
 //! The trainer end to end on the embedded default (shortened): exact resume after stops and
-//! after kill -9, NaN skipping, prompt masking in the replay stage, and the output loading in
-//! transformers.
+//! after kill -9, NaN skipping, prompt masking in the replay stage, validation bits per
+//! character, the loss plot, and the output loading in transformers.
 mod common;
 use llama_cpt::cpu::Cpu;
 use llama_cpt::model::Llama;
@@ -267,4 +267,55 @@ fn a_vocabulary_extended_model_trains_with_only_its_embeddings_unfrozen() {
             assert!(same, "{} changed although frozen", a.name);
         }
     }
+}
+
+#[test]
+fn validation_bits_per_character_are_logged_fall_and_match_evaluate() {
+    use llama_cpt::config::LlamaConfig;
+    use llama_cpt::data::tokenizer::TextTokenizer;
+    use llama_cpt::eval::ppl;
+    let out = fresh("val-bpc");
+    let cfg = config(&out, &["run.eval_every=5"]);
+    train::run(&Cpu, &cfg, &AtomicBool::new(false)).unwrap();
+    // Logged at steps 5, 6 (the end of stage 1) and 10, in metrics.jsonl and TensorBoard.
+    let logged: Vec<(u64, f64)> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| v["val_bpc"]["heldout-text"].as_f64().map(|b| (v["step"].as_u64().unwrap(), b)))
+        .collect();
+    assert_eq!(logged.iter().map(|x| x.0).collect::<Vec<_>>(), [5, 6, 10], "{logged:?}");
+    let tb = common::run_python("read_tensorboard.py", &[&out.join("tensorboard")]);
+    let tb_steps: Vec<u64> = tb.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).filter(|v| v["tag"] == "val_bpc/heldout-text").map(|v| v["step"].as_u64().unwrap()).collect();
+    assert_eq!(tb_steps, [5, 6, 10], "{tb}");
+    // The number is what `evaluate --text` gives for the stage's model (windows of seq_len).
+    let texts_path = prepared().join("data/heldout-text.jsonl");
+    let (texts, issues) = ppl::read_texts(&texts_path).unwrap();
+    assert!(issues.is_empty() && texts.len() == 32);
+    let model_dir = out.join("stage-knowledge-replay");
+    let tok = TextTokenizer::for_model(&model_dir, None).unwrap();
+    let (len, rows) = (cfg.data.seq_len, cfg.data.micro_batch_rows);
+    let final_bpc = ppl::score_texts(&Llama::load(&Cpu, &model_dir).unwrap(), &Cpu, &tok, &texts, len, len * rows).unwrap().bits_per_char;
+    // (serde_json reads floats back to within an ulp.)
+    assert!((final_bpc - logged[2].1).abs() <= 1e-12 * final_bpc, "step 10's val_bpc {} differs from evaluate's bits per character {final_bpc}", logged[2].1);
+    // And it falls: from the untrained model (the run's initialisation) through training.
+    let untrained = Llama::random(&Cpu, LlamaConfig::from_file(cfg.model.config.as_ref().unwrap()).unwrap(), cfg.model.seed);
+    let before = ppl::score_texts(&untrained, &Cpu, &tok, &texts, len, len * rows).unwrap().bits_per_char;
+    println!("validation bits per character: untrained {before:.4}, steps 5/6/10: {:.4} {:.4} {:.4}", logged[0].1, logged[1].1, logged[2].1);
+    assert!(logged[0].1 < 0.9 * before && logged[2].1 < logged[0].1, "bits per character did not fall: {before} then {logged:?}");
+}
+
+#[test]
+fn each_run_draws_a_readable_loss_plot() {
+    // The reference run wrote loss.png at the end of each stage.
+    let png = reference().join("loss.png");
+    let img = image::open(&png).unwrap_or_else(|e| panic!("{}: not a readable PNG: {e}", png.display())).to_rgb8();
+    assert_eq!(img.dimensions(), (960, 540));
+    let count = |c: [u8; 3]| img.pixels().filter(|p| p.0 == c).count();
+    // Not blank: the training curve's colour, both stage bands, and text or axes in dark pixels.
+    assert!(count([31, 119, 180]) > 200, "no training-loss line");
+    assert!(count([232, 240, 252]) > 10_000 && count([252, 244, 226]) > 10_000, "no shading for the two stages");
+    let dark = img.pixels().filter(|p| p.0.iter().all(|&x| x < 90)).count();
+    assert!(dark > 500, "no axes or text ({dark} dark pixels)");
+    assert!(!reference().join(".loss-tmp.png").exists(), "the temporary file was left behind");
 }

@@ -4,7 +4,6 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use llama_cpt::backend::Backend;
 use llama_cpt::device::{on_device, OnBackend};
-use llama_cpt::data::corpus::{read_corpus, CorpusOptions};
 use llama_cpt::data::tokenizer::TextTokenizer;
 use llama_cpt::eval::{mc, ppl};
 use llama_cpt::model::Llama;
@@ -61,12 +60,7 @@ fn run<B: Backend>(backend: &B, a: &Args) -> Result<()> {
     let mut results = serde_json::Map::new();
     for spec in &a.texts {
         let (name, path) = spec.split_once('=').with_context(|| format!("--text {spec}: expected NAME=PATH"))?;
-        let mut issues = Vec::new();
-        let mut texts = Vec::new();
-        read_corpus(path.as_ref(), &CorpusOptions::default(), &mut issues, |d| {
-            texts.push(format!("{}{}", d.source, d.target));
-            Ok(())
-        })?;
+        let (texts, issues) = ppl::read_texts(path.as_ref())?;
         for i in &issues {
             eprintln!("{name}: skipped {}:{}: {:?} {}", i.file.display(), i.line.unwrap_or(0), i.kind, i.detail);
         }

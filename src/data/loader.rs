@@ -10,7 +10,8 @@
 //! any world size with the same `global_batch_rows`.
 //!
 //! With `max_epochs = None` the stream is endless (epoch after epoch, rows cut across epoch
-//! boundaries, nothing dropped). With `Some(n)` the stream ends after epoch `n - 1`: the last row
+//! boundaries, nothing dropped; `packing` decides whether documents may straddle rows). With
+//! `Some(n)` the stream ends after epoch `n - 1`: the last row
 //! is padded, and the last global batch may be short; each rank still gets exactly
 //! `G / (W·m)` micro-batches for it, but they may hold fewer than `m` rows, or none
 //! (`rows == 0`, `cu_seqlens == [0]`). After it, every rank's `next_micro_batch` returns `None`.
@@ -25,6 +26,7 @@ use anyhow::{anyhow, bail, ensure, Result};
 
 use super::order::Catalog;
 pub use super::order::Ordering;
+pub use super::pack::Packing;
 use super::pack::{materialize, row_has_loss, RowSpec, Stream};
 use crate::batch::Batch;
 
@@ -53,11 +55,13 @@ pub struct LoaderConfig {
     pub rank: usize,
     pub seed: u64,
     pub ordering: Ordering,
+    /// Whether documents may straddle rows ([`Packing`]).
+    pub packing: Packing,
     /// `None`: endless. `Some(n)`: stop after `n` epochs.
     pub max_epochs: Option<u64>,
     /// Micro-batches prepared ahead on the background thread.
     pub prefetch: usize,
-    /// Token id of padding (only the last row of a finite stream is ever padded).
+    /// Token id of padding (row ends in `WholeDocs` packing, the last row of a finite stream).
     pub pad_id: u32,
     /// Hash every shard when opening (reads all data once).
     pub verify_checksums: bool,
@@ -73,6 +77,7 @@ impl Default for LoaderConfig {
             rank: 0,
             seed: 0,
             ordering: Ordering::Bucket { bins: 8 },
+            packing: Packing::Concat,
             max_epochs: None,
             prefetch: 4,
             pad_id: 0,
@@ -129,6 +134,9 @@ pub struct LoaderState {
     pub world_size: usize,
     pub micro_batch_rows: usize,
     pub ordering: Ordering,
+    /// Absent in states written before packing modes existed: those were `Concat`.
+    #[serde(default)]
+    pub packing: Packing,
     /// [`Catalog::fingerprint`] as hex.
     pub data_fingerprint: String,
 }
@@ -207,20 +215,23 @@ impl Loader {
                 world_size: cfg.world_size,
                 micro_batch_rows: cfg.micro_batch_rows,
                 ordering: cfg.ordering,
+                packing: cfg.packing,
                 data_fingerprint: fp.clone(),
             },
             Some(s) => {
                 ensure!(s.version == 1, "loader state version {} not supported", s.version);
                 ensure!(s.seed == cfg.seed, "loader state has seed {}, config {}", s.seed, cfg.seed);
                 ensure!(
-                    s.seq_len == cfg.seq_len && s.global_batch_rows == cfg.global_batch_rows && s.ordering == cfg.ordering,
-                    "loader state was taken with seq_len {}, global_batch_rows {}, ordering {:?}; the config has {}, {}, {:?}",
+                    s.seq_len == cfg.seq_len && s.global_batch_rows == cfg.global_batch_rows && s.ordering == cfg.ordering && s.packing == cfg.packing,
+                    "loader state was taken with seq_len {}, global_batch_rows {}, ordering {:?}, packing {:?}; the config has {}, {}, {:?}, {:?}",
                     s.seq_len,
                     s.global_batch_rows,
                     s.ordering,
+                    s.packing,
                     cfg.seq_len,
                     cfg.global_batch_rows,
-                    cfg.ordering
+                    cfg.ordering,
+                    cfg.packing
                 );
                 ensure!(
                     s.data_fingerprint == fp,
@@ -260,6 +271,7 @@ impl Loader {
         let stream = Stream::seek(
             self.catalog.clone(),
             self.cfg.ordering,
+            self.cfg.packing,
             self.cfg.seed,
             self.cfg.max_epochs,
             self.cfg.seq_len,

@@ -1,8 +1,13 @@
 //! Packing documents into rows of `seq_len` tokens, and rows into [`Batch`]es.
 //!
-//! The token stream is the concatenation of the documents in epoch order, epoch after epoch.
-//! Row `r` is tokens `[r·L, (r+1)·L)` of that stream: no token is dropped; a document longer than
-//! the space left in a row continues at the start of the next row.
+//! The documents come in epoch order, epoch after epoch, and fill rows one after the other; no
+//! token is dropped. How a row ends depends on [`Packing`]:
+//! * [`Packing::Concat`] (default): row `r` is tokens `[r·L, (r+1)·L)` of the concatenated
+//!   stream; a document longer than the space left in a row continues at the start of the next.
+//! * [`Packing::WholeDocs`]: a document that fits in a row never straddles rows. When it does not
+//!   fit in the space left, the row is padded and the document starts the next row; a document
+//!   longer than `L` starts a fresh row and is cut into pieces of `L` tokens (its last piece is
+//!   followed by the next documents as usual).
 //!
 //! Inside a [`Batch`]:
 //! * every fragment of a document is its own `cu_seqlens` segment, and row boundaries are always
@@ -14,8 +19,10 @@
 //!   `IGNORE_INDEX` otherwise — in particular at each document's last token (it would predict the
 //!   next document). The last token of a row whose document continues in the next row *does*
 //!   predict that continuation token (no token is wasted as a target);
-//! * only at the very end of a finite stream (`max_epochs`) is a row padded: pad tokens have
-//!   target `IGNORE_INDEX`, position 0, 1, … and their own segment.
+//! * padding (at the end of a row in `WholeDocs`, and at the very end of a finite stream) has
+//!   target `IGNORE_INDEX`, positions 0, 1, … and its own segment. (A `WholeDocs` row holding only
+//!   the one-token last piece of a long document has no target; the loader skips it like any
+//!   all-masked row — that token was the target of the row before.)
 use std::sync::Arc;
 
 use anyhow::{ensure, Result};
@@ -23,6 +30,19 @@ use llama_cpt_ops::IGNORE_INDEX;
 
 use super::order::{epoch_order, order_tokens, Catalog, DocRef, Ordering};
 use crate::batch::Batch;
+
+/// How documents are laid into rows (`data.packing` in the trainer config).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Packing {
+    /// Rows are consecutive `seq_len` slices of the concatenated documents: no padding, but any
+    /// document may be cut in two.
+    #[default]
+    Concat,
+    /// A document that fits in a row is never cut (QA/SFT records keep their prompt): rows are
+    /// padded instead. Longer documents are cut into `seq_len` pieces.
+    WholeDocs,
+}
 
 /// Tokens `[start, end)` of one document.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,6 +106,7 @@ pub fn materialize(cat: &Catalog, rows: &[RowSpec], seq_len: usize, pad_id: u32)
 pub struct Stream {
     cat: Arc<Catalog>,
     ordering: Ordering,
+    packing: Packing,
     seed: u64,
     max_epochs: Option<u64>,
     seq_len: usize,
@@ -103,15 +124,24 @@ impl Stream {
     pub fn seek(
         cat: Arc<Catalog>,
         ordering: Ordering,
+        packing: Packing,
         seed: u64,
         max_epochs: Option<u64>,
         seq_len: usize,
         row: u64,
     ) -> Result<Stream> {
         ensure!(seq_len > 0, "seq_len must be positive");
+        // Concat: row r starts at token r·L of the stream, found arithmetically. WholeDocs: where
+        // a row starts depends on the padding before it, so the rows are walked from the start
+        // below (document lengths only, once per resume).
+        let (start_row, mut skip) = match packing {
+            Packing::Concat => (row, row as u128 * seq_len as u128),
+            Packing::WholeDocs => (0, 0),
+        };
         let mut s = Stream {
             cat,
             ordering,
+            packing,
             seed,
             max_epochs,
             seq_len,
@@ -119,10 +149,9 @@ impl Stream {
             order: Vec::new(),
             idx: 0,
             offset: 0,
-            row,
+            row: start_row,
             ended: false,
         };
-        let mut skip = row as u128 * seq_len as u128;
         loop {
             if s.max_epochs.is_some_and(|m| s.epoch >= m) {
                 s.ended = true;
@@ -148,6 +177,7 @@ impl Stream {
                 skip = 0;
             }
         }
+        while s.row < row && s.next_row()?.is_some() {}
         Ok(s)
     }
 
@@ -182,6 +212,9 @@ impl Stream {
             }
             let d = self.order[self.idx];
             let len = self.cat.doc_len(d);
+            if self.packing == Packing::WholeDocs && filled > 0 && len - self.offset > self.seq_len - filled {
+                break; // it does not fit: pad this row, the document starts the next one
+            }
             let take = (len - self.offset).min(self.seq_len - filled);
             frags.push(Fragment { doc: d, start: self.offset as u32, end: (self.offset + take) as u32 });
             filled += take;

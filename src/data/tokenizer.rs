@@ -149,8 +149,14 @@ impl TextTokenizer {
     /// or the directory's tokenizer.json, BOS as the tokenizer and config.json say, no EOS.
     pub fn for_model(model_dir: &Path, tokenizer: Option<&Path>) -> Result<TextTokenizer> {
         let path = tokenizer.map_or_else(|| model_dir.join("tokenizer.json"), Path::to_path_buf);
-        let opts = SpecialTokenOptions { model_config: Some(model_dir.join("config.json")), add_bos: None, add_eos: Some(false) };
-        Self::load(&path, &opts)
+        Self::for_inference(&path, &model_dir.join("config.json"))
+    }
+
+    /// As [`TextTokenizer::for_model`] with the two files named (the trainer's validation, before
+    /// any model directory exists).
+    pub fn for_inference(tokenizer_json: &Path, model_config: &Path) -> Result<TextTokenizer> {
+        let opts = SpecialTokenOptions { model_config: Some(model_config.to_path_buf()), add_bos: None, add_eos: Some(false) };
+        Self::load(tokenizer_json, &opts)
     }
 
     pub fn inner(&self) -> &Tokenizer {

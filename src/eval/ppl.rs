@@ -3,9 +3,11 @@
 //! differ, such as a base model and its vocabulary-extended successor.
 use crate::backend::Backend;
 use crate::batch::Batch;
+use crate::data::corpus::{read_corpus, CorpusOptions, Issue};
 use crate::data::tokenizer::TextTokenizer;
 use crate::model::Llama;
 use anyhow::Result;
+use std::path::Path;
 use llama_cpt_ops::IGNORE_INDEX;
 use serde::Serialize;
 
@@ -19,6 +21,17 @@ pub struct TextScore {
     pub perplexity: f64,
     pub bits_per_token: f64,
     pub bits_per_char: f64,
+}
+
+/// The documents of a text set — a JSONL (`{"text"}`, or `source` + `target`) or `.txt` file or
+/// folder, read as `prepare-data` reads it — and what was skipped.
+pub fn read_texts(path: &Path) -> Result<(Vec<String>, Vec<Issue>)> {
+    let (mut texts, mut issues) = (Vec::new(), Vec::new());
+    read_corpus(path, &CorpusOptions::default(), &mut issues, |d| {
+        texts.push(format!("{}{}", d.source, d.target));
+        Ok(())
+    })?;
+    Ok((texts, issues))
 }
 
 /// Scores `texts`: each document is tokenized (with BOS if the tokenizer adds one), cut into

@@ -1,6 +1,7 @@
 //! The training configuration (TOML), with `--set key.path=value` overrides. Relative paths are
 //! resolved against the config file's folder. Unknown keys and bad values are errors that name
 //! the key's path (`stages[1].lr`).
+use crate::data::Packing;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -77,11 +78,14 @@ pub struct DataConfig {
     pub ordering: String,
     /// Bins per sub-dataset for bucket ordering.
     pub bins: usize,
+    /// "concat" (default: rows cut the concatenated documents) or "whole_docs" (a document that
+    /// fits in a row never straddles rows; for QA/SFT records).
+    pub packing: Packing,
 }
 
 impl Default for DataConfig {
     fn default() -> Self {
-        DataConfig { seq_len: 4096, micro_batch_rows: 1, seed: 42, ordering: "bucket".into(), bins: 8 }
+        DataConfig { seq_len: 4096, micro_batch_rows: 1, seed: 42, ordering: "bucket".into(), bins: 8, packing: Packing::Concat }
     }
 }
 
@@ -168,6 +172,11 @@ pub struct RunConfig {
     pub eval_every: u64,
     #[serde(default = "default_eval_batches")]
     pub eval_batches: usize,
+    /// Validation: held-out text sets (JSONL `{"text"}` / `source`+`target`, or `.txt`, file or
+    /// folder; named by their file stem) scored for bits per character every `eval_every` steps,
+    /// as `evaluate --text` scores them (windows of `data.seq_len` tokens).
+    #[serde(default)]
+    pub eval_texts: Vec<PathBuf>,
     /// Stop (with a checkpoint) after this many global steps — for tests and time-boxed runs.
     #[serde(default)]
     pub stop_after_steps: Option<u64>,
@@ -178,6 +187,13 @@ pub struct RunConfig {
 
 fn default_eval_batches() -> usize {
     4
+}
+
+impl RunConfig {
+    /// `eval_texts` with their names (file stem, or folder name).
+    pub fn eval_text_sets(&self) -> Vec<(String, PathBuf)> {
+        self.eval_texts.iter().map(|p| (p.file_stem().map_or_else(|| p.display().to_string(), |s| s.to_string_lossy().into_owned()), p.clone())).collect()
+    }
 }
 
 impl Default for RunConfig {
@@ -191,6 +207,7 @@ impl Default for RunConfig {
             eval_datasets: vec![],
             eval_every: 0,
             eval_batches: default_eval_batches(),
+            eval_texts: vec![],
             stop_after_steps: None,
             inject_nan_at_steps: vec![],
         }
@@ -266,6 +283,7 @@ impl TrainConfig {
         for d in self.stages.iter_mut().flat_map(|s| s.datasets.iter_mut()).chain(self.run.eval_datasets.iter_mut()) {
             fix(&mut d.dir);
         }
+        self.run.eval_texts.iter_mut().for_each(fix);
         fix(&mut self.run.out_dir);
     }
 
@@ -332,6 +350,15 @@ impl TrainConfig {
         if !(self.parallel.bucket_mib > 0.0 && self.parallel.bucket_mib.is_finite()) || self.parallel.timeout_s == 0 {
             bail!("key `parallel.bucket_mib` and `parallel.timeout_s` must be positive");
         }
+        let sets = self.run.eval_text_sets();
+        for (i, (name, _)) in sets.iter().enumerate() {
+            if sets[..i].iter().any(|(n, _)| n == name) {
+                bail!("key `run.eval_texts[{i}]`: another text set is also named {name:?} (sets are named by their file stem)");
+            }
+        }
+        if !sets.is_empty() && self.model.tokenizer.is_none() && self.model.from.is_none() {
+            bail!("key `run.eval_texts`: scoring text needs a tokenizer; set `model.tokenizer`");
+        }
         if self.run.keep_checkpoints == 0 {
             bail!("key `run.keep_checkpoints` must be at least 1");
         }
@@ -378,6 +405,7 @@ mod tests {
     #[test]
     fn parses_resolves_and_overrides() {
         let c = TrainConfig::parse(GOOD, "t.toml", Path::new("/base"), &["stages.1.lr=5e-5".into(), "run.out_dir=out".into()]).unwrap();
+        assert_eq!(c.data.packing, Packing::Concat, "the default packing");
         assert_eq!(c.stages[1].lr, 5e-5);
         assert_eq!(c.run.out_dir, PathBuf::from("/base/out"));
         assert_eq!(c.stages[0].datasets[0].dir, PathBuf::from("/base/d1"));
@@ -393,6 +421,15 @@ mod tests {
         let bad_val = GOOD.replace("seq_len = 64", "seq_len = \"long\"");
         let e = format!("{:#}", TrainConfig::parse(&bad_val, "t.toml", Path::new("."), &[]).unwrap_err());
         assert!(e.contains("data.seq_len"), "{e}");
+        let e = format!("{:#}", TrainConfig::parse(GOOD, "t.toml", Path::new("."), &["data.packing=whole".into()]).unwrap_err());
+        assert!(e.contains("data.packing") && e.contains("whole_docs"), "{e}");
+        let c = TrainConfig::parse(GOOD, "t.toml", Path::new("."), &["data.packing=whole_docs".into()]).unwrap();
+        assert_eq!(c.data.packing, Packing::WholeDocs);
+        let texts = r#"run.eval_texts=["a/heldout.jsonl", "b/heldout"]"#.to_string();
+        let e = format!("{:#}", TrainConfig::parse(GOOD, "t.toml", Path::new("."), &[texts, "model.tokenizer=t.json".into()]).unwrap_err());
+        assert!(e.contains("run.eval_texts[1]") && e.contains("\"heldout\""), "{e}");
+        let e = format!("{:#}", TrainConfig::parse(GOOD, "t.toml", Path::new("."), &[r#"run.eval_texts=["x.jsonl"]"#.into()]).unwrap_err());
+        assert!(e.contains("run.eval_texts") && e.contains("model.tokenizer"), "{e}");
         let e = format!("{:#}", TrainConfig::parse(GOOD, "t.toml", Path::new("."), &["stages.0.lr=-1".into()]).unwrap_err());
         assert!(e.contains("stages[0].lr"), "{e}");
         let e = format!("{:#}", TrainConfig::parse(GOOD, "t.toml", Path::new("."), &["stages.0.tokens=5".into()]).unwrap_err());

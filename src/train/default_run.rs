@@ -12,6 +12,7 @@ use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 use std::path::{Path, PathBuf};
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::processors::{sequence::Sequence, template::TemplateProcessing};
 use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, TokenizerBuilder};
 
 const PEOPLE: [&str; 16] = ["Alda", "Boren", "Cima", "Dovik", "Elsa", "Farro", "Gint", "Hessa", "Ilo", "Jura", "Kesh", "Lumi", "Moro", "Nessa", "Orin", "Pavo"];
@@ -41,17 +42,43 @@ fn story(rng: &mut StdRng) -> String {
     sentences.join(" ")
 }
 
+/// One question about the invented world.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorldQuestion {
+    /// "Where does Alda live?"
+    pub question: String,
+    /// The answer as a sentence: "Alda lives in Quist."
+    pub sentence: String,
+    /// The short answer: "Quist".
+    pub answer: &'static str,
+    /// Every possible answer of this kind of question (the towns, …), the right one included:
+    /// where multiple-choice alternatives come from.
+    pub pool: &'static [&'static str],
+}
+
+/// Question `kind` (0 home town, 1 food, 2 pet, 3 workplace) about person `i`.
+pub fn world_question(i: usize, kind: usize) -> WorldQuestion {
+    let (p, t, f, pet, w) = facts(i);
+    let (question, sentence, answer, pool): (_, _, _, &'static [&'static str]) = match kind {
+        0 => (format!("Where does {p} live?"), format!("{p} lives in {t}."), t, &TOWNS),
+        1 => (format!("What does {p} like?"), format!("{p} likes {f}."), f, &FOODS),
+        2 => (format!("What does {p} keep?"), format!("{p} keeps {pet}."), pet, &PETS),
+        _ => (format!("Where does {p} work?"), format!("{p} works at {w}."), w, &PLACES),
+    };
+    WorldQuestion { question, sentence, answer, pool }
+}
+
+/// Every question about the world: each person, each kind (64).
+pub fn world_questions() -> Vec<WorldQuestion> {
+    (0..PEOPLE.len()).flat_map(|i| (0..4).map(move |k| world_question(i, k))).collect()
+}
+
 /// A question/answer record: `source` is the prompt (no loss), `target` the answer.
 fn qa(rng: &mut StdRng) -> serde_json::Value {
     let i = rng.gen_range(0..PEOPLE.len());
-    let (p, t, f, pet, w) = facts(i);
-    let (q, a) = match rng.gen_range(0..4) {
-        0 => (format!("Where does {p} live?"), format!("{p} lives in {t}.")),
-        1 => (format!("What does {p} like?"), format!("{p} likes {f}.")),
-        2 => (format!("What does {p} keep?"), format!("{p} keeps {pet}.")),
-        _ => (format!("Where does {p} work?"), format!("{p} works at {w}.")),
-    };
-    serde_json::json!({"source": format!("Question: {q}\nAnswer:"), "target": format!(" {a}"), "category": "world"})
+    // An i32 draw, as this always was: the generated corpus stays the same.
+    let q = world_question(i, rng.gen_range(0..4i32) as usize);
+    serde_json::json!({"source": format!("Question: {}\nAnswer:", q.question), "target": format!(" {}", q.sentence), "category": "world"})
 }
 
 fn write_jsonl(path: &Path, lines: impl Iterator<Item = serde_json::Value>) -> Result<()> {
@@ -61,7 +88,10 @@ fn write_jsonl(path: &Path, lines: impl Iterator<Item = serde_json::Value>) -> R
 }
 
 /// Trains a byte-level BPE tokenizer (with `<s>` = 0 and `</s>` = 1) on `texts` and saves it.
-pub fn train_bpe_tokenizer(path: &Path, texts: &[String], vocab_size: usize) -> Result<()> {
+/// With `prepend_bos` its post-processor adds `<s>` as LLaMA's does, so that inference
+/// (`TextTokenizer::for_model`: evaluate, generate, the trainer's bits per character) starts
+/// texts with BOS like the training data.
+pub fn train_bpe_tokenizer(path: &Path, texts: &[String], vocab_size: usize, prepend_bos: bool) -> Result<()> {
     let mut trainer = BpeTrainerBuilder::new()
         .vocab_size(vocab_size)
         .min_frequency(2)
@@ -78,6 +108,16 @@ pub fn train_bpe_tokenizer(path: &Path, texts: &[String], vocab_size: usize) -> 
         .build()
         .map_err(|e| anyhow!("building a tokenizer: {e}"))?;
     tok.train(&mut trainer, texts.iter()).map_err(|e| anyhow!("training the tokenizer: {e}"))?;
+    if prepend_bos {
+        let bos = TemplateProcessing::builder()
+            .try_single("<s> $A")
+            .and_then(|b| b.try_pair("<s> $A <s> $B"))
+            .map_err(|e| anyhow!("a BOS template: {e}"))?
+            .special_tokens(vec![("<s>", 0)])
+            .build()
+            .map_err(|e| anyhow!("a BOS template: {e}"))?;
+        tok.with_post_processor(Some(Sequence::new(vec![ByteLevel::default().into(), bos.into()])));
+    }
     tok.save(path, true).map_err(|e| anyhow!("writing {}: {e}", path.display()))
 }
 
@@ -92,12 +132,14 @@ pub fn prepare(out: &Path, overrides: &[String]) -> Result<TrainConfig> {
     let qas: Vec<serde_json::Value> = (0..1200).map(|_| qa(&mut rng)).collect();
     write_jsonl(&data.join("raw/world/stories.jsonl"), stories.iter().map(|s| serde_json::json!({"text": s})))?;
     write_jsonl(&data.join("raw/heldout/stories.jsonl"), heldout.iter().map(|s| serde_json::json!({"text": s})))?;
+    // A few of the held-out stories as text, scored for bits per character during training.
+    write_jsonl(&data.join("heldout-text.jsonl"), heldout[..32].iter().map(|s| serde_json::json!({"text": s})))?;
     write_jsonl(&data.join("raw/qa/qa.jsonl"), qas.iter().cloned())?;
 
     let tok_path = data.join("tokenizer.json");
     let mut texts = stories.clone();
     texts.extend(qas.iter().map(|q| format!("{}{}", q["source"].as_str().unwrap(), q["target"].as_str().unwrap())));
-    train_bpe_tokenizer(&tok_path, &texts, 448)?;
+    train_bpe_tokenizer(&tok_path, &texts, 448, true)?;
     let tok = TextTokenizer::load(&tok_path, &SpecialTokenOptions { model_config: None, add_bos: Some(true), add_eos: Some(true) })?;
     let vocab = (tok.vocab_size as usize).div_ceil(64) * 64;
     for name in ["world", "qa", "heldout"] {
@@ -160,6 +202,7 @@ checkpoint_every = 25
 keep_checkpoints = 2
 log_every = 10
 eval_datasets = [{{ dir = "{heldout}" }}]
+eval_texts = ["{heldout_text}"]
 eval_every = 30
 eval_batches = 4
 "#,
@@ -168,6 +211,7 @@ eval_batches = 4
         world = shards.join("world").display(),
         qa = shards.join("qa").display(),
         heldout = shards.join("heldout").display(),
+        heldout_text = data.join("heldout-text.jsonl").display(),
         out = out.display(),
     );
     crate::fsutil::write_atomic(&config_path(out), text.as_bytes())?;

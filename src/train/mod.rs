@@ -1,16 +1,20 @@
 //! The continual pre-training loop: stages run back to back, each with its own data, schedule and
 //! frozen set; gradient accumulation to a global batch; AdamW with clipping; non-finite steps
-//! skipped; resumable checkpoints; metrics as JSONL and a progress bar.
+//! skipped; resumable checkpoints; metrics as JSONL, TensorBoard events, a loss plot
+//! (`loss.png`) and a progress bar.
 pub mod checkpoint;
 pub mod config;
 pub mod default_run;
+pub mod plot;
 pub mod schedule;
 pub mod tensorboard;
 
 use crate::backend::{AdamWConfig, Backend};
 use crate::batch::Batch;
 use crate::config::LlamaConfig;
+use crate::data::tokenizer::TextTokenizer;
 use crate::data::{Loader, LoaderConfig, Ordering, SubsetSpec};
+use crate::eval;
 use crate::model::{Llama, StepOptions};
 use crate::dist::DataParallel;
 use llama_cpt_parallel::{Communicator, SingleProcess, TrafficCount};
@@ -54,6 +58,7 @@ fn loader_config(cfg: &TrainConfig, stage_index: usize, rank: usize, world_size:
         // Each stage orders its data with its own seed.
         seed: d.seed.wrapping_add(stage_index as u64),
         ordering: if d.ordering == "shuffle" { Ordering::Shuffle } else { Ordering::Bucket { bins: d.bins } },
+        packing: d.packing,
         max_epochs: None,
         ..LoaderConfig::default()
     }
@@ -104,11 +109,16 @@ impl Metrics {
     fn log(&mut self, v: serde_json::Value) -> Result<()> {
         writeln!(self.file, "{v}").context("writing metrics.jsonl")?;
         let step = v["step"].as_u64().unwrap_or(0);
-        let scalars: Vec<(&str, f64)> = ["loss", "lr", "grad_norm", "tokens_per_s", "flops_per_s", "val_loss", "skipped_steps"]
+        let mut scalars: Vec<(String, f64)> = ["loss", "lr", "grad_norm", "tokens_per_s", "flops_per_s", "val_loss", "skipped_steps"]
             .iter()
-            .filter_map(|k| v[*k].as_f64().map(|x| (*k, x)))
+            .filter_map(|k| v[*k].as_f64().map(|x| (k.to_string(), x)))
             .collect();
-        self.events.scalars(step, &scalars)
+        // One TensorBoard tag per text set: `val_bpc/NAME`.
+        if let Some(sets) = v["val_bpc"].as_object() {
+            scalars.extend(sets.iter().filter_map(|(name, x)| x.as_f64().map(|x| (format!("val_bpc/{name}"), x))));
+        }
+        let tags: Vec<(&str, f64)> = scalars.iter().map(|(k, x)| (k.as_str(), *x)).collect();
+        self.events.scalars(step, &tags)
     }
 }
 
@@ -134,6 +144,53 @@ fn validate<B: Backend>(backend: &B, model: &Llama<B>, cfg: &TrainConfig, comm: 
     let mut totals = [sum, n as f64];
     comm.all_reduce_scalars(&mut totals)?;
     Ok((totals[1] > 0.0).then(|| totals[0] / totals[1]))
+}
+
+/// The held-out text sets of `run.eval_texts`, read once, with the tokenizer to score them.
+struct TextSets {
+    tok: TextTokenizer,
+    sets: Vec<(String, Vec<String>)>,
+}
+
+impl TextSets {
+    fn load(cfg: &TrainConfig, tokenizer: Option<&Path>) -> Result<Option<TextSets>> {
+        let named = cfg.run.eval_text_sets();
+        if named.is_empty() {
+            return Ok(None);
+        }
+        let tok_path = tokenizer.context("key `run.eval_texts`: no tokenizer (set `model.tokenizer`)")?;
+        let model_config = cfg.model.from.as_ref().map_or_else(|| cfg.model.config.clone().expect("validated"), |d| d.join("config.json"));
+        // The `evaluate` binary's tokenizer for this model (BOS as tokenizer and config say).
+        let tok = TextTokenizer::for_inference(tok_path, &model_config)?;
+        let mut sets = Vec::new();
+        for (name, path) in named {
+            let (texts, issues) = eval::ppl::read_texts(&path).with_context(|| format!("key `run.eval_texts`: reading {}", path.display()))?;
+            for i in &issues {
+                eprintln!("eval text set {name}: skipped {i}");
+            }
+            anyhow::ensure!(!texts.is_empty(), "key `run.eval_texts`: {} holds no document", path.display());
+            sets.push((name, texts));
+        }
+        Ok(Some(TextSets { tok, sets }))
+    }
+
+    /// Bits per character of each set, scored as `evaluate --text` does, windows of `seq_len`.
+    fn bits_per_char<B: Backend>(&self, backend: &B, model: &Llama<B>, cfg: &TrainConfig) -> Result<serde_json::Map<String, serde_json::Value>> {
+        let (len, rows) = (cfg.data.seq_len, cfg.data.micro_batch_rows);
+        let mut out = serde_json::Map::new();
+        for (name, texts) in &self.sets {
+            let s = eval::ppl::score_texts(model, backend, &self.tok, texts, len, len * rows)?;
+            out.insert(name.clone(), s.bits_per_char.into());
+        }
+        Ok(out)
+    }
+}
+
+/// Redraws `out/loss.png`. A plot that cannot be written is reported, not fatal: the run matters more.
+fn plot(out: &Path) {
+    if let Err(e) = plot::write_loss_png(out) {
+        eprintln!("warning: {e:#}");
+    }
 }
 
 fn line(bar: &ProgressBar, text: String) {
@@ -206,6 +263,7 @@ pub fn run_parallel<B: Backend>(backend: &B, comm: &dyn Communicator<B::Buf>, cf
         None => TrainerState::fresh(),
     };
     comm.barrier()?;
+    let text_sets = if leader { TextSets::load(cfg, tokenizer.as_deref())? } else { None };
     let mut metrics = if leader { Some(Metrics::open(out, state.global_step)?) } else { None };
     let c = &model.config;
     let fpt = flops_per_token(c, cfg.data.seq_len);
@@ -293,22 +351,32 @@ pub fn run_parallel<B: Backend>(backend: &B, comm: &dyn Communicator<B::Buf>, cf
                 "skipped_rows": loader.skipped_rows(), "loader_wait_s": loader.stats().wait.as_secs_f64(),
                 "world_size": world, "comm_wait_s": report.comm_wait.as_secs_f64(), "comm_bytes": traffic,
             });
-            if cfg.run.eval_every > 0 && (state.global_step % cfg.run.eval_every == 0 || state.stage_step == total) {
+            let evaluate = cfg.run.eval_every > 0 && (state.global_step % cfg.run.eval_every == 0 || state.stage_step == total);
+            if evaluate {
                 if let Some(v) = validate(backend, &model, cfg, comm)? {
                     record["val_loss"] = v.into();
                     if leader {
                         line(&bar, format!("step {}: validation loss {v:.4}", state.global_step));
                     }
                 }
+                // Rank 0 alone scores the text sets (no collectives inside).
+                if let Some(ts) = &text_sets {
+                    let bpc = ts.bits_per_char(backend, &model, cfg)?;
+                    let shown: Vec<String> = bpc.iter().map(|(n, v)| format!("{n} {:.4}", v.as_f64().unwrap_or(f64::NAN))).collect();
+                    line(&bar, format!("step {}: validation bits per character: {}", state.global_step, shown.join(", ")));
+                    record["val_bpc"] = bpc.into();
+                }
             }
-            if state.global_step % cfg.run.log_every == 0 || state.stage_step == total {
+            // A step with validation results is always logged.
+            let log_now = evaluate || state.global_step % cfg.run.log_every == 0 || state.stage_step == total;
+            if log_now {
                 // Measured optimizer-state bytes of every rank (one slot each, summed).
                 let mut per_rank = vec![0.0; world];
                 per_rank[rank] = dp.opt.state_bytes(backend) as f64;
                 comm.all_reduce_scalars(&mut per_rank)?;
                 record["optimizer_state_bytes"] = per_rank.into();
             }
-            if let (Some(metrics), true) = (metrics.as_mut(), state.global_step % cfg.run.log_every == 0 || state.stage_step == total) {
+            if let (Some(metrics), true) = (metrics.as_mut(), log_now) {
                 metrics.log(record)?;
                 if bar.is_hidden() {
                     eprintln!("step {} stage {} loss {loss:.4} lr {lr:.2e} grad_norm {:.3} {tok_s:.0} tok/s", state.global_step, stage.name, report.grad_norm);
@@ -326,6 +394,7 @@ pub fn run_parallel<B: Backend>(backend: &B, comm: &dyn Communicator<B::Buf>, cf
                 if stop_now {
                     bar.abandon();
                     if leader {
+                        plot(out);
                         eprintln!("stopped at step {}; checkpoint {} (run again to resume)", state.global_step, p.display());
                     }
                     return Ok(Outcome { final_model, interrupted: true, global_step: state.global_step, last_loss });
@@ -341,6 +410,9 @@ pub fn run_parallel<B: Backend>(backend: &B, comm: &dyn Communicator<B::Buf>, cf
                 std::fs::copy(t, stage_dir.join("tokenizer.json")).with_context(|| format!("copying {}", t.display()))?;
             }
             eprintln!("stage {:?} done: model written to {}", stage.name, stage_dir.display());
+        }
+        if leader {
+            plot(out);
         }
         final_model = Some(stage_dir);
         state.stage += 1;

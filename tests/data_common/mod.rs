@@ -18,7 +18,7 @@ pub fn tempdir(name: &str) -> PathBuf {
 /// tokenizer.json path (written into `dir`).
 pub fn train_tokenizer(dir: &Path, texts: &[String], vocab_size: usize) -> PathBuf {
     let p = dir.join("tokenizer.json");
-    llama_cpt::train::default_run::train_bpe_tokenizer(&p, texts, vocab_size).unwrap();
+    llama_cpt::train::default_run::train_bpe_tokenizer(&p, texts, vocab_size, false).unwrap();
     p
 }
 
