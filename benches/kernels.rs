@@ -43,7 +43,7 @@ fn cpu_benches(c: &mut Criterion) {
     let (mut p, grad, mut m, mut vv) = (rand_vec(n, 9), rand_vec(n, 10), vec![0.0; n], vec![0.0; n]);
     let cfg = AdamWConfig::default();
     g.throughput(Throughput::Bytes((7 * n * 4) as u64));
-    g.bench_function(format!("adamw {n}"), |b| b.iter(|| be.adamw_step(&mut p, &grad, &mut m, &mut vv, &cfg, 1e-4, 1, true, 1.0)));
+    g.bench_function(format!("adamw {n}"), |b| b.iter(|| be.adamw_step(&mut p, &grad, &mut m, &mut vv, &cfg, 1e-4, 1, true, 1.0, None)));
     g.finish();
 }
 
@@ -183,7 +183,7 @@ mod gpu {
                 shape: format!("{ADAM_N}"),
                 bytes: (7 * ADAM_N * 4) as f64,
                 flops: 0.0,
-                run: Box::new(move || be.adamw_step(p, gr, m, vv, &cfg, 1e-4, 3, true, 1.0)),
+                run: Box::new(move || be.adamw_step(p, gr, m, vv, &cfg, 1e-4, 3, true, 1.0, None)),
             });
             for prec in [GemmPrecision::F32, GemmPrecision::Tf32, GemmPrecision::Bf16] {
                 cases.push(Case {

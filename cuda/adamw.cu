@@ -1,11 +1,13 @@
-// Fused AdamW (as ops::adamw, torch's single-tensor path): f32 parameters ("master weights") and
-// moments, gradient multiplied by grad_scale (clipping), decoupled weight decay. The step-dependent
-// scalars are computed on the host exactly as the reference computes them.
+// Fused AdamW (as ops::adamw, torch's single-tensor path): f32 parameters or masters, f32 moments,
+// gradient multiplied by grad_scale (clipping), decoupled weight decay. The step-dependent scalars
+// are computed on the host exactly as the reference computes them. `adamw_step_bf16` also writes
+// the bf16 working parameter of each updated master in the same pass (mixed precision).
 #include "common.cuh"
 
-extern "C" __global__ void adamw_step(float* __restrict__ param, const float* __restrict__ grad, float* __restrict__ m, float* __restrict__ v,
-                                      unsigned long long n, float b1, float b2, float eps, float step_size, float bc2_sqrt,
-                                      float decay_factor, float grad_scale) {
+template <bool WORKING>
+__device__ __forceinline__ void adamw_impl(float* __restrict__ param, __nv_bfloat16* __restrict__ working, const float* __restrict__ grad,
+                                           float* __restrict__ m, float* __restrict__ v, unsigned long long n, float b1, float b2, float eps,
+                                           float step_size, float bc2_sqrt, float decay_factor, float grad_scale) {
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
         const float g = grad[i] * grad_scale;
         float p = param[i] * decay_factor;
@@ -15,7 +17,18 @@ extern "C" __global__ void adamw_step(float* __restrict__ param, const float* __
         const float denom = sqrtf(vi) / bc2_sqrt + eps;
         p -= step_size * (mi / denom);
         param[i] = p;
+        if (WORKING) working[i] = __float2bfloat16_rn(p);
         m[i] = mi;
         v[i] = vi;
     }
+}
+
+extern "C" __global__ void adamw_step(float* param, const float* grad, float* m, float* v, unsigned long long n, float b1, float b2, float eps,
+                                      float step_size, float bc2_sqrt, float decay_factor, float grad_scale) {
+    adamw_impl<false>(param, nullptr, grad, m, v, n, b1, b2, eps, step_size, bc2_sqrt, decay_factor, grad_scale);
+}
+
+extern "C" __global__ void adamw_step_bf16(float* master, __nv_bfloat16* working, const float* grad, float* m, float* v, unsigned long long n,
+                                           float b1, float b2, float eps, float step_size, float bc2_sqrt, float decay_factor, float grad_scale) {
+    adamw_impl<true>(master, working, grad, m, v, n, b1, b2, eps, step_size, bc2_sqrt, decay_factor, grad_scale);
 }

@@ -2,7 +2,8 @@
 // (the algorithm of ops::attention): tiled, online softmax, logsumexp saved for the backward, never
 // an S×S matrix in memory.
 //
-// Layouts (row-major, f32 in device memory): q, out, dout, dq [tokens, heads, D]; k, v, dk, dv
+// Layouts (row-major; f32 or bf16 in device memory, the storage type T of the entry point's
+// suffix _f32/_bf16; lse and delta always f32): q, out, dout, dq [tokens, heads, D]; k, v, dk, dv
 // [tokens, kv_heads, D]; lse, delta [tokens, heads]. Query head h reads key/value head
 // h / (heads / kv_heads) in place (no repeated K/V).
 //
@@ -18,7 +19,7 @@
 //                attn_bwd_dq_d{64,128}    grid (query tiles of 64, heads): dQ, no atomics
 //                attn_bwd_dkdv_d{64,128}  grid (key tiles of 64, kv_heads): dK, dV over every query
 //                                         head of the group, no atomics
-// Every other head_dim (even, <= 256) runs the simple f32 kernels attn_*_simple: one warp per
+// Every other head_dim (even, <= 256) runs the simple kernels attn_*_simple (f32 arithmetic): one warp per
 // (token, head), correct but slow.
 #include "common.cuh"
 
@@ -34,16 +35,16 @@ constexpr float LN2 = 0.6931471805599453f;
 
 extern __shared__ __align__(16) unsigned char smem[];
 
-// Rows [row0, row0 + R) of head h of a [tokens, nh, D] f32 tensor into shared bf16 [R][LD]; rows
+// Rows [row0, row0 + R) of head h of a [tokens, nh, D] tensor into shared bf16 [R][LD]; rows
 // at or past `limit` are zero.
-template <int R, int D, int LD>
-__device__ __forceinline__ void load_rows(bf16* dst, const float* __restrict__ src, int row0, int limit, int nh, int h) {
+template <int R, int D, int LD, typename T>
+__device__ __forceinline__ void load_rows(bf16* dst, const T* __restrict__ src, int row0, int limit, int nh, int h) {
     constexpr int C4 = D / 4;
     for (int idx = threadIdx.x; idx < R * C4; idx += THREADS) {
         const int r = idx / C4, c = (idx % C4) * 4;
         const int t = row0 + r;
         float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (t < limit) v = *reinterpret_cast<const float4*>(src + ((size_t)t * nh + h) * D + c);
+        if (t < limit) v = lcpt::load4(src + ((size_t)t * nh + h) * D + c, 0);
         uint2 p;
         p.x = lcpt::pack_bf16x2(v.x, v.y);
         p.y = lcpt::pack_bf16x2(v.z, v.w);
@@ -52,14 +53,14 @@ __device__ __forceinline__ void load_rows(bf16* dst, const float* __restrict__ s
 }
 
 // The same rows, transposed: dst[c][r], [D][LDT].
-template <int R, int D, int LDT>
-__device__ __forceinline__ void load_rows_t(bf16* dst, const float* __restrict__ src, int row0, int limit, int nh, int h) {
+template <int R, int D, int LDT, typename T>
+__device__ __forceinline__ void load_rows_t(bf16* dst, const T* __restrict__ src, int row0, int limit, int nh, int h) {
     constexpr int C4 = D / 4;
     for (int idx = threadIdx.x; idx < R * C4; idx += THREADS) {
         const int r = idx % R, c = (idx / R) * 4;  // consecutive threads: consecutive rows
         const int t = row0 + r;
         float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (t < limit) v = *reinterpret_cast<const float4*>(src + ((size_t)t * nh + h) * D + c);
+        if (t < limit) v = lcpt::load4(src + ((size_t)t * nh + h) * D + c, 0);
         dst[(c + 0) * LDT + r] = __float2bfloat16_rn(v.x);
         dst[(c + 1) * LDT + r] = __float2bfloat16_rn(v.y);
         dst[(c + 2) * LDT + r] = __float2bfloat16_rn(v.z);
@@ -85,9 +86,9 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&lo)[4],
     a[3] = lcpt::pack_bf16x2(hi[2], hi[3]);
 }
 
-template <int D>
-__device__ __forceinline__ void fwd_body(float* __restrict__ out, float* __restrict__ lse, const float* __restrict__ q, const float* __restrict__ k,
-                                         const float* __restrict__ v, const int4* __restrict__ tiles, int heads, int kv_heads, float scale_log2) {
+template <int D, typename T>
+__device__ __forceinline__ void fwd_body(T* __restrict__ out, float* __restrict__ lse, const T* __restrict__ q, const T* __restrict__ k,
+                                         const T* __restrict__ v, const int4* __restrict__ tiles, int heads, int kv_heads, float scale_log2) {
     constexpr int LD = D + 8, LDT = BN + 8;
     bf16* Qs = reinterpret_cast<bf16*>(smem);
     bf16* Ks = Qs + BM * LD;
@@ -178,18 +179,17 @@ __device__ __forceinline__ void fwd_body(float* __restrict__ out, float* __restr
         const int row = r ? row_b : row_a;
         if (row < s1) {
             const float inv = 1.f / l[r];
-            float* orow = out + ((size_t)row * heads + h) * D + tig * 2;
+            T* orow = out + ((size_t)row * heads + h) * D + tig * 2;
 #pragma unroll
-            for (int dt = 0; dt < D / 8; ++dt)
-                *reinterpret_cast<float2*>(orow + dt * 8) = make_float2(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
+            for (int dt = 0; dt < D / 8; ++dt) lcpt::store2(orow + dt * 8, o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
             if (tig == 0) lse[(size_t)row * heads + h] = (m[r] + log2f(l[r])) * LN2;
         }
     }
 }
 
-template <int D>
-__device__ __forceinline__ void bwd_dq_body(float* __restrict__ dq, const float* __restrict__ q, const float* __restrict__ k,
-                                            const float* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse,
+template <int D, typename T>
+__device__ __forceinline__ void bwd_dq_body(T* __restrict__ dq, const T* __restrict__ q, const T* __restrict__ k,
+                                            const T* __restrict__ v, const T* __restrict__ dout, const float* __restrict__ lse,
                                             const float* __restrict__ delta, const int4* __restrict__ tiles, int heads, int kv_heads, float scale,
                                             float scale_log2) {
     constexpr int LD = D + 8, LDT = BN + 8;
@@ -265,16 +265,16 @@ __device__ __forceinline__ void bwd_dq_body(float* __restrict__ dq, const float*
     for (int r = 0; r < 2; ++r) {
         const int row = r ? row_b : row_a;
         if (row < s1) {
-            float* dst = dq + ((size_t)row * heads + h) * D + tig * 2;
+            T* dst = dq + ((size_t)row * heads + h) * D + tig * 2;
 #pragma unroll
-            for (int dt = 0; dt < D / 8; ++dt) *reinterpret_cast<float2*>(dst + dt * 8) = make_float2(acc[dt][2 * r], acc[dt][2 * r + 1]);
+            for (int dt = 0; dt < D / 8; ++dt) lcpt::store2(dst + dt * 8, acc[dt][2 * r], acc[dt][2 * r + 1]);
         }
     }
 }
 
-template <int D>
-__device__ __forceinline__ void bwd_dkdv_body(float* __restrict__ dk, float* __restrict__ dv, const float* __restrict__ q, const float* __restrict__ k,
-                                              const float* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse,
+template <int D, typename T>
+__device__ __forceinline__ void bwd_dkdv_body(T* __restrict__ dk, T* __restrict__ dv, const T* __restrict__ q, const T* __restrict__ k,
+                                              const T* __restrict__ v, const T* __restrict__ dout, const float* __restrict__ lse,
                                               const float* __restrict__ delta, const int4* __restrict__ tiles, int heads, int kv_heads,
                                               float scale, float scale_log2) {
     constexpr int LD = D + 8, LDTQ = BMQ + 8;
@@ -363,12 +363,12 @@ __device__ __forceinline__ void bwd_dkdv_body(float* __restrict__ dk, float* __r
     for (int r = 0; r < 2; ++r) {
         const int key = r ? key_b : key_a;
         if (key < s1) {
-            float* dkr = dk + ((size_t)key * kv_heads + kvh) * D + tig * 2;
-            float* dvr = dv + ((size_t)key * kv_heads + kvh) * D + tig * 2;
+            T* dkr = dk + ((size_t)key * kv_heads + kvh) * D + tig * 2;
+            T* dvr = dv + ((size_t)key * kv_heads + kvh) * D + tig * 2;
 #pragma unroll
             for (int dt = 0; dt < D / 8; ++dt) {
-                *reinterpret_cast<float2*>(dkr + dt * 8) = make_float2(dka[dt][2 * r], dka[dt][2 * r + 1]);
-                *reinterpret_cast<float2*>(dvr + dt * 8) = make_float2(dva[dt][2 * r], dva[dt][2 * r + 1]);
+                lcpt::store2(dkr + dt * 8, dka[dt][2 * r], dka[dt][2 * r + 1]);
+                lcpt::store2(dvr + dt * 8, dva[dt][2 * r], dva[dt][2 * r + 1]);
             }
         }
     }
@@ -381,43 +381,47 @@ constexpr int MAXC = 8;  // head_dim / 32, rounded up
 
 using namespace lcpt_attn;
 
-#define LCPT_ATTN_INSTANCES(D)                                                                                                             \
-    extern "C" __global__ void __launch_bounds__(THREADS) attn_fwd_d##D(float* out, float* lse, const float* q, const float* k,           \
-                                                                         const float* v, const int4* tiles, int heads, int kv_heads,      \
-                                                                         float scale_log2) {                                              \
-        fwd_body<D>(out, lse, q, k, v, tiles, heads, kv_heads, scale_log2);                                                               \
+#define LCPT_ATTN_INSTANCES(D, S, T)                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(THREADS) attn_fwd_d##D##_##S(T* out, float* lse, const T* q, const T* k, const T* v,    \
+                                                                               const int4* tiles, int heads, int kv_heads,               \
+                                                                               float scale_log2) {                                       \
+        fwd_body<D, T>(out, lse, q, k, v, tiles, heads, kv_heads, scale_log2);                                                            \
     }                                                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(THREADS) attn_bwd_dq_d##D(float* dq, const float* q, const float* k, const float* v,     \
-                                                                            const float* dout, const float* lse, const float* delta,      \
-                                                                            const int4* tiles, int heads, int kv_heads, float scale,      \
-                                                                            float scale_log2) {                                           \
-        bwd_dq_body<D>(dq, q, k, v, dout, lse, delta, tiles, heads, kv_heads, scale, scale_log2);                                         \
+    extern "C" __global__ void __launch_bounds__(THREADS) attn_bwd_dq_d##D##_##S(T* dq, const T* q, const T* k, const T* v, const T* dout, \
+                                                                                  const float* lse, const float* delta,                  \
+                                                                                  const int4* tiles, int heads, int kv_heads,            \
+                                                                                  float scale, float scale_log2) {                       \
+        bwd_dq_body<D, T>(dq, q, k, v, dout, lse, delta, tiles, heads, kv_heads, scale, scale_log2);                                      \
     }                                                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(THREADS) attn_bwd_dkdv_d##D(float* dk, float* dv, const float* q, const float* k,        \
-                                                                              const float* v, const float* dout, const float* lse,        \
-                                                                              const float* delta, const int4* tiles, int heads,           \
-                                                                              int kv_heads, float scale, float scale_log2) {              \
-        bwd_dkdv_body<D>(dk, dv, q, k, v, dout, lse, delta, tiles, heads, kv_heads, scale, scale_log2);                                   \
+    extern "C" __global__ void __launch_bounds__(THREADS) attn_bwd_dkdv_d##D##_##S(T* dk, T* dv, const T* q, const T* k, const T* v,      \
+                                                                                    const T* dout, const float* lse, const float* delta, \
+                                                                                    const int4* tiles, int heads, int kv_heads,          \
+                                                                                    float scale, float scale_log2) {                     \
+        bwd_dkdv_body<D, T>(dk, dv, q, k, v, dout, lse, delta, tiles, heads, kv_heads, scale, scale_log2);                                \
     }
 
-LCPT_ATTN_INSTANCES(64)
-LCPT_ATTN_INSTANCES(128)
+#define LCPT_ATTN_D64(S, T) LCPT_ATTN_INSTANCES(64, S, T)
+#define LCPT_ATTN_D128(S, T) LCPT_ATTN_INSTANCES(128, S, T)
+LCPT_BOTH_TYPES(LCPT_ATTN_D64)
+LCPT_BOTH_TYPES(LCPT_ATTN_D128)
 
 // delta[r] = dout[r]·out[r] for r in [0, rows) (rows = tokens·heads), one warp per row.
-extern "C" __global__ void attn_delta(float* __restrict__ delta, const float* __restrict__ dout, const float* __restrict__ out,
+template <typename T>
+__device__ __forceinline__ void attn_delta_impl(float* __restrict__ delta, const T* __restrict__ dout, const T* __restrict__ out,
                                       unsigned long long rows, int d) {
     const unsigned long long r = (blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
     if (r >= rows) return;
     float acc = 0.f;
-    for (int c = lane; c < d; c += 32) acc += dout[r * d + c] * out[r * d + c];
+    for (int c = lane; c < d; c += 32) acc += lcpt::to_f(dout[r * d + c]) * lcpt::to_f(out[r * d + c]);
     acc = lcpt::warp_sum(acc);
     if (lane == 0) delta[r] = acc;
 }
 
 // doc_start[t] / doc_end[t]: the document of token t.
-extern "C" __global__ void attn_fwd_simple(float* __restrict__ out, float* __restrict__ lse, const float* __restrict__ q, const float* __restrict__ k,
-                                           const float* __restrict__ v, const int* __restrict__ doc_start, unsigned long long tokens, int heads,
+template <typename T>
+__device__ __forceinline__ void attn_fwd_simple_impl(T* __restrict__ out, float* __restrict__ lse, const T* __restrict__ q, const T* __restrict__ k,
+                                           const T* __restrict__ v, const int* __restrict__ doc_start, unsigned long long tokens, int heads,
                                            int kv_heads, int d, float scale) {
     const unsigned long long w = (blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
@@ -428,18 +432,18 @@ extern "C" __global__ void attn_fwd_simple(float* __restrict__ out, float* __res
 #pragma unroll
     for (int c = 0; c < MAXC; ++c) {
         const int x = lane + 32 * c;
-        qr[c] = x < d ? q[(i * heads + h) * d + x] : 0.f;
+        qr[c] = x < d ? lcpt::to_f(q[(i * heads + h) * d + x]) : 0.f;
         acc[c] = 0.f;
     }
     float m = -INFINITY, l = 0.f;
     for (unsigned long long j = doc_start[i]; j <= i; ++j) {
-        const float* kj = k + (j * kv_heads + kvh) * d;
-        const float* vj = v + (j * kv_heads + kvh) * d;
+        const T* kj = k + (j * kv_heads + kvh) * d;
+        const T* vj = v + (j * kv_heads + kvh) * d;
         float s = 0.f;
 #pragma unroll
         for (int c = 0; c < MAXC; ++c) {
             const int x = lane + 32 * c;
-            if (x < d) s += qr[c] * kj[x];
+            if (x < d) s += qr[c] * lcpt::to_f(kj[x]);
         }
         s = lcpt::warp_sum(s) * scale;
         const float m_new = fmaxf(m, s);
@@ -448,7 +452,7 @@ extern "C" __global__ void attn_fwd_simple(float* __restrict__ out, float* __res
 #pragma unroll
         for (int c = 0; c < MAXC; ++c) {
             const int x = lane + 32 * c;
-            acc[c] = acc[c] * alpha + (x < d ? p * vj[x] : 0.f);
+            acc[c] = acc[c] * alpha + (x < d ? p * lcpt::to_f(vj[x]) : 0.f);
         }
         m = m_new;
     }
@@ -456,13 +460,14 @@ extern "C" __global__ void attn_fwd_simple(float* __restrict__ out, float* __res
 #pragma unroll
     for (int c = 0; c < MAXC; ++c) {
         const int x = lane + 32 * c;
-        if (x < d) out[(i * heads + h) * d + x] = acc[c] * inv;
+        if (x < d) out[(i * heads + h) * d + x] = lcpt::from_f<T>(acc[c] * inv);
     }
     if (lane == 0) lse[i * heads + h] = m + logf(l);
 }
 
-extern "C" __global__ void attn_bwd_dq_simple(float* __restrict__ dq, const float* __restrict__ q, const float* __restrict__ k,
-                                              const float* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse,
+template <typename T>
+__device__ __forceinline__ void attn_bwd_dq_simple_impl(T* __restrict__ dq, const T* __restrict__ q, const T* __restrict__ k,
+                                              const T* __restrict__ v, const T* __restrict__ dout, const float* __restrict__ lse,
                                               const float* __restrict__ delta, const int* __restrict__ doc_start, unsigned long long tokens,
                                               int heads, int kv_heads, int d, float scale) {
     const unsigned long long w = (blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x) >> 5;
@@ -474,21 +479,21 @@ extern "C" __global__ void attn_bwd_dq_simple(float* __restrict__ dq, const floa
 #pragma unroll
     for (int c = 0; c < MAXC; ++c) {
         const int x = lane + 32 * c;
-        qr[c] = x < d ? q[(i * heads + h) * d + x] : 0.f;
-        dor[c] = x < d ? dout[(i * heads + h) * d + x] : 0.f;
+        qr[c] = x < d ? lcpt::to_f(q[(i * heads + h) * d + x]) : 0.f;
+        dor[c] = x < d ? lcpt::to_f(dout[(i * heads + h) * d + x]) : 0.f;
         acc[c] = 0.f;
     }
     const float li = lse[i * heads + h], di = delta[i * heads + h];
     for (unsigned long long j = doc_start[i]; j <= i; ++j) {
-        const float* kj = k + (j * kv_heads + kvh) * d;
-        const float* vj = v + (j * kv_heads + kvh) * d;
+        const T* kj = k + (j * kv_heads + kvh) * d;
+        const T* vj = v + (j * kv_heads + kvh) * d;
         float s = 0.f, dp = 0.f;
 #pragma unroll
         for (int c = 0; c < MAXC; ++c) {
             const int x = lane + 32 * c;
             if (x < d) {
-                s += qr[c] * kj[x];
-                dp += dor[c] * vj[x];
+                s += qr[c] * lcpt::to_f(kj[x]);
+                dp += dor[c] * lcpt::to_f(vj[x]);
             }
         }
         s = lcpt::warp_sum(s);
@@ -498,20 +503,21 @@ extern "C" __global__ void attn_bwd_dq_simple(float* __restrict__ dq, const floa
 #pragma unroll
         for (int c = 0; c < MAXC; ++c) {
             const int x = lane + 32 * c;
-            if (x < d) acc[c] += ds * kj[x];
+            if (x < d) acc[c] += ds * lcpt::to_f(kj[x]);
         }
     }
 #pragma unroll
     for (int c = 0; c < MAXC; ++c) {
         const int x = lane + 32 * c;
-        if (x < d) dq[(i * heads + h) * d + x] = acc[c];
+        if (x < d) dq[(i * heads + h) * d + x] = lcpt::from_f<T>(acc[c]);
     }
 }
 
 // One warp per (key token j, kv head): sums over the group's query heads and the queries j.. of
 // j's document.
-extern "C" __global__ void attn_bwd_dkdv_simple(float* __restrict__ dk, float* __restrict__ dv, const float* __restrict__ q,
-                                                const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ dout,
+template <typename T>
+__device__ __forceinline__ void attn_bwd_dkdv_simple_impl(T* __restrict__ dk, T* __restrict__ dv, const T* __restrict__ q,
+                                                const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
                                                 const float* __restrict__ lse, const float* __restrict__ delta, const int* __restrict__ doc_end,
                                                 unsigned long long tokens, int heads, int kv_heads, int d, float scale) {
     const unsigned long long w = (blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x) >> 5;
@@ -523,22 +529,22 @@ extern "C" __global__ void attn_bwd_dkdv_simple(float* __restrict__ dk, float* _
 #pragma unroll
     for (int c = 0; c < MAXC; ++c) {
         const int x = lane + 32 * c;
-        kr[c] = x < d ? k[(j * kv_heads + kvh) * d + x] : 0.f;
-        vr[c] = x < d ? v[(j * kv_heads + kvh) * d + x] : 0.f;
+        kr[c] = x < d ? lcpt::to_f(k[(j * kv_heads + kvh) * d + x]) : 0.f;
+        vr[c] = x < d ? lcpt::to_f(v[(j * kv_heads + kvh) * d + x]) : 0.f;
         dka[c] = dva[c] = 0.f;
     }
     const unsigned long long end = doc_end[j];
     for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
         for (unsigned long long i = j; i < end; ++i) {
-            const float* qi = q + (i * heads + h) * d;
-            const float* doi = dout + (i * heads + h) * d;
+            const T* qi = q + (i * heads + h) * d;
+            const T* doi = dout + (i * heads + h) * d;
             float s = 0.f, dp = 0.f;
 #pragma unroll
             for (int c = 0; c < MAXC; ++c) {
                 const int x = lane + 32 * c;
                 if (x < d) {
-                    s += qi[x] * kr[c];
-                    dp += doi[x] * vr[c];
+                    s += lcpt::to_f(qi[x]) * kr[c];
+                    dp += lcpt::to_f(doi[x]) * vr[c];
                 }
             }
             s = lcpt::warp_sum(s);
@@ -549,8 +555,8 @@ extern "C" __global__ void attn_bwd_dkdv_simple(float* __restrict__ dk, float* _
             for (int c = 0; c < MAXC; ++c) {
                 const int x = lane + 32 * c;
                 if (x < d) {
-                    dva[c] += p * doi[x];
-                    dka[c] += ds * qi[x];
+                    dva[c] += p * lcpt::to_f(doi[x]);
+                    dka[c] += ds * lcpt::to_f(qi[x]);
                 }
             }
         }
@@ -559,8 +565,28 @@ extern "C" __global__ void attn_bwd_dkdv_simple(float* __restrict__ dk, float* _
     for (int c = 0; c < MAXC; ++c) {
         const int x = lane + 32 * c;
         if (x < d) {
-            dk[(j * kv_heads + kvh) * d + x] = dka[c];
-            dv[(j * kv_heads + kvh) * d + x] = dva[c];
+            dk[(j * kv_heads + kvh) * d + x] = lcpt::from_f<T>(dka[c]);
+            dv[(j * kv_heads + kvh) * d + x] = lcpt::from_f<T>(dva[c]);
         }
     }
 }
+
+#define LCPT_ATTN_SIMPLE(S, T)                                                                                                       \
+    extern "C" __global__ void attn_delta_##S(float* delta, const T* dout, const T* out, unsigned long long rows, int d) {          \
+        attn_delta_impl<T>(delta, dout, out, rows, d);                                                                              \
+    }                                                                                                                                \
+    extern "C" __global__ void attn_fwd_simple_##S(T* out, float* lse, const T* q, const T* k, const T* v, const int* doc_start,    \
+                                                   unsigned long long tokens, int heads, int kv_heads, int d, float scale) {       \
+        attn_fwd_simple_impl<T>(out, lse, q, k, v, doc_start, tokens, heads, kv_heads, d, scale);                                   \
+    }                                                                                                                                \
+    extern "C" __global__ void attn_bwd_dq_simple_##S(T* dq, const T* q, const T* k, const T* v, const T* dout, const float* lse,   \
+                                                      const float* delta, const int* doc_start, unsigned long long tokens,        \
+                                                      int heads, int kv_heads, int d, float scale) {                              \
+        attn_bwd_dq_simple_impl<T>(dq, q, k, v, dout, lse, delta, doc_start, tokens, heads, kv_heads, d, scale);                     \
+    }                                                                                                                                \
+    extern "C" __global__ void attn_bwd_dkdv_simple_##S(T* dk, T* dv, const T* q, const T* k, const T* v, const T* dout,            \
+                                                        const float* lse, const float* delta, const int* doc_end,                 \
+                                                        unsigned long long tokens, int heads, int kv_heads, int d, float scale) { \
+        attn_bwd_dkdv_simple_impl<T>(dk, dv, q, k, v, dout, lse, delta, doc_end, tokens, heads, kv_heads, d, scale);                 \
+    }
+LCPT_BOTH_TYPES(LCPT_ATTN_SIMPLE)

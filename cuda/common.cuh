@@ -54,3 +54,43 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a
 }
 
 }  // namespace lcpt
+
+// ---- Storage types ----------------------------------------------------------------------------
+// Activations and parameters are stored as `float` (f32 training) or `__nv_bfloat16` (mixed
+// precision); every kernel computes in f32. Kernels are templates over the storage type T, and
+// each entry point exists twice, `name_f32` and `name_bf16` (LCPT_BOTH_TYPES below). Statistics
+// (rstd, lse, delta), gradient accumulators of parameters, moments and masters are always f32.
+namespace lcpt {
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// Four consecutive elements starting at p[4·i] (16-byte aligned for f32, 8-byte for bf16).
+__device__ __forceinline__ float4 load4(const float* p, size_t i) { return reinterpret_cast<const float4*>(p)[i]; }
+__device__ __forceinline__ float4 load4(const __nv_bfloat16* p, size_t i) {
+    const uint2 u = reinterpret_cast<const uint2*>(p)[i];
+    const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.x));
+    const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.y));
+    return make_float4(a.x, a.y, b.x, b.y);
+}
+__device__ __forceinline__ void store4(float* p, size_t i, float4 v) { reinterpret_cast<float4*>(p)[i] = v; }
+__device__ __forceinline__ void store4(__nv_bfloat16* p, size_t i, float4 v) {
+    uint2 u;
+    u.x = pack_bf16x2(v.x, v.y);
+    u.y = pack_bf16x2(v.z, v.w);
+    reinterpret_cast<uint2*>(p)[i] = u;
+}
+
+// Two consecutive elements at p[0], p[1] (aligned to 2 elements).
+__device__ __forceinline__ void store2(float* p, float a, float b) { *reinterpret_cast<float2*>(p) = make_float2(a, b); }
+__device__ __forceinline__ void store2(__nv_bfloat16* p, float a, float b) { *reinterpret_cast<uint32_t*>(p) = pack_bf16x2(a, b); }
+
+}  // namespace lcpt
+
+// Defines the two entry points of a kernel template: NAME_f32 (T = float) and NAME_bf16
+// (T = __nv_bfloat16). DEF(SUFFIX, T) must expand to one `extern "C" __global__` definition.
+#define LCPT_BOTH_TYPES(DEF) DEF(f32, float) DEF(bf16, __nv_bfloat16)

@@ -1,7 +1,8 @@
 // Softmax cross-entropy over a large vocabulary (ops::cross_entropy), never materialising the
 // probabilities: the forward makes one pass over each row with an online (max, sum) per thread and
 // writes the row's log-sum-exp and loss; the backward recomputes softmax from lse in one pass.
-// Rows whose target is -100 give loss 0 and gradient 0. One block per row.
+// Rows whose target is -100 give loss 0 and gradient 0. One block per row. Logits and their
+// gradient have the storage type T; lse and the per-row losses are f32.
 #include "common.cuh"
 
 __device__ __forceinline__ void lcpt_online_add(float& m, float& s, float x) {
@@ -21,23 +22,23 @@ __device__ __forceinline__ void lcpt_online_merge(float& m, float& s, float m2, 
 }
 
 // lse[row], loss[row] = lse − logits[target] (0 when ignored; NaN for a target outside the vocab).
-extern "C" __global__ void __launch_bounds__(512) cross_entropy_fwd(float* __restrict__ lse, float* __restrict__ loss, const float* __restrict__ logits,
-                                                                     const int* __restrict__ targets, int vocab) {
+template <typename T>
+__device__ __forceinline__ void cross_entropy_fwd_impl(float* __restrict__ lse, float* __restrict__ loss, const T* __restrict__ logits,
+                                                       const int* __restrict__ targets, int vocab) {
     __shared__ float sm[32], ss[32];
     const unsigned long long row = blockIdx.x;
-    const float* x = logits + row * vocab;
+    const T* x = logits + row * vocab;
     float m = -INFINITY, s = 0.f;
     if ((vocab & 3) == 0) {
-        const float4* x4 = reinterpret_cast<const float4*>(x);
         for (int c = threadIdx.x; c < vocab / 4; c += blockDim.x) {
-            const float4 v = x4[c];
+            const float4 v = lcpt::load4(x, c);
             lcpt_online_add(m, s, v.x);
             lcpt_online_add(m, s, v.y);
             lcpt_online_add(m, s, v.z);
             lcpt_online_add(m, s, v.w);
         }
     } else {
-        for (int c = threadIdx.x; c < vocab; c += blockDim.x) lcpt_online_add(m, s, x[c]);
+        for (int c = threadIdx.x; c < vocab; c += blockDim.x) lcpt_online_add(m, s, lcpt::to_f(x[c]));
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
@@ -63,42 +64,54 @@ extern "C" __global__ void __launch_bounds__(512) cross_entropy_fwd(float* __res
             lse[row] = l;
             const int t = targets[row];
             float li = 0.f;
-            if (t != LCPT_IGNORE_INDEX) li = (t >= 0 && t < vocab) ? l - x[t] : __int_as_float(0x7fc00000);
+            if (t != LCPT_IGNORE_INDEX) li = (t >= 0 && t < vocab) ? l - lcpt::to_f(x[t]) : __int_as_float(0x7fc00000);
             loss[row] = li;
         }
     }
 }
 
 // dlogits = scale·(softmax − onehot(target)) on counted rows, 0 on ignored ones; scale = dloss/n_valid.
-extern "C" __global__ void __launch_bounds__(512) cross_entropy_bwd(float* __restrict__ dlogits, const float* __restrict__ logits, const float* __restrict__ lse,
-                                                                     const int* __restrict__ targets, int vocab, float scale) {
+template <typename T>
+__device__ __forceinline__ void cross_entropy_bwd_impl(T* __restrict__ dlogits, const T* __restrict__ logits, const float* __restrict__ lse,
+                                                       const int* __restrict__ targets, int vocab, float scale) {
     const unsigned long long row = blockIdx.x;
-    const float* x = logits + row * vocab;
-    float* d = dlogits + row * vocab;
+    const T* x = logits + row * vocab;
+    T* d = dlogits + row * vocab;
     const int t = targets[row];
     if (t == LCPT_IGNORE_INDEX) {
-        for (int c = threadIdx.x; c < vocab; c += blockDim.x) d[c] = 0.f;
+        for (int c = threadIdx.x; c < vocab; c += blockDim.x) d[c] = lcpt::from_f<T>(0.f);
         return;
     }
     const float l = lse[row];
     if ((vocab & 3) == 0) {
-        const float4* x4 = reinterpret_cast<const float4*>(x);
-        float4* d4 = reinterpret_cast<float4*>(d);
         for (int c = threadIdx.x; c < vocab / 4; c += blockDim.x) {
-            const float4 v = x4[c];
+            const float4 v = lcpt::load4(x, c);
             float4 o = make_float4(expf(v.x - l) * scale, expf(v.y - l) * scale, expf(v.z - l) * scale, expf(v.w - l) * scale);
             const int k = t - 4 * c;
             if (k == 0) o.x -= scale;
             if (k == 1) o.y -= scale;
             if (k == 2) o.z -= scale;
             if (k == 3) o.w -= scale;
-            d4[c] = o;
+            lcpt::store4(d, c, o);
         }
     } else {
         for (int c = threadIdx.x; c < vocab; c += blockDim.x) {
-            float o = expf(x[c] - l) * scale;
+            float o = expf(lcpt::to_f(x[c]) - l) * scale;
             if (c == t) o -= scale;
-            d[c] = o;
+            d[c] = lcpt::from_f<T>(o);
         }
     }
 }
+
+#define LCPT_CE_FWD(S, T)                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(512) cross_entropy_fwd_##S(float* lse, float* loss, const T* logits,            \
+                                                                             const int* targets, int vocab) {                    \
+        cross_entropy_fwd_impl<T>(lse, loss, logits, targets, vocab);                                                            \
+    }
+#define LCPT_CE_BWD(S, T)                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(512) cross_entropy_bwd_##S(T* dlogits, const T* logits, const float* lse,       \
+                                                                             const int* targets, int vocab, float scale) {       \
+        cross_entropy_bwd_impl<T>(dlogits, logits, lse, targets, vocab, scale);                                                  \
+    }
+LCPT_BOTH_TYPES(LCPT_CE_FWD)
+LCPT_BOTH_TYPES(LCPT_CE_BWD)

@@ -6,8 +6,9 @@
 
 // y = rope(x) (or its inverse), x and y [tokens, heads, head_dim]; y may alias x.
 // One thread per (token, head, i < head_dim/2).
-extern "C" __global__ void rope_fwd(float* y, const float* x, const unsigned int* __restrict__ positions,
-                                    const float* __restrict__ inv_freqs, unsigned long long tokens, int heads, int head_dim, int inverse) {
+template <typename T>
+__device__ __forceinline__ void rope_impl(T* y, const T* x, const unsigned int* __restrict__ positions, const float* __restrict__ inv_freqs,
+                                          unsigned long long tokens, int heads, int head_dim, int inverse) {
     const int half = head_dim / 2;
     const unsigned long long total = tokens * heads * half;
     for (unsigned long long idx = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; idx < total;
@@ -20,8 +21,15 @@ extern "C" __global__ void rope_fwd(float* y, const float* x, const unsigned int
         sincosf(angle, &s, &c);
         if (inverse) s = -s;
         const unsigned long long base = th * head_dim;
-        const float a = x[base + i], b = x[base + i + half];
-        y[base + i] = a * c - b * s;
-        y[base + i + half] = b * c + a * s;
+        const float a = lcpt::to_f(x[base + i]), b = lcpt::to_f(x[base + i + half]);
+        y[base + i] = lcpt::from_f<T>(a * c - b * s);
+        y[base + i + half] = lcpt::from_f<T>(b * c + a * s);
     }
 }
+
+#define LCPT_ROPE(S, T)                                                                                                      \
+    extern "C" __global__ void rope_fwd_##S(T* y, const T* x, const unsigned int* positions, const float* inv_freqs,        \
+                                            unsigned long long tokens, int heads, int head_dim, int inverse) {             \
+        rope_impl<T>(y, x, positions, inv_freqs, tokens, heads, head_dim, inverse);                                        \
+    }
+LCPT_BOTH_TYPES(LCPT_ROPE)

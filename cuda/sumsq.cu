@@ -2,11 +2,12 @@
 // (a fixed grid, so a fixed order); the host adds the partials in order: deterministic.
 #include "common.cuh"
 
-extern "C" __global__ void sum_squares_partial(double* __restrict__ partial, const float* __restrict__ x, unsigned long long n) {
+template <typename T>
+__device__ __forceinline__ void sum_squares_impl(double* __restrict__ partial, const T* __restrict__ x, unsigned long long n) {
     __shared__ double scratch[32];
     double acc = 0.0;
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
-        const double v = x[i];
+        const double v = lcpt::to_f(x[i]);
         acc += v * v;
     }
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
@@ -19,3 +20,7 @@ extern "C" __global__ void sum_squares_partial(double* __restrict__ partial, con
         if (lane == 0) partial[blockIdx.x] = t;
     }
 }
+
+#define LCPT_SUMSQ(S, T) \
+    extern "C" __global__ void sum_squares_partial_##S(double* partial, const T* x, unsigned long long n) { sum_squares_impl<T>(partial, x, n); }
+LCPT_BOTH_TYPES(LCPT_SUMSQ)

@@ -3,19 +3,31 @@
 
 __device__ __forceinline__ float lcpt_sigmoid(float g) { return 1.f / (1.f + expf(-g)); }
 
-extern "C" __global__ void swiglu_fwd(float* __restrict__ out, const float* __restrict__ gate, const float* __restrict__ up, unsigned long long n) {
+template <typename T>
+__device__ __forceinline__ void swiglu_fwd_impl(T* __restrict__ out, const T* __restrict__ gate, const T* __restrict__ up, unsigned long long n) {
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
-        const float g = gate[i];
-        out[i] = g * lcpt_sigmoid(g) * up[i];
+        const float g = lcpt::to_f(gate[i]);
+        out[i] = lcpt::from_f<T>(g * lcpt_sigmoid(g) * lcpt::to_f(up[i]));
     }
 }
 
-extern "C" __global__ void swiglu_bwd(float* __restrict__ dgate, float* __restrict__ dup, const float* __restrict__ dout,
-                                      const float* __restrict__ gate, const float* __restrict__ up, unsigned long long n) {
+template <typename T>
+__device__ __forceinline__ void swiglu_bwd_impl(T* __restrict__ dgate, T* __restrict__ dup, const T* __restrict__ dout, const T* __restrict__ gate,
+                                                const T* __restrict__ up, unsigned long long n) {
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
-        const float g = gate[i], u = up[i], d = dout[i];
+        const float g = lcpt::to_f(gate[i]), u = lcpt::to_f(up[i]), d = lcpt::to_f(dout[i]);
         const float s = lcpt_sigmoid(g);
-        dup[i] = d * (g * s);
-        dgate[i] = d * u * s * (1.f + g * (1.f - s));
+        dup[i] = lcpt::from_f<T>(d * (g * s));
+        dgate[i] = lcpt::from_f<T>(d * u * s * (1.f + g * (1.f - s)));
     }
 }
+
+#define LCPT_SWIGLU_FWD(S, T) \
+    extern "C" __global__ void swiglu_fwd_##S(T* out, const T* gate, const T* up, unsigned long long n) { swiglu_fwd_impl<T>(out, gate, up, n); }
+#define LCPT_SWIGLU_BWD(S, T)                                                                                       \
+    extern "C" __global__ void swiglu_bwd_##S(T* dgate, T* dup, const T* dout, const T* gate, const T* up,          \
+                                              unsigned long long n) {                                               \
+        swiglu_bwd_impl<T>(dgate, dup, dout, gate, up, n);                                                          \
+    }
+LCPT_BOTH_TYPES(LCPT_SWIGLU_FWD)
+LCPT_BOTH_TYPES(LCPT_SWIGLU_BWD)

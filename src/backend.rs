@@ -15,6 +15,18 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// Peak FLOP/s of the device for the compute type in use (for MFU), if known.
     fn peak_flops(&self) -> Option<f64>;
 
+    /// Mixed precision: parameters and activations are held in bf16 (the "working" precision),
+    /// the optimizer keeps an fp32 master of every parameter it updates, and gradients of the
+    /// parameters, moments and every accumulation stay f32. False: everything is f32.
+    fn mixed_precision(&self) -> bool {
+        false
+    }
+    /// A copy of `x` in the working precision (bf16 under [`Backend::mixed_precision`], else an
+    /// unchanged copy): how parameters are made from their fp32 masters.
+    fn to_working(&self, x: &Self::Buf) -> Self::Buf {
+        x.clone()
+    }
+
     /// The collectives for this backend's buffers between the ranks of `launch` (one process:
     /// [`llama_cpt_parallel::SingleProcess`]). `timeout` bounds every wait for a collective.
     fn communicator(&self, launch: &llama_cpt_parallel::launch::Launch, timeout: std::time::Duration) -> anyhow::Result<Box<dyn llama_cpt_parallel::Communicator<Self::Buf>>> {
@@ -113,7 +125,10 @@ pub trait Backend: Send + Sync + Sized + 'static {
 
     /// Σ x² in f64.
     fn sum_squares(&self, x: &Self::Buf) -> f64;
-    /// One AdamW update of `param` from `grad · grad_scale`; `step` counts from 1.
+    /// One AdamW update of the f32 `param` (a master, or the parameter itself in f32 training) from
+    /// `grad · grad_scale`; `step` counts from 1. With `working`, the updated values are also
+    /// written there in the working precision (the bf16 parameter of an fp32 master), in the
+    /// same pass.
     #[allow(clippy::too_many_arguments)]
     fn adamw_step(
         &self,
@@ -126,5 +141,6 @@ pub trait Backend: Send + Sync + Sized + 'static {
         step: u64,
         decay: bool,
         grad_scale: f32,
+        working: Option<&mut Self::Buf>,
     );
 }

@@ -1,19 +1,54 @@
 //! The CPU backend: f32 buffers, every operator straight from the `ops` reference crate
 //! (multithreaded through rayon and the `gemm` crate).
+//!
+//! [`Cpu::bf16`] is the reference of mixed-precision training: the same f32 buffers, but every
+//! value that the CUDA backend stores in bf16 (parameters made by [`Backend::to_working`], each
+//! operator's activation outputs) is rounded to bf16, while statistics (rstd, lse), gradient
+//! accumulators, moments and masters stay f32. One difference is left on purpose: an activation
+//! gradient summed in place (`add_assign`) is not rounded, since a buffer here does not know
+//! whether the device would hold it in bf16.
 use crate::backend::{AdamWConfig, AttnShape, Backend};
 use llama_cpt_ops as ops;
 
+/// The CPU backend; `Cpu` (the constant) computes in f32, [`Cpu::bf16`] emulates mixed precision.
 #[derive(Clone, Debug, Default)]
-pub struct Cpu;
+pub struct Cpu {
+    bf16: bool,
+}
+
+/// The f32 CPU backend (a value, so that `&Cpu` reads like a unit struct).
+#[allow(non_upper_case_globals)]
+pub const Cpu: Cpu = Cpu { bf16: false };
+
+impl Cpu {
+    /// Mixed precision emulated on the CPU: bf16 parameters and activations, f32 everything else.
+    pub const fn bf16() -> Cpu {
+        Cpu { bf16: true }
+    }
+
+    /// An operator's output as the device would store it: rounded to bf16 in mixed precision.
+    fn act(&self, mut x: Vec<f32>) -> Vec<f32> {
+        if self.bf16 {
+            x.iter_mut().for_each(|v| *v = ops::convert::round_to_bf16(*v));
+        }
+        x
+    }
+}
 
 impl Backend for Cpu {
     type Buf = Vec<f32>;
 
     fn name(&self) -> String {
-        format!("cpu ({} threads)", rayon::current_num_threads())
+        format!("cpu ({} threads{})", rayon::current_num_threads(), if self.bf16 { ", bf16 emulated" } else { "" })
     }
     fn peak_flops(&self) -> Option<f64> {
         None
+    }
+    fn mixed_precision(&self) -> bool {
+        self.bf16
+    }
+    fn to_working(&self, x: &Vec<f32>) -> Vec<f32> {
+        self.act(x.clone())
     }
     /// MPI between processes (a build with `--features mpi`, launched by mpirun or srun).
     fn communicator(&self, launch: &llama_cpt_parallel::launch::Launch, timeout: std::time::Duration) -> anyhow::Result<Box<dyn llama_cpt_parallel::Communicator<Vec<f32>>>> {
@@ -55,7 +90,7 @@ impl Backend for Cpu {
     }
     fn add(&self, a: &Vec<f32>, b: &Vec<f32>) -> Vec<f32> {
         assert_eq!(a.len(), b.len());
-        a.iter().zip(b).map(|(x, y)| x + y).collect()
+        self.act(a.iter().zip(b).map(|(x, y)| x + y).collect())
     }
     fn add_assign(&self, a: &mut Vec<f32>, b: &Vec<f32>) {
         assert_eq!(a.len(), b.len());
@@ -67,17 +102,17 @@ impl Backend for Cpu {
     fn linear(&self, x: &Vec<f32>, w: &Vec<f32>, m: usize, k: usize, n: usize) -> Vec<f32> {
         let mut y = vec![0.0; m * n];
         ops::matmul::linear_forward(&mut y, x, w, m, k, n);
-        y
+        self.act(y)
     }
     fn linear_backward(&self, dy: &Vec<f32>, x: &Vec<f32>, w: &Vec<f32>, dw: &mut Vec<f32>, m: usize, k: usize, n: usize) -> Vec<f32> {
         let mut dx = vec![0.0; m * k];
         ops::matmul::linear_backward(&mut dx, dw, dy, x, w, m, k, n);
-        dx
+        self.act(dx)
     }
     fn embedding(&self, table: &Vec<f32>, ids: &[u32], dim: usize) -> Vec<f32> {
         let mut out = vec![0.0; ids.len() * dim];
         ops::embedding::embedding_forward(&mut out, table, ids, dim);
-        out
+        self.act(out)
     }
     fn embedding_backward(&self, dout: &Vec<f32>, ids: &[u32], dim: usize, dtable: &mut Vec<f32>) {
         ops::embedding::embedding_backward(dtable, dout, ids, dim);
@@ -86,24 +121,24 @@ impl Backend for Cpu {
         let mut y = vec![0.0; x.len()];
         let mut rstd = vec![0.0; x.len() / dim];
         ops::rmsnorm::rmsnorm_forward(&mut y, &mut rstd, x, w, dim, eps);
-        (y, rstd)
+        (self.act(y), rstd)
     }
     fn rmsnorm_backward(&self, dy: &Vec<f32>, x: &Vec<f32>, w: &Vec<f32>, rstd: &Vec<f32>, dim: usize, dw: &mut Vec<f32>) -> Vec<f32> {
         let mut dx = vec![0.0; x.len()];
         ops::rmsnorm::rmsnorm_backward(&mut dx, dw, dy, x, w, rstd, dim);
-        dx
+        self.act(dx)
     }
     fn rope(&self, x: &Vec<f32>, positions: &[u32], heads: usize, head_dim: usize, theta: f64, inverse: bool) -> Vec<f32> {
         let (cos, sin) = ops::rope::rope_tables::<f32>(positions, head_dim, theta);
         let mut y = x.clone();
         ops::rope::rope_apply(&mut y, &cos, &sin, heads, head_dim, inverse);
-        y
+        self.act(y)
     }
     fn attention(&self, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, cu_seqlens: &[u32], shape: AttnShape) -> (Vec<f32>, Vec<f32>) {
         let mut out = vec![0.0; q.len()];
         let mut lse = vec![0.0; q.len() / shape.head_dim];
         ops::attention::attention_forward(&mut out, &mut lse, q, k, v, cu_seqlens, shape);
-        (out, lse)
+        (self.act(out), lse)
     }
     fn attention_backward(
         &self,
@@ -118,17 +153,17 @@ impl Backend for Cpu {
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
         ops::attention::attention_backward(&mut dq, &mut dk, &mut dv, dout, q, k, v, out, lse, cu_seqlens, shape);
-        (dq, dk, dv)
+        (self.act(dq), self.act(dk), self.act(dv))
     }
     fn swiglu(&self, gate: &Vec<f32>, up: &Vec<f32>) -> Vec<f32> {
         let mut out = vec![0.0; gate.len()];
         ops::swiglu::swiglu_forward(&mut out, gate, up);
-        out
+        self.act(out)
     }
     fn swiglu_backward(&self, dout: &Vec<f32>, gate: &Vec<f32>, up: &Vec<f32>) -> (Vec<f32>, Vec<f32>) {
         let (mut dg, mut du) = (vec![0.0; gate.len()], vec![0.0; up.len()]);
         ops::swiglu::swiglu_backward(&mut dg, &mut du, dout, gate, up);
-        (dg, du)
+        (self.act(dg), self.act(du))
     }
     fn cross_entropy(&self, logits: &Vec<f32>, targets: &[i32], vocab: usize) -> (f64, Vec<f32>) {
         let mut lse = vec![0.0; targets.len()];
@@ -138,12 +173,15 @@ impl Backend for Cpu {
     fn cross_entropy_backward(&self, logits: &Vec<f32>, lse: &Vec<f32>, targets: &[i32], vocab: usize, dloss: f64) -> Vec<f32> {
         let mut d = vec![0.0; logits.len()];
         ops::cross_entropy::cross_entropy_backward(&mut d, logits, lse, targets, vocab, dloss);
-        d
+        self.act(d)
     }
     fn sum_squares(&self, x: &Vec<f32>) -> f64 {
         ops::gradnorm::sum_squares(x)
     }
-    fn adamw_step(&self, param: &mut Vec<f32>, grad: &Vec<f32>, m: &mut Vec<f32>, v: &mut Vec<f32>, cfg: &AdamWConfig, lr: f64, step: u64, decay: bool, grad_scale: f32) {
+    fn adamw_step(&self, param: &mut Vec<f32>, grad: &Vec<f32>, m: &mut Vec<f32>, v: &mut Vec<f32>, cfg: &AdamWConfig, lr: f64, step: u64, decay: bool, grad_scale: f32, working: Option<&mut Vec<f32>>) {
         ops::adamw::adamw_step(param, grad, m, v, cfg, lr, step, decay, grad_scale);
+        if let Some(w) = working {
+            *w = self.to_working(param);
+        }
     }
 }

@@ -9,18 +9,33 @@ pub trait OnBackend {
     fn run<B: Backend>(self, backend: &B) -> Result<Self::Output>;
 }
 
-/// Runs `task` on the named device: `cpu`, or `cuda` (GPU 0; needs `--features cuda`).
-pub fn on_device<T: OnBackend>(device: &str, task: T) -> Result<T::Output> {
-    on_device_index(device, 0, task)
+/// Arithmetic of a training run: all f32, or mixed precision (bf16 parameters and activations,
+/// fp32 masters, moments, gradients and accumulation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
 }
 
-/// [`on_device`] on GPU `gpu` (a data-parallel rank's local rank).
-pub fn on_device_index<T: OnBackend>(device: &str, gpu: usize, task: T) -> Result<T::Output> {
+/// Runs `task` on the named device: `cpu`, or `cuda` (GPU 0; needs `--features cuda`).
+pub fn on_device<T: OnBackend>(device: &str, task: T) -> Result<T::Output> {
+    on_device_index(device, 0, Precision::F32, task)
+}
+
+/// [`on_device`] on GPU `gpu` (a data-parallel rank's local rank), in `precision` (on the CPU,
+/// bf16 is emulated: [`Cpu::bf16`]).
+pub fn on_device_index<T: OnBackend>(device: &str, gpu: usize, precision: Precision, task: T) -> Result<T::Output> {
     let _ = gpu;
+    let mixed = precision == Precision::Bf16;
     match device {
-        "cpu" => task.run(&Cpu),
+        "cpu" => task.run(&if mixed { Cpu::bf16() } else { Cpu }),
         #[cfg(feature = "cuda")]
-        "cuda" => task.run(&crate::cuda::Cuda::new(gpu)?),
+        "cuda" => {
+            let gpu = crate::cuda::Cuda::new(gpu)?;
+            gpu.set_mixed_precision(mixed);
+            task.run(&gpu)
+        }
         other => bail!("--device {other:?}: expected cpu{}", if cfg!(feature = "cuda") { " or cuda" } else { " (cuda needs a build with --features cuda)" }),
     }
 }

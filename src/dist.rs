@@ -12,7 +12,7 @@
 //!
 //! | stage | per micro-step | per step | optimizer state per rank |
 //! |---|---|---|---|
-//! | 0 | local accumulation | all-reduce of the gradients (after the last micro-step) | 8 bytes × Ψ (moments; parameters are the masters) |
+//! | 0 | local accumulation | all-reduce of the gradients (after the last micro-step) | 8 bytes × Ψ (moments; parameters are the masters); 12 in mixed precision (+ fp32 masters) |
 //! | 1 | local accumulation | reduce-scatter (after the last micro-step), update, all-gather | 12 bytes × Ψ/N (master, moments) |
 //! | 2 | reduce-scatter, only the shard accumulates | update, all-gather | 12 bytes × Ψ/N |
 //!
@@ -20,6 +20,10 @@
 //! stores nothing for the rest). The loss of each micro-batch is weighted by its share of the
 //! *global* count of target tokens, so the summed gradient is that of the global mean loss and the
 //! result does not depend on the world size beyond f32 summation order.
+//!
+//! In mixed precision ([`Backend::mixed_precision`]) the parameters are bf16 working copies:
+//! gradients are still reduced in f32, every segment keeps an fp32 master, and the all-gather of
+//! ZeRO-1/2 moves bf16 parameters.
 use crate::backend::{AdamWConfig, Backend};
 use crate::batch::Batch;
 use crate::model::{Llama, Param, StepOptions};
@@ -125,9 +129,49 @@ impl<'c, B: Backend> DataParallel<'c, B> {
         Ok(StepResult { loss, target_tokens, grad_norm, applied: true, comm_wait })
     }
 
+    /// Brings the model's parameters in line with this optimizer's masters after it was built or
+    /// restored, in mixed precision: every parameter becomes a bf16 working copy, of its master
+    /// where this rank holds it whole, and the sharded ones are gathered from the masters
+    /// (ZeRO-1/2). In f32 the parameters already are the masters' values.
+    pub fn refresh_params(&self, backend: &B, params: &mut [Param<B>]) -> Result<()> {
+        if !backend.mixed_precision() {
+            return Ok(());
+        }
+        self.opt.refresh_working(backend, params);
+        if self.sharded() {
+            self.gather_params(backend, params)?;
+        }
+        Ok(())
+    }
+
+    /// Mixed precision, at the end of a stage: the parameters this optimizer trains take their
+    /// fp32 masters' values (gathered under ZeRO-1/2), so that the next stage's optimizer starts
+    /// its masters from them rather than from the bf16 copies. Nothing to do in f32.
+    pub fn params_from_masters(&self, backend: &B, params: &mut [Param<B>]) -> Result<()> {
+        if !backend.mixed_precision() {
+            return Ok(());
+        }
+        if self.sharded() {
+            self.gather(backend, params, false)?;
+        } else {
+            // Unsharded segments are whole parameters: the f32 master replaces the bf16 buffer.
+            for s in self.opt.segments.iter() {
+                if let Some(master) = &s.master {
+                    *params[s.param].value.buf_mut() = master.clone();
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// ZeRO-1/2: every rank's updated masters → everyone's working parameters. Returns the time
     /// spent waiting.
     pub fn gather_params(&self, backend: &B, params: &mut [Param<B>]) -> Result<Duration> {
+        self.gather(backend, params, backend.mixed_precision())
+    }
+
+    /// All-gathers the masters into `params`, as working copies (bf16) when `working`.
+    fn gather(&self, backend: &B, params: &mut [Param<B>], working: bool) -> Result<Duration> {
         let world = self.world_size();
         let mut pending: Vec<(usize, Pending<B::Buf>)> = Vec::new();
         for (bi, b) in self.layout.buckets.iter().enumerate() {
@@ -135,6 +179,8 @@ impl<'c, B: Backend> DataParallel<'c, B> {
             for (p, s) in self.pieces.iter().zip(&self.opt.segments).filter(|(p, _)| p.bucket == bi) {
                 backend.write_slice(&mut shard, p.shard_offset, s.master.as_ref().expect("sharded segments keep masters"));
             }
+            // In mixed precision the working parameters travel in bf16 (2 bytes × Ψ, not 4).
+            let shard = if working { backend.to_working(&shard) } else { shard };
             pending.push((bi, self.comm.all_gather(shard)));
         }
         let t = Instant::now();

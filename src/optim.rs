@@ -6,7 +6,8 @@ use crate::model::Param;
 /// Elements `[start, start + len)` of parameter `param`, updated by this rank, with its moments.
 /// A sharded segment (ZeRO-1/2) also keeps an fp32 master copy of its elements: the update goes
 /// there and the working parameters are all-gathered from the masters. A whole, unsharded segment
-/// updates the parameter in place.
+/// updates the parameter in place in f32 training; in mixed precision it keeps a master too and
+/// the update writes the bf16 parameter from it.
 pub struct Segment<B: Backend> {
     pub param: usize,
     pub start: usize,
@@ -19,6 +20,9 @@ pub struct Segment<B: Backend> {
 pub struct AdamW<B: Backend> {
     pub config: AdamWConfig,
     pub segments: Vec<Segment<B>>,
+    /// Segments are ZeRO shards: the parameters are gathered from the masters after an update,
+    /// not written by it.
+    pub sharded: bool,
     /// Updates applied so far (bias correction uses it).
     pub step: u64,
 }
@@ -33,16 +37,17 @@ pub struct StepReport {
 }
 
 impl<B: Backend> AdamW<B> {
-    /// Every parameter whole, updated in place (one process, or ZeRO-0 where every rank keeps all
-    /// optimizer state).
+    /// Every parameter whole (one process, or ZeRO-0 where every rank keeps all optimizer state).
     pub fn new(backend: &B, params: &[Param<B>], config: AdamWConfig) -> Self {
         let pieces: Vec<(usize, usize, usize)> = params.iter().enumerate().map(|(i, p)| (i, 0, p.value.numel())).collect();
         Self::for_pieces(backend, params, config, &pieces, false)
     }
 
-    /// The given `(param, start, len)` pieces, each with moments and — when `masters` — an fp32
-    /// master copy taken from the current parameters.
-    pub fn for_pieces(backend: &B, params: &[Param<B>], config: AdamWConfig, pieces: &[(usize, usize, usize)], masters: bool) -> Self {
+    /// The given `(param, start, len)` pieces (ZeRO shards when `sharded`), each with moments and
+    /// — when sharded or in mixed precision — an fp32 master copy taken from the current
+    /// parameters.
+    pub fn for_pieces(backend: &B, params: &[Param<B>], config: AdamWConfig, pieces: &[(usize, usize, usize)], sharded: bool) -> Self {
+        let masters = sharded || backend.mixed_precision();
         let segments = pieces
             .iter()
             .map(|&(param, start, len)| Segment {
@@ -54,7 +59,7 @@ impl<B: Backend> AdamW<B> {
                 v: backend.zeros(len),
             })
             .collect();
-        AdamW { config, segments, step: 0 }
+        AdamW { config, segments, sharded, step: 0 }
     }
 
     /// Bytes of optimizer state this rank holds (moments and masters), counted from the buffers.
@@ -72,11 +77,28 @@ impl<B: Backend> AdamW<B> {
         for (s, g) in self.segments.iter_mut().zip(grads) {
             let Some(g) = g else { continue };
             let p = &mut params[s.param];
-            let target = match s.master.as_mut() {
-                Some(master) => master,
-                None => p.value.buf_mut(),
-            };
-            backend.adamw_step(target, g, &mut s.m, &mut s.v, &self.config, lr, self.step, p.decay, grad_scale);
+            let decay = p.decay;
+            match s.master.as_mut() {
+                Some(master) => {
+                    let working = (!self.sharded).then(|| p.value.buf_mut());
+                    backend.adamw_step(master, g, &mut s.m, &mut s.v, &self.config, lr, self.step, decay, grad_scale, working)
+                }
+                None => backend.adamw_step(p.value.buf_mut(), g, &mut s.m, &mut s.v, &self.config, lr, self.step, decay, grad_scale, None),
+            }
+        }
+    }
+
+    /// Makes every parameter a working-precision copy (bf16 in mixed precision): from its master
+    /// where this optimizer holds it whole, else from its current value. Under ZeRO the caller
+    /// then gathers the updated parameters from the masters.
+    pub fn refresh_working(&self, backend: &B, params: &mut [Param<B>]) {
+        let mut from_master: Vec<Option<&B::Buf>> = vec![None; params.len()];
+        for s in self.segments.iter().filter(|s| !self.sharded && s.start == 0 && s.len == params[s.param].value.numel()) {
+            from_master[s.param] = s.master.as_ref();
+        }
+        for (p, m) in params.iter_mut().zip(from_master) {
+            let w = backend.to_working(m.unwrap_or(&*p.value.buf));
+            *p.value.buf_mut() = w;
         }
     }
 

@@ -13,7 +13,7 @@ use llama_cpt::backend::{AdamWConfig, AttnShape, Backend};
 use llama_cpt::batch::Batch;
 use llama_cpt::config::LlamaConfig;
 use llama_cpt::cpu::Cpu;
-use llama_cpt::cuda::{AttnKernel, Cuda, GemmPrecision};
+use llama_cpt::cuda::{AttnKernel, Cuda, DType, GemmPrecision};
 use llama_cpt::model::{Llama, StepOptions};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -300,8 +300,8 @@ fn sum_squares_and_adamw_match_cpu() {
         let (mut p_g, mut m_g, mut v_g) = (g.upload(&p_c), g.zeros(n), g.zeros(n));
         for step in 1..=4u64 {
             let grad = rand_vec(n, 1.0);
-            Cpu.adamw_step(&mut p_c, &grad, &mut m_c, &mut v_c, &cfg, cfg.lr, step, decay, 0.7);
-            g.adamw_step(&mut p_g, &g.upload(&grad), &mut m_g, &mut v_g, &cfg, cfg.lr, step, decay, 0.7);
+            Cpu.adamw_step(&mut p_c, &grad, &mut m_c, &mut v_c, &cfg, cfg.lr, step, decay, 0.7, None);
+            g.adamw_step(&mut p_g, &g.upload(&grad), &mut m_g, &mut v_g, &cfg, cfg.lr, step, decay, 0.7, None);
         }
         check("adamw param", &g.download(&p_g), &p_c, 1e-6);
         check("adamw m", &g.download(&m_g), &m_c, 1e-6);
@@ -316,13 +316,14 @@ fn bf16_casts_round_to_nearest_even() {
     let mut x = rand_vec(1001, 100.0);
     x.extend_from_slice(&[f32::NAN, f32::INFINITY, f32::MAX, 1.0 + 2f32.powi(-8), -0.0, 1e-30]);
     let b = g.to_bf16(&g.upload(&x));
-    let got = g.download_bf16(&b, x.len());
+    assert_eq!((b.dtype(), b.len(), b.bytes()), (DType::Bf16, x.len(), 2 * x.len()));
+    let got = g.download_bf16(&b);
     let mut want = vec![half::bf16::ZERO; x.len()];
     llama_cpt_ops::convert::f32_to_bf16(&x, &mut want);
     for (i, (a, w)) in got.iter().zip(&want).enumerate() {
         assert!(a.to_bits() == w.to_bits() || (a.is_nan() && w.is_nan()), "{i}: {} -> {a} vs {w}", x[i]);
     }
-    let back = g.download(&g.from_bf16(&b, x.len()));
+    let back = g.download(&g.to_f32(&b));
     for (i, (a, w)) in back.iter().zip(&want).enumerate() {
         assert!(a.to_bits() == w.to_f32().to_bits() || (a.is_nan() && w.is_nan()), "{i}");
     }
@@ -436,4 +437,162 @@ fn nccl_at_world_size_1_runs_the_data_parallel_path_like_one_process() {
     assert_eq!(results[0].0, results[1].0, "losses");
     assert!(results[0].1 == results[1].1, "parameters after 3 steps");
     eprintln!("nccl world 1: losses {:?}", results[0].0);
+    // bf16 buffers travel as bf16 (the mixed-precision all-gather of parameters).
+    let xb = g.to_bf16(&g.upload(&x));
+    let gathered = nccl.all_gather(xb.clone()).wait().unwrap();
+    assert_eq!((gathered.dtype(), g.download(&gathered)), (DType::Bf16, g.download(&xb)));
+}
+
+/// Every operator once, on inputs already in the working precision (bf16 values under mixed
+/// precision), as `(name, output)` pairs: the same code runs on `Cpu::bf16()` and on `Cuda` in
+/// mixed precision.
+fn mixed_op_outputs<B: Backend>(be: &B, seed: u64) -> Vec<(String, Vec<f32>, bool)> {
+    let mut r = StdRng::seed_from_u64(seed);
+    let mut host = |n: usize, scale: f32| -> Vec<f32> { (0..n).map(|_| r.gen_range(-1.0f32..1.0) * scale).collect() };
+    let (rows, dim, vocab, ffn) = (37usize, 96usize, 1003usize, 160usize);
+    let w = |x: Vec<f32>| be.to_working(&be.upload(&x));
+    let x = w(host(rows * dim, 2.0));
+    let norm_w = w(host(dim, 1.0));
+    let lin_w = w(host(ffn * dim, 0.3));
+    let emb = w(host(vocab * dim, 1.0));
+    let dy = w(host(rows * ffn, 1.0));
+    let mut out: Vec<(String, Vec<f32>, bool)> = Vec::new();
+    let mut push = |name: &str, b: &B::Buf, working: bool| out.push((name.to_string(), be.download(b), working));
+    push("add", &be.add(&x, &x), true);
+    let (y, rstd) = be.rmsnorm(&x, &norm_w, dim, 1e-5);
+    push("rmsnorm y", &y, true);
+    push("rmsnorm rstd", &rstd, false);
+    let mut dnorm = be.zeros(dim);
+    push("rmsnorm dx", &be.rmsnorm_backward(&x, &x, &norm_w, &rstd, dim, &mut dnorm), true);
+    push("rmsnorm dw", &dnorm, false);
+    let h = be.linear(&x, &lin_w, rows, dim, ffn);
+    push("linear y", &h, true);
+    let mut dlin = be.zeros(ffn * dim);
+    push("linear dx", &be.linear_backward(&dy, &x, &lin_w, &mut dlin, rows, dim, ffn), true);
+    push("linear dw", &dlin, false);
+    let ids: Vec<u32> = (0..rows as u32).map(|i| (i * 37) % vocab as u32).collect();
+    push("embedding", &be.embedding(&emb, &ids, dim), true);
+    let mut demb = be.zeros(vocab * dim);
+    be.embedding_backward(&x, &ids, dim, &mut demb);
+    push("embedding dtable", &demb, false);
+    let pos: Vec<u32> = (0..rows as u32).map(|i| i * 3).collect();
+    push("rope", &be.rope(&x, &pos, 3, 32, 10000.0, false), true);
+    let half = rows * ffn / 2;
+    let (gate, up) = (be.slice(&h, 0, half), be.slice(&h, half, half));
+    push("swiglu", &be.swiglu(&gate, &up), true);
+    let (dg, du) = be.swiglu_backward(&be.slice(&dy, 0, half), &gate, &up);
+    push("swiglu dgate", &dg, true);
+    push("swiglu dup", &du, true);
+    let logits = w(host(rows * vocab, 4.0));
+    let targets: Vec<i32> = (0..rows as i32).map(|i| if i % 5 == 0 { -100 } else { (i * 13) % vocab as i32 }).collect();
+    let (loss, lse) = be.cross_entropy(&logits, &targets, vocab);
+    out.push(("cross-entropy loss".into(), vec![loss as f32], false));
+    out.push(("cross-entropy lse".into(), be.download(&lse), false));
+    out.push(("cross-entropy dlogits".into(), be.download(&be.cross_entropy_backward(&logits, &lse, &targets, vocab, 1.0)), true));
+    for hd in [64usize, 128, 6] {
+        let shape = AttnShape { heads: 4, kv_heads: 2, head_dim: hd };
+        let t = 150;
+        let (q, k, v) = (w(host(t * 4 * hd, 1.0)), w(host(t * 2 * hd, 1.0)), w(host(t * 2 * hd, 1.0)));
+        let cu = [0u32, 70, t as u32];
+        let (o, l) = be.attention(&q, &k, &v, &cu, shape);
+        out.push((format!("attention out d{hd}"), be.download(&o), true));
+        out.push((format!("attention lse d{hd}"), be.download(&l), false));
+        let dout = w(host(t * 4 * hd, 1.0));
+        let (dq, dk, dv) = be.attention_backward(&dout, &q, &k, &v, &o, &l, &cu, shape);
+        for (n, b) in [("dq", dq), ("dk", dk), ("dv", dv)] {
+            out.push((format!("attention {n} d{hd}"), be.download(&b), true));
+        }
+    }
+    out
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn mixed_precision_kernels_match_the_bf16_cpu_reference() {
+    let g = gpu();
+    g.set_mixed_precision(true);
+    assert!(g.mixed_precision());
+    let seed = rng().gen();
+    let want = mixed_op_outputs(&Cpu::bf16(), seed);
+    let got = mixed_op_outputs(&g, seed);
+    for ((name, w, working), (_, x, _)) in want.iter().zip(&got) {
+        // Working-precision outputs: both sides round to bf16 (a few ulps apart at most; the
+        // tensor-core attention also rounds P); f32 statistics and gradients: f32 round-off on
+        // the same bf16 inputs (attention lse with bf16 tiles: bf16 products).
+        let tol = if *working || name.starts_with("attention") { BF16_TOL } else { 1e-4 };
+        check(name, x, w, tol);
+        if *working {
+            assert!(x.iter().all(|v| llama_cpt_ops::convert::round_to_bf16(*v).to_bits() == v.to_bits() || v.is_nan()), "{name}: not bf16 values");
+        }
+    }
+    // Parameters and activations are stored in bf16 (half the bytes), statistics in f32.
+    let x = g.to_working(&g.upload(&rand_vec(64 * 32, 1.0)));
+    let (y, rstd) = g.rmsnorm(&x, &g.to_working(&g.upload(&[1.0; 32])), 32, 1e-5);
+    assert_eq!((x.dtype(), y.dtype(), rstd.dtype()), (DType::Bf16, DType::Bf16, DType::F32));
+    g.set_mixed_precision(false);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn fused_adamw_writes_the_master_and_its_bf16_parameter() {
+    let g = gpu();
+    let cfg = AdamWConfig { lr: 1e-2, ..Default::default() };
+    for n in [1usize, 1001, 300_007] {
+        let cpu = Cpu::bf16();
+        let (mut p_c, mut m_c, mut v_c) = (rand_vec(n, 1.0), vec![0.0f32; n], vec![0.0f32; n]);
+        let mut w_c = cpu.to_working(&p_c);
+        let (mut p_g, mut m_g, mut v_g) = (g.upload(&p_c), g.zeros(n), g.zeros(n));
+        let mut w_g = g.to_bf16(&p_g);
+        for step in 1..=4u64 {
+            let grad = rand_vec(n, 1.0);
+            cpu.adamw_step(&mut p_c, &grad, &mut m_c, &mut v_c, &cfg, cfg.lr, step, step % 2 == 0, 0.7, Some(&mut w_c));
+            g.adamw_step(&mut p_g, &g.upload(&grad), &mut m_g, &mut v_g, &cfg, cfg.lr, step, step % 2 == 0, 0.7, Some(&mut w_g));
+        }
+        let master = g.download(&p_g);
+        check("adamw master", &master, &p_c, 1e-6);
+        check("adamw m", &g.download(&m_g), &m_c, 1e-6);
+        check("adamw v", &g.download(&v_g), &v_c, 1e-6);
+        assert_eq!(w_g.dtype(), DType::Bf16);
+        let working = g.download(&w_g);
+        for (i, (w, m)) in working.iter().zip(&master).enumerate() {
+            assert_eq!(w.to_bits(), llama_cpt_ops::convert::round_to_bf16(*m).to_bits(), "{i}: the bf16 parameter is its master rounded");
+        }
+        check("adamw bf16 parameter", &working, &w_c, 1e-2);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn mixed_precision_training_follows_the_bf16_cpu_reference() {
+    use llama_cpt::dist::{DataParallel, ZeroStage};
+    use llama_cpt_parallel::SingleProcess;
+    let g = gpu();
+    g.set_sync_each_launch(false);
+    g.set_mixed_precision(true);
+    let cfg = LlamaConfig::small(512, 256, 512, 2, 4, 2, false);
+    let tokens: Vec<u32> = (0..4 * 64).map(|i| (i * 11 % 512) as u32).collect();
+    let labels: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+    let batches = vec![Batch::from_rows(2, 64, tokens[..128].to_vec(), &labels[..128]), Batch::from_rows(2, 64, tokens[128..].to_vec(), &labels[128..])];
+    fn run<B: Backend>(be: &B, cfg: &LlamaConfig, batches: &[Batch], stage: ZeroStage) -> (Vec<f64>, Vec<Vec<f32>>) {
+        let single = SingleProcess::default();
+        let mut model = Llama::random(be, cfg.clone(), 5);
+        let trainable = vec![true; model.params.len()];
+        let mut dp = DataParallel::new(be, &single, &model.params, &trainable, stage, 50_000, AdamWConfig { lr: 1e-3, ..Default::default() });
+        dp.refresh_params(be, &mut model.params).unwrap();
+        let losses = (0..5).map(|_| dp.step(be, &mut model, batches, StepOptions::default(), 1e-3, Some(1.0), false).unwrap().loss).collect();
+        (losses, model.params.iter().map(|p| be.download(&p.value.buf)).collect())
+    }
+    for stage in [ZeroStage::Zero0, ZeroStage::Zero1] {
+        let (l_c, p_c) = run(&Cpu::bf16(), &cfg, &batches, stage);
+        let (l_g, p_g) = run(&g, &cfg, &batches, stage);
+        eprintln!("mixed precision ZeRO-{stage}: cpu {l_c:?} gpu {l_g:?}");
+        for (a, b) in l_c.iter().zip(&l_g) {
+            assert!((a - b).abs() <= 2e-2 * a.abs(), "loss {b} vs {a} (ZeRO-{stage})");
+        }
+        assert!(l_g[4] < l_g[0], "the loss falls: {l_g:?}");
+        for (a, b) in p_c.iter().zip(&p_g) {
+            check(&format!("parameters after 5 steps (ZeRO-{stage})"), b, a, 2e-2);
+        }
+    }
+    g.set_mixed_precision(false);
 }

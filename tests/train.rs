@@ -319,3 +319,46 @@ fn each_run_draws_a_readable_loss_plot() {
     assert!(dark > 500, "no axes or text ({dark} dark pixels)");
     assert!(!reference().join(".loss-tmp.png").exists(), "the temporary file was left behind");
 }
+
+#[test]
+fn mixed_precision_trains_like_f32_keeps_fp32_masters_and_resumes_bit_identically() {
+    use llama_cpt_ops::convert::round_to_bf16;
+    let bf16 = Cpu::bf16();
+    let f32_losses: Vec<f64> = losses(reference()).iter().map(|(_, b)| f64::from_bits(*b)).collect();
+    let out = fresh("bf16");
+    let o = train::run(&bf16, &config(&out, &[]), &AtomicBool::new(false)).unwrap();
+    assert!(!o.interrupted && o.global_step == 10);
+    let want_losses = losses(&out);
+    let l: Vec<f64> = want_losses.iter().map(|(_, b)| f64::from_bits(*b)).collect();
+    // bf16 parameters and activations change the numbers, not the course of training.
+    for (i, (a, b)) in l.iter().zip(&f32_losses).enumerate() {
+        assert!((a - b).abs() <= 0.03 * b, "step {}: bf16 loss {a} vs f32 {b}", i + 1);
+    }
+    assert_ne!(l, f32_losses, "the bf16 run must round something");
+    let worst = l.iter().zip(&f32_losses).map(|(a, b)| (a - b).abs() / b).fold(0.0, f64::max);
+    eprintln!("bf16 (emulated) vs f32 losses: max relative difference {worst:.2e} over 10 steps; bf16 {:.4} -> {:.4}, f32 {:.4} -> {:.4}", l[0], l[9], f32_losses[0], f32_losses[9]);
+    // The exported weights are the bf16 working parameters; the checkpoint keeps fp32 masters.
+    let final_weights = weights(&out.join("stage-knowledge-replay"));
+    assert!(final_weights.iter().flatten().all(|&w| round_to_bf16(f32::from_bits(w)).to_bits() == w), "weights are bf16 values");
+    // Every checkpoint (mid-stage and at the stage boundary) holds the masters' extra precision.
+    for ck in checkpoint::complete_checkpoints(&out).unwrap() {
+        let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ck.join("optimizer.json")).unwrap()).unwrap();
+        assert!(manifest["files"][0]["pieces"].as_array().unwrap().iter().all(|p| p["master"] == true));
+        let masters = common::read_tensors(&ck.join("optimizer-rank00000.safetensors"));
+        let off_grid = masters.iter().filter(|(k, _)| k.ends_with(".master")).flat_map(|(_, (_, v))| v).filter(|&&x| round_to_bf16(x as f32) as f64 != x).count();
+        assert!(off_grid > 1000, "{}: the masters hold more than bf16 precision ({off_grid} values off the bf16 grid)", ck.display());
+    }
+    // Stops inside stage 1, at the boundary and inside stage 2 resume onto the same trajectory.
+    let resumed = fresh("bf16-resumed");
+    for stop in [3u64, 6, 8] {
+        let o = train::run(&bf16, &config(&resumed, &[&format!("run.stop_after_steps={stop}")]), &AtomicBool::new(false)).unwrap();
+        assert!(o.interrupted && o.global_step == stop);
+    }
+    train::run(&bf16, &config(&resumed, &[]), &AtomicBool::new(false)).unwrap();
+    assert_eq!(losses(&resumed), want_losses, "per-step losses after resuming");
+    assert_eq!(weights(&resumed.join("stage-knowledge-replay")), final_weights, "final weights after resuming");
+    // ZeRO-1 (one process) gathers bf16 parameters from its masters: the same numbers again.
+    let zero1 = fresh("bf16-zero1");
+    train::run(&bf16, &config(&zero1, &["parallel.zero_stage=1"]), &AtomicBool::new(false)).unwrap();
+    assert_eq!(losses(&zero1), want_losses, "ZeRO-1 in mixed precision");
+}

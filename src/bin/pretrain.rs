@@ -8,7 +8,7 @@
 use anyhow::Result;
 use clap::Parser;
 use llama_cpt::backend::Backend;
-use llama_cpt::device::{on_device_index, OnBackend};
+use llama_cpt::device::{on_device_index, OnBackend, Precision};
 use llama_cpt_parallel::launch::Launch;
 use llama_cpt::train::{self, config::TrainConfig, default_run};
 use std::path::PathBuf;
@@ -36,6 +36,10 @@ struct Args {
     /// `cpu`, or `cuda` (GPU 0; needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// `f32`, or `bf16`: mixed precision (bf16 parameters and activations, fp32 master weights,
+    /// moments and gradients; emulated on the CPU).
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: Precision,
 }
 
 fn main() -> Result<()> {
@@ -53,7 +57,7 @@ fn main() -> Result<()> {
         eprintln!("interrupt: writing a checkpoint after this step…");
     })?;
     let launch = Launch::from_env()?;
-    let outcome = on_device_index(&args.device, launch.local_rank, Train { args: &args, launch: &launch, interrupt: &interrupt })?;
+    let outcome = on_device_index(&args.device, launch.local_rank, args.precision, Train { args: &args, launch: &launch, interrupt: &interrupt })?;
     if launch.rank != 0 {
         return Ok(());
     }

@@ -103,12 +103,38 @@ impl Drop for Home {
     }
 }
 
-/// A device buffer of `len` elements of 4 bytes (f32, or u32/i32 for index arrays) — the
+/// Element type of a device buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    /// 4-byte elements: f32 (also u32/i32 index arrays).
+    F32,
+    /// bf16 (mixed precision: parameters and activations).
+    Bf16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::Bf16 => 2,
+        }
+    }
+    /// The suffix of the kernel entry points for this storage type (`rmsnorm_fwd_bf16`).
+    pub fn suffix(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::Bf16 => "bf16",
+        }
+    }
+}
+
+/// A device buffer of `len` elements of type `dtype` — the
 /// [`Backend::Buf`](crate::backend::Backend::Buf) of the CUDA backend. Cloning copies the contents
 /// (on the stream); dropping returns the block to the cache.
 pub struct CudaBuf {
     pub(crate) ptr: sys::CUdeviceptr,
     pub(crate) len: usize,
+    pub(crate) dtype: DType,
     pub(crate) class: usize,
     pub(crate) home: Arc<Home>,
 }
@@ -119,15 +145,25 @@ unsafe impl Send for CudaBuf {}
 unsafe impl Sync for CudaBuf {}
 
 impl CudaBuf {
-    pub(crate) fn alloc(home: &Arc<Home>, len: usize) -> CudaBuf {
+    pub(crate) fn alloc(home: &Arc<Home>, len: usize, dtype: DType) -> CudaBuf {
         home.ctx.bind_to_thread().expect("binding the CUDA context");
+        let bytes = len * dtype.size();
         let (ptr, class) = home
             .pool
             .lock()
             .unwrap()
-            .alloc(len * 4, home.stream.cu_stream())
-            .unwrap_or_else(|e| panic!("CUDA allocation of {} bytes failed: {e}", len * 4));
-        CudaBuf { ptr, len, class, home: home.clone() }
+            .alloc(bytes, home.stream.cu_stream())
+            .unwrap_or_else(|e| panic!("CUDA allocation of {bytes} bytes failed: {e}"));
+        CudaBuf { ptr, len, dtype, class, home: home.clone() }
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Size in bytes.
+    pub fn bytes(&self) -> usize {
+        self.len * self.dtype.size()
     }
 
     /// The device address (for kernels and tests that launch by hand).
@@ -146,9 +182,9 @@ impl CudaBuf {
 
 impl Clone for CudaBuf {
     fn clone(&self) -> Self {
-        let out = CudaBuf::alloc(&self.home, self.len);
+        let out = CudaBuf::alloc(&self.home, self.len, self.dtype);
         if self.len > 0 {
-            unsafe { result::memcpy_dtod_async(out.ptr, self.ptr, self.len * 4, self.home.stream.cu_stream()) }.expect("device copy");
+            unsafe { result::memcpy_dtod_async(out.ptr, self.ptr, self.bytes(), self.home.stream.cu_stream()) }.expect("device copy");
         }
         out
     }
@@ -164,7 +200,7 @@ impl Drop for CudaBuf {
 
 impl std::fmt::Debug for CudaBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "CudaBuf({} x 4 B at {:#x})", self.len, self.ptr)
+        write!(f, "CudaBuf({} x {:?} at {:#x})", self.len, self.dtype, self.ptr)
     }
 }
 

@@ -1,9 +1,13 @@
 //! Row-major GEMMs through cuBLASLt (column-major underneath: a row-major `[r, c]` matrix is a
 //! column-major `[c, r]` one, so every product is computed transposed).
 //!
-//! Operands are f32 in memory; the compute type is selectable ([`GemmPrecision`]): exact f32
-//! (default), TF32 tensor cores, or bf16 tensor cores (`CUBLAS_COMPUTE_32F_FAST_16BF`: inputs rounded
-//! to bf16, f32 accumulation). Descriptors, layouts and the chosen algorithm are cached per shape.
+//! Operands are f32 or bf16 in memory (each operand its own type: mixed precision multiplies bf16
+//! activations by bf16 weights into a bf16 output, or into the f32 weight gradient). With f32
+//! inputs the compute type is selectable ([`GemmPrecision`]): exact f32 (default), TF32 tensor
+//! cores, or bf16 tensor cores (`CUBLAS_COMPUTE_32F_FAST_16BF`: inputs rounded to bf16, f32
+//! accumulation); bf16 inputs always run on the bf16 tensor cores with f32 accumulation.
+//! Descriptors, layouts and the chosen algorithm are cached per shape and types.
+use super::alloc::DType;
 use cudarc::cublaslt::{result as lt, sys as ltsys};
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -40,8 +44,15 @@ impl GemmPrecision {
     }
 }
 
-/// (m, n, k, transa, transb, lda, ldb, ldc, precision) of a column-major product.
-type Key = (u64, u64, u64, bool, bool, i64, i64, i64, GemmPrecision);
+/// (m, n, k, transa, transb, lda, ldb, ldc, precision, (A, B, C types)) of a column-major product.
+type Key = (u64, u64, u64, bool, bool, i64, i64, i64, GemmPrecision, (DType, DType, DType));
+
+fn cuda_type(t: DType) -> ltsys::cudaDataType {
+    match t {
+        DType::F32 => ltsys::cudaDataType::CUDA_R_32F,
+        DType::Bf16 => ltsys::cudaDataType::CUDA_R_16BF,
+    }
+}
 
 struct Plan {
     desc: ltsys::cublasLtMatmulDesc_t,
@@ -72,8 +83,9 @@ impl Gemm {
         Ok(Gemm { handle, plans: Mutex::new(HashMap::new()), workspace, workspace_bytes })
     }
 
-    /// Column-major `C[m,n] = op(A)·op(B) + beta·C` with f32 storage. `A` is stored `[m,k]` (or
-    /// `[k,m]` when `ta`) with leading dimension `lda`, likewise `B` `[k,n]` (or `[n,k]`).
+    /// Column-major `C[m,n] = op(A)·op(B) + beta·C`, the operands stored as `types` (A and B of
+    /// one type). `A` is stored `[m,k]` (or `[k,m]` when `ta`) with leading dimension `lda`,
+    /// likewise `B` `[k,n]` (or `[n,k]`).
     #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn matmul_colmajor(
         &self,
@@ -89,8 +101,13 @@ impl Gemm {
         c: u64,
         ldc: usize,
         beta: f32,
+        types: (DType, DType, DType),
     ) -> anyhow::Result<()> {
-        let key: Key = (m as u64, n as u64, k as u64, ta, tb, lda as i64, ldb as i64, ldc as i64, prec);
+        assert_eq!(types.0, types.1, "GEMM operands A and B must have one type");
+        // bf16 inputs: plain f32 compute (tensor cores, f32 accumulation); the precision knob
+        // only chooses how f32 inputs are multiplied.
+        let prec = if types.0 == DType::Bf16 { GemmPrecision::F32 } else { prec };
+        let key: Key = (m as u64, n as u64, k as u64, ta, tb, lda as i64, ldb as i64, ldc as i64, prec, types);
         let mut plans = self.plans.lock().unwrap();
         if !plans.contains_key(&key) {
             let plan = self.plan(key)?;
@@ -119,7 +136,7 @@ impl Gemm {
         .map_err(err)
     }
 
-    fn plan(&self, (m, n, k, ta, tb, lda, ldb, ldc, prec): Key) -> anyhow::Result<Plan> {
+    fn plan(&self, (m, n, k, ta, tb, lda, ldb, ldc, prec, types): Key) -> anyhow::Result<Plan> {
         let f32t = ltsys::cudaDataType::CUDA_R_32F;
         unsafe {
             let desc = lt::create_matmul_desc(prec.compute_type(), f32t).map_err(err)?;
@@ -140,9 +157,9 @@ impl Gemm {
             .map_err(err)?;
             let (ar, ac) = if ta { (k, m) } else { (m, k) };
             let (br, bc) = if tb { (n, k) } else { (k, n) };
-            let a = lt::create_matrix_layout(f32t, ar, ac, lda).map_err(err)?;
-            let b = lt::create_matrix_layout(f32t, br, bc, ldb).map_err(err)?;
-            let c = lt::create_matrix_layout(f32t, m, n, ldc).map_err(err)?;
+            let a = lt::create_matrix_layout(cuda_type(types.0), ar, ac, lda).map_err(err)?;
+            let b = lt::create_matrix_layout(cuda_type(types.1), br, bc, ldb).map_err(err)?;
+            let c = lt::create_matrix_layout(cuda_type(types.2), m, n, ldc).map_err(err)?;
             let pref = lt::create_matmul_pref().map_err(err)?;
             let ws = self.workspace_bytes as u64;
             lt::set_matmul_pref_attribute(
@@ -154,7 +171,7 @@ impl Gemm {
             .map_err(err)?;
             let heur = lt::get_matmul_algo_heuristic(self.handle, desc, a, b, c, c, pref);
             let _ = lt::destroy_matmul_pref(pref);
-            let heur = heur.map_err(|e| anyhow::anyhow!("cuBLASLt found no algorithm for {m}x{n}x{k} ({prec:?}): {e:?}"))?;
+            let heur = heur.map_err(|e| anyhow::anyhow!("cuBLASLt found no algorithm for {m}x{n}x{k} ({prec:?}, {types:?}): {e:?}"))?;
             Ok(Plan { desc, a, b, c, algo: heur.algo })
         }
     }

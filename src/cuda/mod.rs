@@ -4,25 +4,31 @@
 //! - Everything runs on one non-default stream of the device's primary context; buffers come from a
 //!   stream-ordered caching allocator ([`alloc`]): no `cuMemAlloc` per step once warm, peak bytes
 //!   tracked ([`Cuda::memory_stats`]).
-//! - Buffers are f32 (this first version keeps activations in f32; the attention kernels round
-//!   their tiles to bf16 for the tensor cores, and the GEMMs can run in bf16 through
-//!   [`GemmPrecision::Bf16`]); every accumulation is f32 (f64 for the loss sum and Σx²).
+//! - Buffers carry their element type ([`DType`]). In f32 training everything is f32 (the
+//!   attention kernels round their tiles to bf16 for the tensor cores; the GEMMs can run on bf16
+//!   tensor cores through [`GemmPrecision::Bf16`]). In mixed precision ([`Cuda::set_mixed_precision`],
+//!   `LLAMA_CPT_PRECISION=bf16`) parameters and activations are bf16 and every kernel reads and
+//!   writes bf16, while parameter gradients, rstd/lse statistics, moments and masters stay f32.
+//!   Every accumulation is f32 (f64 for the loss sum and Σx²). An input of the other type is cast
+//!   on the way in, so a stray f32 buffer costs a copy, never a wrong result.
 //! - The CUDA libraries are loaded at run time (cudarc `dynamic-loading`): [`Cuda::new`] returns an
 //!   error, not a panic, where there is no driver, no GPU, no cuBLASLt or no compiled kernels.
 //!
-//! Environment: `LLAMA_CPT_GEMM` = f32 (default) | tf32 | bf16; `LLAMA_CPT_ATTN=simple` forces the
-//! simple f32 attention kernels; `LLAMA_CPT_CUDA_SYNC=1` synchronises and checks after every launch.
+//! Environment: `LLAMA_CPT_PRECISION` = f32 (default) | bf16 (mixed precision); `LLAMA_CPT_GEMM` =
+//! f32 (default) | tf32 | bf16 (how f32 GEMMs multiply); `LLAMA_CPT_ATTN=simple` forces the simple
+//! attention kernels; `LLAMA_CPT_CUDA_SYNC=1` synchronises and checks after every launch.
 pub mod alloc;
 pub mod gemm;
 pub mod nccl;
 
-pub use alloc::{CudaBuf, MemStats};
+pub use alloc::{CudaBuf, DType, MemStats};
 pub use gemm::GemmPrecision;
 
 use crate::backend::{AdamWConfig, AttnShape, Backend};
 use alloc::{Home, Pool};
 use anyhow::{bail, Context, Result};
 use cudarc::driver::{result, sys, CudaContext};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -31,26 +37,22 @@ use std::sync::{Arc, Mutex};
 /// The kernels, as build.rs compiled them (empty when no nvcc was found at build time).
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"));
 
-/// Every kernel entry point of the module.
-const KERNELS: &[&str] = &[
-    "add_f32",
-    "add_assign_f32",
-    "scale_f32",
-    "fill_f32",
-    "cast_f32_to_bf16",
-    "cast_bf16_to_f32",
+/// Kernel entry points that exist once per storage type (`name_f32`, `name_bf16`).
+const TYPED_KERNELS: &[&str] = &[
+    "add",
+    "add_assign",
+    "scale",
+    "fill",
     "embedding_fwd",
     "embedding_bwd",
     "rmsnorm_fwd",
     "rmsnorm_bwd_dx",
     "rmsnorm_bwd_dw_partial",
-    "rmsnorm_bwd_dw_reduce",
     "rope_fwd",
     "swiglu_fwd",
     "swiglu_bwd",
     "cross_entropy_fwd",
     "cross_entropy_bwd",
-    "adamw_step",
     "sum_squares_partial",
     "attn_fwd_d64",
     "attn_fwd_d128",
@@ -63,6 +65,15 @@ const KERNELS: &[&str] = &[
     "attn_bwd_dq_simple",
     "attn_bwd_dkdv_simple",
 ];
+
+/// Kernel entry points with fixed types.
+const UNTYPED_KERNELS: &[&str] = &["cast_f32_to_bf16", "cast_bf16_to_f32", "rmsnorm_bwd_dw_reduce", "adamw_step", "adamw_step_bf16"];
+
+/// Every kernel entry point of the module.
+fn kernel_names() -> Vec<String> {
+    let typed = TYPED_KERNELS.iter().flat_map(|k| [DType::F32, DType::Bf16].map(|t| format!("{k}_{}", t.suffix())));
+    typed.chain(UNTYPED_KERNELS.iter().map(|k| k.to_string())).collect()
+}
 
 /// Tile sizes of the tensor-core attention kernels (must match cuda/attention.cu).
 const ATTN_BM: usize = 64;
@@ -92,13 +103,14 @@ fn attn_smem(kind: &str, d: usize) -> usize {
 struct Inner {
     home: Arc<Home>,
     module: sys::CUmodule,
-    funcs: HashMap<&'static str, sys::CUfunction>,
+    funcs: HashMap<String, sys::CUfunction>,
     gemm: gemm::Gemm,
     _workspace: CudaBuf,
     /// Small host arrays (positions, ids, tile lists) already on the device, matched by content.
     host_cache: Mutex<Vec<(Vec<u32>, Arc<CudaBuf>)>>,
     prec: Mutex<GemmPrecision>,
     attn_kernel: AtomicU8,
+    mixed_precision: AtomicBool,
     sync_each_launch: AtomicBool,
     poison: AtomicBool,
     device_name: String,
@@ -170,19 +182,23 @@ impl Cuda {
         let module = unsafe { result::module::load_data(image.as_ptr() as *const c_void) }
             .map_err(|e| anyhow::anyhow!("loading the CUDA kernels on {device_name} (sm_{}{}): {e}", cc.0, cc.1))?;
         let mut funcs = HashMap::new();
-        for &name in KERNELS {
-            let f = unsafe { result::module::get_function(module, CString::new(name).unwrap()) }
+        for name in kernel_names() {
+            let f = unsafe { result::module::get_function(module, CString::new(name.as_str()).unwrap()) }
                 .map_err(|e| anyhow::anyhow!("kernel {name} missing from the module: {e}"))?;
             funcs.insert(name, f);
         }
-        for (name, kind, d) in [
+        for (base, kind, d) in [
             ("attn_fwd_d64", "fwd", 64),
             ("attn_fwd_d128", "fwd", 128),
             ("attn_bwd_dq_d64", "dq", 64),
             ("attn_bwd_dq_d128", "dq", 128),
             ("attn_bwd_dkdv_d64", "dkdv", 64),
             ("attn_bwd_dkdv_d128", "dkdv", 128),
-        ] {
+        ]
+        .into_iter()
+        .flat_map(|(b, k, d)| [DType::F32, DType::Bf16].map(|t| (format!("{b}_{}", t.suffix()), k, d)))
+        {
+            let name = base.as_str();
             let bytes = attn_smem(kind, d);
             unsafe {
                 result::function::set_function_attribute(
@@ -195,7 +211,7 @@ impl Cuda {
         }
         let home = Arc::new(Home { pool: Mutex::new(Pool::default()), ctx: ctx.clone(), stream: stream.clone() });
         const WORKSPACE: usize = 32 << 20;
-        let workspace = CudaBuf::alloc(&home, WORKSPACE / 4);
+        let workspace = CudaBuf::alloc(&home, WORKSPACE / 4, DType::F32);
         let gemm = gemm::Gemm::new(workspace.ptr, WORKSPACE)?;
         let inner = Inner {
             home,
@@ -206,6 +222,7 @@ impl Cuda {
             host_cache: Mutex::new(Vec::new()),
             prec: Mutex::new(GemmPrecision::from_env()),
             attn_kernel: AtomicU8::new(if std::env::var("LLAMA_CPT_ATTN").as_deref() == Ok("simple") { 1 } else { 0 }),
+            mixed_precision: AtomicBool::new(std::env::var("LLAMA_CPT_PRECISION").as_deref() == Ok("bf16")),
             sync_each_launch: AtomicBool::new(std::env::var("LLAMA_CPT_CUDA_SYNC").as_deref() == Ok("1")),
             poison: AtomicBool::new(false),
             device_name,
@@ -237,6 +254,19 @@ impl Cuda {
     }
     pub fn set_attention_kernel(&self, k: AttnKernel) {
         self.inner.attn_kernel.store(k as u8, Ordering::Relaxed);
+    }
+    /// Mixed precision on (bf16 parameters and activations) or off (all f32). Buffers made before
+    /// the switch keep their type; operators cast what they are given.
+    pub fn set_mixed_precision(&self, on: bool) {
+        self.inner.mixed_precision.store(on, Ordering::Relaxed);
+    }
+    /// Storage type of activations (and working parameters): bf16 in mixed precision.
+    pub fn act_dtype(&self) -> DType {
+        if self.inner.mixed_precision.load(Ordering::Relaxed) {
+            DType::Bf16
+        } else {
+            DType::F32
+        }
     }
     /// Synchronise and check for errors after every launch (slow; for debugging).
     pub fn set_sync_each_launch(&self, on: bool) {
@@ -273,12 +303,43 @@ impl Cuda {
         self.inner.home.stream.cu_stream()
     }
     fn alloc(&self, len: usize) -> CudaBuf {
-        let b = CudaBuf::alloc(&self.inner.home, len);
+        self.alloc_as(len, DType::F32)
+    }
+    fn alloc_act(&self, len: usize) -> CudaBuf {
+        self.alloc_as(len, self.act_dtype())
+    }
+    fn alloc_as(&self, len: usize, dtype: DType) -> CudaBuf {
+        let b = CudaBuf::alloc(&self.inner.home, len, dtype);
         if len > 0 && self.inner.poison.load(Ordering::Relaxed) {
             // Quiet NaN in every element: a kernel that leaves an output element unwritten shows.
-            unsafe { sys::cuMemsetD32Async(b.ptr, 0x7fc0_0000, len, self.stream()) }.result().expect("poisoning a buffer");
+            match dtype {
+                DType::F32 => unsafe { sys::cuMemsetD32Async(b.ptr, 0x7fc0_0000, len, self.stream()) },
+                DType::Bf16 => unsafe { sys::cuMemsetD16Async(b.ptr, 0x7fc0, len, self.stream()) },
+            }
+            .result()
+            .expect("poisoning a buffer");
         }
         b
+    }
+
+    /// `x` as `dtype`: itself, or a cast copy.
+    fn as_type<'a>(&self, x: &'a CudaBuf, dtype: DType) -> Cow<'a, CudaBuf> {
+        if x.dtype == dtype {
+            return Cow::Borrowed(x);
+        }
+        let out = self.alloc_as(x.len, dtype);
+        let (o, i, n) = (out.ptr, x.ptr, x.len as u64);
+        let kernel = if dtype == DType::Bf16 { "cast_f32_to_bf16" } else { "cast_bf16_to_f32" };
+        self.elementwise(kernel, x.len, args![o, i, n]);
+        Cow::Owned(out)
+    }
+    /// `x` in the activation type.
+    fn act<'a>(&self, x: &'a CudaBuf) -> Cow<'a, CudaBuf> {
+        self.as_type(x, self.act_dtype())
+    }
+    /// The entry point of a typed kernel for storage type `t`.
+    fn typed(base: &str, t: DType) -> String {
+        format!("{base}_{}", t.suffix())
     }
 
     /// Fill every newly allocated buffer with NaN before the kernel that writes it (for tests).
@@ -325,7 +386,7 @@ impl Cuda {
     }
 
     fn upload_raw<T: bytemuck::Pod>(&self, data: &[T]) -> CudaBuf {
-        assert_eq!(std::mem::size_of::<T>(), 4);
+        assert_eq!(std::mem::size_of::<T>(), 4, "4-byte elements (f32, u32, i32)");
         self.bind();
         let buf = self.alloc(data.len());
         if !data.is_empty() {
@@ -345,36 +406,30 @@ impl Cuda {
         out
     }
 
-    /// bf16 copy of an f32 buffer (round to nearest even), packed two per 4-byte element.
+    /// bf16 copy of a buffer (round to nearest even).
     pub fn to_bf16(&self, x: &CudaBuf) -> CudaBuf {
         self.bind();
-        let out = self.alloc(x.len.div_ceil(2));
-        let (o, i, n) = (out.ptr, x.ptr, x.len as u64);
-        self.elementwise("cast_f32_to_bf16", x.len, args![o, i, n]);
-        out
+        self.as_type(x, DType::Bf16).into_owned()
     }
 
-    /// f32 copy of the first `n` bf16 values of a packed buffer.
-    pub fn from_bf16(&self, x: &CudaBuf, n: usize) -> CudaBuf {
-        assert!(n <= 2 * x.len);
+    /// f32 copy of a buffer.
+    pub fn to_f32(&self, x: &CudaBuf) -> CudaBuf {
         self.bind();
-        let out = self.alloc(n);
-        let (o, i, nn) = (out.ptr, x.ptr, n as u64);
-        self.elementwise("cast_bf16_to_f32", n, args![o, i, nn]);
-        out
+        self.as_type(x, DType::F32).into_owned()
     }
 
-    /// The first `n` bf16 values of a packed buffer, on the host.
-    pub fn download_bf16(&self, x: &CudaBuf, n: usize) -> Vec<half::bf16> {
-        let raw: Vec<u16> = self.download_raw::<u32>(x.ptr, x.len).iter().flat_map(|w| [*w as u16, (*w >> 16) as u16]).collect();
-        raw[..n].iter().map(|&b| half::bf16::from_bits(b)).collect()
+    /// The values of a bf16 buffer, on the host.
+    pub fn download_bf16(&self, x: &CudaBuf) -> Vec<half::bf16> {
+        assert_eq!(x.dtype, DType::Bf16, "download_bf16 of a {:?} buffer", x.dtype);
+        self.download_raw::<u16>(x.ptr, x.len).into_iter().map(half::bf16::from_bits).collect()
     }
 
     /// `C = op(A)·op(B) (+ C)` for row-major operands, through cuBLASLt.
     #[allow(clippy::too_many_arguments)]
-    fn gemm_colmajor(&self, mnk: (usize, usize, usize), a: u64, ta: bool, lda: usize, b: u64, tb: bool, ldb: usize, c: u64, ldc: usize, beta: f32) {
+    fn gemm_colmajor(&self, mnk: (usize, usize, usize), a: &CudaBuf, ta: bool, lda: usize, b: &CudaBuf, tb: bool, ldb: usize, c: &CudaBuf, ldc: usize, beta: f32) {
         let prec = self.gemm_precision();
-        unsafe { self.inner.gemm.matmul_colmajor(self.stream(), prec, mnk, a, ta, lda, b, tb, ldb, c, ldc, beta) }
+        let types = (a.dtype, b.dtype, c.dtype);
+        unsafe { self.inner.gemm.matmul_colmajor(self.stream(), prec, mnk, a.ptr, ta, lda, b.ptr, tb, ldb, c.ptr, ldc, beta, types) }
             .unwrap_or_else(|e| panic!("GEMM {mnk:?}: {e}"));
         if self.inner.sync_each_launch.load(Ordering::Relaxed) {
             unsafe { result::stream::synchronize(self.stream()) }.unwrap_or_else(|e| panic!("GEMM {mnk:?} failed: {e}"));
@@ -383,7 +438,7 @@ impl Cuda {
 
     fn memset_zero(&self, buf: &CudaBuf) {
         if buf.len > 0 {
-            unsafe { result::memset_d8_async(buf.ptr, 0, buf.len * 4, self.stream()) }.expect("memset");
+            unsafe { result::memset_d8_async(buf.ptr, 0, buf.bytes(), self.stream()) }.expect("memset");
         }
     }
 
@@ -471,27 +526,40 @@ impl Backend for Cuda {
         }
         Ok(Box::new(self.nccl(launch, timeout)?))
     }
+    fn mixed_precision(&self) -> bool {
+        self.act_dtype() == DType::Bf16
+    }
+    fn to_working(&self, x: &CudaBuf) -> CudaBuf {
+        self.bind();
+        self.act(x).into_owned()
+    }
     fn slice(&self, buf: &CudaBuf, start: usize, len: usize) -> CudaBuf {
         assert!(start + len <= buf.len, "slice [{start}, {}) of {} elements", start + len, buf.len);
         self.bind();
-        let out = self.alloc(len);
+        let out = self.alloc_as(len, buf.dtype);
+        let es = buf.dtype.size();
         if len > 0 {
-            unsafe { result::memcpy_dtod_async(out.ptr, buf.ptr + 4 * start as u64, 4 * len, self.stream()) }.expect("device copy");
+            unsafe { result::memcpy_dtod_async(out.ptr, buf.ptr + (es * start) as u64, es * len, self.stream()) }.expect("device copy");
         }
         out
     }
     fn write_slice(&self, dst: &mut CudaBuf, start: usize, src: &CudaBuf) {
         assert!(start + src.len <= dst.len, "write [{start}, {}) into {} elements", start + src.len, dst.len);
         self.bind();
+        let src = self.as_type(src, dst.dtype);
+        let es = dst.dtype.size();
         if src.len > 0 {
-            unsafe { result::memcpy_dtod_async(dst.ptr + 4 * start as u64, src.ptr, 4 * src.len, self.stream()) }.expect("device copy");
+            unsafe { result::memcpy_dtod_async(dst.ptr + (es * start) as u64, src.ptr, es * src.len, self.stream()) }.expect("device copy");
         }
     }
     fn upload(&self, data: &[f32]) -> CudaBuf {
         self.upload_raw(data)
     }
     fn download(&self, buf: &CudaBuf) -> Vec<f32> {
-        self.download_raw(buf.ptr, buf.len)
+        match buf.dtype {
+            DType::F32 => self.download_raw(buf.ptr, buf.len),
+            DType::Bf16 => self.download_bf16(buf).into_iter().map(f32::from).collect(),
+        }
     }
     fn zeros(&self, len: usize) -> CudaBuf {
         self.bind();
@@ -506,28 +574,31 @@ impl Backend for Cuda {
     fn add(&self, a: &CudaBuf, b: &CudaBuf) -> CudaBuf {
         assert_eq!(a.len, b.len);
         self.bind();
-        let out = self.alloc(a.len);
+        let (a, b) = (self.act(a), self.act(b));
+        let out = self.alloc_act(a.len);
         let (o, x, y, n) = (out.ptr, a.ptr, b.ptr, a.len as u64);
-        self.elementwise("add_f32", a.len, args![o, x, y, n]);
+        self.elementwise(&Self::typed("add", out.dtype), a.len, args![o, x, y, n]);
         out
     }
     fn add_assign(&self, a: &mut CudaBuf, b: &CudaBuf) {
         assert_eq!(a.len, b.len);
         self.bind();
+        let b = self.as_type(b, a.dtype);
         let (x, y, n) = (a.ptr, b.ptr, a.len as u64);
-        self.elementwise("add_assign_f32", a.len, args![x, y, n]);
+        self.elementwise(&Self::typed("add_assign", a.dtype), a.len, args![x, y, n]);
     }
     fn scale_assign(&self, a: &mut CudaBuf, s: f32) {
         self.bind();
         let (x, n) = (a.ptr, a.len as u64);
-        self.elementwise("scale_f32", a.len, args![x, s, n]);
+        self.elementwise(&Self::typed("scale", a.dtype), a.len, args![x, s, n]);
     }
 
     fn linear(&self, x: &CudaBuf, w: &CudaBuf, m: usize, k: usize, n: usize) -> CudaBuf {
         assert_eq!(x.len, m * k, "linear: x has {} elements, expected {m}x{k}", x.len);
         assert_eq!(w.len, n * k, "linear: w has {} elements, expected {n}x{k}", w.len);
         self.bind();
-        let y = self.alloc(m * n);
+        let (x, w) = (self.act(x), self.act(w));
+        let y = self.alloc_act(m * n);
         if m == 0 || n == 0 {
             return y;
         }
@@ -536,7 +607,7 @@ impl Backend for Cuda {
             return y;
         }
         // yᵀ[n,m] = w[n,k]·xᵀ[k,m] in column-major terms.
-        self.gemm_colmajor((n, m, k), w.ptr, true, k, x.ptr, false, k, y.ptr, n, 0.0);
+        self.gemm_colmajor((n, m, k), &w, true, k, &x, false, k, &y, n, 0.0);
         y
     }
 
@@ -546,7 +617,8 @@ impl Backend for Cuda {
         assert_eq!(w.len, n * k);
         assert_eq!(dw.len, n * k);
         self.bind();
-        let dx = self.alloc(m * k);
+        let (dy, x, w) = (self.act(dy), self.act(x), self.act(w));
+        let dx = self.alloc_act(m * k);
         if m == 0 || k == 0 {
             return dx;
         }
@@ -555,9 +627,9 @@ impl Backend for Cuda {
             return dx;
         }
         // dxᵀ[k,m] = wᵀ[k,n]·dyᵀ[n,m]
-        self.gemm_colmajor((k, m, n), w.ptr, false, k, dy.ptr, false, n, dx.ptr, k, 0.0);
-        // dwᵀ[k,n] += xᵀ[k,m]·dy[m,n]
-        self.gemm_colmajor((k, n, m), x.ptr, false, k, dy.ptr, true, n, dw.ptr, k, 1.0);
+        self.gemm_colmajor((k, m, n), &w, false, k, &dy, false, n, &dx, k, 0.0);
+        // dwᵀ[k,n] += xᵀ[k,m]·dy[m,n], accumulated in dw's own type (f32 in mixed precision).
+        self.gemm_colmajor((k, n, m), &x, false, k, &dy, true, n, dw, k, 1.0);
         dx
     }
 
@@ -567,21 +639,24 @@ impl Backend for Cuda {
             panic!("embedding: token id {id} >= vocab {vocab}");
         }
         self.bind();
-        let out = self.alloc(ids.len() * dim);
+        let table = self.act(table);
+        let out = self.alloc_act(ids.len() * dim);
         let dids = self.upload_cached(ids);
         let (o, t, i, d) = (out.ptr, table.ptr, dids.ptr, dim as i32);
-        self.launch("embedding_fwd", (ids.len() as u32, div_ceil(dim, 256) as u32, 1), (256, 1, 1), 0, args![o, t, i, d]);
+        self.launch(&Self::typed("embedding_fwd", out.dtype), (ids.len() as u32, div_ceil(dim, 256) as u32, 1), (256, 1, 1), 0, args![o, t, i, d]);
         out
     }
 
     fn embedding_backward(&self, dout: &CudaBuf, ids: &[u32], dim: usize, dtable: &mut CudaBuf) {
         assert_eq!(dout.len, ids.len() * dim);
+        assert_eq!(dtable.dtype, DType::F32, "embedding: the gradient table accumulates in f32");
         let vocab = dtable.len / dim;
         assert!(ids.iter().all(|&id| (id as usize) < vocab), "embedding: token id >= vocab {vocab}");
         if ids.is_empty() {
             return;
         }
         self.bind();
+        let dout = self.act(dout);
         // Token indices grouped by id, each group in token order (a stable sort).
         let mut order: Vec<u32> = (0..ids.len() as u32).collect();
         order.sort_by_key(|&t| ids[t as usize]);
@@ -596,7 +671,7 @@ impl Backend for Cuda {
         let segs = seg_ids.len();
         let (o, s, i) = (self.upload_cached(&order), self.upload_cached(&seg_start), self.upload_cached(&seg_ids));
         let (dt, dy, op, sp, ip, d) = (dtable.ptr, dout.ptr, o.ptr, s.ptr, i.ptr, dim as i32);
-        self.launch("embedding_bwd", (segs as u32, div_ceil(dim, 256) as u32, 1), (256, 1, 1), 0, args![dt, dy, op, sp, ip, d]);
+        self.launch(&Self::typed("embedding_bwd", dout.dtype), (segs as u32, div_ceil(dim, 256) as u32, 1), (256, 1, 1), 0, args![dt, dy, op, sp, ip, d]);
     }
 
     fn rmsnorm(&self, x: &CudaBuf, w: &CudaBuf, dim: usize, eps: f64) -> (CudaBuf, CudaBuf) {
@@ -604,28 +679,32 @@ impl Backend for Cuda {
         assert_eq!(x.len % dim, 0);
         let rows = x.len / dim;
         self.bind();
-        let (y, rstd) = (self.alloc(x.len), self.alloc(rows));
+        let (x, w) = (self.act(x), self.act(w));
+        let (y, rstd) = (self.alloc_act(x.len), self.alloc(rows));
         let (yp, rp, xp, wp, d, e, inv) = (y.ptr, rstd.ptr, x.ptr, w.ptr, dim as i32, eps as f32, (1.0 / dim as f64) as f32);
-        self.launch("rmsnorm_fwd", (rows as u32, 1, 1), (256, 1, 1), 0, args![yp, rp, xp, wp, d, e, inv]);
+        self.launch(&Self::typed("rmsnorm_fwd", y.dtype), (rows as u32, 1, 1), (256, 1, 1), 0, args![yp, rp, xp, wp, d, e, inv]);
         (y, rstd)
     }
 
     fn rmsnorm_backward(&self, dy: &CudaBuf, x: &CudaBuf, w: &CudaBuf, rstd: &CudaBuf, dim: usize, dw: &mut CudaBuf) -> CudaBuf {
         let rows = x.len / dim;
         assert!(dy.len == x.len && w.len == dim && rstd.len == rows && dw.len == dim);
+        assert!(rstd.dtype == DType::F32 && dw.dtype == DType::F32, "rmsnorm: rstd and dw are f32");
         self.bind();
-        let dx = self.alloc(x.len);
+        let (dy, x, w) = (self.act(dy), self.act(x), self.act(w));
+        let t = self.act_dtype();
+        let dx = self.alloc_act(x.len);
         if rows == 0 {
             return dx;
         }
         let (dxp, dyp, xp, wp, rp, d, inv) = (dx.ptr, dy.ptr, x.ptr, w.ptr, rstd.ptr, dim as i32, (1.0 / dim as f64) as f32);
-        self.launch("rmsnorm_bwd_dx", (rows as u32, 1, 1), (256, 1, 1), 0, args![dxp, dyp, xp, wp, rp, d, inv]);
+        self.launch(&Self::typed("rmsnorm_bwd_dx", t), (rows as u32, 1, 1), (256, 1, 1), 0, args![dxp, dyp, xp, wp, rp, d, inv]);
         let rows_per_chunk = div_ceil(rows, 128).max(16).min(rows);
         let chunks = div_ceil(rows, rows_per_chunk);
         let partial = self.alloc(chunks * dim);
         let (pp, nrows, rpc, nch) = (partial.ptr, rows as u64, rows_per_chunk as i32, chunks as i32);
         let cols = div_ceil(dim, 256) as u32;
-        self.launch("rmsnorm_bwd_dw_partial", (cols, chunks as u32, 1), (256, 1, 1), 0, args![pp, dyp, xp, rp, nrows, d, rpc]);
+        self.launch(&Self::typed("rmsnorm_bwd_dw_partial", t), (cols, chunks as u32, 1), (256, 1, 1), 0, args![pp, dyp, xp, rp, nrows, d, rpc]);
         let dwp = dw.ptr;
         self.launch("rmsnorm_bwd_dw_reduce", (cols, 1, 1), (256, 1, 1), 0, args![dwp, pp, nch, d]);
         dx
@@ -636,7 +715,8 @@ impl Backend for Cuda {
         let tokens = positions.len();
         assert_eq!(x.len, tokens * heads * head_dim, "rope: x does not match the positions");
         self.bind();
-        let y = self.alloc(x.len);
+        let x = self.act(x);
+        let y = self.alloc_act(x.len);
         let pos = self.upload_cached(positions);
         // Inverse frequencies exactly as ops::rope::rope_tables computes them (f32 powf).
         let base = theta as f32;
@@ -644,7 +724,7 @@ impl Backend for Cuda {
             (0..head_dim / 2).map(|i| (1.0f32 / base.powf((2 * i) as f32 / head_dim as f32)).to_bits()).collect();
         let freqs = self.upload_cached(&inv_freq);
         let (yp, xp, pp, fp, t, h, d, inv) = (y.ptr, x.ptr, pos.ptr, freqs.ptr, tokens as u64, heads as i32, head_dim as i32, inverse as i32);
-        self.elementwise("rope_fwd", x.len / 2, args![yp, xp, pp, fp, t, h, d, inv]);
+        self.elementwise(&Self::typed("rope_fwd", y.dtype), x.len / 2, args![yp, xp, pp, fp, t, h, d, inv]);
         y
     }
 
@@ -652,19 +732,21 @@ impl Backend for Cuda {
         let tokens = Self::check_attn(shape, q, k, v);
         let AttnShape { heads, kv_heads, head_dim: d } = shape;
         self.bind();
-        let (out, lse) = (self.alloc(q.len), self.alloc(tokens * heads));
+        let (q, k, v) = (self.act(q), self.act(k), self.act(v));
+        let t = self.act_dtype();
+        let (out, lse) = (self.alloc_act(q.len), self.alloc(tokens * heads));
         let scale = (1.0 / (d as f64).sqrt()) as f32;
         let (op, lp, qp, kp, vp, h, kvh) = (out.ptr, lse.ptr, q.ptr, k.ptr, v.ptr, heads as i32, kv_heads as i32);
         if self.use_mma(shape) {
             let (tiles, n) = self.doc_tiles(cu_seqlens, tokens, ATTN_BM);
             let (tp, sl2) = (tiles.ptr, scale * std::f32::consts::LOG2_E);
-            let name = if d == 64 { "attn_fwd_d64" } else { "attn_fwd_d128" };
-            self.launch(name, (n as u32, heads as u32, 1), (128, 1, 1), attn_smem("fwd", d) as u32, args![op, lp, qp, kp, vp, tp, h, kvh, sl2]);
+            let name = Self::typed(if d == 64 { "attn_fwd_d64" } else { "attn_fwd_d128" }, t);
+            self.launch(&name, (n as u32, heads as u32, 1), (128, 1, 1), attn_smem("fwd", d) as u32, args![op, lp, qp, kp, vp, tp, h, kvh, sl2]);
         } else {
             let (start, _) = self.doc_bounds(cu_seqlens, tokens);
-            let (sp, t, dd) = (start.ptr, tokens as u64, d as i32);
+            let (sp, nt, dd) = (start.ptr, tokens as u64, d as i32);
             let warps = tokens * heads;
-            self.launch("attn_fwd_simple", (div_ceil(warps * 32, 256) as u32, 1, 1), (256, 1, 1), 0, args![op, lp, qp, kp, vp, sp, t, h, kvh, dd, scale]);
+            self.launch(&Self::typed("attn_fwd_simple", t), (div_ceil(warps * 32, 256) as u32, 1, 1), (256, 1, 1), 0, args![op, lp, qp, kp, vp, sp, nt, h, kvh, dd, scale]);
         }
         (out, lse)
     }
@@ -682,23 +764,25 @@ impl Backend for Cuda {
     ) -> (CudaBuf, CudaBuf, CudaBuf) {
         let tokens = Self::check_attn(shape, q, k, v);
         let AttnShape { heads, kv_heads, head_dim: d } = shape;
-        assert!(dout.len == q.len && out.len == q.len && lse.len == tokens * heads);
+        assert!(dout.len == q.len && out.len == q.len && lse.len == tokens * heads && lse.dtype == DType::F32);
         self.bind();
-        let (dq, dk, dv) = (self.alloc(q.len), self.alloc(k.len), self.alloc(v.len));
+        let (dout, q, k, v, out) = (self.act(dout), self.act(q), self.act(k), self.act(v), self.act(out));
+        let t = self.act_dtype();
+        let (dq, dk, dv) = (self.alloc_act(q.len), self.alloc_act(k.len), self.alloc_act(v.len));
         let delta = self.alloc(tokens * heads);
         let rows = tokens * heads;
         let (delp, dop, outp, nrows, dd) = (delta.ptr, dout.ptr, out.ptr, rows as u64, d as i32);
-        self.launch("attn_delta", (div_ceil(rows * 32, 256) as u32, 1, 1), (256, 1, 1), 0, args![delp, dop, outp, nrows, dd]);
+        self.launch(&Self::typed("attn_delta", t), (div_ceil(rows * 32, 256) as u32, 1, 1), (256, 1, 1), 0, args![delp, dop, outp, nrows, dd]);
         let scale = (1.0 / (d as f64).sqrt()) as f32;
         let (dqp, dkp, dvp, qp, kp, vp, lp, h, kvh) = (dq.ptr, dk.ptr, dv.ptr, q.ptr, k.ptr, v.ptr, lse.ptr, heads as i32, kv_heads as i32);
         if self.use_mma(shape) {
             let (tiles, n) = self.doc_tiles(cu_seqlens, tokens, ATTN_BM);
             let (tp, sl2) = (tiles.ptr, scale * std::f32::consts::LOG2_E);
             let (dq_name, dkdv_name) = if d == 64 { ("attn_bwd_dq_d64", "attn_bwd_dkdv_d64") } else { ("attn_bwd_dq_d128", "attn_bwd_dkdv_d128") };
-            self.launch(dq_name, (n as u32, heads as u32, 1), (128, 1, 1), attn_smem("dq", d) as u32, args![dqp, qp, kp, vp, dop, lp, delp, tp, h, kvh, scale, sl2]);
+            self.launch(&Self::typed(dq_name, t), (n as u32, heads as u32, 1), (128, 1, 1), attn_smem("dq", d) as u32, args![dqp, qp, kp, vp, dop, lp, delp, tp, h, kvh, scale, sl2]);
             // Key tiles are the same 64-token cuts of each document (ATTN_BN == ATTN_BM).
             self.launch(
-                dkdv_name,
+                &Self::typed(dkdv_name, t),
                 (n as u32, kv_heads as u32, 1),
                 (128, 1, 1),
                 attn_smem("dkdv", d) as u32,
@@ -706,20 +790,20 @@ impl Backend for Cuda {
             );
         } else {
             let (start, end) = self.doc_bounds(cu_seqlens, tokens);
-            let (sp, ep, t) = (start.ptr, end.ptr, tokens as u64);
+            let (sp, ep, nt) = (start.ptr, end.ptr, tokens as u64);
             self.launch(
-                "attn_bwd_dq_simple",
+                &Self::typed("attn_bwd_dq_simple", t),
                 (div_ceil(tokens * heads * 32, 256) as u32, 1, 1),
                 (256, 1, 1),
                 0,
-                args![dqp, qp, kp, vp, dop, lp, delp, sp, t, h, kvh, dd, scale],
+                args![dqp, qp, kp, vp, dop, lp, delp, sp, nt, h, kvh, dd, scale],
             );
             self.launch(
-                "attn_bwd_dkdv_simple",
+                &Self::typed("attn_bwd_dkdv_simple", t),
                 (div_ceil(tokens * kv_heads * 32, 256) as u32, 1, 1),
                 (256, 1, 1),
                 0,
-                args![dkp, dvp, qp, kp, vp, dop, lp, delp, ep, t, h, kvh, dd, scale],
+                args![dkp, dvp, qp, kp, vp, dop, lp, delp, ep, nt, h, kvh, dd, scale],
             );
         }
         (dq, dk, dv)
@@ -728,18 +812,20 @@ impl Backend for Cuda {
     fn swiglu(&self, gate: &CudaBuf, up: &CudaBuf) -> CudaBuf {
         assert_eq!(gate.len, up.len);
         self.bind();
-        let out = self.alloc(gate.len);
+        let (gate, up) = (self.act(gate), self.act(up));
+        let out = self.alloc_act(gate.len);
         let (o, g, u, n) = (out.ptr, gate.ptr, up.ptr, gate.len as u64);
-        self.elementwise("swiglu_fwd", gate.len, args![o, g, u, n]);
+        self.elementwise(&Self::typed("swiglu_fwd", out.dtype), gate.len, args![o, g, u, n]);
         out
     }
 
     fn swiglu_backward(&self, dout: &CudaBuf, gate: &CudaBuf, up: &CudaBuf) -> (CudaBuf, CudaBuf) {
         assert!(dout.len == gate.len && gate.len == up.len);
         self.bind();
-        let (dg, du) = (self.alloc(gate.len), self.alloc(gate.len));
+        let (dout, gate, up) = (self.act(dout), self.act(gate), self.act(up));
+        let (dg, du) = (self.alloc_act(gate.len), self.alloc_act(gate.len));
         let (dgp, dup, dp, g, u, n) = (dg.ptr, du.ptr, dout.ptr, gate.ptr, up.ptr, gate.len as u64);
-        self.elementwise("swiglu_bwd", gate.len, args![dgp, dup, dp, g, u, n]);
+        self.elementwise(&Self::typed("swiglu_bwd", dg.dtype), gate.len, args![dgp, dup, dp, g, u, n]);
         (dg, du)
     }
 
@@ -747,11 +833,12 @@ impl Backend for Cuda {
         let rows = targets.len();
         assert_eq!(logits.len, rows * vocab);
         self.bind();
+        let logits = self.act(logits);
         let lse = self.alloc(rows);
         let loss = self.alloc(rows);
         let t = self.upload_cached(bytemuck::cast_slice(targets));
         let (lp, lsp, xp, tp, v) = (lse.ptr, loss.ptr, logits.ptr, t.ptr, vocab as i32);
-        self.launch("cross_entropy_fwd", (rows as u32, 1, 1), (512, 1, 1), 0, args![lp, lsp, xp, tp, v]);
+        self.launch(&Self::typed("cross_entropy_fwd", logits.dtype), (rows as u32, 1, 1), (512, 1, 1), 0, args![lp, lsp, xp, tp, v]);
         let losses: Vec<f32> = self.download_raw(loss.ptr, rows);
         let n = llama_cpt_ops::cross_entropy::count_valid(targets);
         if let Some(r) = losses.iter().position(|l| l.is_nan()) {
@@ -765,14 +852,15 @@ impl Backend for Cuda {
 
     fn cross_entropy_backward(&self, logits: &CudaBuf, lse: &CudaBuf, targets: &[i32], vocab: usize, dloss: f64) -> CudaBuf {
         let rows = targets.len();
-        assert!(logits.len == rows * vocab && lse.len == rows);
+        assert!(logits.len == rows * vocab && lse.len == rows && lse.dtype == DType::F32);
         self.bind();
-        let d = self.alloc(logits.len);
+        let logits = self.act(logits);
+        let d = self.alloc_act(logits.len);
         let n = llama_cpt_ops::cross_entropy::count_valid(targets);
         let scale = if n == 0 { 0.0f32 } else { (dloss / n as f64) as f32 };
         let t = self.upload_cached(bytemuck::cast_slice(targets));
         let (dp, xp, lp, tp, v) = (d.ptr, logits.ptr, lse.ptr, t.ptr, vocab as i32);
-        self.launch("cross_entropy_bwd", (rows as u32, 1, 1), (512, 1, 1), 0, args![dp, xp, lp, tp, v, scale]);
+        self.launch(&Self::typed("cross_entropy_bwd", d.dtype), (rows as u32, 1, 1), (512, 1, 1), 0, args![dp, xp, lp, tp, v, scale]);
         d
     }
 
@@ -784,18 +872,32 @@ impl Backend for Cuda {
         let blocks = div_ceil(x.len, 4096).clamp(1, 1024);
         let partial = self.alloc(blocks * 2);
         let (pp, xp, n) = (partial.ptr, x.ptr, x.len as u64);
-        self.launch("sum_squares_partial", (blocks as u32, 1, 1), (256, 1, 1), 0, args![pp, xp, n]);
+        self.launch(&Self::typed("sum_squares_partial", x.dtype), (blocks as u32, 1, 1), (256, 1, 1), 0, args![pp, xp, n]);
         self.download_raw::<f64>(partial.ptr, blocks).iter().sum()
     }
 
-    fn adamw_step(&self, param: &mut CudaBuf, grad: &CudaBuf, m: &mut CudaBuf, v: &mut CudaBuf, cfg: &AdamWConfig, lr: f64, step: u64, decay: bool, grad_scale: f32) {
+    fn adamw_step(&self, param: &mut CudaBuf, grad: &CudaBuf, m: &mut CudaBuf, v: &mut CudaBuf, cfg: &AdamWConfig, lr: f64, step: u64, decay: bool, grad_scale: f32, working: Option<&mut CudaBuf>) {
         assert!(param.len == grad.len && m.len == grad.len && v.len == grad.len);
+        assert!(param.dtype == DType::F32 && m.dtype == DType::F32 && v.dtype == DType::F32, "adamw: parameters (masters) and moments are f32");
         self.bind();
+        let grad = self.as_type(grad, DType::F32);
         // The same scalars as the ops reference.
         let llama_cpt_ops::adamw::AdamWScalars { beta1: b1, beta2: b2, eps, step_size, bc2_sqrt, decay_factor } =
             llama_cpt_ops::adamw::AdamWScalars::new(cfg, lr, step, decay);
         let (pp, gp, mp, vp, n) = (param.ptr, grad.ptr, m.ptr, v.ptr, param.len as u64);
-        self.elementwise("adamw_step", param.len, args![pp, gp, mp, vp, n, b1, b2, eps, step_size, bc2_sqrt, decay_factor, grad_scale]);
+        match working {
+            Some(w) if w.dtype == DType::Bf16 => {
+                assert_eq!(w.len, param.len);
+                let wp = w.ptr;
+                self.elementwise("adamw_step_bf16", param.len, args![pp, wp, gp, mp, vp, n, b1, b2, eps, step_size, bc2_sqrt, decay_factor, grad_scale]);
+            }
+            working => {
+                self.elementwise("adamw_step", param.len, args![pp, gp, mp, vp, n, b1, b2, eps, step_size, bc2_sqrt, decay_factor, grad_scale]);
+                if let Some(w) = working {
+                    self.write_slice(w, 0, param);
+                }
+            }
+        }
     }
 }
 
@@ -804,7 +906,7 @@ impl Cuda {
     pub fn fill(&self, buf: &mut CudaBuf, value: f32) {
         self.bind();
         let (p, n) = (buf.ptr, buf.len as u64);
-        self.elementwise("fill_f32", buf.len, args![p, value, n]);
+        self.elementwise(&Self::typed("fill", buf.dtype), buf.len, args![p, value, n]);
     }
 
     /// Uploads 4-byte integers (ids, targets) as a device buffer.

@@ -4,7 +4,7 @@
 //! never blocks, and the backward keeps queueing kernels while gradients travel. The NCCL unique
 //! id goes from rank 0 to the others through the TCP rendezvous at `MASTER_ADDR:MASTER_PORT`, so
 //! no MPI library is needed. libnccl is loaded at run time (cudarc `dynamic-loading`).
-use super::alloc::{CudaBuf, Home};
+use super::alloc::{CudaBuf, DType, Home};
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::driver::{result, CudaStream};
 use cudarc::nccl::{result as nccl, sys as ncclsys};
@@ -61,11 +61,12 @@ impl Nccl {
     /// queued work; the result is usable on the compute stream once waited for.
     /// `kind` is counted in the traffic (scalar all-reduces are not: `None`).
     fn launch(&self, kind: Option<Collective>, input: CudaBuf, out_len: usize, op: impl FnOnce(u64, u64, ncclsys::cudaStream_t) -> Result<()>) -> Pending<CudaBuf> {
+        let dtype = input.dtype;
         if let Some(kind) = kind {
-            let bytes = 4 * if kind == Collective::AllGather { out_len } else { input.len } as u64;
+            let bytes = (dtype.size() * if kind == Collective::AllGather { out_len } else { input.len }) as u64;
             self.traffic.count(kind, bytes);
         }
-        let output = CudaBuf::alloc(&self.home, out_len);
+        let output = CudaBuf::alloc(&self.home, out_len, dtype);
         let run = || -> Result<()> {
             let _guard = self.issue.lock().unwrap();
             self.comm_stream.join(&self.home.stream).map_err(|e| anyhow!("{e}"))?;
@@ -94,6 +95,14 @@ impl Drop for Nccl {
     }
 }
 
+/// NCCL's name for a buffer's element type.
+fn nccl_type(b: &CudaBuf) -> ncclsys::ncclDataType_t {
+    match b.dtype {
+        DType::F32 => ncclsys::ncclDataType_t::ncclFloat32,
+        DType::Bf16 => ncclsys::ncclDataType_t::ncclBfloat16,
+    }
+}
+
 impl Communicator<CudaBuf> for Nccl {
     fn rank(&self) -> usize {
         self.rank
@@ -105,30 +114,30 @@ impl Communicator<CudaBuf> for Nccl {
         format!("nccl ({} ranks)", self.world)
     }
     fn all_reduce(&self, buf: CudaBuf) -> Pending<CudaBuf> {
-        let (n, comm) = (buf.len, self.comm);
+        let (n, comm, ty) = (buf.len, self.comm, nccl_type(&buf));
         self.launch(Some(Collective::AllReduce), buf, n, move |src, dst, s| {
-            unsafe { nccl::all_reduce(src as _, dst as _, n, ncclsys::ncclDataType_t::ncclFloat32, ncclsys::ncclRedOp_t::ncclSum, comm, s) }.map(drop).map_err(nccl_err("all-reduce"))
+            unsafe { nccl::all_reduce(src as _, dst as _, n, ty, ncclsys::ncclRedOp_t::ncclSum, comm, s) }.map(drop).map_err(nccl_err("all-reduce"))
         })
     }
     fn reduce_scatter(&self, buf: CudaBuf) -> Pending<CudaBuf> {
-        let (n, comm, w) = (buf.len, self.comm, self.world);
+        let (n, comm, w, ty) = (buf.len, self.comm, self.world, nccl_type(&buf));
         if n % w != 0 {
             return Pending::new(move || bail!("reduce-scatter of {n} elements over {w} ranks: not a multiple"));
         }
         self.launch(Some(Collective::ReduceScatter), buf, n / w, move |src, dst, s| {
-            unsafe { nccl::reduce_scatter(src as _, dst as _, n / w, ncclsys::ncclDataType_t::ncclFloat32, ncclsys::ncclRedOp_t::ncclSum, comm, s) }.map(drop).map_err(nccl_err("reduce-scatter"))
+            unsafe { nccl::reduce_scatter(src as _, dst as _, n / w, ty, ncclsys::ncclRedOp_t::ncclSum, comm, s) }.map(drop).map_err(nccl_err("reduce-scatter"))
         })
     }
     fn all_gather(&self, buf: CudaBuf) -> Pending<CudaBuf> {
-        let (n, comm) = (buf.len, self.comm);
+        let (n, comm, ty) = (buf.len, self.comm, nccl_type(&buf));
         self.launch(Some(Collective::AllGather), buf, n * self.world, move |src, dst, s| {
-            unsafe { nccl::all_gather(src as _, dst as _, n, ncclsys::ncclDataType_t::ncclFloat32, comm, s) }.map(drop).map_err(nccl_err("all-gather"))
+            unsafe { nccl::all_gather(src as _, dst as _, n, ty, comm, s) }.map(drop).map_err(nccl_err("all-gather"))
         })
     }
     fn broadcast(&self, buf: CudaBuf, root: usize) -> Pending<CudaBuf> {
-        let (n, comm) = (buf.len, self.comm);
+        let (n, comm, ty) = (buf.len, self.comm, nccl_type(&buf));
         self.launch(Some(Collective::Broadcast), buf, n, move |src, dst, s| {
-            unsafe { nccl::broadcast(src as _, dst as _, n, ncclsys::ncclDataType_t::ncclFloat32, root as i32, comm, s) }.map(drop).map_err(nccl_err("broadcast"))
+            unsafe { nccl::broadcast(src as _, dst as _, n, ty, root as i32, comm, s) }.map(drop).map_err(nccl_err("broadcast"))
         })
     }
     fn all_reduce_scalars(&self, values: &mut [f64]) -> Result<()> {
@@ -136,7 +145,7 @@ impl Communicator<CudaBuf> for Nccl {
             return Ok(());
         }
         // f64 on the device: two 4-byte elements each.
-        let buf = CudaBuf::alloc(&self.home, 2 * values.len());
+        let buf = CudaBuf::alloc(&self.home, 2 * values.len(), DType::F32);
         let stream = self.home.stream.cu_stream();
         unsafe { result::memcpy_htod_async(buf.ptr, values, stream) }.map_err(|e| anyhow!("{e}"))?;
         let n = values.len();

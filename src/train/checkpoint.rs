@@ -84,7 +84,7 @@ struct StoredPiece {
     param: String,
     start: usize,
     len: usize,
-    /// Holds an fp32 master copy (ZeRO-1/2); otherwise the weights are the masters.
+    /// Holds an fp32 master copy (ZeRO-1/2, mixed precision); otherwise the weights are the masters.
     master: bool,
 }
 
@@ -104,7 +104,9 @@ fn manifest<B: Backend>(model: &Llama<B>, dp: &DataParallel<B>) -> OptimizerMani
     let files = (0..writers)
         .map(|r| {
             let pieces = if sharded { dp.layout.shard_pieces(r) } else { dp.layout.whole_pieces(&sizes) };
-            let pieces = pieces.iter().map(|p| StoredPiece { param: model.params[p.param].name.clone(), start: p.start, len: p.len, master: sharded }).collect();
+            // Masters are stored wherever the optimizer keeps them (ZeRO-1/2, mixed precision).
+            let master = sharded || dp.opt.segments.iter().any(|s| s.master.is_some());
+            let pieces = pieces.iter().map(|p| StoredPiece { param: model.params[p.param].name.clone(), start: p.start, len: p.len, master }).collect();
             ShardFile { file: shard_file_name(r), pieces }
         })
         .collect();

@@ -262,6 +262,8 @@ pub fn run_parallel<B: Backend>(backend: &B, comm: &dyn Communicator<B::Buf>, cf
         }
         None => TrainerState::fresh(),
     };
+    // Mixed precision: the masters are taken (or restored) in fp32; now the bf16 working copies.
+    dp.refresh_params(backend, &mut model.params)?;
     comm.barrier()?;
     let text_sets = if leader { TextSets::load(cfg, tokenizer.as_deref())? } else { None };
     let mut metrics = if leader { Some(Metrics::open(out, state.global_step)?) } else { None };
@@ -419,7 +421,10 @@ pub fn run_parallel<B: Backend>(backend: &B, comm: &dyn Communicator<B::Buf>, cf
         state.stage_step = 0;
         state.optimizer_updates = 0;
         state.loader = None;
+        // Mixed precision: the next stage's masters start from these fp32 masters, not from bf16.
+        dp.params_from_masters(backend, &mut model.params)?;
         dp = new_dp(&model, state.stage.min(cfg.stages.len() - 1));
+        dp.refresh_params(backend, &mut model.params)?;
         save_ckpt(&model, &dp, &state)?;
         if interrupt.load(AtomicOrdering::SeqCst) || cfg.run.stop_after_steps.is_some_and(|s| state.global_step >= s) {
             return Ok(Outcome { final_model, interrupted: state.stage < cfg.stages.len(), global_step: state.global_step, last_loss });
