@@ -63,6 +63,9 @@ mod gpu {
 
     pub struct Inputs {
         pub be: Cuda,
+        /// Mixed precision: activations and parameters in bf16 (kernel names get `_bf16`).
+        mixed: bool,
+        working: CudaBuf,
         x: CudaBuf,
         w: CudaBuf,
         gate: CudaBuf,
@@ -92,8 +95,11 @@ mod gpu {
     pub const GEMM: usize = 4096;
 
     impl Inputs {
-        pub fn new(be: Cuda) -> Inputs {
-            let up = |n: usize, s: u64| be.upload(&rand_vec(n, s));
+        pub fn new(be: Cuda, mixed: bool) -> Inputs {
+            be.set_mixed_precision(mixed);
+            // Activations and parameters in the working precision; optimizer state in f32.
+            let up = |n: usize, s: u64| be.to_working(&be.upload(&rand_vec(n, s)));
+            let up32 = |n: usize, s: u64| be.upload(&rand_vec(n, s));
             let (hq, hk, d) = (ATTN.heads, ATTN.kv_heads, ATTN.head_dim);
             let x = up(ROWS * DIM, 1);
             let w = up(DIM, 2);
@@ -104,14 +110,19 @@ mod gpu {
             let (_, lse_ce) = be.cross_entropy(&logits, &targets, VOCAB);
             let (q, k, v) = (up(SEQ * hq * d, 6), up(SEQ * hk * d, 7), up(SEQ * hk * d, 8));
             let (o, lse) = be.attention(&q, &k, &v, &[0, SEQ as u32], ATTN);
-            let (p, g, m, vv) = (up(ADAM_N, 9), up(ADAM_N, 10), be.zeros(ADAM_N), be.zeros(ADAM_N));
+            let (p, g, m, vv) = (up32(ADAM_N, 9), up32(ADAM_N, 10), be.zeros(ADAM_N), be.zeros(ADAM_N));
+            let working = be.to_working(&p);
             let (a, bm) = (up(GEMM * GEMM, 11), up(GEMM * GEMM, 12));
-            Inputs { be, x, w, gate, up: upb, logits, lse_ce, q, k, v, o, lse, p, g, m, vv, a, bm }
+            Inputs { be, mixed, working, x, w, gate, up: upb, logits, lse_ce, q, k, v, o, lse, p, g, m, vv, a, bm }
         }
 
         pub fn cases(&mut self) -> Vec<Case<'_>> {
-            let Inputs { be, x, w, gate, up, logits, lse_ce, q, k, v, o, lse, p, g, m, vv, a, bm } = self;
+            let Inputs { be, mixed, working, x, w, gate, up, logits, lse_ce, q, k, v, o, lse, p, g, m, vv, a, bm } = self;
             let be: &Cuda = be;
+            let mixed = *mixed;
+            be.set_mixed_precision(mixed);
+            // Bytes per activation element, and the suffix that tells the two precisions apart.
+            let (es, sfx) = if mixed { (2, "_bf16") } else { (4, "") };
             #[rustfmt::skip]
             let (x, w, gate, up, logits, lse_ce, q, k, v, o, lse, g, a, bm): (&CudaBuf, &CudaBuf, &CudaBuf, &CudaBuf, &CudaBuf, &CudaBuf, &CudaBuf, &CudaBuf, &CudaBuf, &CudaBuf, &CudaBuf, &CudaBuf, &CudaBuf, &CudaBuf) =
                 (x, w, gate, up, logits, lse_ce, q, k, v, o, lse, g, a, bm);
@@ -119,56 +130,56 @@ mod gpu {
             let t2 = targets.clone();
             let (hq, d) = (ATTN.heads, ATTN.head_dim);
             let attn_flops = 2.0 * (SEQ * SEQ) as f64 * (hq * d) as f64; // causal: half of 4·S²·H·D
-            let q_bytes = (SEQ * hq * d * 4) as f64;
-            let kv_bytes = (SEQ * ATTN.kv_heads * d * 4) as f64;
+            let q_bytes = (SEQ * hq * d * es) as f64;
+            let kv_bytes = (SEQ * ATTN.kv_heads * d * es) as f64;
             let dout = o.clone();
             let cfg = AdamWConfig::default();
             let gemm_flops = 2.0 * (GEMM as f64).powi(3);
             let mut cases = vec![
                 Case {
-                    kernel: "rmsnorm_fwd".into(),
+                    kernel: format!("rmsnorm_fwd{sfx}"),
                     shape: format!("{ROWS}x{DIM}"),
-                    bytes: (2 * ROWS * DIM * 4) as f64,
+                    bytes: (2 * ROWS * DIM * es) as f64,
                     flops: 0.0,
                     run: Box::new(move || drop(be.rmsnorm(x, w, DIM, 1e-5))),
                 },
                 Case {
-                    kernel: "swiglu_fwd".into(),
+                    kernel: format!("swiglu_fwd{sfx}"),
                     shape: format!("{ROWS}x{FF}"),
-                    bytes: (3 * ROWS * FF * 4) as f64,
+                    bytes: (3 * ROWS * FF * es) as f64,
                     flops: 0.0,
                     run: Box::new(move || drop(be.swiglu(gate, up))),
                 },
                 Case {
-                    kernel: "cross_entropy_fwd".into(),
+                    kernel: format!("cross_entropy_fwd{sfx}"),
                     shape: format!("{ROWS}x{VOCAB}"),
-                    bytes: (ROWS * VOCAB * 4) as f64,
+                    bytes: (ROWS * VOCAB * es) as f64,
                     flops: 0.0,
                     run: Box::new(move || drop(be.cross_entropy(logits, &targets, VOCAB))),
                 },
                 Case {
-                    kernel: "cross_entropy_bwd".into(),
+                    kernel: format!("cross_entropy_bwd{sfx}"),
                     shape: format!("{ROWS}x{VOCAB}"),
-                    bytes: (2 * ROWS * VOCAB * 4) as f64,
+                    bytes: (2 * ROWS * VOCAB * es) as f64,
                     flops: 0.0,
                     run: Box::new(move || drop(be.cross_entropy_backward(logits, lse_ce, &t2, VOCAB, 1.0))),
                 },
                 Case {
-                    kernel: "attention_fwd".into(),
+                    kernel: format!("attention_fwd{sfx}"),
                     shape: format!("s{SEQ} h{hq}/{} d{d} causal", ATTN.kv_heads),
                     bytes: 2.0 * q_bytes + 2.0 * kv_bytes,
                     flops: attn_flops,
                     run: Box::new(move || drop(be.attention(q, k, v, &[0, SEQ as u32], ATTN))),
                 },
                 Case {
-                    kernel: "attention_bwd".into(),
+                    kernel: format!("attention_bwd{sfx}"),
                     shape: format!("s{SEQ} h{hq}/{} d{d} causal", ATTN.kv_heads),
                     bytes: 4.0 * q_bytes + 4.0 * kv_bytes,
                     flops: 2.5 * attn_flops,
                     run: Box::new(move || drop(be.attention_backward(&dout, q, k, v, o, lse, &[0, SEQ as u32], ATTN))),
                 },
                 Case {
-                    kernel: "sum_squares".into(),
+                    kernel: format!("sum_squares{sfx}"),
                     shape: format!("{ADAM_N}"),
                     bytes: (ADAM_N * 4) as f64,
                     flops: 0.0,
@@ -178,13 +189,25 @@ mod gpu {
                 },
             ];
             let gr = g;
+            // Mixed precision: the fused step also writes the bf16 parameter (+2 bytes).
+            let mut working = mixed.then_some(working);
             cases.push(Case {
-                kernel: "adamw".into(),
+                kernel: format!("adamw{sfx}"),
                 shape: format!("{ADAM_N}"),
-                bytes: (7 * ADAM_N * 4) as f64,
+                bytes: ((7 * 4 + if mixed { 2 } else { 0 }) * ADAM_N) as f64,
                 flops: 0.0,
-                run: Box::new(move || be.adamw_step(p, gr, m, vv, &cfg, 1e-4, 3, true, 1.0, None)),
+                run: Box::new(move || be.adamw_step(p, gr, m, vv, &cfg, 1e-4, 3, true, 1.0, working.as_deref_mut())),
             });
+            if mixed {
+                cases.push(Case {
+                    kernel: "linear_bf16_storage".into(),
+                    shape: format!("{GEMM}x{GEMM}x{GEMM}"),
+                    bytes: (3 * GEMM * GEMM * 2) as f64,
+                    flops: gemm_flops,
+                    run: Box::new(move || drop(be.linear(a, bm, GEMM, GEMM, GEMM))),
+                });
+                return cases;
+            }
             for prec in [GemmPrecision::F32, GemmPrecision::Tf32, GemmPrecision::Bf16] {
                 cases.push(Case {
                     kernel: format!("linear_{prec:?}").to_lowercase(),
@@ -214,9 +237,10 @@ mod gpu {
 
     pub fn criterion_benches(c: &mut Criterion) {
         let Some(be) = gpu() else { return };
-        let mut inputs = Inputs::new(be.clone());
         let mut g = c.benchmark_group("cuda");
         g.sample_size(20);
+        for mixed in [false, true] {
+        let mut inputs = Inputs::new(be.clone(), mixed);
         for mut case in inputs.cases() {
             if case.flops > 0.0 {
                 g.throughput(Throughput::Elements(case.flops as u64));
@@ -230,13 +254,15 @@ mod gpu {
                 })
             });
         }
+        }
         g.finish();
     }
 
     pub fn json_table(path: &str) {
         let Some(be) = gpu() else { return };
-        let mut inputs = Inputs::new(be.clone());
         let mut lines = String::new();
+        for mixed in [false, true] {
+        let mut inputs = Inputs::new(be.clone(), mixed);
         for mut case in inputs.cases() {
             for _ in 0..3 {
                 (case.run)();
@@ -256,6 +282,7 @@ mod gpu {
                 "{{\"kernel\": \"{}\", \"shape\": \"{}\", \"seconds\": {s:.9}, \"bytes\": {}, \"flops\": {}}}\n",
                 case.kernel, case.shape, case.bytes, case.flops
             ));
+        }
         }
         let stats = be.memory_stats();
         eprintln!("allocator: {stats:?}");

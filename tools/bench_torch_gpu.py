@@ -63,12 +63,21 @@ def main():
     g = torch.randn(ROWS, FF, device=dev)
     u = torch.randn(ROWS, FF, device=dev)
     torch_t["swiglu_fwd"] = bench(lambda: F.silu(g) * u)
-    del x, g, u
+    # Mixed precision (our `_bf16` rows): the same ops on bf16 tensors.
+    xb, wb, gb16, ub = x.bfloat16(), w.bfloat16(), g.bfloat16(), u.bfloat16()
+    torch_t["rmsnorm_fwd_bf16"] = bench(lambda: F.rms_norm(xb, (DIM,), wb, 1e-5))
+    torch_t["swiglu_fwd_bf16"] = bench(lambda: F.silu(gb16) * ub)
+    del x, g, u, xb, wb, gb16, ub
     logits = torch.randn(ROWS, VOCAB, device=dev, requires_grad=True)
     tgt = torch.randint(0, VOCAB, (ROWS,), device=dev)
     torch_t["cross_entropy_fwd"] = bench(lambda: F.cross_entropy(logits, tgt))
     loss = F.cross_entropy(logits, tgt)
     torch_t["cross_entropy_bwd"] = bench(lambda: torch.autograd.grad(loss, logits, retain_graph=True))
+    del logits, loss
+    logits = torch.randn(ROWS, VOCAB, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    torch_t["cross_entropy_fwd_bf16"] = bench(lambda: F.cross_entropy(logits, tgt))
+    loss = F.cross_entropy(logits, tgt)
+    torch_t["cross_entropy_bwd_bf16"] = bench(lambda: torch.autograd.grad(loss, logits, retain_graph=True))
     del logits, loss
     q = torch.randn(1, HQ, SEQ, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(1, HK, SEQ, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
@@ -78,11 +87,15 @@ def main():
     o = sdpa()
     do = torch.randn_like(o)
     torch_t["attention_bwd"] = bench(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True))
+    # SDPA runs in bf16 for both of our rows (ours reads f32 or bf16 and computes on bf16 tiles).
+    torch_t["attention_fwd_bf16"], torch_t["attention_bwd_bf16"] = torch_t["attention_fwd"], torch_t["attention_bwd"]
     del q, k, v, o, do
     p = torch.nn.Parameter(torch.randn(ADAM_N, device=dev))
     p.grad = torch.randn(ADAM_N, device=dev)
     opt = torch.optim.AdamW([p], lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     torch_t["adamw"] = bench(opt.step)
+    # torch's fused AdamW keeps no fp32 master of a bf16 parameter: the f32 step is the peer.
+    torch_t["adamw_bf16"] = torch_t["adamw"]
     torch_t["sum_squares"] = bench(lambda: torch.linalg.vector_norm(p.grad, dtype=torch.float64))
     del p, opt
     ga = torch.randn(GEMM, GEMM, device=dev)
@@ -94,6 +107,7 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False
     ha, hb = ga.bfloat16(), gb.bfloat16()
     torch_t["linear_bf16"] = bench(lambda: ha @ hb.t())
+    torch_t["linear_bf16_storage"] = torch_t["linear_bf16"]
 
     if args.json:
         with open(args.json, "w") as f:
