@@ -32,3 +32,26 @@ extern "C" __global__ void adamw_step_bf16(float* master, __nv_bfloat16* working
                                            float b1, float b2, float eps, float step_size, float bc2_sqrt, float decay_factor, float grad_scale) {
     adamw_impl<true>(master, working, grad, m, v, n, b1, b2, eps, step_size, bc2_sqrt, decay_factor, grad_scale);
 }
+
+// Multi-tensor AdamW: one launch for a list of tensors (blockIdx.y picks the tensor, blocks along x
+// stride over its elements), so a model's few hundred parameters cost one launch, not hundreds.
+// The table is built by the host (src/cuda/mod.rs, `adamw_steps`) with this exact layout.
+struct AdamWTensorDesc {
+    float* param;             // f32 parameter or master
+    __nv_bfloat16* working;   // its bf16 copy to write, or null
+    const float* grad;
+    float* m;
+    float* v;
+    unsigned long long n;
+    float decay_factor;       // 1 − lr·weight_decay, or 1 without decay
+    float pad;
+};
+
+extern "C" __global__ void adamw_multi(const AdamWTensorDesc* __restrict__ tensors, float b1, float b2, float eps, float step_size, float bc2_sqrt,
+                                       float grad_scale) {
+    const AdamWTensorDesc t = tensors[blockIdx.y];
+    if (t.working)
+        adamw_impl<true>(t.param, t.working, t.grad, t.m, t.v, t.n, b1, b2, eps, step_size, bc2_sqrt, t.decay_factor, grad_scale);
+    else
+        adamw_impl<false>(t.param, nullptr, t.grad, t.m, t.v, t.n, b1, b2, eps, step_size, bc2_sqrt, t.decay_factor, grad_scale);
+}

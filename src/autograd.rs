@@ -191,6 +191,22 @@ impl<'b, B: Backend> Graph<'b, B> {
         })
     }
 
+    /// `h = x + r` and `rmsnorm(h, w)` in one fused pass ([`Backend::add_rmsnorm`]); returns
+    /// `(h, norm)`, recorded as the add and the norm they replace (same backward).
+    pub fn add_rmsnorm(&self, x: &Var<B>, r: &Var<B>, w: &Var<B>, eps: f64) -> (Var<B>, Var<B>) {
+        assert_eq!(x.value.shape, r.value.shape, "add_rmsnorm: shapes differ");
+        let dim = x.value.cols();
+        let (h, y, rstd) = self.backend.add_rmsnorm(&x.value.buf, &r.value.buf, &w.value.buf, dim, eps);
+        let h = self.push(Tensor::new(h, &x.value.shape), &[x, r], |_, g| vec![Some(g.clone()), Some(g)]);
+        let (hs, ws) = (h.value.buf.clone(), w.value.buf.clone());
+        let n = self.push(Tensor::new(y, &x.value.shape), &[&h, w], move |be, g| {
+            let mut dw = be.zeros(dim);
+            let dx = be.rmsnorm_backward(&g, &hs, &ws, &rstd, dim, &mut dw);
+            vec![Some(dx), Some(dw)]
+        });
+        (h, n)
+    }
+
     /// RoPE on `[tokens, heads·head_dim]`.
     pub fn rope(&self, x: &Var<B>, positions: Arc<Vec<u32>>, heads: usize, head_dim: usize, theta: f64) -> Var<B> {
         let y = self.backend.rope(&x.value.buf, &positions, heads, head_dim, theta, false);

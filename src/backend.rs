@@ -6,6 +6,17 @@
 pub use llama_cpt_ops::attention::AttnShape;
 pub use llama_cpt_ops::adamw::AdamWConfig;
 
+/// One tensor of a multi-tensor AdamW step ([`Backend::adamw_steps`]): the f32 parameter or
+/// master, its gradient and moments, and optionally its working-precision copy to write.
+pub struct AdamWTensor<'a, Buf> {
+    pub param: &'a mut Buf,
+    pub grad: &'a Buf,
+    pub m: &'a mut Buf,
+    pub v: &'a mut Buf,
+    pub working: Option<&'a mut Buf>,
+    pub decay: bool,
+}
+
 pub trait Backend: Send + Sync + Sized + 'static {
     /// A device buffer (its element type is the backend's business: f32 on the CPU).
     type Buf: Clone + Send + Sync + 'static;
@@ -61,6 +72,14 @@ pub trait Backend: Send + Sync + Sized + 'static {
 
     /// Returns `(y, rstd)`.
     fn rmsnorm(&self, x: &Self::Buf, w: &Self::Buf, dim: usize, eps: f64) -> (Self::Buf, Self::Buf);
+    /// Residual add fused with the RMSNorm that follows it: returns `(h, y, rstd)` with
+    /// `h = x + r` and `(y, rstd) = rmsnorm(h, w)`. The default composes the two operators (the
+    /// reference); a device may do it in one pass. The backward is that of the two operators.
+    fn add_rmsnorm(&self, x: &Self::Buf, r: &Self::Buf, w: &Self::Buf, dim: usize, eps: f64) -> (Self::Buf, Self::Buf, Self::Buf) {
+        let h = self.add(x, r);
+        let (y, rstd) = self.rmsnorm(&h, w, dim, eps);
+        (h, y, rstd)
+    }
     /// Returns `dx`; accumulates `dw`.
     #[allow(clippy::too_many_arguments)]
     fn rmsnorm_backward(&self, dy: &Self::Buf, x: &Self::Buf, w: &Self::Buf, rstd: &Self::Buf, dim: usize, dw: &mut Self::Buf) -> Self::Buf;
@@ -143,4 +162,11 @@ pub trait Backend: Send + Sync + Sized + 'static {
         grad_scale: f32,
         working: Option<&mut Self::Buf>,
     );
+    /// [`Backend::adamw_step`] over many tensors at once (one launch on a device, instead of one
+    /// per tensor). The default updates them one by one.
+    fn adamw_steps(&self, tensors: &mut [AdamWTensor<'_, Self::Buf>], cfg: &AdamWConfig, lr: f64, step: u64, grad_scale: f32) {
+        for t in tensors.iter_mut() {
+            self.adamw_step(t.param, t.grad, t.m, t.v, cfg, lr, step, t.decay, grad_scale, t.working.as_deref_mut());
+        }
+    }
 }

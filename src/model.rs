@@ -122,8 +122,7 @@ fn decoder_layer<B: Backend>(g: &Graph<B>, x: &Var<B>, p: &[Var<B>], c: &LayerCt
             out
         }
     };
-    let h = g.add(x, &g.linear(&a, &p[4]));
-    let n2 = g.rmsnorm(&h, &p[5], c.eps);
+    let (h, n2) = g.add_rmsnorm(x, &g.linear(&a, &p[4]), &p[5], c.eps);
     let s = g.swiglu(&g.linear(&n2, &p[6]), &g.linear(&n2, &p[7]));
     g.add(&h, &g.linear(&s, &p[8]))
 }

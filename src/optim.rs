@@ -1,6 +1,6 @@
 //! AdamW over a model's parameters, or over the pieces of them one ZeRO rank owns, with
 //! global-norm gradient clipping.
-use crate::backend::{AdamWConfig, Backend};
+use crate::backend::{AdamWConfig, AdamWTensor, Backend};
 use crate::model::Param;
 
 /// Elements `[start, start + len)` of parameter `param`, updated by this rank, with its moments.
@@ -74,18 +74,21 @@ impl<B: Backend> AdamW<B> {
     pub fn update(&mut self, backend: &B, params: &mut [Param<B>], grads: &[Option<&B::Buf>], lr: f64, grad_scale: f32) {
         assert_eq!(grads.len(), self.segments.len());
         self.step += 1;
+        let decay: Vec<bool> = params.iter().map(|p| p.decay).collect();
+        // Each parameter is written by at most one segment (an unsharded segment is a whole
+        // parameter; sharded segments write their masters only).
+        let mut param_bufs: Vec<Option<&mut B::Buf>> = params.iter_mut().map(|p| Some(p.value.buf_mut())).collect();
+        let mut tensors = Vec::with_capacity(self.segments.len());
         for (s, g) in self.segments.iter_mut().zip(grads) {
-            let Some(g) = g else { continue };
-            let p = &mut params[s.param];
-            let decay = p.decay;
-            match s.master.as_mut() {
-                Some(master) => {
-                    let working = (!self.sharded).then(|| p.value.buf_mut());
-                    backend.adamw_step(master, g, &mut s.m, &mut s.v, &self.config, lr, self.step, decay, grad_scale, working)
-                }
-                None => backend.adamw_step(p.value.buf_mut(), g, &mut s.m, &mut s.v, &self.config, lr, self.step, decay, grad_scale, None),
-            }
+            let Some(grad) = *g else { continue };
+            let (param, working) = match s.master.as_mut() {
+                Some(master) if self.sharded => (master, None),
+                Some(master) => (master, Some(param_bufs[s.param].take().expect("one segment per parameter"))),
+                None => (param_bufs[s.param].take().expect("one segment per parameter"), None),
+            };
+            tensors.push(AdamWTensor { param, grad, m: &mut s.m, v: &mut s.v, working, decay: decay[s.param] });
         }
+        backend.adamw_steps(&mut tensors, &self.config, lr, self.step, grad_scale);
     }
 
     /// Makes every parameter a working-precision copy (bf16 in mixed precision): from its master

@@ -9,11 +9,11 @@
 //! kernels, ~2e-2 where bf16 tensor cores are used.
 #![cfg(feature = "cuda")]
 
-use llama_cpt::backend::{AdamWConfig, AttnShape, Backend};
+use llama_cpt::backend::{AdamWConfig, AdamWTensor, AttnShape, Backend};
 use llama_cpt::batch::Batch;
 use llama_cpt::config::LlamaConfig;
 use llama_cpt::cpu::Cpu;
-use llama_cpt::cuda::{AttnKernel, Cuda, DType, GemmPrecision};
+use llama_cpt::cuda::{AttnKernel, Cuda, CudaBuf, DType, GemmPrecision};
 use llama_cpt::model::{Llama, StepOptions};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -167,6 +167,13 @@ fn rmsnorm_forward_backward_matches_cpu() {
         let dx_g = g.rmsnorm_backward(&g.upload(&dy), &xg, &wg, &r_g, dim, &mut dw_g);
         check(&format!("rmsnorm dx {rows}x{dim}"), &g.download(&dx_g), &dx_c, F32_TOL);
         check(&format!("rmsnorm dw {rows}x{dim}"), &g.download(&dw_g), &dw_c, F32_TOL);
+        // The fused residual add + norm against the two reference operators.
+        let res = rand_vec(rows * dim, 2.0);
+        let (h_c, y2_c, r2_c) = Cpu.add_rmsnorm(&x, &res, &w, dim, 1e-5);
+        let (h_g, y2_g, r2_g) = g.add_rmsnorm(&xg, &g.upload(&res), &wg, dim, 1e-5);
+        check(&format!("add_rmsnorm h {rows}x{dim}"), &g.download(&h_g), &h_c, 0.0);
+        check(&format!("add_rmsnorm y {rows}x{dim}"), &g.download(&y2_g), &y2_c, F32_TOL);
+        check(&format!("add_rmsnorm rstd {rows}x{dim}"), &g.download(&r2_g), &r2_c, F32_TOL);
     }
 }
 
@@ -459,6 +466,10 @@ fn mixed_op_outputs<B: Backend>(be: &B, seed: u64) -> Vec<(String, Vec<f32>, boo
     let mut out: Vec<(String, Vec<f32>, bool)> = Vec::new();
     let mut push = |name: &str, b: &B::Buf, working: bool| out.push((name.to_string(), be.download(b), working));
     push("add", &be.add(&x, &x), true);
+    let (h2, y2, rstd2) = be.add_rmsnorm(&x, &w(host(rows * dim, 2.0)), &norm_w, dim, 1e-5);
+    push("add_rmsnorm h", &h2, true);
+    push("add_rmsnorm y", &y2, true);
+    push("add_rmsnorm rstd", &rstd2, false);
     let (y, rstd) = be.rmsnorm(&x, &norm_w, dim, 1e-5);
     push("rmsnorm y", &y, true);
     push("rmsnorm rstd", &rstd, false);
@@ -595,4 +606,43 @@ fn mixed_precision_training_follows_the_bf16_cpu_reference() {
         }
     }
     g.set_mixed_precision(false);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn multi_tensor_adamw_equals_one_launch_per_tensor() {
+    let g = gpu();
+    let cfg = AdamWConfig { lr: 3e-3, ..Default::default() };
+    // Sizes from one element to a large matrix, with and without decay and a bf16 copy.
+    let sizes = [1usize, 4096, 77, 1 << 20, 3];
+    let init: Vec<Vec<f32>> = sizes.iter().map(|&n| rand_vec(n, 1.0)).collect();
+    let make = |with_working: bool| -> Vec<(CudaBuf, CudaBuf, CudaBuf, Option<CudaBuf>)> {
+        init.iter().enumerate().map(|(i, p)| {
+            let buf = g.upload(p);
+            let w = (with_working && i % 2 == 0).then(|| g.to_bf16(&buf));
+            (buf, g.zeros(p.len()), g.zeros(p.len()), w)
+        }).collect()
+    };
+    let (mut one, mut multi) = (make(true), make(true));
+    for step in 1..=3u64 {
+        let grads: Vec<CudaBuf> = sizes.iter().map(|&n| g.upload(&rand_vec(n, 1.0))).collect();
+        for (i, ((p, m, v, w), gr)) in one.iter_mut().zip(&grads).enumerate() {
+            g.adamw_step(p, gr, m, v, &cfg, cfg.lr, step, i % 3 != 1, 0.8, w.as_mut());
+        }
+        let mut tensors: Vec<AdamWTensor<'_, CudaBuf>> = multi
+            .iter_mut()
+            .zip(&grads)
+            .enumerate()
+            .map(|(i, ((p, m, v, w), gr))| AdamWTensor { param: p, grad: gr, m, v, working: w.as_mut(), decay: i % 3 != 1 })
+            .collect();
+        g.adamw_steps(&mut tensors, &cfg, cfg.lr, step, 0.8);
+    }
+    for (i, (a, b)) in one.iter().zip(&multi).enumerate() {
+        assert_eq!(g.download(&a.0), g.download(&b.0), "tensor {i}: parameter");
+        assert_eq!(g.download(&a.1), g.download(&b.1), "tensor {i}: m");
+        assert_eq!(g.download(&a.2), g.download(&b.2), "tensor {i}: v");
+        if let (Some(x), Some(y)) = (&a.3, &b.3) {
+            assert_eq!(g.download(x), g.download(y), "tensor {i}: bf16 copy");
+        }
+    }
 }

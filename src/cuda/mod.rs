@@ -24,7 +24,7 @@ pub mod nccl;
 pub use alloc::{CudaBuf, DType, MemStats};
 pub use gemm::GemmPrecision;
 
-use crate::backend::{AdamWConfig, AttnShape, Backend};
+use crate::backend::{AdamWConfig, AdamWTensor, AttnShape, Backend};
 use alloc::{Home, Pool};
 use anyhow::{bail, Context, Result};
 use cudarc::driver::{result, sys, CudaContext};
@@ -46,6 +46,7 @@ const TYPED_KERNELS: &[&str] = &[
     "embedding_fwd",
     "embedding_bwd",
     "rmsnorm_fwd",
+    "add_rmsnorm_fwd",
     "rmsnorm_bwd_dx",
     "rmsnorm_bwd_dw_partial",
     "rope_fwd",
@@ -67,7 +68,7 @@ const TYPED_KERNELS: &[&str] = &[
 ];
 
 /// Kernel entry points with fixed types.
-const UNTYPED_KERNELS: &[&str] = &["cast_f32_to_bf16", "cast_bf16_to_f32", "rmsnorm_bwd_dw_reduce", "adamw_step", "adamw_step_bf16"];
+const UNTYPED_KERNELS: &[&str] = &["cast_f32_to_bf16", "cast_bf16_to_f32", "rmsnorm_bwd_dw_reduce", "adamw_step", "adamw_step_bf16", "adamw_multi"];
 
 /// Every kernel entry point of the module.
 fn kernel_names() -> Vec<String> {
@@ -686,6 +687,17 @@ impl Backend for Cuda {
         (y, rstd)
     }
 
+    fn add_rmsnorm(&self, x: &CudaBuf, r: &CudaBuf, w: &CudaBuf, dim: usize, eps: f64) -> (CudaBuf, CudaBuf, CudaBuf) {
+        assert!(w.len == dim && x.len == r.len && x.len % dim == 0);
+        let rows = x.len / dim;
+        self.bind();
+        let (x, r, w) = (self.act(x), self.act(r), self.act(w));
+        let (h, y, rstd) = (self.alloc_act(x.len), self.alloc_act(x.len), self.alloc(rows));
+        let (hp, yp, rsp, xp, rp, wp, d, e, inv) = (h.ptr, y.ptr, rstd.ptr, x.ptr, r.ptr, w.ptr, dim as i32, eps as f32, (1.0 / dim as f64) as f32);
+        self.launch(&Self::typed("add_rmsnorm_fwd", h.dtype), (rows as u32, 1, 1), (256, 1, 1), 0, args![hp, yp, rsp, xp, rp, wp, d, e, inv]);
+        (h, y, rstd)
+    }
+
     fn rmsnorm_backward(&self, dy: &CudaBuf, x: &CudaBuf, w: &CudaBuf, rstd: &CudaBuf, dim: usize, dw: &mut CudaBuf) -> CudaBuf {
         let rows = x.len / dim;
         assert!(dy.len == x.len && w.len == dim && rstd.len == rows && dw.len == dim);
@@ -898,6 +910,50 @@ impl Backend for Cuda {
                 }
             }
         }
+    }
+
+    /// One `adamw_multi` launch per 65,535 tensors (the grid's y limit): a table of
+    /// `{param, working, grad, m, v, n, decay_factor}` (cuda/adamw.cu `AdamWTensorDesc`, 56 bytes).
+    fn adamw_steps(&self, tensors: &mut [AdamWTensor<'_, CudaBuf>], cfg: &AdamWConfig, lr: f64, step: u64, grad_scale: f32) {
+        self.bind();
+        // A working copy that is not bf16 takes the one-tensor path; the rest go in the table.
+        // Gradients of another type are cast first (the casts live until the launch).
+        let mut casts = Vec::new();
+        let mut table: Vec<u64> = Vec::new();
+        let mut max_n = 0usize;
+        for t in tensors.iter_mut() {
+            assert!(t.param.len == t.grad.len && t.m.len == t.grad.len && t.v.len == t.grad.len);
+            assert!(t.param.dtype == DType::F32 && t.m.dtype == DType::F32 && t.v.dtype == DType::F32, "adamw: parameters (masters) and moments are f32");
+            if t.working.as_ref().is_some_and(|w| w.dtype != DType::Bf16) {
+                self.adamw_step(t.param, t.grad, t.m, t.v, cfg, lr, step, t.decay, grad_scale, t.working.as_deref_mut());
+                continue;
+            }
+            if t.param.len == 0 {
+                continue;
+            }
+            let grad = match self.as_type(t.grad, DType::F32) {
+                Cow::Borrowed(g) => g.ptr,
+                Cow::Owned(g) => {
+                    let ptr = g.ptr;
+                    casts.push(g);
+                    ptr
+                }
+            };
+            let decay_factor = llama_cpt_ops::adamw::AdamWScalars::new(cfg, lr, step, t.decay).decay_factor;
+            let working = t.working.as_ref().map_or(0, |w| { assert_eq!(w.len, t.param.len); w.ptr });
+            table.extend_from_slice(&[t.param.ptr, working, grad, t.m.ptr, t.v.ptr, t.param.len as u64, decay_factor.to_bits() as u64]);
+            max_n = max_n.max(t.param.len);
+        }
+        // The step scalars but the decay factor are the same for every tensor.
+        let llama_cpt_ops::adamw::AdamWScalars { beta1: b1, beta2: b2, eps, step_size, bc2_sqrt, .. } = llama_cpt_ops::adamw::AdamWScalars::new(cfg, lr, step, false);
+        const PER_TENSOR: usize = 7;
+        for chunk in table.chunks(PER_TENSOR * 65_535) {
+            let count = chunk.len() / PER_TENSOR;
+            let desc = self.upload_raw::<u32>(bytemuck::cast_slice(chunk));
+            let (dp, gs) = (desc.ptr, grad_scale);
+            self.launch("adamw_multi", (self.blocks_for(max_n, 256), count as u32, 1), (256, 1, 1), 0, args![dp, b1, b2, eps, step_size, bc2_sqrt, gs]);
+        }
+        drop(casts);
     }
 }
 
