@@ -5,6 +5,24 @@
 // chunks in order.
 #include "common.cuh"
 
+// The second half of a norm, shared by the plain and the fused forward: `ss` is this thread's part
+// of Σx² over the row; writes rstd and y = w · x · rstd.
+template <typename T>
+__device__ __forceinline__ void normalize_row(T* __restrict__ yr, float* __restrict__ rstd, const T* __restrict__ xr, const T* __restrict__ w, float ss,
+                                              int dim, float eps, float inv_dim, float* scratch) {
+    ss = lcpt::block_sum(ss, scratch);
+    const float inv = 1.f / sqrtf(ss * inv_dim + eps);
+    if (threadIdx.x == 0) *rstd = inv;
+    if ((dim & 3) == 0) {
+        for (int c = threadIdx.x; c < dim / 4; c += blockDim.x) {
+            const float4 v = lcpt::load4(xr, c), g = lcpt::load4(w, c);
+            lcpt::store4(yr, c, make_float4(g.x * (v.x * inv), g.y * (v.y * inv), g.z * (v.z * inv), g.w * (v.w * inv)));
+        }
+    } else {
+        for (int c = threadIdx.x; c < dim; c += blockDim.x) yr[c] = lcpt::from_f<T>(lcpt::to_f(w[c]) * (lcpt::to_f(xr[c]) * inv));
+    }
+}
+
 template <typename T>
 __device__ __forceinline__ void rmsnorm_fwd_impl(T* __restrict__ y, float* __restrict__ rstd, const T* __restrict__ x, const T* __restrict__ w, int dim,
                                                  float eps, float inv_dim) {
@@ -25,17 +43,7 @@ __device__ __forceinline__ void rmsnorm_fwd_impl(T* __restrict__ y, float* __res
             ss += v * v;
         }
     }
-    ss = lcpt::block_sum(ss, scratch);
-    const float inv = 1.f / sqrtf(ss * inv_dim + eps);
-    if (threadIdx.x == 0) rstd[row] = inv;
-    if (vec) {
-        for (int c = threadIdx.x; c < dim / 4; c += blockDim.x) {
-            const float4 v = lcpt::load4(xr, c), g = lcpt::load4(w, c);
-            lcpt::store4(yr, c, make_float4(g.x * (v.x * inv), g.y * (v.y * inv), g.z * (v.z * inv), g.w * (v.w * inv)));
-        }
-    } else {
-        for (int c = threadIdx.x; c < dim; c += blockDim.x) yr[c] = lcpt::from_f<T>(lcpt::to_f(w[c]) * (lcpt::to_f(xr[c]) * inv));
-    }
+    normalize_row<T>(yr, rstd + row, xr, w, ss, dim, eps, inv_dim, scratch);
 }
 
 // dx = r·dy·w − x·r³·mean(dy·w·x), one block per row.
@@ -142,17 +150,7 @@ __device__ __forceinline__ void add_rmsnorm_fwd_impl(T* __restrict__ h, T* __res
             ss += v * v;
         }
     }
-    ss = lcpt::block_sum(ss, scratch);
-    const float inv = 1.f / sqrtf(ss * inv_dim + eps);
-    if (threadIdx.x == 0) rstd[row] = inv;
-    if (vec) {
-        for (int c = threadIdx.x; c < dim / 4; c += blockDim.x) {
-            const float4 v = lcpt::load4(hr, c), g = lcpt::load4(w, c);
-            lcpt::store4(yr, c, make_float4(g.x * (v.x * inv), g.y * (v.y * inv), g.z * (v.z * inv), g.w * (v.w * inv)));
-        }
-    } else {
-        for (int c = threadIdx.x; c < dim; c += blockDim.x) yr[c] = lcpt::from_f<T>(lcpt::to_f(w[c]) * (lcpt::to_f(hr[c]) * inv));
-    }
+    normalize_row<T>(yr, rstd + row, hr, w, ss, dim, eps, inv_dim, scratch);
 }
 
 #define LCPT_ADD_RMS_FWD(S, T)                                                                                                     \

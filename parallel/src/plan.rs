@@ -1053,7 +1053,7 @@ mod mpi_check {
                     .collect();
                 for (b, p) in buckets.iter().zip(pending) {
                     let r = p.wait().unwrap();
-                    assert_eq!(r.len() as u64, if stage.shards_optimizer() { (b.padded as u64) / n } else { (b.padded as u64) });
+                    assert_eq!(r.len() as u64, if stage.shards_optimizer() { (b.padded as u64) / n } else { b.padded as u64 });
                     assert!(r.iter().all(|&x| x == n as f32));
                 }
             }
