@@ -168,7 +168,7 @@ fn parse_ptxas(log: &str) -> Vec<KernelReport> {
     let mut out: Vec<KernelReport> = Vec::new();
     let num_before = |line: &str, what: &str| -> u32 {
         line.find(what)
-            .and_then(|i| line[..i].split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).next_back())
+            .and_then(|i| line[..i].split(|c: char| !c.is_ascii_digit()).rfind(|s| !s.is_empty()))
             .and_then(|s| s.parse().ok())
             .unwrap_or(0)
     };

@@ -106,7 +106,7 @@ fn round_trip_every_token_once_at_world_sizes_1_2_3_8() {
     for (ws, m) in [(1, 1), (1, 4), (2, 1), (2, 4), (3, 1), (3, 8), (8, 1), (8, 3)] {
         let c = cfg(ws, 0, m);
         let per_rank = run_all(&d, &c);
-        let mut seen = vec![0u32; (d.where_.len() + 1) as usize];
+        let mut seen = vec![0u32; d.where_.len() + 1];
         for rank in &per_rank {
             for b in rank {
                 assert!(b.rows <= m);

@@ -27,7 +27,7 @@ pub struct AttnShape {
 impl AttnShape {
     fn group(&self) -> usize {
         assert!(
-            self.kv_heads > 0 && self.heads % self.kv_heads == 0,
+            self.kv_heads > 0 && self.heads.is_multiple_of(self.kv_heads),
             "attention: kv_heads {} must divide heads {}",
             self.kv_heads,
             self.heads

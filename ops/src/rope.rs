@@ -6,7 +6,7 @@ use rayon::prelude::*;
 /// cos and sin of every (position, frequency) pair: `[positions.len(), head_dim/2]` each.
 /// The inverse frequencies are computed in the compute type as transformers does in f32.
 pub fn rope_tables<T: Real>(positions: &[u32], head_dim: usize, theta: f64) -> (Vec<T>, Vec<T>) {
-    assert!(head_dim % 2 == 0, "rope: head_dim {head_dim} must be even");
+    assert!(head_dim.is_multiple_of(2), "rope: head_dim {head_dim} must be even");
     let half = head_dim / 2;
     let base = T::from_f64(theta);
     let inv_freq: Vec<T> = (0..half)

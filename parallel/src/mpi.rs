@@ -105,7 +105,7 @@ impl Mpi {
             Collective::AllGather => buf.len() * n,
             _ => buf.len(),
         } as u64;
-        if kind == Collective::ReduceScatter && buf.len() % n != 0 {
+        if kind == Collective::ReduceScatter && !buf.len().is_multiple_of(n) {
             let len = buf.len();
             return Pending::new(move || bail!("reduce-scatter of {len} elements over {n} ranks: not a multiple"));
         }

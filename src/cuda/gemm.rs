@@ -109,9 +109,9 @@ impl Gemm {
         let prec = if types.0 == DType::Bf16 { GemmPrecision::F32 } else { prec };
         let key: Key = (m as u64, n as u64, k as u64, ta, tb, lda as i64, ldb as i64, ldc as i64, prec, types);
         let mut plans = self.plans.lock().unwrap();
-        if !plans.contains_key(&key) {
+        if let std::collections::hash_map::Entry::Vacant(e) = plans.entry(key) {
             let plan = self.plan(key)?;
-            plans.insert(key, plan);
+            e.insert(plan);
         }
         let p = &plans[&key];
         let alpha = 1.0f32;

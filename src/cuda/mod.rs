@@ -685,7 +685,7 @@ impl Backend for Cuda {
     }
 
     fn add_rmsnorm(&self, x: &CudaBuf, r: &CudaBuf, w: &CudaBuf, dim: usize, eps: f64) -> (CudaBuf, CudaBuf, CudaBuf) {
-        assert!(w.len == dim && x.len == r.len && x.len % dim == 0);
+        assert!(w.len == dim && x.len == r.len && x.len.is_multiple_of(dim));
         let rows = x.len / dim;
         self.bind();
         let (x, r, w) = (self.act(x), self.act(r), self.act(w));
@@ -720,7 +720,7 @@ impl Backend for Cuda {
     }
 
     fn rope(&self, x: &CudaBuf, positions: &[u32], heads: usize, head_dim: usize, theta: f64, inverse: bool) -> CudaBuf {
-        assert!(head_dim % 2 == 0, "rope: head_dim {head_dim} must be even");
+        assert!(head_dim.is_multiple_of(2), "rope: head_dim {head_dim} must be even");
         let tokens = positions.len();
         assert_eq!(x.len, tokens * heads * head_dim, "rope: x does not match the positions");
         self.bind();

@@ -120,7 +120,7 @@ impl Sink<'_> {
         self.stats.tokenize_secs += t.elapsed().as_secs_f64();
         for (d, r) in docs.drain(..).zip(encoded) {
             let (ids, mask) = r?;
-            if ids.is_empty() || !mask.iter().any(|&m| m == 1) {
+            if ids.is_empty() || !mask.contains(&1) {
                 let issue = Issue {
                     file: d.file.as_ref().clone(),
                     line: Some(d.line),
