@@ -8,6 +8,7 @@
 //! write it, and NaN never passes a comparison. Errors are ‖got − want‖ / ‖want‖: ~1e-5 for f32
 //! kernels, ~2e-2 where bf16 tensor cores are used.
 #![cfg(feature = "cuda")]
+mod common;
 
 use llama_cpt::backend::{AdamWConfig, AdamWTensor, AttnShape, Backend};
 use llama_cpt::batch::Batch;
@@ -644,5 +645,23 @@ fn multi_tensor_adamw_equals_one_launch_per_tensor() {
         if let (Some(x), Some(y)) = (&a.3, &b.3) {
             assert_eq!(g.download(x), g.download(y), "tensor {i}: bf16 copy");
         }
+    }
+}
+
+/// The PyTorch half of the device check on the CPU with tiny shapes: the script that prints the
+/// final table runs once per lent GPU, so a Python error must show here first. Rows of ours in
+/// both precisions find their PyTorch peer (a ratio, not "-").
+#[test]
+fn the_side_by_side_script_runs_and_pairs_every_row_with_pytorch() {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("side-by-side-smoke");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ours = dir.join("ours.jsonl");
+    let rows = [("rmsnorm_fwd", 0.0), ("rmsnorm_fwd_bf16", 0.0), ("cross_entropy_bwd_bf16", 0.0), ("attention_bwd_bf16", 1e6), ("adamw_bf16", 0.0), ("linear_bf16_storage", 4e6)];
+    let lines: String = rows.iter().map(|(k, f)| format!("{{\"kernel\": \"{k}\", \"shape\": \"tiny\", \"seconds\": 1e-5, \"bytes\": 65536, \"flops\": {f}}}\n")).collect();
+    std::fs::write(&ours, lines).unwrap();
+    let out = common::run_python("bench_torch_gpu.py", &[std::path::Path::new("--smoke"), std::path::Path::new("--ours"), &ours, std::path::Path::new("--json"), &dir.join("torch.json")]);
+    for (k, _) in rows {
+        let line = out.lines().find(|l| l.split_whitespace().next() == Some(k)).unwrap_or_else(|| panic!("no table row for {k}:\n{out}"));
+        assert!(!line.trim_end().ends_with('-'), "{k} has no PyTorch peer: {line}");
     }
 }

@@ -7,7 +7,11 @@ causal bf16 at seq 4096 head_dim 128, F.rms_norm, silu*up, cross-entropy at voca
 torch.optim.AdamW(fused=True), the sum of squares, matmuls). Then, with --ours (the JSON lines of
 `LLAMA_CPT_BENCH_JSON=... kernels_bench`), prints one table last: kernel, shape, time, GB/s or
 TFLOP/s, % of the measured roofline, and our time over PyTorch's (below 1 = we are faster).
+
+`--smoke` runs the same code on the CPU with tiny shapes (a test of this script, not a
+measurement): the device check runs once per lent GPU, so it must not fail on a typo.
 """
+import time
 import argparse
 import json
 
@@ -18,7 +22,16 @@ ROWS, DIM, FF, VOCAB, SEQ, HQ, HK, D = 4096, 4096, 11008, 69104, 4096, 32, 8, 12
 ADAM_N, GEMM = 64 << 20, 4096
 
 
+SMOKE_SHAPES = dict(ROWS=64, DIM=128, FF=256, VOCAB=1000, SEQ=128, HQ=4, HK=2, D=64, ADAM_N=1 << 12, GEMM=128)
+COPY_ELEMS, MATMUL_N = 1 << 28, 8192
+
+
 def bench(fn, warmup=3, reps=15):
+    if not torch.cuda.is_available():  # --smoke: wall-clock on the CPU
+        fn()
+        t = time.perf_counter()
+        fn()
+        return max(time.perf_counter() - t, 1e-9)
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -38,21 +51,31 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ours", help="JSON lines from kernels_bench")
     ap.add_argument("--json", help="write PyTorch's numbers here")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks this script only")
     args = ap.parse_args()
-    dev = torch.device("cuda")
+    global ROWS, DIM, FF, VOCAB, SEQ, HQ, HK, D, ADAM_N, GEMM, COPY_ELEMS, MATMUL_N
+    if args.smoke:
+        ROWS, DIM, FF, VOCAB, SEQ, HQ, HK, D, ADAM_N, GEMM = SMOKE_SHAPES.values()
+        COPY_ELEMS, MATMUL_N = 1 << 16, 128
+        dev = torch.device("cpu")
+        card = "cpu (smoke test, not a measurement)"
+        print(f"device: {card}, torch {torch.__version__}")
+    else:
+        dev = torch.device("cuda")
+        props = torch.cuda.get_device_properties(0)
+        card = props.name
+        print(f"device: {card}, {props.multi_processor_count} SMs, torch {torch.__version__}")
     torch.manual_seed(0)
-    props = torch.cuda.get_device_properties(0)
-    print(f"device: {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}")
 
     # Ceilings.
-    src = torch.randn(1 << 28, device=dev)  # 1 GiB
+    src = torch.randn(COPY_ELEMS, device=dev)  # 1 GiB
     dst = torch.empty_like(src)
     t = bench(lambda: dst.copy_(src))
     copy_bw = 2 * src.numel() * 4 / t
-    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    a = torch.randn(MATMUL_N, MATMUL_N, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(MATMUL_N, MATMUL_N, device=dev, dtype=torch.bfloat16)
     t = bench(lambda: a @ b, reps=10)
-    mm_rate = 2 * 8192**3 / t
+    mm_rate = 2 * MATMUL_N**3 / t
     del src, dst, a, b
     print(f"measured copy bandwidth {copy_bw / 1e9:.0f} GB/s, bf16 matmul {mm_rate / 1e12:.0f} TFLOP/s")
 
@@ -138,7 +161,7 @@ def main():
         print("(no timings of ours: pass --ours)")
         for k_, v_ in torch_t.items():
             print(f"torch {k_:<20} {v_ * 1e3:9.3f} ms")
-    print(f"roofline: copy {copy_bw / 1e9:.0f} GB/s, bf16 matmul {mm_rate / 1e12:.0f} TFLOP/s ({props.name}); "
+    print(f"roofline: copy {copy_bw / 1e9:.0f} GB/s, bf16 matmul {mm_rate / 1e12:.0f} TFLOP/s ({card}); "
           "attention and our GEMMs' FLOPs against the bf16 rate, the rest bytes against the copy bandwidth")
 
 
