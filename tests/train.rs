@@ -348,6 +348,21 @@ fn mixed_precision_trains_like_f32_keeps_fp32_masters_and_resumes_bit_identicall
         let off_grid = masters.iter().filter(|(k, _)| k.ends_with(".master")).flat_map(|(_, (_, v))| v).filter(|&&x| round_to_bf16(x as f32) as f64 != x).count();
         assert!(off_grid > 1000, "{}: the masters hold more than bf16 precision ({off_grid} values off the bf16 grid)", ck.display());
     }
+    // Resumed in f32 (ZeRO-0 keeps no masters), the parameters take the stored fp32 masters.
+    {
+        use llama_cpt::backend::AdamWConfig;
+        use llama_cpt::dist::{DataParallel, ZeroStage};
+        let ck = checkpoint::complete_checkpoints(&out).unwrap().remove(0);
+        let mut model = Llama::load(&Cpu, &ck).unwrap();
+        let single = llama_cpt_parallel::SingleProcess::default();
+        let mut dp = DataParallel::new(&Cpu, &single, &model.params, &vec![true; model.params.len()], ZeroStage::Zero0, 1 << 20, AdamWConfig::default());
+        checkpoint::load(&ck, &Cpu, &mut model, &mut dp).unwrap();
+        let masters = common::read_tensors(&ck.join("optimizer-rank00000.safetensors"));
+        for p in &model.params {
+            let want: Vec<f32> = masters[&format!("{}@0.master", p.name)].1.iter().map(|&x| x as f32).collect();
+            assert_eq!(p.value.to_host(&Cpu), want, "{}: f32 resume from a mixed-precision checkpoint", p.name);
+        }
+    }
     // Stops inside stage 1, at the boundary and inside stage 2 resume onto the same trajectory.
     let resumed = fresh("bf16-resumed");
     for stop in [3u64, 6, 8] {

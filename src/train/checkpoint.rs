@@ -243,7 +243,11 @@ pub fn load<B: Backend>(dir: &Path, backend: &B, model: &mut Llama<B>, dp: &mut 
         let pname = model.params[p.param].name.clone();
         let mut m = vec![f32::NAN; p.len];
         let mut v = vec![f32::NAN; p.len];
-        let mut master = seg.master.as_ref().map(|_| backend.download(&backend.slice(&model.params[p.param].value.buf, p.start, p.len)));
+        // Without a master of its own (f32, ZeRO-0) a piece still takes stored masters, when the
+        // checkpoint has them (it was written in mixed precision), as its parameter values.
+        let keeps_master = seg.master.is_some();
+        let mut master = Some(backend.download(&backend.slice(&model.params[p.param].value.buf, p.start, p.len)));
+        let mut restored_master = false;
         let mut covered = 0;
         for (fi, f) in manifest.files.iter().enumerate() {
             for sp in f.pieces.iter().filter(|sp| sp.param == pname) {
@@ -274,6 +278,7 @@ pub fn load<B: Backend>(dir: &Path, backend: &B, model: &mut Llama<B>, dp: &mut 
                 copy("v", &mut v)?;
                 if let (Some(dst), true) = (master.as_mut(), sp.master) {
                     copy("master", dst)?;
+                    restored_master = true;
                 }
                 covered += hi - lo;
             }
@@ -283,7 +288,12 @@ pub fn load<B: Backend>(dir: &Path, backend: &B, model: &mut Llama<B>, dp: &mut 
         }
         seg.m = backend.upload(&m);
         seg.v = backend.upload(&v);
-        seg.master = master.map(|h| backend.upload(&h));
+        let master = master.map(|h| backend.upload(&h));
+        if keeps_master {
+            seg.master = master;
+        } else if let (Some(values), true) = (master, restored_master) {
+            backend.write_slice(model.params[p.param].value.buf_mut(), p.start, &values);
+        }
     }
     let state = read_state(dir)?;
     dp.opt.step = state.optimizer_updates;
