@@ -1,7 +1,7 @@
 // Fused AdamW (as ops::adamw, torch's single-tensor path): f32 parameters or masters, f32 moments,
 // gradient multiplied by grad_scale (clipping), decoupled weight decay. The step-dependent scalars
-// are computed on the host exactly as the reference computes them. `adamw_step_bf16` also writes
-// the bf16 working parameter of each updated master in the same pass (mixed precision).
+// are computed on the host exactly as the reference computes them. With a bf16 working copy, the
+// same pass also writes the bf16 parameter of each updated master (mixed precision).
 #include "common.cuh"
 
 template <bool WORKING>
@@ -23,18 +23,9 @@ __device__ __forceinline__ void adamw_impl(float* __restrict__ param, __nv_bfloa
     }
 }
 
-extern "C" __global__ void adamw_step(float* param, const float* grad, float* m, float* v, unsigned long long n, float b1, float b2, float eps,
-                                      float step_size, float bc2_sqrt, float decay_factor, float grad_scale) {
-    adamw_impl<false>(param, nullptr, grad, m, v, n, b1, b2, eps, step_size, bc2_sqrt, decay_factor, grad_scale);
-}
-
-extern "C" __global__ void adamw_step_bf16(float* master, __nv_bfloat16* working, const float* grad, float* m, float* v, unsigned long long n,
-                                           float b1, float b2, float eps, float step_size, float bc2_sqrt, float decay_factor, float grad_scale) {
-    adamw_impl<true>(master, working, grad, m, v, n, b1, b2, eps, step_size, bc2_sqrt, decay_factor, grad_scale);
-}
-
-// Multi-tensor AdamW: one launch for a list of tensors (blockIdx.y picks the tensor, blocks along x
-// stride over its elements), so a model's few hundred parameters cost one launch, not hundreds.
+// The entry point: one launch for a list of tensors (blockIdx.y picks the tensor, blocks along x
+// stride over its elements), so a model's few hundred parameters cost one launch, not hundreds; a
+// single tensor is a list of one.
 // The table is built by the host (src/cuda/mod.rs, `adamw_steps`) with this exact layout.
 struct AdamWTensorDesc {
     float* param;             // f32 parameter or master

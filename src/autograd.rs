@@ -152,6 +152,11 @@ impl<'b, B: Backend> Graph<'b, B> {
     pub fn add(&self, a: &Var<B>, b: &Var<B>) -> Var<B> {
         assert_eq!(a.value.shape, b.value.shape, "add: shapes differ");
         let y = self.backend.add(&a.value.buf, &b.value.buf);
+        self.push_add(y, a, b)
+    }
+
+    /// Records `y = a + b` (computed by the caller).
+    fn push_add(&self, y: B::Buf, a: &Var<B>, b: &Var<B>) -> Var<B> {
         self.push(Tensor::new(y, &a.value.shape), &[a, b], |_, g| vec![Some(g.clone()), Some(g)])
     }
 
@@ -181,8 +186,13 @@ impl<'b, B: Backend> Graph<'b, B> {
     }
 
     pub fn rmsnorm(&self, x: &Var<B>, w: &Var<B>, eps: f64) -> Var<B> {
+        let (y, rstd) = self.backend.rmsnorm(&x.value.buf, &w.value.buf, x.value.cols(), eps);
+        self.push_rmsnorm(y, rstd, x, w)
+    }
+
+    /// Records `(y, rstd) = rmsnorm(x, w)` (computed by the caller).
+    fn push_rmsnorm(&self, y: B::Buf, rstd: B::Buf, x: &Var<B>, w: &Var<B>) -> Var<B> {
         let dim = x.value.cols();
-        let (y, rstd) = self.backend.rmsnorm(&x.value.buf, &w.value.buf, dim, eps);
         let (xs, ws) = (x.value.buf.clone(), w.value.buf.clone());
         self.push(Tensor::new(y, &x.value.shape), &[x, w], move |be, g| {
             let mut dw = be.zeros(dim);
@@ -195,15 +205,9 @@ impl<'b, B: Backend> Graph<'b, B> {
     /// `(h, norm)`, recorded as the add and the norm they replace (same backward).
     pub fn add_rmsnorm(&self, x: &Var<B>, r: &Var<B>, w: &Var<B>, eps: f64) -> (Var<B>, Var<B>) {
         assert_eq!(x.value.shape, r.value.shape, "add_rmsnorm: shapes differ");
-        let dim = x.value.cols();
-        let (h, y, rstd) = self.backend.add_rmsnorm(&x.value.buf, &r.value.buf, &w.value.buf, dim, eps);
-        let h = self.push(Tensor::new(h, &x.value.shape), &[x, r], |_, g| vec![Some(g.clone()), Some(g)]);
-        let (hs, ws) = (h.value.buf.clone(), w.value.buf.clone());
-        let n = self.push(Tensor::new(y, &x.value.shape), &[&h, w], move |be, g| {
-            let mut dw = be.zeros(dim);
-            let dx = be.rmsnorm_backward(&g, &hs, &ws, &rstd, dim, &mut dw);
-            vec![Some(dx), Some(dw)]
-        });
+        let (h, y, rstd) = self.backend.add_rmsnorm(&x.value.buf, &r.value.buf, &w.value.buf, x.value.cols(), eps);
+        let h = self.push_add(h, x, r);
+        let n = self.push_rmsnorm(y, rstd, &h, w);
         (h, n)
     }
 

@@ -75,9 +75,15 @@ impl<B: Backend> AdamW<B> {
         assert_eq!(grads.len(), self.segments.len());
         self.step += 1;
         let decay: Vec<bool> = params.iter().map(|p| p.decay).collect();
-        // Each parameter is written by at most one segment (an unsharded segment is a whole
-        // parameter; sharded segments write their masters only).
-        let mut param_bufs: Vec<Option<&mut B::Buf>> = params.iter_mut().map(|p| Some(p.value.buf_mut())).collect();
+        // The parameters an update writes: unsharded segments (whole parameters, one each) that
+        // train this step. Sharded segments write their masters only.
+        let mut written = vec![false; params.len()];
+        if !self.sharded {
+            for (s, g) in self.segments.iter().zip(grads) {
+                written[s.param] |= g.is_some();
+            }
+        }
+        let mut param_bufs: Vec<Option<&mut B::Buf>> = params.iter_mut().zip(&written).map(|(p, &w)| w.then(|| p.value.buf_mut())).collect();
         let mut tensors = Vec::with_capacity(self.segments.len());
         for (s, g) in self.segments.iter_mut().zip(grads) {
             let Some(grad) = *g else { continue };
@@ -96,8 +102,11 @@ impl<B: Backend> AdamW<B> {
     /// then gathers the updated parameters from the masters.
     pub fn refresh_working(&self, backend: &B, params: &mut [Param<B>]) {
         let mut from_master: Vec<Option<&B::Buf>> = vec![None; params.len()];
-        for s in self.segments.iter().filter(|s| !self.sharded && s.start == 0 && s.len == params[s.param].value.numel()) {
-            from_master[s.param] = s.master.as_ref();
+        if !self.sharded {
+            // Unsharded segments are whole parameters.
+            for s in &self.segments {
+                from_master[s.param] = s.master.as_ref();
+            }
         }
         for (p, m) in params.iter_mut().zip(from_master) {
             let w = backend.to_working(m.unwrap_or(&*p.value.buf));

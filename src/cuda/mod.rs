@@ -68,7 +68,7 @@ const TYPED_KERNELS: &[&str] = &[
 ];
 
 /// Kernel entry points with fixed types.
-const UNTYPED_KERNELS: &[&str] = &["cast_f32_to_bf16", "cast_bf16_to_f32", "rmsnorm_bwd_dw_reduce", "adamw_step", "adamw_step_bf16", "adamw_multi"];
+const UNTYPED_KERNELS: &[&str] = &["cast_f32_to_bf16", "cast_bf16_to_f32", "rmsnorm_bwd_dw_reduce", "adamw_multi"];
 
 /// Every kernel entry point of the module.
 fn kernel_names() -> Vec<String> {
@@ -886,45 +886,22 @@ impl Backend for Cuda {
     }
 
     fn adamw_step(&self, param: &mut CudaBuf, grad: &CudaBuf, m: &mut CudaBuf, v: &mut CudaBuf, cfg: &AdamWConfig, lr: f64, step: u64, decay: bool, grad_scale: f32, working: Option<&mut CudaBuf>) {
-        assert!(param.len == grad.len && m.len == grad.len && v.len == grad.len);
-        assert!(param.dtype == DType::F32 && m.dtype == DType::F32 && v.dtype == DType::F32, "adamw: parameters (masters) and moments are f32");
-        self.bind();
-        let grad = self.as_type(grad, DType::F32);
-        // The same scalars as the ops reference.
-        let llama_cpt_ops::adamw::AdamWScalars { beta1: b1, beta2: b2, eps, step_size, bc2_sqrt, decay_factor } =
-            llama_cpt_ops::adamw::AdamWScalars::new(cfg, lr, step, decay);
-        let (pp, gp, mp, vp, n) = (param.ptr, grad.ptr, m.ptr, v.ptr, param.len as u64);
-        match working {
-            Some(w) if w.dtype == DType::Bf16 => {
-                assert_eq!(w.len, param.len);
-                let wp = w.ptr;
-                self.elementwise("adamw_step_bf16", param.len, args![pp, wp, gp, mp, vp, n, b1, b2, eps, step_size, bc2_sqrt, decay_factor, grad_scale]);
-            }
-            working => {
-                self.elementwise("adamw_step", param.len, args![pp, gp, mp, vp, n, b1, b2, eps, step_size, bc2_sqrt, decay_factor, grad_scale]);
-                if let Some(w) = working {
-                    self.write_slice(w, 0, param);
-                }
-            }
-        }
+        self.adamw_steps(&mut [AdamWTensor { param, grad, m, v, working, decay }], cfg, lr, step, grad_scale);
     }
 
-    /// One `adamw_multi` launch per 65,535 tensors (the grid's y limit): a table of
-    /// `{param, working, grad, m, v, n, decay_factor}` (cuda/adamw.cu `AdamWTensorDesc`, 56 bytes).
+    /// Every tensor in one `adamw_multi` launch (per 65,535 tensors, the grid's y limit): a table
+    /// of `{param, bf16 copy or null, grad, m, v, n, decay_factor}` (cuda/adamw.cu
+    /// `AdamWTensorDesc`, 56 bytes each). A working copy that is not bf16 is copied from the
+    /// updated values after the launch.
     fn adamw_steps(&self, tensors: &mut [AdamWTensor<'_, CudaBuf>], cfg: &AdamWConfig, lr: f64, step: u64, grad_scale: f32) {
         self.bind();
-        // A working copy that is not bf16 takes the one-tensor path; the rest go in the table.
-        // Gradients of another type are cast first (the casts live until the launch).
+        // Gradients of another type are cast first; the casts live until the launch.
         let mut casts = Vec::new();
         let mut table: Vec<u64> = Vec::new();
         let mut max_n = 0usize;
-        for t in tensors.iter_mut() {
+        for t in tensors.iter() {
             assert!(t.param.len == t.grad.len && t.m.len == t.grad.len && t.v.len == t.grad.len);
             assert!(t.param.dtype == DType::F32 && t.m.dtype == DType::F32 && t.v.dtype == DType::F32, "adamw: parameters (masters) and moments are f32");
-            if t.working.as_ref().is_some_and(|w| w.dtype != DType::Bf16) {
-                self.adamw_step(t.param, t.grad, t.m, t.v, cfg, lr, step, t.decay, grad_scale, t.working.as_deref_mut());
-                continue;
-            }
             if t.param.len == 0 {
                 continue;
             }
@@ -936,12 +913,18 @@ impl Backend for Cuda {
                     ptr
                 }
             };
+            let working = match t.working.as_deref() {
+                Some(w) if w.dtype == DType::Bf16 => {
+                    assert_eq!(w.len, t.param.len);
+                    w.ptr
+                }
+                _ => 0,
+            };
             let decay_factor = llama_cpt_ops::adamw::AdamWScalars::new(cfg, lr, step, t.decay).decay_factor;
-            let working = t.working.as_ref().map_or(0, |w| { assert_eq!(w.len, t.param.len); w.ptr });
             table.extend_from_slice(&[t.param.ptr, working, grad, t.m.ptr, t.v.ptr, t.param.len as u64, decay_factor.to_bits() as u64]);
             max_n = max_n.max(t.param.len);
         }
-        // The step scalars but the decay factor are the same for every tensor.
+        // The same scalars as the ops reference; all but the decay factor are shared by every tensor.
         let llama_cpt_ops::adamw::AdamWScalars { beta1: b1, beta2: b2, eps, step_size, bc2_sqrt, .. } = llama_cpt_ops::adamw::AdamWScalars::new(cfg, lr, step, false);
         const PER_TENSOR: usize = 7;
         for chunk in table.chunks(PER_TENSOR * 65_535) {
@@ -951,6 +934,11 @@ impl Backend for Cuda {
             self.launch("adamw_multi", (self.blocks_for(max_n, 256), count as u32, 1), (256, 1, 1), 0, args![dp, b1, b2, eps, step_size, bc2_sqrt, gs]);
         }
         drop(casts);
+        for t in tensors.iter_mut() {
+            if let Some(w) = t.working.as_deref_mut().filter(|w| w.dtype != DType::Bf16) {
+                self.write_slice(w, 0, t.param);
+            }
+        }
     }
 }
 

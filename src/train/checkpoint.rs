@@ -246,8 +246,8 @@ pub fn load<B: Backend>(dir: &Path, backend: &B, model: &mut Llama<B>, dp: &mut 
         // Without a master of its own (f32, ZeRO-0) a piece still takes stored masters, when the
         // checkpoint has them (it was written in mixed precision), as its parameter values.
         let keeps_master = seg.master.is_some();
-        let mut master = Some(backend.download(&backend.slice(&model.params[p.param].value.buf, p.start, p.len)));
-        let mut restored_master = false;
+        let current = || backend.download(&backend.slice(&model.params[p.param].value.buf, p.start, p.len));
+        let mut master = keeps_master.then(current);
         let mut covered = 0;
         for (fi, f) in manifest.files.iter().enumerate() {
             for sp in f.pieces.iter().filter(|sp| sp.param == pname) {
@@ -276,9 +276,8 @@ pub fn load<B: Backend>(dir: &Path, backend: &B, model: &mut Llama<B>, dp: &mut 
                 };
                 copy("m", &mut m)?;
                 copy("v", &mut v)?;
-                if let (Some(dst), true) = (master.as_mut(), sp.master) {
-                    copy("master", dst)?;
-                    restored_master = true;
+                if sp.master {
+                    copy("master", master.get_or_insert_with(current))?;
                 }
                 covered += hi - lo;
             }
@@ -291,7 +290,7 @@ pub fn load<B: Backend>(dir: &Path, backend: &B, model: &mut Llama<B>, dp: &mut 
         let master = master.map(|h| backend.upload(&h));
         if keeps_master {
             seg.master = master;
-        } else if let (Some(values), true) = (master, restored_master) {
+        } else if let Some(values) = master {
             backend.write_slice(model.params[p.param].value.buf_mut(), p.start, &values);
         }
     }
