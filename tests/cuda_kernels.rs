@@ -650,10 +650,11 @@ fn multi_tensor_adamw_equals_one_launch_per_tensor() {
 
 /// The PyTorch half of the device check on the CPU with tiny shapes: the script that prints the
 /// final table runs once per lent GPU, so a Python error must show here first. Rows of ours in
-/// both precisions find their PyTorch peer (a ratio, not "-").
+/// both precisions find their PyTorch peer (a ratio, not "-"). It also runs on the GPU machine
+/// (tools/device-check.sh), from a binary built elsewhere: every path is found at run time.
 #[test]
 fn the_side_by_side_script_runs_and_pairs_every_row_with_pytorch() {
-    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("side-by-side-smoke");
+    let dir = std::env::temp_dir().join(format!("llama-cpt-side-by-side-smoke-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let ours = dir.join("ours.jsonl");
     let rows = [("rmsnorm_fwd", 0.0), ("rmsnorm_fwd_bf16", 0.0), ("cross_entropy_bwd_bf16", 0.0), ("attention_bwd_bf16", 1e6), ("adamw_bf16", 0.0), ("linear_bf16_storage", 4e6)];
@@ -664,4 +665,5 @@ fn the_side_by_side_script_runs_and_pairs_every_row_with_pytorch() {
         let line = out.lines().find(|l| l.split_whitespace().next() == Some(k)).unwrap_or_else(|| panic!("no table row for {k}:\n{out}"));
         assert!(!line.trim_end().ends_with('-'), "{k} has no PyTorch peer: {line}");
     }
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -4,22 +4,46 @@ use safetensors::{Dtype, SafeTensors};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The repository root, found at run time: `LLAMA_CPT_REPO`, else the working directory (cargo
+/// runs tests from the package root; tools/device-check.sh runs a test binary built on another
+/// machine from the repository root of the GPU machine, so no build-time path may be used).
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let root = match std::env::var_os("LLAMA_CPT_REPO") {
+        Some(dir) => PathBuf::from(dir),
+        None => std::env::current_dir().expect("reading the working directory"),
+    };
+    assert!(
+        root.join("tools").is_dir() && root.join("Cargo.toml").is_file(),
+        "{} is not the llama-cpt repository (no tools/ or Cargo.toml): run the tests from its root, or set LLAMA_CPT_REPO",
+        root.display()
+    );
+    root
 }
 
-/// The Python with torch and transformers: `LLAMA_CPT_PYTHON`, else the repo's `.venv` (which
-/// `.ci/run` creates from tools/requirements.txt).
+/// The Python with torch and transformers, chosen at run time: `LLAMA_CPT_PYTHON`, else the
+/// repo's `.venv` (which `.ci/run` creates from tools/requirements.txt), else `python3` on the
+/// PATH if it imports torch (a GPU image has no `.venv`).
 pub fn python() -> PathBuf {
-    if let Ok(p) = std::env::var("LLAMA_CPT_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let venv = repo_root().join(".venv/bin/python");
-    assert!(
-        venv.exists(),
-        "no Python with torch/transformers: run .ci/run once, or `python3 -m venv .venv && .venv/bin/pip install -r tools/requirements.txt`, or set LLAMA_CPT_PYTHON"
-    );
-    venv
+    static FOUND: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    FOUND
+        .get_or_init(|| {
+            if let Some(p) = std::env::var_os("LLAMA_CPT_PYTHON") {
+                return PathBuf::from(p);
+            }
+            let venv = repo_root().join(".venv/bin/python");
+            if venv.exists() {
+                return venv;
+            }
+            let system = PathBuf::from("python3");
+            let has_torch = Command::new(&system).args(["-c", "import torch"]).output().is_ok_and(|o| o.status.success());
+            assert!(
+                has_torch,
+                "no Python with torch/transformers (no LLAMA_CPT_PYTHON, no {}, and python3 cannot import torch): run .ci/run once, or `python3 -m venv .venv && .venv/bin/pip install -r tools/requirements.txt`, or set LLAMA_CPT_PYTHON",
+                venv.display()
+            );
+            system
+        })
+        .clone()
 }
 
 /// Runs a script under tools/ with the oracle Python; panics with its output if it fails.
