@@ -34,9 +34,12 @@ if [ "$mode" = dry ]; then
     set -e
     git rev-parse --is-inside-work-tree >/dev/null 2>&1 || { echo "--dry copies git's view of the working tree: run it in a git checkout" >&2; exit 2; }
     bash tools/build-device-bundle.sh
-    if [ -z "${LLAMA_CPT_PYTHON:-}" ] && [ -x .venv/bin/python ]; then
-        export LLAMA_CPT_PYTHON="$PWD/.venv/bin/python"
-    fi
+    # The run happens in another folder: a Python given by a relative path is made absolute.
+    case "${LLAMA_CPT_PYTHON:-}" in
+        "") if [ -x .venv/bin/python ]; then export LLAMA_CPT_PYTHON="$PWD/.venv/bin/python"; fi ;;
+        /*) ;;
+        */*) export LLAMA_CPT_PYTHON="$PWD/$LLAMA_CPT_PYTHON" ;;
+    esac
     stage=$(mktemp -d /tmp/device-check-stage.XXXXXX)
     trap 'rm -rf "$stage"' EXIT
     # What the device tool sends: git's view of the working tree (tracked, and untracked files
@@ -97,7 +100,8 @@ fi
 # The folders dlopen searches, in its order: LD_LIBRARY_PATH, then those in ld.so.cache.
 search_dirs() {
     local d cache
-    for d in ${LD_LIBRARY_PATH//:/ }; do echo "$d"; done
+    local path="${LD_LIBRARY_PATH:-}"
+    for d in ${path//:/ }; do echo "$d"; done
     # Read whole, then parsed: `ldconfig -p | grep -q` can die of SIGPIPE (141) under pipefail.
     cache=$(ldconfig -p 2>/dev/null || true)
     sed -n 's|.* => \(.*\)/[^/]*$|\1|p' <<<"$cache" | awk '!seen[$0]++'
