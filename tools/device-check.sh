@@ -166,10 +166,10 @@ for d in $wheel_dirs; do rest="${rest:+$rest:}$d"; done
 # The emulator's folder wins, then our links, then the system's and the wheels' folders.
 export LD_LIBRARY_PATH="${LLAMA_CPT_EMU_LIB:+$LLAMA_CPT_EMU_LIB:}$LIBDIR${rest:+:$rest}"
 echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
-for lib in "libnccl 2" "libcublasLt 13" "libcublas 13"; do
-    # Not fatal here: a missing library fails the tests that need it, by name.
-    link_unversioned "$LIBDIR" $lib || true
-done
+# Not fatal here: a missing library fails the tests that need it, by name.
+link_unversioned "$LIBDIR" libnccl 2 || true
+link_unversioned "$LIBDIR" libcublasLt 13 || true
+link_unversioned "$LIBDIR" libcublas 13 || true
 
 if [ "$mode" = no-gpu ]; then
     echo "== CUDA tests that need no GPU (the side-by-side smoke among them) =="
@@ -200,7 +200,9 @@ elif ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else
     echo "PyTorch sees no CUDA device: its side runs --smoke (tiny shapes on the CPU, no ratio means anything)"
     torch_mode=(--smoke)
 fi
-echo "device check so far: $([ $status = 0 ] && echo ok || echo FAILED, see $OUT/tests.log and $OUT/bench.log); the table comes last"
+so_far=ok
+[ "$status" = 0 ] || so_far="FAILED, see $OUT/tests.log and $OUT/bench.log"
+echo "device check so far: $so_far; the table comes last"
 PYTHONUNBUFFERED=1 timeout 150 "$PY" tools/bench_torch_gpu.py "${torch_mode[@]}" "${ours[@]}" --json "$OUT/torch.json" 2>&1 | tee "$OUT/table.txt" || status=1
 rm -rf "$LIBDIR"
 exit $status
