@@ -198,7 +198,7 @@ fn vocab_extend_corpus_sentencepiece_style_tied() {
     assert!(tok.get_model().token_to_id("<0xE4>").is_some());
     let (zh, _) = split(&corpus("zh"));
     let target = tok.get_vocab_size(true) + 400;
-    let report = extend_model(&base, &out, &PieceSource::Corpus { texts: zh, target_size: target }, &ExtendOptions::default()).unwrap();
+    let report = extend_model(&base, &out, &PieceSource::Corpus { texts: zh, target_size: target, keep: None }, &ExtendOptions::default()).unwrap();
     eprintln!(
         "SentencePiece-style: {} → {} ({} pieces, {} intermediates, {} word-start merges), rows {} → {}",
         report.base_tokenizer_size, report.new_tokenizer_size, report.added_pieces, report.added_intermediates, report.word_start_merges, report.old_model_vocab, report.new_model_vocab
@@ -216,7 +216,7 @@ fn tokens_per_char(kind: TokenizerKind, base_size: usize, extra: usize) -> Vec<l
     let (zh_train, zh_held) = split(&corpus("zh"));
     let (_, en_held) = split(&corpus("en"));
     let target = base.size as usize + extra;
-    let (new, report) = extend_tokenizer(&base, &PieceSource::Corpus { texts: zh_train, target_size: target }).unwrap();
+    let (new, report) = extend_tokenizer(&base, &PieceSource::Corpus { texts: zh_train, target_size: target, keep: None }).unwrap();
     assert!(report.failures.is_empty(), "{:?}", &report.failures[..report.failures.len().min(10)]);
     assert_eq!(report.new_tokenizer_size as usize, target);
     eprintln!(

@@ -14,8 +14,10 @@ use tokenizers::{ModelWrapper, OffsetReferential, OffsetType, PreTokenizedString
 pub enum TokenizerKind {
     /// GPT-2/LLaMA-3 style: bytes mapped to printable characters (`Ġ` = space).
     ByteLevel,
-    /// SentencePiece style (LLaMA-2): spaces become `▁`, a `▁` is prepended to the text, unknown
-    /// characters fall back to `<0xXX>` byte tokens.
+    /// SentencePiece style (LLaMA-1/2, Mistral): spaces become `▁`, a `▁` is prepended to the text,
+    /// unknown characters fall back to `<0xXX>` byte tokens. Either layout: a normalizer
+    /// (`Prepend("▁")` + `Replace(" ", "▁")`, `pre_tokenizer: null`, as Meta's Llama-2-7b-hf ships)
+    /// or a Metaspace pre-tokenizer (`legacy: false` conversions).
     Metaspace,
     /// Anything else: pieces are used as they are.
     Plain,
@@ -123,6 +125,12 @@ impl BaseTokenizer {
             TokenizerKind::Metaspace => Some(internal.replace('▁', " ")),
             TokenizerKind::Plain => Some(internal.to_string()),
         }
+    }
+
+    /// Whether the base spells numbers one digit per token (no token holds two ASCII digits), as
+    /// LLaMA-2's `split_digits` does; pieces are then learnt the same way.
+    pub fn splits_digits(&self) -> bool {
+        !self.bpe().get_vocab().keys().any(|t| t.chars().filter(char::is_ascii_digit).count() >= 2)
     }
 
     /// How many pre-tokens the tokenizer's pre-tokenizer makes of `text` (a piece must be one).

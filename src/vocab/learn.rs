@@ -1,4 +1,9 @@
 //! Learning pieces on a corpus (the `tokenizers` BPE trainer), and small base tokenizers for tests.
+//!
+//! For the SentencePiece-style layouts pieces are learnt as SentencePiece learns them: never across
+//! a line break (or any whitespace but the space), within whitespace-separated words (`▁` only at a
+//! piece's start), at most [`SENTENCEPIECE_MAX_PIECE_CHARS`] characters, digits split when the base
+//! splits them. Only pieces the [`ScriptFilter`] keeps become candidates.
 use std::collections::{HashMap, HashSet};
 
 use anyhow::{anyhow, bail, Result};
@@ -9,42 +14,61 @@ use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
 use tokenizers::pre_tokenizers::punctuation::Punctuation;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{
-    AddedToken, DecoderWrapper, Model, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer, TokenizerBuilder, TokenizerImpl,
+    AddedToken, Model, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer, TokenizerBuilder, TokenizerImpl,
 };
 
 use super::base::{BaseTokenizer, TokenizerKind};
 use super::plan::{Extender, Outcome};
+use super::script::{default_filter, script_costs, Script, ScriptFilter};
 use super::{ExtendReport, Rejected};
+
+/// SentencePiece's default `max_piece_length`.
+pub const SENTENCEPIECE_MAX_PIECE_CHARS: usize = 16;
 
 pub(super) fn pre_tokenizer_for_training(base: &BaseTokenizer) -> PreTokenizerWrapper {
     match (base.kind, base.tok.get_pre_tokenizer()) {
         (TokenizerKind::ByteLevel, Some(pt)) => pt.clone(),
         (TokenizerKind::ByteLevel, None) => ByteLevel::default().add_prefix_space(false).into(),
-        (TokenizerKind::Metaspace, _) => sentencepiece_training_pre_tokenizer(),
+        (TokenizerKind::Metaspace, _) => sentencepiece_training_pre_tokenizer(base.splits_digits()),
         (TokenizerKind::Plain, Some(pt)) => pt.clone(),
         (TokenizerKind::Plain, None) => tokenizers::pre_tokenizers::whitespace::Whitespace.into(),
     }
 }
 
-/// Pieces never cross spaces, punctuation or digits (as SentencePiece's defaults for LLaMA).
-fn sentencepiece_training_pre_tokenizer() -> PreTokenizerWrapper {
-    PreSequence::new(vec![
+/// Pieces never cross line breaks (SentencePiece trains line by line) or other whitespace, start a
+/// word with `▁` only at their start (split_by_whitespace), never cross punctuation, and hold one
+/// digit each when `split_digits` (LLaMA-2's split_digits).
+fn sentencepiece_training_pre_tokenizer(split_digits: bool) -> PreTokenizerWrapper {
+    let line_breaks = Split::new(SplitPattern::Regex(r"[^\S ]+".into()), SplitDelimiterBehavior::Removed, false).expect("a valid regex");
+    let mut steps: Vec<PreTokenizerWrapper> = vec![
+        line_breaks.into(),
         Metaspace::new('▁', PrependScheme::First, true).into(),
         Punctuation::new(SplitDelimiterBehavior::Isolated).into(),
-        Digits::new(true).into(),
-    ])
-    .into()
+    ];
+    if split_digits {
+        steps.push(Digits::new(true).into());
+    }
+    PreSequence::new(steps).into()
 }
 
 type TrainTok = TokenizerImpl<BPE, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>;
 
 /// Trains BPE on `texts` with this pre-tokenizer; returns the alphabet, the merge results in
 /// the order learnt, and how often each token occurs when the trained tokenizer encodes `texts`.
-pub(super) fn learn_merges(pre: PreTokenizerWrapper, alphabet: HashSet<char>, texts: &[String], vocab_size: usize) -> Result<(Vec<String>, Vec<String>, HashMap<String, u64>)> {
+pub(super) fn learn_merges(
+    pre: PreTokenizerWrapper,
+    alphabet: HashSet<char>,
+    texts: &[String],
+    vocab_size: usize,
+    max_piece_chars: Option<usize>,
+    min_frequency: u64,
+) -> Result<(Vec<String>, Vec<String>, HashMap<String, u64>)> {
     let mut trainer = BpeTrainerBuilder::new()
         .vocab_size(vocab_size)
-        .min_frequency(2)
+        .max_token_length(max_piece_chars)
+        .min_frequency(min_frequency)
         .show_progress(false)
         .initial_alphabet(alphabet)
         .build();
@@ -106,34 +130,53 @@ pub(super) fn learn_merges(pre: PreTokenizerWrapper, alphabet: HashSet<char>, te
     Ok((vocab.into_iter().take(n_alpha).map(|x| x.0).collect(), merges, freq))
 }
 
-/// Learns pieces on `texts` and adds them, most useful first, until the tokenizer has
-/// `target_size` ids; returns the pieces added (internal form).
-pub(super) fn add_learnt_pieces(ex: &mut Extender, base: &BaseTokenizer, texts: &[String], target_size: usize, seen: &mut HashSet<String>, report: &mut ExtendReport) -> Result<Vec<String>> {
+/// Learns pieces on `texts` and adds those `keep` allows (the default filter when `None`), most
+/// useful first, until the tokenizer has `target_size` ids.
+pub(super) fn add_learnt_pieces(
+    ex: &mut Extender,
+    base: &BaseTokenizer,
+    texts: &[String],
+    target_size: usize,
+    keep: Option<&[Script]>,
+    seen: &mut HashSet<String>,
+    report: &mut ExtendReport,
+) -> Result<()> {
     if (target_size as u64) < base.size as u64 {
         bail!("target size {target_size} is smaller than the base tokenizer's {} ids; it must be at least that", base.size);
     }
     if texts.is_empty() {
         bail!("the corpus to learn pieces from is empty");
     }
+    report.script_costs = script_costs(&base.tok, texts)?;
+    let filter = match keep {
+        Some(scripts) if scripts.is_empty() => bail!("--keep-script needs at least one script"),
+        Some(scripts) => ScriptFilter::new(scripts.to_vec()),
+        None => default_filter(&report.script_costs)?,
+    };
+    report.kept_scripts = filter.scripts.clone();
     let need = target_size - base.size as usize;
     let alphabet: HashSet<char> = match base.kind {
         TokenizerKind::ByteLevel => ByteLevel::alphabet().into_iter().collect(),
         _ => HashSet::new(),
     };
+    let max_piece_chars = (base.kind == TokenizerKind::Metaspace).then_some(SENTENCEPIECE_MAX_PIECE_CHARS);
     let distinct_chars = texts.iter().flat_map(|t| t.chars()).collect::<HashSet<char>>().len() + 2;
     let mut n_merges = need * 2 + 256;
+    // Pairs seen once are merged only when the others run out (SentencePiece's BPE trainer also
+    // goes on merging them); they rank last, as they save the fewest tokens.
+    let mut min_frequency = 2;
     loop {
-        let (alpha, merges, freq) = learn_merges(pre_tokenizer_for_training(base), alphabet.clone(), texts, distinct_chars + 256 + n_merges)?;
-        let exhausted = merges.len() < n_merges;
+        let (alpha, merges, freq) = learn_merges(pre_tokenizer_for_training(base), alphabet.clone(), texts, distinct_chars + 256 + n_merges, max_piece_chars, min_frequency)?;
+        let exhausted = merges.len() < n_merges || n_merges > 64 * (need + 256);
         // Most useful first: how many tokens each learnt piece saves where the trained
         // tokenizer uses it (occurrences × (old tokens − 1)); ties in merge order.
         // Characters the base lacks count too (a SentencePiece-style base spells them in
-        // byte-fallback tokens).
+        // byte-fallback tokens). Only pieces of the kept scripts are candidates.
         let mut scored: Vec<(u64, usize, String)> = merges
             .into_iter()
             .chain(alpha)
             .enumerate()
-            .filter(|(_, c)| !c.is_empty() && !ex.vocab.contains_key(c))
+            .filter(|(_, c)| !c.is_empty() && !ex.vocab.contains_key(c) && base.text(c).is_some_and(|t| filter.keeps_piece(&t)))
             .map(|(i, c)| {
                 let old = base.tok.get_model().tokenize(&c).map(|t| t.len()).unwrap_or(1) as u64;
                 (freq.get(&c).copied().unwrap_or(0) * old.saturating_sub(1), i, c)
@@ -142,7 +185,6 @@ pub(super) fn add_learnt_pieces(ex: &mut Extender, base: &BaseTokenizer, texts: 
         scored.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
         let candidates: Vec<String> = scored.into_iter().map(|x| x.2).collect();
         let start = ex.mark();
-        let mut local_requested = Vec::new();
         let mut local = ExtendReport::default();
         for c in &candidates {
             if ex.next_id as usize >= target_size {
@@ -154,22 +196,34 @@ pub(super) fn add_learnt_pieces(ex: &mut Extender, base: &BaseTokenizer, texts: 
             }
             let m = ex.mark();
             match ex.add_piece(c) {
-                Outcome::Added if ex.next_id as usize <= target_size => local_requested.push(c.clone()),
+                Outcome::Added if ex.next_id as usize <= target_size => {}
                 Outcome::Added => ex.rollback(m),
                 Outcome::Present => local.already_present += 1,
                 Outcome::Failed(got) => local.rejected.push(Rejected { piece: c.clone(), reason: format!("no merge plan yields one token (got {got:?})") }),
             }
         }
-        if ex.next_id as usize >= target_size || exhausted || n_merges > 64 * (need + 256) {
+        if ex.next_id as usize >= target_size {
             report.candidates = candidates.len();
             report.already_present = local.already_present;
             report.rejected = local.rejected;
             report.duplicates = local.duplicates;
-            return Ok(local_requested);
+            return Ok(());
+        }
+        if exhausted && min_frequency == 1 {
+            bail!(
+                "the corpus gives only {} candidate pieces made of {} characters: added with their intermediates they bring the tokenizer to {} ids, short of --target-size {target_size}; lower the target size, keep more scripts (--keep-script), or learn on more text",
+                candidates.len(),
+                filter.names(),
+                ex.next_id
+            );
         }
         ex.rollback(start);
         seen.clear();
-        n_merges *= 4;
+        if exhausted {
+            min_frequency = 1;
+        } else {
+            n_merges *= 4;
+        }
     }
 }
 
@@ -198,7 +252,7 @@ pub fn train_base_tokenizer(kind: TokenizerKind, texts: &[String], vocab_size: u
             let mut t: TrainTok = TokenizerBuilder::new()
                 .with_model(BPE::default())
                 .with_normalizer(None)
-                .with_pre_tokenizer(Some(sentencepiece_training_pre_tokenizer()))
+                .with_pre_tokenizer(Some(sentencepiece_training_pre_tokenizer(true)))
                 .with_post_processor(None)
                 .with_decoder(None)
                 .build()

@@ -19,6 +19,7 @@ mod check;
 mod embed;
 mod learn;
 mod plan;
+mod script;
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -32,8 +33,10 @@ use tokenizers::{Model, Tokenizer};
 use crate::config::LlamaConfig;
 
 pub use base::{byte_level_table, BaseTokenizer, TokenizerKind};
+pub use check::{unchanged_outside_kept_scripts, verify};
 pub use embed::{extend_model, ExtendOptions};
-pub use learn::train_base_tokenizer;
+pub use learn::{train_base_tokenizer, SENTENCEPIECE_MAX_PIECE_CHARS};
+pub use script::{default_filter, script_costs, Script, ScriptCost, ScriptFilter, DEFAULT_MIN_SCRIPT_SHARE};
 use plan::{Extender, Outcome};
 
 /// The config.json key holding the tokenizer's real size (ids at or above it are padding rows).
@@ -92,6 +95,10 @@ pub struct ExtendReport {
     /// SentencePiece-style only: requested pieces that, encoded alone, merge with the `▁` the
     /// tokenizer prepends (an old `▁x` merge wins); inside text they still come out whole.
     pub word_start_merges: usize,
+    /// Corpus learning only: the scripts whose pieces were kept, and the base's tokens per letter
+    /// of each script on the corpus (what the default choice of scripts is made from).
+    pub kept_scripts: Vec<Script>,
+    pub script_costs: Vec<ScriptCost>,
     pub new_tokens: Vec<NewToken>,
 }
 
@@ -100,8 +107,9 @@ pub enum PieceSource {
     /// Pieces of text, in order of preference.
     Pieces(Vec<String>),
     /// Learn pieces on a corpus with the `tokenizers` BPE trainer until the tokenizer has
-    /// `target_size` ids.
-    Corpus { texts: Vec<String>, target_size: usize },
+    /// `target_size` ids, keeping only pieces of the `keep` scripts (`None`: the scripts the base
+    /// encodes poorly on the corpus, see [`default_filter`]).
+    Corpus { texts: Vec<String>, target_size: usize, keep: Option<Vec<Script>> },
 }
 
 /// Reads a piece list: Colossal's JSONL (`{"piece": "..."}` per line) or plain lines (taken
@@ -135,7 +143,6 @@ pub fn extend_tokenizer(base: &BaseTokenizer, source: &PieceSource) -> Result<(T
     let mut ex = Extender::new(base)?;
     let mut report = ExtendReport { kind: Some(base.kind), base_tokenizer_size: base.size, ..Default::default() };
     let mut seen = HashSet::new();
-    let mut requested: Vec<String> = Vec::new();
     match source {
         PieceSource::Pieces(pieces) => {
             report.candidates = pieces.len();
@@ -154,14 +161,14 @@ pub fn extend_tokenizer(base: &BaseTokenizer, source: &PieceSource) -> Result<(T
                     continue;
                 }
                 match ex.add_piece(&internal) {
-                    Outcome::Added => requested.push(internal),
+                    Outcome::Added => {}
                     Outcome::Present => report.already_present += 1,
                     Outcome::Failed(got) => report.rejected.push(Rejected { piece: p.clone(), reason: format!("no merge plan yields one token (got {got:?})") }),
                 }
             }
         }
-        PieceSource::Corpus { texts, target_size } => {
-            requested = learn::add_learnt_pieces(&mut ex, base, texts, *target_size, &mut seen, &mut report)?;
+        PieceSource::Corpus { texts, target_size, keep } => {
+            learn::add_learnt_pieces(&mut ex, base, texts, *target_size, keep.as_deref(), &mut seen, &mut report)?;
         }
     }
 
@@ -198,7 +205,7 @@ pub fn extend_tokenizer(base: &BaseTokenizer, source: &PieceSource) -> Result<(T
         }
         report.new_tokens.push(NewToken { id: *id, token: t.clone(), text: base.text(t), requested: *req, old_ids });
     }
-    check::verify(base, &tok, &requested, &mut report)?;
+    verify(base, &tok, &ex.merges, &mut report)?;
     Ok((tok, report))
 }
 
