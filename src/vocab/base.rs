@@ -146,7 +146,7 @@ impl BaseTokenizer {
     }
 
     /// The merges of the BPE model, in priority order (both JSON layouts: "a b" and ["a", "b"]).
-    pub(super) fn merges(&self) -> Result<Vec<(String, String)>> {
+    pub fn merges(&self) -> Result<Vec<(String, String)>> {
         let list = self.json.pointer("/model/merges").and_then(Value::as_array).cloned().unwrap_or_default();
         list.iter()
             .map(|m| match m {
