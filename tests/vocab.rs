@@ -281,10 +281,13 @@ fn vocab_bad_inputs() {
     let zh = repo_root().join("data/corpora/zh");
     let err = run(&["--base", b, "--out", d.join("o3").to_str().unwrap(), "--corpus", zh.to_str().unwrap(), "--target-size", "100"]);
     assert!(err.contains("target size 100 is smaller than the base tokenizer"), "{err}");
+    // An unknown script names the known ones.
+    let err = run(&["--base", b, "--out", d.join("o5").to_str().unwrap(), "--corpus", zh.to_str().unwrap(), "--target-size", "2000", "--keep-script", "Klingon"]);
+    assert!(err.contains("unknown script \"Klingon\"") && err.contains("Han"), "{err}");
     // Neither pieces nor corpus.
     let err = run(&["--base", b, "--out", d.join("o4").to_str().unwrap()]);
     assert!(err.contains("--pieces") , "{err}");
-    assert!(!d.join("o3").exists() && !d.join("o4").exists(), "nothing is written on errors");
+    assert!(!d.join("o3").exists() && !d.join("o4").exists() && !d.join("o5").exists(), "nothing is written on errors");
 }
 
 /// A tokenizer in a SentencePiece layout of LLaMA-2 (`normalizer`: Meta's Llama-2-7b-hf file;

@@ -55,6 +55,10 @@ fn sentencepiece_training_pre_tokenizer(split_digits: bool) -> PreTokenizerWrapp
 
 type TrainTok = TokenizerImpl<BPE, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>;
 
+/// What a BPE training run learnt: its alphabet, the merge results in the order learnt, and each
+/// token's occurrences in the corpus.
+type Learnt = (Vec<String>, Vec<String>, HashMap<String, u64>);
+
 /// Trains BPE on `texts` with this pre-tokenizer; returns the alphabet, the merge results in
 /// the order learnt, and how often each token occurs when the trained tokenizer encodes `texts`.
 pub(super) fn learn_merges(
@@ -64,7 +68,7 @@ pub(super) fn learn_merges(
     vocab_size: usize,
     max_piece_chars: Option<usize>,
     min_frequency: u64,
-) -> Result<(Vec<String>, Vec<String>, HashMap<String, u64>)> {
+) -> Result<Learnt> {
     let mut trainer = BpeTrainerBuilder::new()
         .vocab_size(vocab_size)
         .max_token_length(max_piece_chars)
@@ -149,7 +153,7 @@ pub(super) fn add_learnt_pieces(
     }
     report.script_costs = script_costs(&base.tok, texts)?;
     let filter = match keep {
-        Some(scripts) if scripts.is_empty() => bail!("--keep-script needs at least one script"),
+        Some([]) => bail!("--keep-script needs at least one script"),
         Some(scripts) => ScriptFilter::new(scripts.to_vec()),
         None => default_filter(&report.script_costs)?,
     };

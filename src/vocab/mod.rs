@@ -13,7 +13,12 @@
 //! (a SentencePiece-style tokenizer falls back to bytes for them) are added as tokens first, since
 //! merges of byte-fallback tokens cannot spell a character. The plan is kept only if the simulation
 //! then yields the piece as one token (other tree shapes are tried otherwise); at the end every new
-//! token is checked again with the `tokenizers` crate on the written tokenizer.json.
+//! token is checked again with the `tokenizers` crate on the new tokenizer, each requested piece as
+//! it occurs in text.
+//!
+//! The parts: `base` (the base tokenizer.json and its layout), `script` (which pieces: the kept
+//! scripts), `learn` (pieces learnt on a corpus), `plan` (the merge trees), `check` (the checks and
+//! the invariant), `embed` (embedding growth and the model directory).
 mod base;
 mod check;
 mod embed;
