@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! extend-vocab --base MODEL --out NEW --pieces pieces.jsonl            # {"piece": ...} or plain lines
-//! extend-vocab --base MODEL --out NEW --corpus data/corpora/zh --target-size 40000
+//! extend-vocab --base MODEL --out NEW --corpus data/corpora/zh --target-size 40000 [--keep-script Han]
 //!              [--pad-to-multiple 64] [--measure zh=data/corpora/zh --measure en=data/corpora/en]
 //! ```
 use std::path::PathBuf;
@@ -13,7 +13,7 @@ use anyhow::{bail, Result};
 use clap::Parser;
 use llama_cpt::data::corpus::CorpusOptions;
 use llama_cpt::data::report::{load_texts, measure, to_markdown};
-use llama_cpt::vocab::{extend_model, read_pieces, ExtendOptions, PieceSource, REPORT_FILE};
+use llama_cpt::vocab::{extend_model, read_pieces, unchanged_outside_kept_scripts, ExtendOptions, PieceSource, Script, ScriptFilter, REPORT_FILE};
 
 #[derive(Parser, Debug)]
 #[command(about = "Extend a LLaMA model's vocabulary: tokenizer.json pieces + merges, grown embeddings")]
@@ -33,6 +33,10 @@ struct Args {
     /// Tokenizer size to reach (ids, special tokens included) when learning on a corpus.
     #[arg(long)]
     target_size: Option<usize>,
+    /// Learn only pieces of this script (repeatable: Han, Hiragana, Katakana, Hangul, Latin, …);
+    /// default: the scripts the base spends more than one token per letter on in the corpus.
+    #[arg(long, conflicts_with = "pieces")]
+    keep_script: Vec<String>,
     /// Round the embedding rows up to a multiple of this (rows past the tokenizer are padding).
     #[arg(long, default_value_t = 64)]
     pad_to_multiple: usize,
@@ -58,7 +62,8 @@ fn main() -> Result<()> {
             for i in &issues {
                 eprintln!("skipped: {i}");
             }
-            PieceSource::Corpus { texts, target_size: a.target_size.unwrap() }
+            let keep = if a.keep_script.is_empty() { None } else { Some(a.keep_script.iter().map(|s| Script::parse(s)).collect::<Result<Vec<_>>>()?) };
+            PieceSource::Corpus { texts, target_size: a.target_size.unwrap(), keep }
         }
         _ => bail!("give either --pieces FILE or --corpus PATH with --target-size N"),
     };
@@ -76,6 +81,10 @@ fn main() -> Result<()> {
         report.old_model_vocab,
         report.new_model_vocab
     );
+    if !report.kept_scripts.is_empty() {
+        let costs: Vec<String> = report.script_costs.iter().map(|c| format!("{} {:.3} ({} letters)", c.script, c.tokens_per_char, c.chars)).collect();
+        println!("kept scripts: {}; base tokens per letter on the corpus: {}", ScriptFilter::new(report.kept_scripts.clone()).names(), costs.join(", "));
+    }
     for r in report.rejected.iter().take(20) {
         println!("rejected {:?}: {}", r.piece, r.reason);
     }
@@ -95,6 +104,12 @@ fn main() -> Result<()> {
             let texts = load_texts(path.as_ref(), &copts, &mut Vec::new())?;
             rows.push(measure(&old, "before", lang, &texts)?);
             rows.push(measure(&new, "after", lang, &texts)?);
+            // The promise: text without a character of the kept scripts tokenizes exactly as before.
+            if !report.kept_scripts.is_empty() {
+                let filter = ScriptFilter::new(report.kept_scripts.clone());
+                let (untouched, changed, _) = unchanged_outside_kept_scripts(&old, &new, &filter, &texts)?;
+                println!("{lang}: {changed} of {untouched} documents without {} characters changed ids", filter.names());
+            }
         }
         print!("{}", to_markdown(&rows));
     }
