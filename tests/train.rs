@@ -121,6 +121,35 @@ fn tensorboard_reads_the_event_files() {
     }
 }
 
+/// A resume from a checkpoint older than the last logged step replays steps; TensorBoard (read
+/// with its own EventAccumulator) must still show each step once, with the replayed values.
+#[test]
+fn tensorboard_shows_each_step_once_after_a_resume_that_replays_steps() {
+    let out = fresh("tensorboard-resume");
+    let o = train::run(&Cpu, &config(&out, &["run.stop_after_steps=8", "run.checkpoint_every=3", "run.keep_checkpoints=5"]), &AtomicBool::new(false)).unwrap();
+    assert!(o.interrupted && o.global_step == 8);
+    // Drop the stop's checkpoint: the next run resumes from step 6 and logs steps 7 and 8 again.
+    let newest = checkpoint::complete_checkpoints(&out).unwrap().pop().unwrap();
+    assert!(newest.ends_with("step-00000008"), "{}", newest.display());
+    std::fs::remove_dir_all(&newest).unwrap();
+    let o = train::run(&Cpu, &config(&out, &["run.checkpoint_every=3", "run.keep_checkpoints=5"]), &AtomicBool::new(false)).unwrap();
+    assert!(!o.interrupted && o.global_step == 10);
+    let files = std::fs::read_dir(out.join("tensorboard")).unwrap().count();
+    assert_eq!(files, 2, "one event file per run");
+    let text = common::run_python("read_tensorboard.py", &[&out.join("tensorboard")]);
+    let loss: Vec<(u64, f64)> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["tag"] == "loss")
+        .map(|v| (v["step"].as_u64().unwrap(), v["value"].as_f64().unwrap()))
+        .collect();
+    assert_eq!(loss.iter().map(|x| x.0).collect::<Vec<_>>(), (1..=10).collect::<Vec<u64>>(), "{text}");
+    for ((step, tb), (_, want)) in loss.iter().zip(losses(&out)) {
+        let want = f64::from_bits(want);
+        assert!((tb - want).abs() <= 1e-6 * want.abs(), "step {step}: TensorBoard {tb} vs metrics.jsonl {want}");
+    }
+}
+
 #[test]
 fn stopping_and_resuming_is_bit_identical() {
     let want_losses = losses(reference());

@@ -102,7 +102,7 @@ impl Metrics {
             crate::fsutil::write_atomic(&path, kept.as_bytes())?;
         }
         let file = std::fs::OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
-        let events = tensorboard::EventWriter::create(&out.join("tensorboard"))?;
+        let events = tensorboard::EventWriter::create(&out.join("tensorboard"), keep_through_step + 1)?;
         Ok(Metrics { file, events })
     }
 
