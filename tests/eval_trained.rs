@@ -123,7 +123,8 @@ fn a_model_trained_on_facts_answers_multiple_choice_questions_better_than_chance
         "run.checkpoint_every=0".into(),
     ];
     let text = std::fs::read_to_string(data.join("default.toml")).unwrap();
-    let cfg = TrainConfig::parse(&text, "test config", &root, &overrides).unwrap();
+    // Its paths are relative to its own folder.
+    let cfg = TrainConfig::parse(&text, "test config", &data, &overrides).unwrap();
     let t_train = Instant::now();
     let out = train::run(&Cpu, &cfg, &AtomicBool::new(false)).unwrap();
     let train_secs = t_train.elapsed().as_secs_f64();
