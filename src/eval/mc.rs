@@ -14,6 +14,7 @@
 //!   zero-shot (it ships no dev split);
 //! - GAOKAO-Bench multiple-choice JSON: `{"example": [{"question" (options inline), "answer":
 //!   ["A"]}]}` per file, zero-shot.
+//!
 //! Bad rows (missing columns, an answer outside A–D) are reported with file and line and skipped.
 use crate::backend::Backend;
 use crate::batch::Batch;
