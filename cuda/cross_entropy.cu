@@ -2,22 +2,25 @@
 // probabilities: the forward makes one pass over each row with an online (max, sum) per thread and
 // writes the row's log-sum-exp and loss; the backward recomputes softmax from lse in one pass.
 // Rows whose target is -100 give loss 0 and gradient 0. One block per row. Logits and their
-// gradient have the storage type T; lse and the per-row losses are f32.
+// gradient have the storage type T; lse and the per-row losses are f32. The softmax denominator is
+// accumulated in f64 (each exp stays f32), the row's loss taken in f64: an f32 running sum loses
+// accuracy as the vocabulary grows (as ops::cross_entropy explains); the pass is memory-bound, so the
+// f64 adds cost nothing visible.
 #include "common.cuh"
 
-__device__ __forceinline__ void lcpt_online_add(float& m, float& s, float x) {
+__device__ __forceinline__ void lcpt_online_add(float& m, double& s, float x) {
     if (x > m) {
-        s = s * expf(m - x) + 1.f;  // m = -inf: expf(-inf) = 0
+        s = s * (double)expf(m - x) + 1.0;  // m = -inf: expf(-inf) = 0
         m = x;
     } else {
-        s += expf(x - m);
+        s += (double)expf(x - m);
     }
 }
 
-__device__ __forceinline__ void lcpt_online_merge(float& m, float& s, float m2, float s2) {
+__device__ __forceinline__ void lcpt_online_merge(float& m, double& s, float m2, double s2) {
     const float mx = fmaxf(m, m2);
     if (mx == -INFINITY) return;  // both empty
-    s = (m == -INFINITY ? 0.f : s * expf(m - mx)) + (m2 == -INFINITY ? 0.f : s2 * expf(m2 - mx));
+    s = (m == -INFINITY ? 0.0 : s * (double)expf(m - mx)) + (m2 == -INFINITY ? 0.0 : s2 * (double)expf(m2 - mx));
     m = mx;
 }
 
@@ -25,10 +28,12 @@ __device__ __forceinline__ void lcpt_online_merge(float& m, float& s, float m2, 
 template <typename T>
 __device__ __forceinline__ void cross_entropy_fwd_impl(float* __restrict__ lse, float* __restrict__ loss, const T* __restrict__ logits,
                                                        const int* __restrict__ targets, int vocab) {
-    __shared__ float sm[32], ss[32];
+    __shared__ float sm[32];
+    __shared__ double ss[32];
     const unsigned long long row = blockIdx.x;
     const T* x = logits + row * vocab;
-    float m = -INFINITY, s = 0.f;
+    float m = -INFINITY;
+    double s = 0.0;
     if ((vocab & 3) == 0) {
         for (int c = threadIdx.x; c < vocab / 4; c += blockDim.x) {
             const float4 v = lcpt::load4(x, c);
@@ -42,7 +47,8 @@ __device__ __forceinline__ void cross_entropy_fwd_impl(float* __restrict__ lse, 
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
-        const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+        const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
+        const double s2 = __shfl_xor_sync(0xffffffffu, s, o);
         lcpt_online_merge(m, s, m2, s2);
     }
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
@@ -53,18 +59,19 @@ __device__ __forceinline__ void cross_entropy_fwd_impl(float* __restrict__ lse, 
     __syncthreads();
     if (warp == 0) {
         m = lane < nwarps ? sm[lane] : -INFINITY;
-        s = lane < nwarps ? ss[lane] : 0.f;
+        s = lane < nwarps ? ss[lane] : 0.0;
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) {
-            const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+            const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
+            const double s2 = __shfl_xor_sync(0xffffffffu, s, o);
             lcpt_online_merge(m, s, m2, s2);
         }
         if (lane == 0) {
-            const float l = m + logf(s);
-            lse[row] = l;
+            const double l = (double)m + log(s);
+            lse[row] = (float)l;
             const int t = targets[row];
             float li = 0.f;
-            if (t != LCPT_IGNORE_INDEX) li = (t >= 0 && t < vocab) ? l - lcpt::to_f(x[t]) : __int_as_float(0x7fc00000);
+            if (t != LCPT_IGNORE_INDEX) li = (t >= 0 && t < vocab) ? (float)(l - (double)lcpt::to_f(x[t])) : __int_as_float(0x7fc00000);
             loss[row] = li;
         }
     }

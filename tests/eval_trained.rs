@@ -53,11 +53,11 @@ fn arrangement(q: &WorldQuestion, rng: &mut StdRng) -> Question {
     choices.push(q.answer.to_string());
     choices.shuffle(rng);
     let answer = choices.iter().position(|c| c == q.answer).unwrap();
-    Question { question: q.question.clone(), choices, answer, origin: "generated".into() }
+    Question { question: q.question.clone(), choices, answer, origin: "generated".into(), ..Default::default() }
 }
 
 fn subject(test: Vec<Question>) -> Subject {
-    Subject { name: "world".into(), dev: vec![], test }
+    Subject { name: "world".into(), dev: vec![], test, ..Default::default() }
 }
 
 #[test]
@@ -87,7 +87,7 @@ fn a_model_trained_on_facts_answers_multiple_choice_questions_better_than_chance
     let items: Vec<Question> = questions.iter().map(|q| arrangement(q, &mut rng)).collect();
     let mut lines = String::new();
     for item in &items {
-        let (ids, _) = mc::prompt(&tok, &subject(vec![]), item, 0, 512).unwrap();
+        let ids = mc::prompt(&tok, mc::PromptStyle::Original, mc::Format::Mmlu, &subject(vec![]), item, 0, 512).unwrap().ids;
         let prompt = tok.inner().decode(&ids, true).unwrap();
         assert_eq!(tok.encode_text(&prompt).unwrap(), ids[1..], "the prompt text must tokenize back to the scored prompt");
         // The letter right after "Answer:", unspaced: this byte-level tokenizer has no single
@@ -123,12 +123,13 @@ fn a_model_trained_on_facts_answers_multiple_choice_questions_better_than_chance
         "run.checkpoint_every=0".into(),
     ];
     let text = std::fs::read_to_string(data.join("default.toml")).unwrap();
-    let cfg = TrainConfig::parse(&text, "test config", &root, &overrides).unwrap();
+    // Its paths are relative to its own folder.
+    let cfg = TrainConfig::parse(&text, "test config", &data, &overrides).unwrap();
     let t_train = Instant::now();
     let out = train::run(&Cpu, &cfg, &AtomicBool::new(false)).unwrap();
     let train_secs = t_train.elapsed().as_secs_f64();
 
-    let score = |model: &Llama<Cpu>, tok: &TextTokenizer| mc::evaluate(model, &Cpu, tok, mc::Format::Mmlu, &[subject(items.clone())], 0, 512, 4096, vec![]).unwrap();
+    let score = |model: &Llama<Cpu>, tok: &TextTokenizer| mc::evaluate(model, &Cpu, tok, mc::Format::Mmlu, mc::PromptStyle::Original, &[subject(items.clone())], 0, 512, 4096, vec![]).unwrap();
     let model_dir = out.final_model.unwrap();
     let trained = score(&Llama::load(&Cpu, &model_dir).unwrap(), &TextTokenizer::for_model(&model_dir, None).unwrap());
     let untrained = score(&Llama::random(&Cpu, LlamaConfig::from_file(&data.join("config.json")).unwrap(), cfg.model.seed), &tok);

@@ -128,6 +128,7 @@ fn recipe_smollm2_tiny() {
     }
     for mc in ["mmlu", "cmmlu", "ceval", "agieval", "gaokao"] {
         assert!(num(&r, &format!("mc_accuracy.{mc}.questions")) >= 1.0, "{mc}");
+        assert_eq!(get(&r, &format!("mc_accuracy.{mc}.style")).as_str(), Some("colossal"), "{mc}: evaluate's default prompt style");
         for k in ["base", "result"] {
             let acc = num(&r, &format!("mc_accuracy.{mc}.{k}"));
             assert!((0.0..=1.0).contains(&acc), "{mc} {k} accuracy {acc}");

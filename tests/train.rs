@@ -121,6 +121,66 @@ fn tensorboard_reads_the_event_files() {
     }
 }
 
+/// The prepared `default.toml` names its files relative to its own folder: `pretrain --config` runs
+/// it from another working directory, and a relative `--out` is relative to that directory.
+#[test]
+fn the_default_config_runs_as_is_from_anywhere() {
+    let cfg_path = prepared().join("data/default.toml");
+    let text = std::fs::read_to_string(&cfg_path).unwrap();
+    assert!(!text.contains(&*prepared().to_string_lossy()), "absolute paths in {}:\n{text}", cfg_path.display());
+    let elsewhere = fresh("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let mut args: Vec<String> = vec!["--config".into(), cfg_path.display().to_string(), "--out".into(), "x".into()];
+    for s in SHORT.iter().chain(&["stages.0.steps=1", "stages.1.steps=1"]) {
+        args.push("--set".into());
+        args.push(s.to_string());
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_pretrain")).args(&args).current_dir(&elsewhere).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(elsewhere.join("x/stage-knowledge-replay/config.json").exists());
+}
+
+/// Every stage's data is checked before the first step: a missing second-stage dataset stops the
+/// run at once, the error naming its key.
+#[test]
+fn missing_data_of_a_later_stage_stops_the_run_before_the_first_step() {
+    let out = fresh("missing-stage-2");
+    let cfg = config(&out, &["stages.1.datasets.0.dir=\"no-such-data\"", "run.eval_texts=[\"gone.jsonl\"]"]);
+    let err = format!("{:#}", train::run(&Cpu, &cfg, &AtomicBool::new(false)).unwrap_err());
+    assert!(err.contains("key `stages[1].datasets[0].dir`") && err.contains("no-such-data"), "{err}");
+    assert!(err.contains("key `run.eval_texts[0]`") && err.contains("gone.jsonl"), "{err}");
+    assert!(!out.join("metrics.jsonl").exists(), "a step ran before the check");
+}
+
+/// A resume from a checkpoint older than the last logged step replays steps; TensorBoard (read
+/// with its own EventAccumulator) must still show each step once, with the replayed values.
+#[test]
+fn tensorboard_shows_each_step_once_after_a_resume_that_replays_steps() {
+    let out = fresh("tensorboard-resume");
+    let o = train::run(&Cpu, &config(&out, &["run.stop_after_steps=8", "run.checkpoint_every=3", "run.keep_checkpoints=5"]), &AtomicBool::new(false)).unwrap();
+    assert!(o.interrupted && o.global_step == 8);
+    // Drop the stop's checkpoint: the next run resumes from step 6 and logs steps 7 and 8 again.
+    let newest = checkpoint::complete_checkpoints(&out).unwrap().pop().unwrap();
+    assert!(newest.ends_with("step-00000008"), "{}", newest.display());
+    std::fs::remove_dir_all(&newest).unwrap();
+    let o = train::run(&Cpu, &config(&out, &["run.checkpoint_every=3", "run.keep_checkpoints=5"]), &AtomicBool::new(false)).unwrap();
+    assert!(!o.interrupted && o.global_step == 10);
+    let files = std::fs::read_dir(out.join("tensorboard")).unwrap().count();
+    assert_eq!(files, 2, "one event file per run");
+    let text = common::run_python("read_tensorboard.py", &[&out.join("tensorboard")]);
+    let loss: Vec<(u64, f64)> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["tag"] == "loss")
+        .map(|v| (v["step"].as_u64().unwrap(), v["value"].as_f64().unwrap()))
+        .collect();
+    assert_eq!(loss.iter().map(|x| x.0).collect::<Vec<_>>(), (1..=10).collect::<Vec<u64>>(), "{text}");
+    for ((step, tb), (_, want)) in loss.iter().zip(losses(&out)) {
+        let want = f64::from_bits(want);
+        assert!((tb - want).abs() <= 1e-6 * want.abs(), "step {step}: TensorBoard {tb} vs metrics.jsonl {want}");
+    }
+}
+
 #[test]
 fn stopping_and_resuming_is_bit_identical() {
     let want_losses = losses(reference());

@@ -26,14 +26,24 @@ struct Args {
     mcs: Vec<String>,
     #[arg(long, default_value_t = 5)]
     shots: usize,
+    /// Multiple-choice prompts: `colossal` (ColossalEval's prompts and letter tokens, comparable
+    /// with its tables) or `original` (the benchmarks' own layouts).
+    #[arg(long, default_value = "colossal")]
+    prompt_style: String,
     /// Longest prompt or text window in tokens (default: the model's max_position_embeddings).
     #[arg(long)]
     max_tokens: Option<usize>,
     #[arg(long, default_value_t = 4096)]
     batch_tokens: usize,
-    /// Write the results as JSON here (they are also printed as tables).
+    /// Write the results as JSON here (they are also printed as tables): one entry per `--text`
+    /// and `--mc` as given, multiple-choice runs with every question's prompt length, shots,
+    /// letter logits, pick and answer.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Write each multiple-choice prompt's text to DIR/<run>/<subject>/<id>.txt, where <run> is
+    /// `<n>-<format>` for the n-th `--mc` (from 1).
+    #[arg(long, value_name = "DIR")]
+    dump_prompts: Option<PathBuf>,
     /// `cpu`, or `cuda` (GPU 0; needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -57,6 +67,7 @@ fn run<B: Backend>(backend: &B, a: &Args) -> Result<()> {
     let model = Llama::load(backend, &a.model)?;
     let tok = TextTokenizer::for_model(&a.model, a.tokenizer.as_deref())?;
     let max_tokens = a.max_tokens.unwrap_or(model.config.max_position_embeddings);
+    let style: mc::PromptStyle = a.prompt_style.parse().context("--prompt-style")?;
     let mut results = serde_json::Map::new();
     for spec in &a.texts {
         let (name, path) = spec.split_once('=').with_context(|| format!("--text {spec}: expected NAME=PATH"))?;
@@ -66,22 +77,50 @@ fn run<B: Backend>(backend: &B, a: &Args) -> Result<()> {
         }
         let s = ppl::score_texts(&model, backend, &tok, &texts, max_tokens, a.batch_tokens)?;
         println!("text {name}: {} documents, {} tokens, {} chars: perplexity {:.3}, {:.4} bits/token, {:.4} bits/char", s.documents, s.tokens, s.chars, s.perplexity, s.bits_per_token, s.bits_per_char);
-        results.insert(format!("text:{name}"), serde_json::to_value(&s)?);
+        insert_unique(&mut results, format!("text:{name}"), path, serde_json::to_value(&s)?);
     }
-    for spec in &a.mcs {
+    for (run, spec) in a.mcs.iter().enumerate() {
         let (fmt, dir) = spec.split_once('=').with_context(|| format!("--mc {spec}: expected FORMAT=DIR"))?;
         let format: mc::Format = fmt.parse()?;
         let mut issues = Vec::new();
         let subjects = mc::load(format, dir.as_ref(), &mut issues)?;
-        let r = mc::evaluate(&model, backend, &tok, format, &subjects, a.shots, max_tokens, a.batch_tokens, issues)?;
+        let r = mc::evaluate(&model, backend, &tok, format, style, &subjects, a.shots, max_tokens, a.batch_tokens, issues)?;
         for i in &r.issues {
             eprintln!("{fmt}: skipped {i}");
         }
         println!("{}", mc::table(&r));
-        results.insert(format!("mc:{fmt}"), serde_json::to_value(&r)?);
+        if let Some(root) = &a.dump_prompts {
+            let dir = root.join(format!("{}-{}", run + 1, fmt.to_ascii_lowercase()));
+            for q in &r.per_question {
+                let path = dir.join(&q.subject).join(format!("{}.txt", file_safe(&q.id)));
+                std::fs::create_dir_all(path.parent().unwrap()).with_context(|| format!("--dump-prompts: creating {}", path.parent().unwrap().display()))?;
+                llama_cpt::fsutil::write_atomic(&path, q.prompt.as_bytes()).with_context(|| format!("--dump-prompts: writing {}", path.display()))?;
+            }
+        }
+        insert_unique(&mut results, format!("mc:{fmt}"), dir, serde_json::to_value(&r)?);
     }
     if let Some(p) = &a.json {
         llama_cpt::fsutil::write_atomic(p, serde_json::to_string_pretty(&serde_json::Value::Object(results))?.as_bytes())?;
     }
     Ok(())
+}
+
+/// Keeps every run: the first of a key as `key`, the next ones as `key#2`, `key#3`, …, each with
+/// the `path` it read.
+fn insert_unique(results: &mut serde_json::Map<String, serde_json::Value>, key: String, path: &str, mut value: serde_json::Value) {
+    if let Some(fields) = value.as_object_mut() {
+        fields.insert("path".into(), path.into());
+    }
+    let mut unique = key.clone();
+    let mut n = 1;
+    while results.contains_key(&unique) {
+        n += 1;
+        unique = format!("{key}#{n}");
+    }
+    results.insert(unique, value);
+}
+
+/// A record id as a file name: path separators and other odd characters become `_`.
+fn file_safe(id: &str) -> String {
+    id.chars().map(|c| if c.is_alphanumeric() || c == '-' { c } else { '_' }).collect()
 }

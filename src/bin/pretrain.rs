@@ -5,7 +5,7 @@
 //!
 //! Launched by `mpirun`/`srun` (or with torchrun-style `RANK`/`WORLD_SIZE`), every process is one
 //! data-parallel rank: rank 0 logs and writes the model, every rank writes its optimizer shard.
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Parser;
 use llama_cpt::backend::Backend;
 use llama_cpt::device::{on_device_index, OnBackend, Precision};
@@ -84,6 +84,8 @@ impl OnBackend for Train<'_> {
         let args = self.args;
         let mut overrides = args.overrides.clone();
         if let Some(out) = &args.out {
+            // `--out` is relative to the working directory, not to the config's folder.
+            let out = std::path::absolute(out).with_context(|| format!("--out {}", out.display()))?;
             overrides.push(format!("run.out_dir={}", toml::Value::String(out.display().to_string())));
         }
         // The config's own timeout is not known yet: the communicator is needed to read it

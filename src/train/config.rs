@@ -287,6 +287,43 @@ impl TrainConfig {
         fix(&mut self.run.out_dir);
     }
 
+    /// Checks that every file and folder the config names is there — every stage's data, not only
+    /// the first's — so that a missing one stops the run before its first step. The error lists
+    /// each missing path with the key it came from.
+    pub fn check_inputs(&self) -> Result<()> {
+        let mut missing = Vec::new();
+        let mut need = |key: String, path: &Path, what: &str| {
+            if !path.exists() {
+                missing.push(format!("key `{key}`: {what} {} does not exist", path.display()));
+            }
+        };
+        if let Some(dir) = &self.model.from {
+            need("model.from".into(), &dir.join("config.json"), "the model's");
+        }
+        if let Some(p) = &self.model.config {
+            need("model.config".into(), p, "the model config");
+        }
+        if let Some(p) = &self.model.tokenizer {
+            need("model.tokenizer".into(), p, "the tokenizer");
+        }
+        let manifest = crate::data::prepare::MANIFEST;
+        for (i, s) in self.stages.iter().enumerate() {
+            for (j, d) in s.datasets.iter().enumerate() {
+                need(format!("stages[{i}].datasets[{j}].dir"), &d.dir.join(manifest), "the prepared data's");
+            }
+        }
+        for (j, d) in self.run.eval_datasets.iter().enumerate() {
+            need(format!("run.eval_datasets[{j}].dir"), &d.dir.join(manifest), "the prepared data's");
+        }
+        for (j, p) in self.run.eval_texts.iter().enumerate() {
+            need(format!("run.eval_texts[{j}]"), p, "the text set");
+        }
+        if !missing.is_empty() {
+            bail!("{} input(s) missing (paths in a config file are relative to its folder):\n  {}", missing.len(), missing.join("\n  "));
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<()> {
         match (&self.model.from, &self.model.config) {
             (Some(_), Some(_)) => bail!("key `model`: give `from` (a checkpoint) or `config` (random init), not both"),

@@ -121,8 +121,9 @@ pub fn train_bpe_tokenizer(path: &Path, texts: &[String], vocab_size: usize, pre
     tok.save(path, true).map_err(|e| anyhow!("writing {}: {e}", path.display()))
 }
 
-/// Generates the corpus, tokenizer, shards and model config under `out/data`, and returns the
-/// run's config (out_dir = `out`), with `overrides` applied.
+/// Generates the corpus, tokenizer, shards and model config under `out/data`, writes the run's
+/// config there (`default.toml`, its paths relative to its own folder, so that it runs as is from
+/// any directory and as a starting point for other runs) and returns it, with `overrides` applied.
 pub fn prepare(out: &Path, overrides: &[String]) -> Result<TrainConfig> {
     let data = out.join("data");
     std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
@@ -162,7 +163,6 @@ pub fn prepare(out: &Path, overrides: &[String]) -> Result<TrainConfig> {
         "hidden_act": "silu",
     });
     crate::fsutil::write_atomic(&data.join("config.json"), serde_json::to_string_pretty(&model_config)?.as_bytes())?;
-    let shards = data.join("shards");
     let text = format!(
         r#"
 [model]
@@ -206,16 +206,17 @@ eval_texts = ["{heldout_text}"]
 eval_every = 30
 eval_batches = 4
 "#,
-        cfg = data.join("config.json").display(),
-        tok = tok_path.display(),
-        world = shards.join("world").display(),
-        qa = shards.join("qa").display(),
-        heldout = shards.join("heldout").display(),
-        heldout_text = data.join("heldout-text.jsonl").display(),
-        out = out.display(),
+        cfg = "config.json",
+        tok = tok_path.strip_prefix(&data).unwrap_or(&tok_path).display(),
+        world = "shards/world",
+        qa = "shards/qa",
+        heldout = "shards/heldout",
+        heldout_text = "heldout-text.jsonl",
+        // The run writes next to its data folder.
+        out = "..",
     );
     crate::fsutil::write_atomic(&config_path(out), text.as_bytes())?;
-    TrainConfig::parse(&text, "embedded default config", Path::new("."), overrides)
+    TrainConfig::parse(&text, &config_path(out).display().to_string(), &data, overrides)
 }
 
 /// Where [`prepare`] writes the default run's config.
@@ -225,10 +226,7 @@ pub fn config_path(out: &Path) -> PathBuf {
 
 /// The config [`prepare`] wrote (for the other ranks of a data-parallel default run).
 pub fn load_prepared(out: &Path, overrides: &[String]) -> Result<TrainConfig> {
-    let path = config_path(out);
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    // Same base as `prepare`: its paths are already relative to the working directory.
-    TrainConfig::parse(&text, &path.display().to_string(), Path::new("."), overrides)
+    TrainConfig::from_file(&config_path(out), overrides)
 }
 
 /// Where the default run writes: `runs/default`.

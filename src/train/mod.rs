@@ -102,7 +102,7 @@ impl Metrics {
             crate::fsutil::write_atomic(&path, kept.as_bytes())?;
         }
         let file = std::fs::OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
-        let events = tensorboard::EventWriter::create(&out.join("tensorboard"))?;
+        let events = tensorboard::EventWriter::create(&out.join("tensorboard"), keep_through_step + 1)?;
         Ok(Metrics { file, events })
     }
 
@@ -217,6 +217,7 @@ pub fn run_parallel<B: Backend>(backend: &B, comm: &dyn Communicator<B::Buf>, cf
     let out = &cfg.run.out_dir;
     let (rank, world) = (comm.rank(), comm.world_size());
     let leader = rank == 0;
+    cfg.check_inputs()?;
     for (i, s) in cfg.stages.iter().enumerate() {
         if s.global_batch_rows % (world * cfg.data.micro_batch_rows) != 0 {
             bail!("key `stages[{i}].global_batch_rows`: {} is not a multiple of {world} ranks × data.micro_batch_rows {}", s.global_batch_rows, cfg.data.micro_batch_rows);

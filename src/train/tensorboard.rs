@@ -35,7 +35,7 @@ fn len_delimited(field: u32, bytes: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(bytes);
 }
 
-/// `Event { wall_time = 1 (double), step = 2 (int64), file_version = 3 | summary = 5 }`.
+/// `Event { wall_time = 1 (double), step = 2 (int64), file_version = 3 | summary = 5 | session_log = 7 }`.
 fn event(wall_time: f64, step: u64, body: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     let mut e = vec![0x09];
     e.extend_from_slice(&wall_time.to_le_bytes());
@@ -50,15 +50,23 @@ pub struct EventWriter {
 }
 
 impl EventWriter {
-    /// Starts a new event file in `dir` (TensorBoard reads every file in the folder).
-    pub fn create(dir: &Path) -> Result<EventWriter> {
+    /// Starts a new event file in `dir` (TensorBoard reads every file in the folder) whose first
+    /// logged step will be `first_step`. It opens with a restart mark, `SessionLog { status =
+    /// START }` at `first_step`, as TensorFlow's writers do after a restart: TensorBoard then drops
+    /// what earlier files logged from that step on (steps replayed after a resume appear once).
+    pub fn create(dir: &Path, first_step: u64) -> Result<EventWriter> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        let path = dir.join(format!("events.out.tfevents.{}.llama-cpt.{}", now.as_secs(), std::process::id()));
-        let file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        // TensorBoard reads the files in name order: the time to the nanosecond keeps a restart
+        // (even one within the same second, in the same process) after the run it resumes.
+        let path = dir.join(format!("events.out.tfevents.{}.{:09}.llama-cpt.{}", now.as_secs(), now.subsec_nanos(), std::process::id()));
+        let file = std::fs::File::create_new(&path).with_context(|| format!("creating {}", path.display()))?;
         let mut w = EventWriter { file };
         let first = event(now.as_secs_f64(), 0, |e| len_delimited(3, b"brain.Event:2", e));
         w.record(&first)?;
+        // SessionLog { status = 1 (varint) = START (1) }.
+        let start = event(now.as_secs_f64(), first_step, |e| len_delimited(7, &[0x08, 0x01], e));
+        w.record(&start)?;
         Ok(w)
     }
 

@@ -59,7 +59,7 @@ mc = {}
 for name in MCS:
     k = f"mc:{name}"
     if k in models["base"] and k in models["result"]:
-        mc[name] = {"questions": models["base"][k]["questions"],
+        mc[name] = {"questions": models["base"][k]["questions"], "style": models["base"][k].get("style", "original"),
                     "base": models["base"][k]["accuracy"], "result": models["result"][k]["accuracy"]}
 
 gens = []
@@ -183,7 +183,7 @@ for key, label in TEXTS:
     b = bpc[key]
     L.append(f"| bits/char: {label} | {b['base']:.4f} | " + (f"{b['extended']:.4f} | " if has_ext else "") + f"{b['result']:.4f} | {pct(b['change'])} |")
 for name, r in mc.items():
-    L.append(f"| {name} sample accuracy ({r['questions']} q., {settings['mc_shots']}-shot) | {100 * r['base']:.1f}% | " + ("– | " if has_ext else "") + f"{100 * r['result']:.1f}% | {100 * (r['result'] - r['base']):+.1f} pt |")
+    L.append(f"| {name} sample accuracy ({r['questions']} q., {settings['mc_shots']}-shot, {r['style']} prompts) | {100 * r['base']:.1f}% | " + ("– | " if has_ext else "") + f"{100 * r['result']:.1f}% | {100 * (r['result'] - r['base']):+.1f} pt |")
 L.append("")
 L.append("## Targets (issue #9)\n")
 L.append("| target | met |")
