@@ -13,6 +13,7 @@ pub const ROWS: usize = 8;
 pub const SEQ: usize = 256;
 
 fn bench(c: &mut Criterion) {
+    llama_cpt::cpu::retain_freed_memory();
     let config = LlamaConfig::small(32_000, 256, 688, 4, 8, 8, false);
     let mut model = Llama::random(&Cpu, config, 0);
     let tokens: Vec<u32> = (0..ROWS * SEQ).map(|i| ((i * 7919) % 32_000) as u32).collect();
