@@ -1,5 +1,6 @@
 //! One full training step (forward, backward, AdamW) of a small LLaMA on the CPU backend.
-//! tools/cpu-side-by-side.sh runs this and the same step under PyTorch and prints the ratio.
+//! tools/cpu-side-by-side.sh times the same step (examples/cpu_step.rs `--shape bench`) beside
+//! PyTorch and prints the ratio.
 //! Shape: 4 layers, hidden 256, 8 heads, FFN 688, vocab 32,000, batch 8 × seq 256.
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use llama_cpt::backend::AdamWConfig;
