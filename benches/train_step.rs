@@ -1,5 +1,6 @@
 //! One full training step (forward, backward, AdamW) of a small LLaMA on the CPU backend.
-//! tools/cpu-side-by-side.sh runs this and the same step under PyTorch and prints the ratio.
+//! tools/cpu-side-by-side.sh times the same step (examples/cpu_step.rs `--shape bench`) beside
+//! PyTorch and prints the ratio.
 //! Shape: 4 layers, hidden 256, 8 heads, FFN 688, vocab 32,000, batch 8 × seq 256.
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use llama_cpt::backend::AdamWConfig;
@@ -13,6 +14,7 @@ pub const ROWS: usize = 8;
 pub const SEQ: usize = 256;
 
 fn bench(c: &mut Criterion) {
+    llama_cpt::cpu::retain_freed_memory();
     let config = LlamaConfig::small(32_000, 256, 688, 4, 8, 8, false);
     let mut model = Llama::random(&Cpu, config, 0);
     let tokens: Vec<u32> = (0..ROWS * SEQ).map(|i| ((i * 7919) % 32_000) as u32).collect();

@@ -259,6 +259,27 @@ impl<'b, B: Backend> Graph<'b, B> {
         (out, loss)
     }
 
+    /// [`Graph::cross_entropy`] for training, where the backward's seed `dloss` is known now: the
+    /// backend computes the logits' gradient in the forward pass (one pass over the vocabulary,
+    /// and the logits need not be kept for the backward). A backward reached with another seed
+    /// rescales that gradient.
+    pub fn cross_entropy_seeded(&self, logits: &Var<B>, targets: &[i32], dloss: f64) -> (Var<B>, f64) {
+        let vocab = logits.value.cols();
+        // The seed travels as an f32 buffer: compute with the value the backward will receive.
+        let dloss = dloss as f32 as f64;
+        let (loss, dlogits) = self.backend.cross_entropy_with_grad(&logits.value.buf, targets, vocab, dloss);
+        let out = self.push(Tensor::new(self.backend.upload(&[loss as f32]), &[1]), &[logits], move |be, g| {
+            let mut dlogits = dlogits;
+            let seed = be.download(&g)[0] as f64;
+            if seed != dloss {
+                assert!(dloss != 0.0, "cross_entropy_seeded: the gradient was computed for a seed of 0, the backward got {seed}");
+                be.scale_assign(&mut dlogits, (seed / dloss) as f32);
+            }
+            vec![Some(dlogits)]
+        });
+        (out, loss)
+    }
+
     /// Runs `f` on `inputs` without keeping its intermediate activations; the backward re-runs it.
     /// `f` must be a pure function of its inputs (parameters included), as a decoder layer is.
     pub fn checkpoint(&self, inputs: &[&Var<B>], f: impl Fn(&Graph<B>, &[Var<B>]) -> Var<B> + 'static) -> Var<B> {

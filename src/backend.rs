@@ -141,6 +141,13 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// each row's log-sum-exp.
     fn cross_entropy(&self, logits: &Self::Buf, targets: &[i32], vocab: usize) -> (f64, Self::Buf);
     fn cross_entropy_backward(&self, logits: &Self::Buf, lse: &Self::Buf, targets: &[i32], vocab: usize, dloss: f64) -> Self::Buf;
+    /// The mean loss and, at once, the gradient of the logits for an upstream gradient `dloss`
+    /// (the training path, where the loss scale is known before the backward). The default runs
+    /// the two methods above; a backend may fuse them (the CPU computes each exponential once).
+    fn cross_entropy_with_grad(&self, logits: &Self::Buf, targets: &[i32], vocab: usize, dloss: f64) -> (f64, Self::Buf) {
+        let (loss, lse) = self.cross_entropy(logits, targets, vocab);
+        (loss, self.cross_entropy_backward(logits, &lse, targets, vocab, dloss))
+    }
 
     /// Σ x² in f64.
     fn sum_squares(&self, x: &Self::Buf) -> f64;

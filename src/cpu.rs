@@ -35,6 +35,30 @@ impl Cpu {
     }
 }
 
+/// Makes glibc's malloc keep freed memory for reuse instead of returning it to the kernel: a
+/// training step allocates and frees the same large buffers (the `[tokens, vocab]` logits and
+/// their gradient, every activation) each step, and by default each one above 32 MiB is a fresh
+/// `mmap` whose pages fault in again (measured: 710k page faults in 4 bench steps, 309k with
+/// this). Costs resident memory: freed buffers stay mapped (≈ +20% peak RSS on the bench
+/// shape). Call once, early (before the buffers it should govern exist); a no-op off glibc.
+pub fn retain_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn mallopt(param: i32, value: i32) -> i32;
+        }
+        const M_TRIM_THRESHOLD: i32 = -1;
+        const M_MMAP_MAX: i32 = -4;
+        // SAFETY: mallopt only sets allocator parameters; it is safe to call at any time.
+        unsafe {
+            // Large blocks come from the heap (reusable) rather than from one mmap each ...
+            mallopt(M_MMAP_MAX, 0);
+            // ... and free memory at the heap's top is kept, up to 1 GiB.
+            mallopt(M_TRIM_THRESHOLD, 1 << 30);
+        }
+    }
+}
+
 impl Backend for Cpu {
     type Buf = Vec<f32>;
 
@@ -174,6 +198,11 @@ impl Backend for Cpu {
         let mut d = vec![0.0; logits.len()];
         ops::cross_entropy::cross_entropy_backward(&mut d, logits, lse, targets, vocab, dloss);
         self.act(d)
+    }
+    fn cross_entropy_with_grad(&self, logits: &Vec<f32>, targets: &[i32], vocab: usize, dloss: f64) -> (f64, Vec<f32>) {
+        let mut d = vec![0.0; logits.len()];
+        let loss = ops::cross_entropy_fused::cross_entropy_with_grad(&mut d, logits, targets, vocab, dloss);
+        (loss, self.act(d))
     }
     fn sum_squares(&self, x: &Vec<f32>) -> f64 {
         ops::gradnorm::sum_squares(x)

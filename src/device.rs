@@ -29,7 +29,10 @@ pub fn on_device_index<T: OnBackend>(device: &str, gpu: usize, precision: Precis
     let _ = gpu;
     let mixed = precision == Precision::Bf16;
     match device {
-        "cpu" => task.run(&if mixed { Cpu::bf16() } else { Cpu }),
+        "cpu" => {
+            crate::cpu::retain_freed_memory();
+            task.run(&if mixed { Cpu::bf16() } else { Cpu })
+        }
         #[cfg(feature = "cuda")]
         "cuda" => {
             let gpu = crate::cuda::Cuda::new(gpu)?;

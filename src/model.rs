@@ -294,7 +294,7 @@ impl<B: Backend> Llama<B> {
     pub fn loss_and_streamed_grads(&self, backend: &B, batch: &Batch, loss_scale: f64, opts: StepOptions, ready: &mut dyn FnMut(usize, B::Buf)) -> Result<f64> {
         let g = Graph::new(backend);
         let (vars, logits) = self.forward(&g, batch, opts)?;
-        let (loss_var, loss) = g.cross_entropy(&logits, Arc::new(batch.targets.clone()));
+        let (loss_var, loss) = g.cross_entropy_seeded(&logits, &batch.targets, loss_scale);
         drop(logits);
         let watch: Vec<&Var<B>> = vars.iter().collect();
         g.backward_streaming(&loss_var, backend.upload(&[loss_scale as f32]), &watch, ready);

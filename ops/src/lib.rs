@@ -15,6 +15,7 @@ pub mod adamw;
 pub mod attention;
 pub mod convert;
 pub mod cross_entropy;
+pub mod cross_entropy_fused;
 pub mod embedding;
 pub mod gradnorm;
 pub mod matmul;

@@ -1,6 +1,19 @@
 //! Matrix multiply (through the `gemm` crate: blocked, SIMD, multithreaded) and the linear layer.
 use crate::Real;
 use gemm::{gemm, Parallelism};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+/// FLOPs (2·m·k·n per product) and wall-clock nanoseconds spent in [`matmul`] since the process
+/// started: the speed benches report the achieved GEMM rate against the machine's peak from them.
+static GEMM_FLOPS: AtomicU64 = AtomicU64::new(0);
+static GEMM_NANOS: AtomicU64 = AtomicU64::new(0);
+
+/// `(flops, seconds)` spent in [`matmul`] so far. The time is wall-clock per call, so it is the
+/// GEMMs' share of a step only while one thread at a time calls `matmul` (as the CPU backend does).
+pub fn gemm_totals() -> (u64, f64) {
+    (GEMM_FLOPS.load(Ordering::Relaxed), GEMM_NANOS.load(Ordering::Relaxed) as f64 * 1e-9)
+}
 
 /// `c[m,n] = op(a)·op(b)` (or `+=` when `accumulate`), where `op(a)` is `[m,k]` (stored `[k,m]`
 /// when `a_t`) and `op(b)` is `[k,n]` (stored `[n,k]` when `b_t`). All row-major.
@@ -30,6 +43,7 @@ pub fn matmul<T: Real>(
     }
     let (a_rs, a_cs) = if a_t { (1, m as isize) } else { (k as isize, 1) };
     let (b_rs, b_cs) = if b_t { (1, k as isize) } else { (n as isize, 1) };
+    let started = Instant::now();
     let threads = rayon::current_num_threads();
     // Small products are faster on one thread than through the pool.
     let par = if m * n * k < 64 * 64 * 64 || threads <= 1 {
@@ -62,6 +76,8 @@ pub fn matmul<T: Real>(
             par,
         );
     }
+    GEMM_FLOPS.fetch_add(2 * (m * k * n) as u64, Ordering::Relaxed);
+    GEMM_NANOS.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
 }
 
 /// `y[m,n] = x[m,k]·w[n,k]ᵀ` (a PyTorch `Linear` without bias).
