@@ -1,0 +1,495 @@
+// The block runtime: every CUDA thread of a block is a fiber on the calling OS thread, run
+// round-robin in thread order; a fiber switches only at a sync point (__syncthreads, a warp
+// collective, mma) or when it returns, so a launch is deterministic. Blocks run one after the
+// other in x, y, z order. Static __shared__ arrays are thread_local (cuda_emu.h), which is per
+// block because an OS thread runs one block at a time.
+//
+// Sanitizer builds (emu/cxx/tests/sanitizers.sh) annotate the switches: ASan learns each fiber's
+// stack; TSan sees each CUDA thread as its own fiber, switched without implied synchronisation, and
+// gets the happens-before edges the hardware gives: a barrier, a completed warp collective, the
+// start and end of a block. So a shared-memory access pair not ordered by a barrier is a race.
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <vector>
+
+#include "cuda_emu.h"
+
+#if defined(__SANITIZE_ADDRESS__)
+#define LCPT_EMU_ASAN 1
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
+#if defined(__SANITIZE_THREAD__)
+#define LCPT_EMU_TSAN 1
+#include <sanitizer/tsan_interface.h>
+#endif
+
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
+namespace lcpt_emu {
+
+thread_local const BlockState* tls_block = nullptr;
+thread_local const ThreadState* tls_thread = nullptr;
+
+namespace {
+
+// CUresult codes used here (cuda.h).
+constexpr int CUDA_ERROR_INVALID_VALUE = 1;
+constexpr int CUDA_ERROR_LAUNCH_FAILED = 719;
+
+#if defined(LCPT_EMU_ASAN) || defined(LCPT_EMU_TSAN)
+constexpr size_t STACK_BYTES = 512 * 1024;  // sanitizer frames are several times larger
+#else
+constexpr size_t STACK_BYTES = 64 * 1024;
+#endif
+
+enum class State { Runnable, AtBarrier, AtWarp, Done };
+
+struct Fiber {
+    ThreadState ts;
+    unsigned linear = 0;
+    State state = State::Done;
+    // Stack: [guard page][STACK_BYTES usable], mmap'ed once and reused by every block.
+    unsigned char* stack = nullptr;
+#if defined(__x86_64__)
+    void* sp = nullptr;
+#else
+    ucontext_t ctx;
+#endif
+    // The warp collective this fiber waits at.
+    unsigned mask = 0;
+    void* lane_data = nullptr;
+    WarpCompleteFn complete = nullptr;
+    const char* what = nullptr;
+#if defined(LCPT_EMU_ASAN)
+    void* fake_stack = nullptr;
+#endif
+#if defined(LCPT_EMU_TSAN)
+    void* tsan_fiber = nullptr;
+#endif
+};
+
+// The per-OS-thread scheduler state.
+struct Worker {
+    std::vector<Fiber*> fibers;
+    unsigned nthreads = 0;
+    const char* kernel = "";
+    BlockState block;
+    BlockThreadFn fn = nullptr;
+    void* params = nullptr;
+    bool failed = false;
+    char message[1024];
+#if defined(__x86_64__)
+    void* sched_sp = nullptr;
+#else
+    ucontext_t sched_ctx;
+#endif
+#if defined(LCPT_EMU_ASAN)
+    void* sched_fake_stack = nullptr;
+    const void* sched_stack_bottom = nullptr;
+    size_t sched_stack_size = 0;
+#endif
+#if defined(LCPT_EMU_TSAN)
+    void* tsan_sched = nullptr;
+#endif
+    // Addresses TSan uses as synchronisation objects (never read or written).
+    char sync_block_start, sync_block_end, sync_barrier, sync_warp[32];
+
+    ~Worker() {
+        for (Fiber* f : fibers) {
+            munmap(f->stack, STACK_BYTES + page());
+#if defined(LCPT_EMU_TSAN)
+            __tsan_destroy_fiber(f->tsan_fiber);
+#endif
+            delete f;
+        }
+    }
+    static size_t page() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
+};
+
+thread_local Worker tls_worker;
+thread_local Fiber* tls_fiber = nullptr;
+
+void fail(Worker& w, const char* fmt, va_list ap) {
+    if (w.failed) return;
+    w.failed = true;
+    vsnprintf(w.message, sizeof w.message, fmt, ap);
+}
+
+void fail(Worker& w, const char* fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fail(w, fmt, ap);
+    va_end(ap);
+}
+
+}  // namespace
+}  // namespace lcpt_emu
+
+extern "C" __attribute__((visibility("hidden"))) void lcpt_emu_fiber_main(lcpt_emu::Fiber* f);
+
+#if defined(__x86_64__)
+// Saves the callee-saved registers of the running context on its stack, stores its stack pointer
+// in *save_sp and resumes the context whose stack pointer is new_sp (System V x86-64).
+extern "C" __attribute__((visibility("hidden"))) void lcpt_emu_switch(void** save_sp, void* new_sp);
+// A new fiber "returns" here from its first switch, with its Fiber* in r12.
+extern "C" __attribute__((visibility("hidden"))) void lcpt_emu_fiber_entry();
+asm(R"(
+    .text
+    .p2align 4
+    .globl lcpt_emu_switch
+    .hidden lcpt_emu_switch
+    .type lcpt_emu_switch, @function
+lcpt_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size lcpt_emu_switch, .-lcpt_emu_switch
+
+    .p2align 4
+    .globl lcpt_emu_fiber_entry
+    .hidden lcpt_emu_fiber_entry
+    .type lcpt_emu_fiber_entry, @function
+lcpt_emu_fiber_entry:
+    movq %r12, %rdi
+    call lcpt_emu_fiber_main
+    ud2
+    .size lcpt_emu_fiber_entry, .-lcpt_emu_fiber_entry
+)");
+#endif
+
+namespace lcpt_emu {
+namespace {
+
+// Prepares f to start the kernel from the top the next time it is switched to.
+void reset_fiber(Fiber* f) {
+    unsigned char* top = f->stack + STACK_BYTES;
+#if defined(LCPT_EMU_ASAN)
+    // Frames abandoned by the previous block may leave poisoned shadow behind.
+    ASAN_UNPOISON_MEMORY_REGION(f->stack, STACK_BYTES);
+    f->fake_stack = nullptr;
+#endif
+#if defined(__x86_64__)
+    // Popped by lcpt_emu_switch: r15 r14 r13 r12(=f) rbx rbp, then the return address; the entry
+    // then starts on a 16-byte aligned stack as the ABI wants before a call.
+    void** sp = reinterpret_cast<void**>(top - 72);
+    for (int k = 0; k < 9; ++k) sp[k] = nullptr;
+    sp[3] = f;
+    sp[6] = reinterpret_cast<void*>(&lcpt_emu_fiber_entry);
+    f->sp = sp;
+#else
+    getcontext(&f->ctx);
+    f->ctx.uc_stack.ss_sp = f->stack;
+    f->ctx.uc_stack.ss_size = STACK_BYTES;
+    f->ctx.uc_link = nullptr;
+    makecontext(&f->ctx, reinterpret_cast<void (*)()>(&lcpt_emu_fiber_main), 1, f);
+#endif
+}
+
+Fiber* new_fiber() {
+    const size_t page = Worker::page();
+    void* mem = mmap(nullptr, STACK_BYTES + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (mem == MAP_FAILED) return nullptr;
+    mprotect(mem, page, PROT_NONE);  // a stack overflow faults instead of corrupting a neighbour
+    Fiber* f = new Fiber;
+    f->stack = static_cast<unsigned char*>(mem) + page;
+#if defined(LCPT_EMU_TSAN)
+    f->tsan_fiber = __tsan_create_fiber(0);
+#endif
+    return f;
+}
+
+// Scheduler -> fiber f; returns when f switches back.
+void switch_in(Worker& w, Fiber* f) {
+    tls_thread = &f->ts;
+    tls_fiber = f;
+#if defined(LCPT_EMU_ASAN)
+    __sanitizer_start_switch_fiber(&w.sched_fake_stack, f->stack, STACK_BYTES);
+#endif
+#if defined(LCPT_EMU_TSAN)
+    __tsan_switch_to_fiber(f->tsan_fiber, __tsan_switch_to_fiber_no_sync);
+#endif
+#if defined(__x86_64__)
+    lcpt_emu_switch(&w.sched_sp, f->sp);
+#else
+    swapcontext(&w.sched_ctx, &f->ctx);
+#endif
+#if defined(LCPT_EMU_ASAN)
+    __sanitizer_finish_switch_fiber(w.sched_fake_stack, nullptr, nullptr);
+#endif
+    tls_fiber = nullptr;
+}
+
+// Fiber f -> scheduler; returns when the scheduler switches back to f (never once f is Done).
+void switch_out(Worker& w, Fiber* f) {
+#if defined(LCPT_EMU_ASAN)
+    __sanitizer_start_switch_fiber(f->state == State::Done ? nullptr : &f->fake_stack, w.sched_stack_bottom, w.sched_stack_size);
+#endif
+#if defined(LCPT_EMU_TSAN)
+    __tsan_switch_to_fiber(w.tsan_sched, __tsan_switch_to_fiber_no_sync);
+#endif
+#if defined(__x86_64__)
+    lcpt_emu_switch(&f->sp, w.sched_sp);
+#else
+    swapcontext(&f->ctx, &w.sched_ctx);
+#endif
+#if defined(LCPT_EMU_ASAN)
+    __sanitizer_finish_switch_fiber(f->fake_stack, &w.sched_stack_bottom, &w.sched_stack_size);
+#endif
+}
+
+const char* state_name(State s) {
+    switch (s) {
+        case State::Runnable: return "runs";
+        case State::AtBarrier: return "waits at __syncthreads";
+        case State::AtWarp: return "waits at a warp collective";
+        case State::Done: return "has returned";
+    }
+    return "?";
+}
+
+// Names where every blocked thread is, for a deadlock message.
+void fail_deadlock(Worker& w) {
+    char detail[700];
+    size_t len = 0;
+    int shown = 0;
+    unsigned at_barrier = 0, done = 0;
+    for (unsigned t = 0; t < w.nthreads; ++t) {
+        const Fiber* f = w.fibers[t];
+        if (f->state == State::AtBarrier) ++at_barrier;
+        if (f->state == State::Done) ++done;
+        if (f->state == State::AtWarp && shown < 4 && len < sizeof detail - 200) {
+            unsigned missing = 0;
+            for (unsigned l = 0; l < 32; ++l) {
+                const unsigned tid = (t & ~31u) + l;
+                if ((f->mask >> l & 1) && (tid >= w.nthreads || w.fibers[tid]->state != State::AtWarp)) {
+                    missing = l;
+                    break;
+                }
+            }
+            const unsigned mt = (t & ~31u) + missing;
+            len += snprintf(detail + len, sizeof detail - len, "; thread %u (warp %u lane %u) waits at %s (mask 0x%08x) for lane %u, which %s", t,
+                            t / 32, t % 32, f->what, f->mask, missing, mt < w.nthreads ? state_name(w.fibers[mt]->state) : "does not exist");
+            ++shown;
+        }
+    }
+    fail(w, "kernel %s block (%u,%u,%u): deadlock: %u of %u threads wait at __syncthreads, %u have returned%s", w.kernel, w.block.block_idx.x,
+         w.block.block_idx.y, w.block.block_idx.z, at_barrier, w.nthreads, done, detail);
+}
+
+// Runs the current block to completion (or failure).
+void run_block(Worker& w) {
+#if defined(LCPT_EMU_TSAN)
+    __tsan_release(&w.sync_block_start);
+#endif
+    for (unsigned t = 0; t < w.nthreads; ++t) {
+        Fiber* f = w.fibers[t];
+        reset_fiber(f);
+        f->state = State::Runnable;
+    }
+    for (;;) {
+        bool any_ran = false;
+        for (unsigned t = 0; t < w.nthreads && !w.failed; ++t) {
+            if (w.fibers[t]->state != State::Runnable) continue;
+            switch_in(w, w.fibers[t]);
+            any_ran = true;
+        }
+        if (w.failed) return;
+        unsigned done = 0, at_barrier = 0;
+        bool runnable = false;
+        for (unsigned t = 0; t < w.nthreads; ++t) {
+            const State s = w.fibers[t]->state;
+            done += s == State::Done;
+            at_barrier += s == State::AtBarrier;
+            runnable |= s == State::Runnable;
+        }
+        if (done == w.nthreads) break;
+        if (runnable) continue;
+        // Nobody can run: either the barrier completes (threads that returned count as arrived,
+        // as exited warps do on the hardware) or the block is stuck.
+        if (at_barrier > 0 && at_barrier + done == w.nthreads) {
+            for (unsigned t = 0; t < w.nthreads; ++t)
+                if (w.fibers[t]->state == State::AtBarrier) w.fibers[t]->state = State::Runnable;
+            continue;
+        }
+        (void)any_ran;
+        fail_deadlock(w);
+        return;
+    }
+#if defined(LCPT_EMU_TSAN)
+    __tsan_acquire(&w.sync_block_end);
+#endif
+}
+
+}  // namespace
+
+void syncthreads() {
+    Worker& w = tls_worker;
+    Fiber* f = tls_fiber;
+    f->state = State::AtBarrier;
+#if defined(LCPT_EMU_TSAN)
+    __tsan_release(&w.sync_barrier);
+#endif
+    switch_out(w, f);
+#if defined(LCPT_EMU_TSAN)
+    __tsan_acquire(&w.sync_barrier);
+#endif
+}
+
+void warp_collective(unsigned mask, void* lane_data, WarpCompleteFn complete, const char* what) {
+    Worker& w = tls_worker;
+    Fiber* f = tls_fiber;
+    const unsigned lane = f->linear & 31, warp = f->linear / 32, base = warp * 32;
+    if (!(mask >> lane & 1))
+        kernel_error("thread %u (warp %u lane %u) calls %s with mask 0x%08x, which does not name the calling lane", f->linear, warp, lane, what, mask);
+    f->state = State::AtWarp;
+    f->mask = mask;
+    f->lane_data = lane_data;
+    f->complete = complete;
+    f->what = what;
+#if defined(LCPT_EMU_TSAN)
+    __tsan_release(&w.sync_warp[warp]);
+#endif
+    bool all_arrived = true;
+    for (unsigned l = 0; l < 32; ++l) {
+        if (!(mask >> l & 1) || l == lane) continue;
+        if (base + l >= w.nthreads)
+            kernel_error("thread %u (warp %u lane %u): %s with mask 0x%08x names lane %u, which does not exist (block of %u threads)", f->linear, warp,
+                         lane, what, mask, l, w.nthreads);
+        const Fiber* o = w.fibers[base + l];
+        if (o->state == State::Done)
+            kernel_error("thread %u (warp %u lane %u): %s with mask 0x%08x names lane %u, which has returned and never arrives", f->linear, warp, lane,
+                         what, mask, l);
+        if (o->state == State::AtWarp && (o->mask != mask || o->complete != complete))
+            kernel_error("thread %u (warp %u lane %u) is at %s (mask 0x%08x) while lane %u waits at %s (mask 0x%08x)", f->linear, warp, lane, what,
+                         mask, l, o->what, o->mask);
+        if (o->state != State::AtWarp) all_arrived = false;
+    }
+    if (all_arrived) {
+        // The last lane to arrive does the exchange for all of them and goes on without a switch.
+        void* datas[32] = {};
+        for (unsigned l = 0; l < 32; ++l)
+            if (mask >> l & 1) datas[l] = w.fibers[base + l]->lane_data;
+        complete(datas, mask);
+        for (unsigned l = 0; l < 32; ++l)
+            if (mask >> l & 1) w.fibers[base + l]->state = State::Runnable;
+    } else {
+        switch_out(w, f);
+    }
+#if defined(LCPT_EMU_TSAN)
+    __tsan_acquire(&w.sync_warp[warp]);
+#endif
+}
+
+void kernel_error(const char* fmt, ...) {
+    Worker& w = tls_worker;
+    char what[700];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(what, sizeof what, fmt, ap);
+    va_end(ap);
+    fail(w, "kernel %s block (%u,%u,%u): %s", w.kernel, w.block.block_idx.x, w.block.block_idx.y, w.block.block_idx.z, what);
+    Fiber* f = tls_fiber;
+    f->state = State::Done;
+    switch_out(w, f);
+    abort();  // never resumed
+}
+
+int run_grid(const char* name, BlockThreadFn fn, void* params, dim3 grid, dim3 block, unsigned dyn_smem, char* err, size_t errlen) {
+    Worker& w = tls_worker;
+    auto report = [&](int code) {
+        if (err && errlen) snprintf(err, errlen, "%s", w.message);
+        return code;
+    };
+    w.failed = false;
+    w.message[0] = 0;
+    const unsigned long long nthreads = static_cast<unsigned long long>(block.x) * block.y * block.z;
+    if (nthreads == 0 || nthreads > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0) {
+        fail(w, "kernel %s: launch of grid (%u,%u,%u) blocks of (%u,%u,%u) threads: empty grid or more than 1024 threads per block", name, grid.x,
+             grid.y, grid.z, block.x, block.y, block.z);
+        return report(CUDA_ERROR_INVALID_VALUE);
+    }
+#if defined(LCPT_EMU_TSAN)
+    if (!w.tsan_sched) w.tsan_sched = __tsan_get_current_fiber();
+#endif
+    while (w.fibers.size() < nthreads) {
+        Fiber* f = new_fiber();
+        if (!f) {
+            fail(w, "kernel %s: cannot map a %zu-byte fiber stack for thread %zu", name, STACK_BYTES, w.fibers.size());
+            return report(CUDA_ERROR_LAUNCH_FAILED);
+        }
+        w.fibers.push_back(f);
+    }
+    w.nthreads = static_cast<unsigned>(nthreads);
+    w.kernel = name;
+    w.fn = fn;
+    w.params = params;
+    for (unsigned t = 0; t < w.nthreads; ++t) {
+        Fiber* f = w.fibers[t];
+        f->linear = t;
+        f->ts.thread_idx = uint3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+        f->ts.linear = t;
+    }
+    // Exactly the launch's size, so that a sanitizer build sees one byte past it; filled with a
+    // NaN pattern because shared memory starts with whatever the previous block left.
+    unsigned char* smem = static_cast<unsigned char*>(malloc(dyn_smem ? dyn_smem : 1));
+    if (!smem) {
+        fail(w, "kernel %s: cannot allocate %u bytes of dynamic shared memory", name, dyn_smem);
+        return report(CUDA_ERROR_LAUNCH_FAILED);
+    }
+    memset(smem, 0xff, dyn_smem);
+    w.block.block_dim = block;
+    w.block.grid_dim = grid;
+    w.block.dynamic_smem = smem;
+    const BlockState* saved_block = tls_block;
+    const ThreadState* saved_thread = tls_thread;
+    tls_block = &w.block;
+    for (unsigned z = 0; z < grid.z && !w.failed; ++z)
+        for (unsigned y = 0; y < grid.y && !w.failed; ++y)
+            for (unsigned x = 0; x < grid.x && !w.failed; ++x) {
+                w.block.block_idx = uint3{x, y, z};
+                run_block(w);
+            }
+    tls_block = saved_block;
+    tls_thread = saved_thread;
+    free(smem);
+    return w.failed ? report(CUDA_ERROR_LAUNCH_FAILED) : 0;
+}
+
+}  // namespace lcpt_emu
+
+extern "C" void lcpt_emu_fiber_main(lcpt_emu::Fiber* f) {
+    using namespace lcpt_emu;
+    Worker& w = tls_worker;
+#if defined(LCPT_EMU_ASAN)
+    __sanitizer_finish_switch_fiber(nullptr, &w.sched_stack_bottom, &w.sched_stack_size);
+#endif
+#if defined(LCPT_EMU_TSAN)
+    __tsan_acquire(&w.sync_block_start);
+#endif
+    w.fn(w.params);
+#if defined(LCPT_EMU_TSAN)
+    __tsan_release(&w.sync_block_end);
+#endif
+    f->state = State::Done;
+    switch_out(w, f);
+    abort();  // a returned fiber is reset before it runs again
+}
