@@ -19,6 +19,8 @@
 //! - `ncclCommInitRankConfig` with `blocking = 0` returns `ncclInProgress` and attaches on a
 //!   thread of its own; `ncclCommGetAsyncError` says `ncclInProgress` until it is done.
 //! - Sums of bf16/f16 round to the type after each rank's addition (as a ring does per hop).
+// The exported functions are NCCL's C API; their safety contract is NCCL's documentation.
+#![allow(clippy::missing_safety_doc)]
 use crate::stream;
 use cudarc::driver::sys::CUstream;
 use cudarc::nccl::sys::{ncclComm_t, ncclConfig_t, ncclResult_t, ncclUniqueId};
@@ -1010,6 +1012,46 @@ mod tests {
         for h in handles {
             assert_eq!(unsafe { ncclCommDestroy(h as ncclComm_t) }, ncclResult_t::ncclSuccess);
         }
+    }
+
+    #[test]
+    fn collectives_queued_on_streams_run_in_order_and_a_failure_becomes_the_async_error() {
+        let mut id = ncclUniqueId { internal: [0; 128] };
+        assert_eq!(unsafe { ncclGetUniqueId(&mut id) }, ncclResult_t::ncclSuccess);
+        let rank = move |r: i32| {
+            let mut comm: ncclComm_t = std::ptr::null_mut();
+            assert_eq!(unsafe { ncclCommInitRank(&mut comm, 2, id, r) }, ncclResult_t::ncclSuccess);
+            let s = stream::create();
+            let x: Vec<f32> = (0..5000).map(|i| (i as f32) * (r as f32 + 1.0)).collect();
+            let mut y = vec![0f32; 5000];
+            let mut z = vec![0f32; 10000];
+            unsafe {
+                // The all-gather reads what the all-reduce wrote: only stream order makes it right.
+                assert_eq!(ncclAllReduce(x.as_ptr() as _, y.as_mut_ptr() as _, 5000, 7, 0, comm, s as _), ncclResult_t::ncclSuccess);
+                assert_eq!(ncclAllGather(y.as_ptr() as _, z.as_mut_ptr() as _, 5000, 7, comm, s as _), ncclResult_t::ncclSuccess);
+            }
+            stream::synchronize(s).unwrap();
+            (comm as usize, s as usize, y, z)
+        };
+        let peer = std::thread::spawn(move || rank(1));
+        let (c0, s0, y, mut z) = rank(0);
+        let (c1, _, y1, _) = peer.join().unwrap();
+        let want: Vec<f32> = (0..5000).map(|i| i as f32 + i as f32 * 2.0).collect();
+        assert_eq!((&y, &y1), (&want, &want));
+        assert_eq!(z, [&want[..], &want[..]].concat());
+        // Rank 1 aborts; rank 0's next collective fails without poisoning its stream.
+        assert_eq!(unsafe { ncclCommAbort(c1 as ncclComm_t) }, ncclResult_t::ncclSuccess);
+        let (c0, s0) = (c0 as ncclComm_t, s0 as CUstream);
+        assert_eq!(unsafe { ncclAllReduce(y.as_ptr() as _, z.as_mut_ptr() as _, 5000, 7, 0, c0, s0 as _) }, ncclResult_t::ncclSuccess);
+        stream::synchronize(s0).unwrap();
+        let mut state = ncclResult_t::ncclSuccess;
+        assert_eq!(unsafe { ncclCommGetAsyncError(c0, &mut state) }, ncclResult_t::ncclSuccess);
+        assert_eq!(state, ncclResult_t::ncclRemoteError);
+        let last = unsafe { CStr::from_ptr(ncclGetLastError(c0)) }.to_string_lossy().into_owned();
+        assert!(last.contains("rank 1 aborted"), "{last}");
+        // Later calls report the error at once.
+        assert_eq!(unsafe { ncclAllReduce(y.as_ptr() as _, z.as_mut_ptr() as _, 5000, 7, 0, c0, s0 as _) }, ncclResult_t::ncclRemoteError);
+        assert_eq!(unsafe { ncclCommDestroy(c0) }, ncclResult_t::ncclSuccess);
     }
 
     /// How a rank in another process is told what to do (see `child_rank`).
