@@ -1,7 +1,8 @@
 //! The CUDA driver API (`cu*`) as the llama-cpt backend and cudarc's safe layer call it.
 //!
-//! - One device, an emulated card chosen by `LLAMA_CPT_EMU_DEVICE` (`h100`, the default: H100 SXM,
-//!   sm_90, 132 SMs; `a100`: A100 SXM 80GB, sm_80, 108 SMs), with the limits the hardware enforces.
+//! - One device (`LLAMA_CPT_EMU_GPUS=N` for N, one per rank of an mpirun), an emulated card chosen
+//!   by `LLAMA_CPT_EMU_DEVICE` (`h100`, the default: H100 SXM, sm_90, 132 SMs; `a100`: A100 SXM
+//!   80GB, sm_80, 108 SMs), with the limits the hardware enforces.
 //! - "Device" memory is host memory (256-byte aligned, filled with 0xff bytes so a read of memory
 //!   nobody wrote gives NaN, not a lucky zero). Every allocation is registered, and copies and
 //!   memsets must stay inside one (`CUDA_ERROR_INVALID_VALUE` otherwise, like the real driver).
@@ -166,9 +167,16 @@ fn need_context() -> Result<(), CUresult> {
     }
 }
 
+/// Cards on the emulated node: `LLAMA_CPT_EMU_GPUS` (default 1), so that the ranks of one
+/// `mpirun -np N` can each take the card of their local rank, as on a multi-GPU node.
+fn gpu_count() -> i32 {
+    static COUNT: OnceLock<i32> = OnceLock::new();
+    *COUNT.get_or_init(|| std::env::var("LLAMA_CPT_EMU_GPUS").ok().and_then(|s| s.trim().parse().ok()).filter(|&n| n >= 1).unwrap_or(1))
+}
+
 fn check_device(dev: CUdevice) -> Result<&'static Card, CUresult> {
     let c = card()?;
-    if dev != 0 {
+    if dev < 0 || dev >= gpu_count() {
         return Err(CUresult::CUDA_ERROR_INVALID_DEVICE);
     }
     Ok(c)
@@ -222,7 +230,7 @@ pub unsafe extern "C" fn cuDriverGetVersion(version: *mut c_int) -> CUresult {
 pub unsafe extern "C" fn cuDeviceGetCount(count: *mut c_int) -> CUresult {
     api(|| {
         need_init()?;
-        unsafe { out(count, 1) }
+        unsafe { out(count, gpu_count()) }
     })
 }
 
