@@ -103,7 +103,7 @@ struct Worker {
 
     ~Worker() {
         for (Fiber* f : fibers) {
-            munmap(f->stack, STACK_BYTES + page());
+            munmap(f->stack - page(), STACK_BYTES + page());  // the guard page sits below the stack
 #if defined(LCPT_EMU_TSAN)
             __tsan_destroy_fiber(f->tsan_fiber);
 #endif
