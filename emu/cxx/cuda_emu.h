@@ -156,15 +156,19 @@ struct Trampoline<F> {
         F(*static_cast<std::remove_reference_t<A>*>(params[I])...);
     }
     static void run(void* params) { call(static_cast<void**>(params), std::index_sequence_for<A...>{}); }
+    // A typed host-side launch (tests, the sanitizer driver): arguments converted to the kernel's
+    // own parameter types, passed as a kernelParams array.
+    static int launch(dim3 grid, dim3 block, unsigned dyn_smem, char* err, size_t errlen, const char* name, std::remove_reference_t<A>... args) {
+        void* params[sizeof...(A) + 1] = {static_cast<void*>(&args)..., nullptr};
+        return run_grid(name, &run, params, grid, block, dyn_smem, err, errlen);
+    }
     static constexpr int param_count = sizeof...(A);
     static constexpr size_t param_sizes[sizeof...(A) + 1] = {sizeof(A)..., 0};
 };
 
-// A typed host-side launch (tests, the sanitizer driver): the arguments as a kernelParams array.
 template <auto F, typename... Args>
 int launch(dim3 grid, dim3 block, unsigned dyn_smem, char* err, size_t errlen, const char* name, Args... args) {
-    void* params[sizeof...(Args) + 1] = {static_cast<void*>(&args)..., nullptr};
-    return run_grid(name, &Trampoline<F>::run, params, grid, block, dyn_smem, err, errlen);
+    return Trampoline<F>::launch(grid, block, dyn_smem, err, errlen, name, args...);
 }
 
 }  // namespace lcpt_emu

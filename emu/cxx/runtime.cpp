@@ -18,13 +18,20 @@
 
 #include "cuda_emu.h"
 
-#if defined(__SANITIZE_ADDRESS__)
+// The annotations are on when this file is built with the sanitizer, or with LCPT_EMU_TSAN alone:
+// the TSan build leaves the runtime uninstrumented (its bookkeeping is not the kernels' business)
+// and instruments only the kernels.
+#if defined(__SANITIZE_ADDRESS__) && !defined(LCPT_EMU_ASAN)
 #define LCPT_EMU_ASAN 1
+#endif
+#if defined(__SANITIZE_THREAD__) && !defined(LCPT_EMU_TSAN)
+#define LCPT_EMU_TSAN 1
+#endif
+#if defined(LCPT_EMU_ASAN)
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
-#if defined(__SANITIZE_THREAD__)
-#define LCPT_EMU_TSAN 1
+#if defined(LCPT_EMU_TSAN)
 #include <sanitizer/tsan_interface.h>
 #endif
 
@@ -385,18 +392,24 @@ void warp_collective(unsigned mask, void* lane_data, WarpCompleteFn complete, co
     }
     if (all_arrived) {
         // The last lane to arrive does the exchange for all of them and goes on without a switch.
+#if defined(LCPT_EMU_TSAN)
+        __tsan_acquire(&w.sync_warp[warp]);
+#endif
         void* datas[32] = {};
         for (unsigned l = 0; l < 32; ++l)
             if (mask >> l & 1) datas[l] = w.fibers[base + l]->lane_data;
         complete(datas, mask);
         for (unsigned l = 0; l < 32; ++l)
             if (mask >> l & 1) w.fibers[base + l]->state = State::Runnable;
+#if defined(LCPT_EMU_TSAN)
+        __tsan_release(&w.sync_warp[warp]);
+#endif
     } else {
         switch_out(w, f);
-    }
 #if defined(LCPT_EMU_TSAN)
-    __tsan_acquire(&w.sync_warp[warp]);
+        __tsan_acquire(&w.sync_warp[warp]);
 #endif
+    }
 }
 
 void kernel_error(const char* fmt, ...) {
