@@ -334,11 +334,11 @@ impl Drop for Nccl {
         if let Some(w) = self.watchdog.take() {
             let _ = w.join();
         }
+        // After an abort too: the aborted collectives end, and buffers they read may then be freed.
+        let _ = self.comm_stream.synchronize();
         if self.watch.check().is_err() {
             return; // aborted: the handle is gone
         }
-        let _ = self.comm_stream.synchronize();
-        // A non-blocking communicator may finish destroying later; it needs no more of us.
         unsafe {
             let _ = nccl::comm_destroy(self.comm.0);
         }
