@@ -124,11 +124,12 @@ struct ShflLane {
 template <typename T>
 void shfl_complete(void* const* datas, unsigned mask) {
     T values[32];
-    for (int l = 0; l < 32; ++l)
-        if (mask >> l & 1) values[l] = static_cast<ShflLane<T>*>(datas[l])->value;
-    for (int l = 0; l < 32; ++l) {
-        if (!(mask >> l & 1)) continue;
-        auto* me = static_cast<ShflLane<T>*>(datas[l]);
+    for (unsigned m = mask; m; m &= m - 1) {
+        const int l = __builtin_ctz(m);
+        values[l] = static_cast<ShflLane<T>*>(datas[l])->value;
+    }
+    for (unsigned m = mask; m; m &= m - 1) {
+        auto* me = static_cast<ShflLane<T>*>(datas[__builtin_ctz(m)]);
         // A source lane outside the mask (or the warp) reads the lane's own value, as the hardware does for out-of-range lanes.
         if (me->src_lane >= 0 && me->src_lane < 32 && (mask >> me->src_lane & 1)) me->value = values[me->src_lane];
     }

@@ -92,6 +92,11 @@ struct Worker {
     void* params = nullptr;
     bool failed = false;
     char message[1024];
+    // Counts of the block's fibers by state (the Runnable ones are `runnable`), and per warp the
+    // lanes waiting at a collective and the lanes that returned (or do not exist), as bit masks.
+    unsigned runnable = 0, at_barrier = 0, done = 0;
+    unsigned warp_waiting[32], warp_gone[32];
+    bool from_scheduler = false;  // the running fiber was switched to by the scheduler, not by a fiber
 #if defined(__x86_64__)
     void* sched_sp = nullptr;
 #else
@@ -224,10 +229,27 @@ Fiber* new_fiber() {
     return f;
 }
 
-// Scheduler -> fiber f; returns when f switches back.
+void set_state(Worker& w, Fiber* f, State to) {
+    auto count = [&](State st) -> unsigned& { return st == State::Runnable ? w.runnable : st == State::AtBarrier ? w.at_barrier : w.done; };
+    if (f->state != State::AtWarp) --count(f->state);
+    if (to != State::AtWarp) ++count(to);
+    f->state = to;
+}
+
+// The first Runnable fiber at or after index `from` in thread order, or null.
+Fiber* next_runnable(Worker& w, unsigned from) {
+    if (w.runnable == 0) return nullptr;
+    for (unsigned t = from; t < w.nthreads; ++t)
+        if (w.fibers[t]->state == State::Runnable) return w.fibers[t];
+    return nullptr;
+}
+
+// Scheduler -> fiber f, which starts a pass over the block; returns when the pass ends (the last
+// fiber of the pass switches back).
 void switch_in(Worker& w, Fiber* f) {
     tls_thread = &f->ts;
     tls_fiber = f;
+    w.from_scheduler = true;
 #if defined(LCPT_EMU_ASAN)
     __sanitizer_start_switch_fiber(&w.sched_fake_stack, f->stack, STACK_BYTES);
 #endif
@@ -245,21 +267,45 @@ void switch_in(Worker& w, Fiber* f) {
     tls_fiber = nullptr;
 }
 
-// Fiber f -> scheduler; returns when the scheduler switches back to f (never once f is Done).
+// Fiber f (blocked or returned) hands over to the next Runnable fiber after it in thread order,
+// or ends the pass by switching back to the scheduler; returns when f is switched to again
+// (never once f is Done). Handing over directly halves the switches of a warp collective.
 void switch_out(Worker& w, Fiber* f) {
+    Fiber* next = w.failed ? nullptr : next_runnable(w, f->linear + 1);
 #if defined(LCPT_EMU_ASAN)
-    __sanitizer_start_switch_fiber(f->state == State::Done ? nullptr : &f->fake_stack, w.sched_stack_bottom, w.sched_stack_size);
+    void** fake = f->state == State::Done ? nullptr : &f->fake_stack;
+    if (next)
+        __sanitizer_start_switch_fiber(fake, next->stack, STACK_BYTES);
+    else
+        __sanitizer_start_switch_fiber(fake, w.sched_stack_bottom, w.sched_stack_size);
 #endif
 #if defined(LCPT_EMU_TSAN)
-    __tsan_switch_to_fiber(w.tsan_sched, __tsan_switch_to_fiber_no_sync);
+    __tsan_switch_to_fiber(next ? next->tsan_fiber : w.tsan_sched, __tsan_switch_to_fiber_no_sync);
 #endif
+    if (next) {
+        tls_thread = &next->ts;
+        tls_fiber = next;
+        w.from_scheduler = false;
 #if defined(__x86_64__)
-    lcpt_emu_switch(&f->sp, w.sched_sp);
+        lcpt_emu_switch(&f->sp, next->sp);
 #else
-    swapcontext(&f->ctx, &w.sched_ctx);
+        swapcontext(&f->ctx, &next->ctx);
 #endif
+    } else {
+#if defined(__x86_64__)
+        lcpt_emu_switch(&f->sp, w.sched_sp);
+#else
+        swapcontext(&f->ctx, &w.sched_ctx);
+#endif
+    }
 #if defined(LCPT_EMU_ASAN)
-    __sanitizer_finish_switch_fiber(f->fake_stack, &w.sched_stack_bottom, &w.sched_stack_size);
+    const void* from_bottom = nullptr;
+    size_t from_size = 0;
+    __sanitizer_finish_switch_fiber(f->fake_stack, &from_bottom, &from_size);
+    if (w.from_scheduler) {
+        w.sched_stack_bottom = from_bottom;
+        w.sched_stack_size = from_size;
+    }
 #endif
 }
 
@@ -302,7 +348,8 @@ void fail_deadlock(Worker& w) {
          w.block.block_idx.y, w.block.block_idx.z, at_barrier, w.nthreads, done, detail);
 }
 
-// Runs the current block to completion (or failure).
+// Runs the current block to completion (or failure): passes over the fibers in thread order until
+// all returned; between passes a barrier that every live thread reached opens.
 void run_block(Worker& w) {
 #if defined(LCPT_EMU_TSAN)
     __tsan_release(&w.sync_block_start);
@@ -312,32 +359,26 @@ void run_block(Worker& w) {
         reset_fiber(f);
         f->state = State::Runnable;
     }
+    w.runnable = w.nthreads;
+    w.at_barrier = w.done = 0;
+    for (unsigned warp = 0; warp < 32; ++warp) {
+        w.warp_waiting[warp] = 0;
+        // Lanes past the end of the block never arrive.
+        const unsigned first = warp * 32;
+        w.warp_gone[warp] = first >= w.nthreads ? ~0u : w.nthreads - first >= 32 ? 0u : ~0u << (w.nthreads - first);
+    }
     for (;;) {
-        bool any_ran = false;
-        for (unsigned t = 0; t < w.nthreads && !w.failed; ++t) {
-            if (w.fibers[t]->state != State::Runnable) continue;
-            switch_in(w, w.fibers[t]);
-            any_ran = true;
-        }
+        if (Fiber* f = next_runnable(w, 0)) switch_in(w, f);
         if (w.failed) return;
-        unsigned done = 0, at_barrier = 0;
-        bool runnable = false;
-        for (unsigned t = 0; t < w.nthreads; ++t) {
-            const State s = w.fibers[t]->state;
-            done += s == State::Done;
-            at_barrier += s == State::AtBarrier;
-            runnable |= s == State::Runnable;
-        }
-        if (done == w.nthreads) break;
-        if (runnable) continue;
+        if (w.done == w.nthreads) break;
+        if (w.runnable) continue;
         // Nobody can run: either the barrier completes (threads that returned count as arrived,
         // as exited warps do on the hardware) or the block is stuck.
-        if (at_barrier > 0 && at_barrier + done == w.nthreads) {
+        if (w.at_barrier > 0 && w.at_barrier + w.done == w.nthreads) {
             for (unsigned t = 0; t < w.nthreads; ++t)
-                if (w.fibers[t]->state == State::AtBarrier) w.fibers[t]->state = State::Runnable;
+                if (w.fibers[t]->state == State::AtBarrier) set_state(w, w.fibers[t], State::Runnable);
             continue;
         }
-        (void)any_ran;
         fail_deadlock(w);
         return;
     }
@@ -351,7 +392,7 @@ void run_block(Worker& w) {
 void syncthreads() {
     Worker& w = tls_worker;
     Fiber* f = tls_fiber;
-    f->state = State::AtBarrier;
+    set_state(w, f, State::AtBarrier);
 #if defined(LCPT_EMU_TSAN)
     __tsan_release(&w.sync_barrier);
 #endif
@@ -367,49 +408,53 @@ void warp_collective(unsigned mask, void* lane_data, WarpCompleteFn complete, co
     const unsigned lane = f->linear & 31, warp = f->linear / 32, base = warp * 32;
     if (!(mask >> lane & 1))
         kernel_error("thread %u (warp %u lane %u) calls %s with mask 0x%08x, which does not name the calling lane", f->linear, warp, lane, what, mask);
-    f->state = State::AtWarp;
+    if (const unsigned gone = mask & w.warp_gone[warp]) {
+        const unsigned l = static_cast<unsigned>(__builtin_ctz(gone));
+        if (base + l >= w.nthreads)
+            kernel_error("thread %u (warp %u lane %u): %s with mask 0x%08x names lane %u, which does not exist (block of %u threads)", f->linear, warp,
+                         lane, what, mask, l, w.nthreads);
+        kernel_error("thread %u (warp %u lane %u): %s with mask 0x%08x names lane %u, which has returned and never arrives", f->linear, warp, lane, what,
+                     mask, l);
+    }
+    set_state(w, f, State::AtWarp);
     f->mask = mask;
     f->lane_data = lane_data;
     f->complete = complete;
     f->what = what;
+    w.warp_waiting[warp] |= 1u << lane;
 #if defined(LCPT_EMU_TSAN)
     __tsan_release(&w.sync_warp[warp]);
 #endif
-    bool all_arrived = true;
-    for (unsigned l = 0; l < 32; ++l) {
-        if (!(mask >> l & 1) || l == lane) continue;
-        if (base + l >= w.nthreads)
-            kernel_error("thread %u (warp %u lane %u): %s with mask 0x%08x names lane %u, which does not exist (block of %u threads)", f->linear, warp,
-                         lane, what, mask, l, w.nthreads);
-        const Fiber* o = w.fibers[base + l];
-        if (o->state == State::Done)
-            kernel_error("thread %u (warp %u lane %u): %s with mask 0x%08x names lane %u, which has returned and never arrives", f->linear, warp, lane,
-                         what, mask, l);
-        if (o->state == State::AtWarp && (o->mask != mask || o->complete != complete))
-            kernel_error("thread %u (warp %u lane %u) is at %s (mask 0x%08x) while lane %u waits at %s (mask 0x%08x)", f->linear, warp, lane, what,
-                         mask, l, o->what, o->mask);
-        if (o->state != State::AtWarp) all_arrived = false;
-    }
-    if (all_arrived) {
-        // The last lane to arrive does the exchange for all of them and goes on without a switch.
-#if defined(LCPT_EMU_TSAN)
-        __tsan_acquire(&w.sync_warp[warp]);
-#endif
-        void* datas[32] = {};
-        for (unsigned l = 0; l < 32; ++l)
-            if (mask >> l & 1) datas[l] = w.fibers[base + l]->lane_data;
-        complete(datas, mask);
-        for (unsigned l = 0; l < 32; ++l)
-            if (mask >> l & 1) w.fibers[base + l]->state = State::Runnable;
-#if defined(LCPT_EMU_TSAN)
-        __tsan_release(&w.sync_warp[warp]);
-#endif
-    } else {
+    if ((w.warp_waiting[warp] & mask) != mask) {
         switch_out(w, f);
 #if defined(LCPT_EMU_TSAN)
         __tsan_acquire(&w.sync_warp[warp]);
 #endif
+        return;
     }
+    // The last lane to arrive does the exchange for all of them and goes on without a switch.
+#if defined(LCPT_EMU_TSAN)
+    __tsan_acquire(&w.sync_warp[warp]);
+#endif
+    void* datas[32] = {};
+    for (unsigned l = 0; l < 32; ++l) {
+        if (!(mask >> l & 1)) continue;
+        const Fiber* o = w.fibers[base + l];
+        if (o->mask != mask || o->complete != complete)
+            kernel_error("thread %u (warp %u lane %u) is at %s (mask 0x%08x) while lane %u waits at %s (mask 0x%08x)", f->linear, warp, lane, what, mask,
+                         l, o->what, o->mask);
+        datas[l] = o->lane_data;
+    }
+    complete(datas, mask);
+    w.warp_waiting[warp] &= ~mask;
+    // Every lane of the mask was AtWarp (not counted): all become Runnable.
+    Fiber* const* lanes = w.fibers.data() + base;
+    for (unsigned l = 0; l < 32; ++l)
+        if (mask >> l & 1) lanes[l]->state = State::Runnable;
+    w.runnable += static_cast<unsigned>(__builtin_popcount(mask));
+#if defined(LCPT_EMU_TSAN)
+    __tsan_release(&w.sync_warp[warp]);
+#endif
 }
 
 void kernel_error(const char* fmt, ...) {
@@ -421,7 +466,8 @@ void kernel_error(const char* fmt, ...) {
     va_end(ap);
     fail(w, "kernel %s block (%u,%u,%u): %s", w.kernel, w.block.block_idx.x, w.block.block_idx.y, w.block.block_idx.z, what);
     Fiber* f = tls_fiber;
-    f->state = State::Done;
+    if (f->state == State::AtWarp) w.warp_waiting[f->linear / 32] &= ~(1u << (f->linear & 31));
+    set_state(w, f, State::Done);
     switch_out(w, f);
     abort();  // never resumed
 }
@@ -502,7 +548,8 @@ extern "C" void lcpt_emu_fiber_main(lcpt_emu::Fiber* f) {
 #if defined(LCPT_EMU_TSAN)
     __tsan_release(&w.sync_block_end);
 #endif
-    f->state = State::Done;
+    set_state(w, f, State::Done);
+    w.warp_gone[f->linear / 32] |= 1u << (f->linear & 31);
     switch_out(w, f);
     abort();  // a returned fiber is reset before it runs again
 }

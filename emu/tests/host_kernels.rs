@@ -251,3 +251,45 @@ fn cross_entropy_forward_kernel_matches_the_cpu_reference() {
     assert_eq!(loss[2], 0.0, "an ignored row has loss 0");
     assert!((counted - mean).abs() <= 1e-5 * mean.abs(), "mean loss {counted} vs {mean}");
 }
+
+#[test]
+fn simple_attention_forward_kernel_matches_the_cpu_reference() {
+    // The embedded default's attention shape: head_dim 32 takes the simple kernels; 8 documents of 128 tokens.
+    let (docs, len, heads, kv_heads, d) = (8usize, 128usize, 4usize, 2usize, 32usize);
+    let tokens = docs * len;
+    let q = values(tokens * heads * d, 11);
+    let k = values(tokens * kv_heads * d, 12);
+    let v = values(tokens * kv_heads * d, 13);
+    let doc_start: Vec<i32> = (0..tokens).map(|t| (t / len * len) as i32).collect();
+    let (mut out, mut lse) = (vec![0f32; tokens * heads * d], vec![0f32; tokens * heads]);
+    let scale = 1.0 / (d as f32).sqrt();
+    let warps = tokens * heads;
+    launch(
+        "attn_fwd_simple_f32",
+        [(warps * 32).div_ceil(256) as u32, 1, 1],
+        [256, 1, 1],
+        0,
+        Args::new()
+            .ptr(out.as_mut_ptr())
+            .ptr(lse.as_mut_ptr())
+            .ptr(q.as_ptr())
+            .ptr(k.as_ptr())
+            .ptr(v.as_ptr())
+            .ptr(doc_start.as_ptr())
+            .arg(tokens as u64)
+            .arg(heads as i32)
+            .arg(kv_heads as i32)
+            .arg(d as i32)
+            .arg(scale),
+    );
+    let cu: Vec<u32> = (0..=docs).map(|i| (i * len) as u32).collect();
+    let (mut out_ref, mut lse_ref) = (vec![0f32; out.len()], vec![0f32; lse.len()]);
+    let shape = llama_cpt_ops::attention::AttnShape { heads, kv_heads, head_dim: d };
+    llama_cpt_ops::attention::attention_forward(&mut out_ref, &mut lse_ref, &q, &k, &v, &cu, shape);
+    for (i, (g, r)) in out.iter().zip(&out_ref).enumerate() {
+        assert!((g - r).abs() <= 1e-5, "out[{i}] = {g}, reference {r}");
+    }
+    for (i, (g, r)) in lse.iter().zip(&lse_ref).enumerate() {
+        assert!((g - r).abs() <= 1e-5 * r.abs().max(1.0), "lse[{i}] = {g}, reference {r}");
+    }
+}
