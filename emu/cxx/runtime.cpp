@@ -14,6 +14,11 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 #include "cuda_emu.h"
@@ -472,65 +477,190 @@ void kernel_error(const char* fmt, ...) {
     abort();  // never resumed
 }
 
-int run_grid(const char* name, BlockThreadFn fn, void* params, dim3 grid, dim3 block, unsigned dyn_smem, char* err, size_t errlen) {
+namespace {
+
+// One launch, shared by the threads that run its blocks: each takes the next block index until
+// none is left or a block failed. Blocks are independent, so which thread runs which block does
+// not change the result.
+struct GridJob {
+    const char* name;
+    BlockThreadFn fn;
+    void* params;
+    dim3 grid, block;
+    unsigned dyn_smem;
+    unsigned long long blocks;
+    std::atomic<unsigned long long> next{0};
+    std::atomic<bool> failed{false};
+    std::mutex error_lock;
+    unsigned long long error_block = ~0ull;  // the failed block with the lowest index reports
+    int error_code = 0;
+    char message[1024] = {};
+};
+
+void record_error(GridJob& job, unsigned long long b, int code, const char (&message)[1024]) {
+    std::lock_guard<std::mutex> g(job.error_lock);
+    if (b < job.error_block) {
+        job.error_block = b;
+        job.error_code = code;
+        memcpy(job.message, message, sizeof job.message);
+    }
+    job.failed = true;
+}
+
+// Runs blocks of `job` on the calling OS thread until none is left.
+void run_blocks(GridJob& job) {
     Worker& w = tls_worker;
-    auto report = [&](int code) {
-        if (err && errlen) snprintf(err, errlen, "%s", w.message);
-        return code;
-    };
     w.failed = false;
     w.message[0] = 0;
-    const unsigned long long nthreads = static_cast<unsigned long long>(block.x) * block.y * block.z;
-    if (nthreads == 0 || nthreads > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0) {
-        fail(w, "kernel %s: launch of grid (%u,%u,%u) blocks of (%u,%u,%u) threads: empty grid or more than 1024 threads per block", name, grid.x,
-             grid.y, grid.z, block.x, block.y, block.z);
-        return report(CUDA_ERROR_INVALID_VALUE);
-    }
 #if defined(LCPT_EMU_TSAN)
     if (!w.tsan_sched) w.tsan_sched = __tsan_get_current_fiber();
 #endif
+    const unsigned nthreads = job.block.x * job.block.y * job.block.z;
     while (w.fibers.size() < nthreads) {
         Fiber* f = new_fiber();
         if (!f) {
-            fail(w, "kernel %s: cannot map a %zu-byte fiber stack for thread %zu", name, STACK_BYTES, w.fibers.size());
-            return report(CUDA_ERROR_LAUNCH_FAILED);
+            fail(w, "kernel %s: cannot map a %zu-byte fiber stack for thread %zu", job.name, STACK_BYTES, w.fibers.size());
+            record_error(job, 0, CUDA_ERROR_LAUNCH_FAILED, w.message);
+            return;
         }
         w.fibers.push_back(f);
     }
-    w.nthreads = static_cast<unsigned>(nthreads);
-    w.kernel = name;
-    w.fn = fn;
-    w.params = params;
-    for (unsigned t = 0; t < w.nthreads; ++t) {
+    w.nthreads = nthreads;
+    w.kernel = job.name;
+    w.fn = job.fn;
+    w.params = job.params;
+    for (unsigned t = 0; t < nthreads; ++t) {
         Fiber* f = w.fibers[t];
         f->linear = t;
-        f->ts.thread_idx = uint3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+        f->ts.thread_idx = uint3{t % job.block.x, (t / job.block.x) % job.block.y, t / (job.block.x * job.block.y)};
         f->ts.linear = t;
     }
     // Exactly the launch's size, so that a sanitizer build sees one byte past it; filled with a
     // NaN pattern because shared memory starts with whatever the previous block left.
-    unsigned char* smem = static_cast<unsigned char*>(malloc(dyn_smem ? dyn_smem : 1));
+    unsigned char* smem = static_cast<unsigned char*>(malloc(job.dyn_smem ? job.dyn_smem : 1));
     if (!smem) {
-        fail(w, "kernel %s: cannot allocate %u bytes of dynamic shared memory", name, dyn_smem);
-        return report(CUDA_ERROR_LAUNCH_FAILED);
+        fail(w, "kernel %s: cannot allocate %u bytes of dynamic shared memory", job.name, job.dyn_smem);
+        record_error(job, 0, CUDA_ERROR_LAUNCH_FAILED, w.message);
+        return;
     }
-    memset(smem, 0xff, dyn_smem);
-    w.block.block_dim = block;
-    w.block.grid_dim = grid;
+    memset(smem, 0xff, job.dyn_smem);
+    w.block.block_dim = job.block;
+    w.block.grid_dim = job.grid;
     w.block.dynamic_smem = smem;
     const BlockState* saved_block = tls_block;
     const ThreadState* saved_thread = tls_thread;
     tls_block = &w.block;
-    for (unsigned z = 0; z < grid.z && !w.failed; ++z)
-        for (unsigned y = 0; y < grid.y && !w.failed; ++y)
-            for (unsigned x = 0; x < grid.x && !w.failed; ++x) {
-                w.block.block_idx = uint3{x, y, z};
-                run_block(w);
-            }
+    const unsigned long long gx = job.grid.x, gxy = gx * job.grid.y;
+    for (;;) {
+        if (job.failed) break;
+        const unsigned long long b = job.next.fetch_add(1);
+        if (b >= job.blocks) break;
+        w.block.block_idx = uint3{static_cast<unsigned>(b % gx), static_cast<unsigned>(b % gxy / gx), static_cast<unsigned>(b / gxy)};
+        run_block(w);
+        if (w.failed) {
+            record_error(job, b, CUDA_ERROR_LAUNCH_FAILED, w.message);
+            break;
+        }
+    }
     tls_block = saved_block;
     tls_thread = saved_thread;
     free(smem);
-    return w.failed ? report(CUDA_ERROR_LAUNCH_FAILED) : 0;
+}
+
+// Helper OS threads that run blocks of a large grid beside the launching thread:
+// LLAMA_CPT_EMU_THREADS in all (default: the CPU count, at most 8; 1 runs every block on the
+// launching thread). One launch at a time uses them; a concurrent launch (another stream) runs on
+// its own thread alone. The TSan build runs blocks on the launching thread only: its
+// happens-before edges are the ones the runtime annotates.
+class Pool {
+  public:
+    static Pool& get() {
+        static Pool* pool = new Pool;  // never destroyed: helpers may outlive static destructors
+        return *pool;
+    }
+    unsigned size() const { return static_cast<unsigned>(helpers_) + 1; }
+    // Runs job on the calling thread and, if the pool is free, on the helpers; returns when every
+    // thread is done with it.
+    void run(GridJob& job) {
+        std::unique_lock<std::mutex> use(use_, std::try_to_lock);
+        if (!use.owns_lock() || helpers_ == 0 || job.blocks < 2) {
+            run_blocks(job);
+            return;
+        }
+        const int n = static_cast<int>(std::min<unsigned long long>(helpers_, job.blocks - 1));
+        {
+            std::lock_guard<std::mutex> g(m_);
+            job_ = &job;
+            wanted_ = n;
+            busy_ = n;
+            ++generation_;
+        }
+        cv_.notify_all();
+        run_blocks(job);
+        std::unique_lock<std::mutex> g(m_);
+        done_cv_.wait(g, [&] { return busy_ == 0; });
+        job_ = nullptr;
+    }
+
+  private:
+    Pool() {
+#if defined(LCPT_EMU_TSAN)
+        helpers_ = 0;
+#else
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        if (const char* e = getenv("LLAMA_CPT_EMU_THREADS")) n = atol(e);
+        if (n < 1) n = 1;
+        if (n > 8) n = 8;
+        helpers_ = static_cast<int>(n) - 1;
+        for (int i = 0; i < helpers_; ++i) std::thread([this] { helper(); }).detach();
+#endif
+    }
+    void helper() {
+        unsigned long long seen = 0;
+        for (;;) {
+            GridJob* job;
+            {
+                std::unique_lock<std::mutex> g(m_);
+                cv_.wait(g, [&] { return generation_ != seen && wanted_ > 0; });
+                seen = generation_;
+                --wanted_;
+                job = job_;
+            }
+            run_blocks(*job);
+            std::lock_guard<std::mutex> g(m_);
+            if (--busy_ == 0) done_cv_.notify_all();
+        }
+    }
+    int helpers_ = 0;
+    std::mutex use_, m_;
+    std::condition_variable cv_, done_cv_;
+    GridJob* job_ = nullptr;
+    int wanted_ = 0, busy_ = 0;
+    unsigned long long generation_ = 0;
+};
+
+}  // namespace
+
+int run_grid(const char* name, BlockThreadFn fn, void* params, dim3 grid, dim3 block, unsigned dyn_smem, char* err, size_t errlen) {
+    const unsigned long long nthreads = static_cast<unsigned long long>(block.x) * block.y * block.z;
+    if (nthreads == 0 || nthreads > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0) {
+        if (err && errlen)
+            snprintf(err, errlen, "kernel %s: launch of grid (%u,%u,%u) blocks of (%u,%u,%u) threads: empty grid or more than 1024 threads per block", name,
+                     grid.x, grid.y, grid.z, block.x, block.y, block.z);
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    GridJob job;
+    job.name = name;
+    job.fn = fn;
+    job.params = params;
+    job.grid = grid;
+    job.block = block;
+    job.dyn_smem = dyn_smem;
+    job.blocks = static_cast<unsigned long long>(grid.x) * grid.y * grid.z;
+    Pool::get().run(job);
+    if (!job.failed) return 0;
+    if (err && errlen) snprintf(err, errlen, "%s", job.message);
+    return job.error_code;
 }
 
 }  // namespace lcpt_emu
