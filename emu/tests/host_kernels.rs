@@ -293,3 +293,53 @@ fn simple_attention_forward_kernel_matches_the_cpu_reference() {
         assert!((g - r).abs() <= 1e-5 * r.abs().max(1.0), "lse[{i}] = {g}, reference {r}");
     }
 }
+
+#[test]
+fn tensor_core_attention_forward_kernel_matches_the_cpu_reference() {
+    // head_dim 64: the mma kernel, with bf16 tiles in dynamic shared memory. Two documents (100
+    // and 60 tokens) cut into tiles of 64 queries that never cross a document, as the host does.
+    let (heads, kv_heads, d) = (4usize, 2usize, 64usize);
+    let docs = [(0usize, 100usize), (100, 160)];
+    let tokens = 160;
+    let q = values(tokens * heads * d, 21);
+    let k = values(tokens * kv_heads * d, 22);
+    let v = values(tokens * kv_heads * d, 23);
+    let mut tiles: Vec<[i32; 4]> = Vec::new();
+    for &(s, e) in &docs {
+        tiles.extend((s..e).step_by(64).map(|t| [s as i32, e as i32, t as i32, 0]));
+    }
+    let (mut out, mut lse) = (vec![0f32; tokens * heads * d], vec![0f32; tokens * heads]);
+    let scale = 1.0 / (d as f32).sqrt();
+    let ld = d + 8;
+    let smem = ((64 * ld + 64 * ld + d * (64 + 8)) * 2) as u32;
+    launch(
+        "attn_fwd_d64_f32",
+        [tiles.len() as u32, heads as u32, 1],
+        [128, 1, 1],
+        smem,
+        Args::new()
+            .ptr(out.as_mut_ptr())
+            .ptr(lse.as_mut_ptr())
+            .ptr(q.as_ptr())
+            .ptr(k.as_ptr())
+            .ptr(v.as_ptr())
+            .ptr(tiles.as_ptr())
+            .arg(heads as i32)
+            .arg(kv_heads as i32)
+            .arg(scale * std::f32::consts::LOG2_E),
+    );
+    let cu: Vec<u32> = vec![0, 100, 160];
+    let (mut out_ref, mut lse_ref) = (vec![0f32; out.len()], vec![0f32; lse.len()]);
+    let shape = llama_cpt_ops::attention::AttnShape { heads, kv_heads, head_dim: d };
+    llama_cpt_ops::attention::attention_forward(&mut out_ref, &mut lse_ref, &q, &k, &v, &cu, shape);
+    // Q, K, V and the probabilities are rounded to bf16 (relative 2⁻⁹) on their way into the
+    // tensor cores; outputs are averages of values in [-1, 1), so a few 2⁻⁹ absolute.
+    for (i, (g, r)) in out.iter().zip(&out_ref).enumerate() {
+        assert!((g - r).abs() <= 1e-2, "out[{i}] = {g}, reference {r}");
+    }
+    for (i, (g, r)) in lse.iter().zip(&lse_ref).enumerate() {
+        assert!((g - r).abs() <= 1e-2, "lse[{i}] = {g}, reference {r}");
+    }
+    let max_err = out.iter().zip(&out_ref).map(|(g, r)| (g - r).abs()).fold(0f32, f32::max);
+    assert!(max_err > 0.0, "bf16 tiles cannot give the f32 reference exactly: is the mma path running?");
+}
