@@ -2,6 +2,9 @@
 //! a lane that never arrives and a deadlock), bf16 rounding, the mma.m16n8k16 emulation against a
 //! plain matrix product, and real kernels of cuda/*.cu launched through the generated registry
 //! against the CPU reference in llama-cpt-ops.
+// Fragment layouts are formulas of the lane and element index: index loops say that best.
+#![allow(clippy::needless_range_loop)]
+
 use half::bf16;
 use llama_cpt_emu::kernels::{self, Kernel};
 use std::ffi::c_void;
