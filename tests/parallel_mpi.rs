@@ -290,6 +290,8 @@ fn stop_one_rank_then_resume(np: usize, name: &str, args: &[&str], timeout_s: u6
             // why and at which step.
             assert!(text.contains(&format!("did not complete within {timeout_s} s")), "SIG{signal}:\n{text}");
             assert!(text.contains("Error: step "), "SIG{signal}: the error names the step:\n{text}");
+            let why: Vec<&str> = text.lines().filter(|l| l.contains("did not complete within")).collect();
+            eprintln!("{name}: SIG{signal}: {}", why.join(" | "));
             let _ = Command::new("kill").args(["-KILL", &rank1.to_string()]).status();
         }
         eprintln!("{name}: SIG{signal} to rank 1 of {np}: job stopped after {waited:.1?}");
@@ -303,9 +305,10 @@ fn stop_one_rank_then_resume(np: usize, name: &str, args: &[&str], timeout_s: u6
     assert!(out.join("stage-knowledge-replay/model.safetensors").exists());
 }
 
-/// The CUDA runs: 12 rows per step in micro-batches of 2, divisible at 1, 2 and 3 ranks.
+/// The CUDA runs, short enough for the emulated device: 6 rows of 32 tokens per step in
+/// micro-batches of 1 (6, 3 and 2 micro-steps at 1, 2 and 3 ranks), 3 steps over both stages.
 #[cfg(feature = "cuda")]
-const CUDA_SHORT: [&str; 6] = ["--device=cuda", "stages.0.steps=3", "stages.1.steps=2", "data.micro_batch_rows=2", "stages.0.global_batch_rows=12", "stages.1.global_batch_rows=12"];
+const CUDA_SHORT: [&str; 7] = ["--device=cuda", "data.seq_len=32", "stages.0.steps=2", "stages.1.steps=1", "data.micro_batch_rows=1", "stages.0.global_batch_rows=6", "stages.1.global_batch_rows=6"];
 
 #[test]
 #[cfg(feature = "cuda")]
@@ -345,9 +348,9 @@ fn nccl_at_2_and_3_ranks_with_zero_1_and_2_follows_one_process() {
 #[ignore = "needs 3 CUDA GPUs and libnccl, or the emulated device (tools/emu-check.sh)"]
 fn a_dead_or_stalled_nccl_rank_stops_the_others_and_the_run_resumes() {
     let _serial = serial();
-    // Checkpoints at steps 3 and 6 for the two faults; 9 steps in all.
-    let args = ["--device=cuda", "stages.0.steps=7", "stages.1.steps=2", "data.micro_batch_rows=2", "stages.0.global_batch_rows=12", "stages.1.global_batch_rows=12", "run.checkpoint_every=3", "parallel.zero_stage=1"];
-    stop_one_rank_then_resume(3, "nccl-fault", &args, 10, 9);
+    // A checkpoint every step (one row of 32 tokens per rank): each fault comes right after one.
+    let args = ["--device=cuda", "data.seq_len=32", "stages.0.steps=6", "stages.1.steps=1", "data.micro_batch_rows=1", "stages.0.global_batch_rows=3", "stages.1.global_batch_rows=3", "run.checkpoint_every=1", "parallel.zero_stage=1"];
+    stop_one_rank_then_resume(3, "nccl-fault", &args, 10, 7);
 }
 
 /// The pid of the `pretrain` process writing to `out` with the given MPI rank.
