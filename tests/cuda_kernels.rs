@@ -382,7 +382,7 @@ fn whole_model_forward_backward_matches_cpu() {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn allocator_is_warm_after_one_step_and_tracks_the_peak() {
+fn allocator_is_warm_after_two_steps_and_tracks_the_peak() {
     let g = gpu();
     g.set_poison_allocations(false);
     g.set_sync_each_launch(false);
@@ -391,7 +391,14 @@ fn allocator_is_warm_after_one_step_and_tracks_the_peak() {
     let tokens: Vec<u32> = (0..4 * 64).map(|i| (i * 7 % 500) as u32).collect();
     let labels: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
     let b = Batch::from_rows(4, 64, tokens, &labels);
-    let _ = model.loss_and_grads(&g, &b, 1.0, StepOptions::default()).unwrap();
+    // Two steps to warm up: the first step creates the content cache's device copies of the
+    // positions, ids and targets (upload_cached) at their first use, after some of that step's
+    // temporaries were taken from the pool; from the second step on they are alive from the
+    // start, so its peak is higher by them (found on the emulated device: 2 more cuMemAlloc of
+    // 1 KiB in step 2).
+    for _ in 0..2 {
+        let _ = model.loss_and_grads(&g, &b, 1.0, StepOptions::default()).unwrap();
+    }
     g.synchronize().unwrap();
     let warm = g.memory_stats();
     for _ in 0..3 {
