@@ -505,11 +505,12 @@ impl Comm {
         futex_wake_all(&h.attached);
         let seg = self.segment.get_or_init(|| seg);
         let n = self.nranks as u32;
-        self.wait(seg, &seg.header().attached, &what, |v| v >= n)?;
+        let everyone = self.wait(seg, &seg.header().attached, &what, |v| v >= n);
+        // Once all are attached, or never: the name goes either way, so nothing is left in /dev/shm.
         if self.rank == 0 {
             unsafe { libc::shm_unlink(name.as_ptr()) };
         }
-        Ok(())
+        everyone
     }
 
     /// Runs one collective to completion on the calling thread (the stream's worker).
@@ -1052,6 +1053,33 @@ mod tests {
         // Later calls report the error at once.
         assert_eq!(unsafe { ncclAllReduce(y.as_ptr() as _, z.as_mut_ptr() as _, 5000, 7, 0, c0, s0 as _) }, ncclResult_t::ncclRemoteError);
         assert_eq!(unsafe { ncclCommDestroy(c0) }, ncclResult_t::ncclSuccess);
+    }
+
+    #[test]
+    fn an_init_whose_peer_never_comes_ends_on_abort_and_leaves_no_segment_behind() {
+        let id = new_unique_id();
+        let name = id_name(&id).unwrap();
+        let mut comm: ncclComm_t = std::ptr::null_mut();
+        let mut cfg: ncclConfig_t = unsafe { std::mem::zeroed() };
+        cfg.magic = CONFIG_MAGIC;
+        cfg.blocking = 0;
+        assert_eq!(unsafe { ncclCommInitRankConfig(&mut comm, 2, id, 0, &mut cfg) }, ncclResult_t::ncclInProgress);
+        let c = unsafe { comm_ref(comm) }.unwrap() as *const Comm as usize;
+        std::thread::sleep(Duration::from_millis(100));
+        let shm = std::path::Path::new("/dev/shm").join(&name.to_str().unwrap()[1..]);
+        assert!(shm.exists(), "rank 0 created {name:?}");
+        assert_eq!(unsafe { ncclCommGetAsyncError(comm, &mut ncclResult_t::ncclSuccess) }, ncclResult_t::ncclSuccess);
+        // Keep the communicator alive past the abort to read its final state.
+        unsafe { Arc::increment_strong_count(c as *const Comm) };
+        let kept = unsafe { Arc::from_raw(c as *const Comm) };
+        assert_eq!(unsafe { ncclCommAbort(comm) }, ncclResult_t::ncclSuccess);
+        let t0 = Instant::now();
+        while kept.status() == ncclResult_t::ncclInProgress {
+            assert!(t0.elapsed() < Duration::from_secs(5), "the init did not notice the abort");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_ne!(kept.status(), ncclResult_t::ncclSuccess);
+        assert!(!shm.exists(), "{name:?} left behind");
     }
 
     /// How a rank in another process is told what to do (see `child_rank`).
