@@ -408,15 +408,16 @@ impl Comm {
         }
         if let Some(seg) = seg {
             let h = seg.header();
-            let failed = h.failed.load(Ordering::Acquire);
-            if failed != 0 && failed as usize != self.rank + 1 {
-                return Err(failure(ncclResult_t::ncclRemoteError, format!("{what}: rank {} aborted its communicator or failed", failed - 1)));
-            }
+            // A dead rank first: when one dies, another may fail before us, and the death is the cause.
             for r in (0..self.nranks).filter(|&r| r != self.rank) {
                 let pid = h.pids[r].load(Ordering::Acquire);
                 if pid != 0 && !alive(pid) {
                     return Err(failure(ncclResult_t::ncclRemoteError, format!("{what}: rank {r} (pid {pid}) has exited")));
                 }
+            }
+            let failed = h.failed.load(Ordering::Acquire);
+            if failed != 0 && failed as usize != self.rank + 1 {
+                return Err(failure(ncclResult_t::ncclRemoteError, format!("{what}: rank {} aborted its communicator or failed", failed - 1)));
             }
         }
         if since.elapsed() > self.backstop {
