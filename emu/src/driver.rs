@@ -852,9 +852,25 @@ pub extern "C" fn cuFuncSetAttribute(f: CUfunction, attrib: FuncAttr, value: c_i
     })
 }
 
+/// What a launch is checked against: the kernel's own limits (from the build) on one card.
+#[derive(Debug, Clone, Copy)]
+pub struct KernelLimits {
+    /// `__launch_bounds__`, else 1024.
+    pub max_threads: u32,
+    pub static_smem: u32,
+    /// ptxas' registers per thread for the card's architecture (`None`: built without nvcc).
+    pub registers: Option<u32>,
+}
+
+impl KernelLimits {
+    fn of(k: Kernel, card: &Card) -> KernelLimits {
+        KernelLimits { max_threads: k.max_threads(), static_smem: k.static_smem(), registers: k.registers(card.sm()) }
+    }
+}
+
 /// Checks a launch configuration against what the hardware enforces; the driver's error code
 /// and why.
-pub fn check_launch(k: Kernel, card: &Card, grid: [u32; 3], block: [u32; 3], dyn_smem: u32, max_dyn_smem: u32) -> Result<(), (CUresult, String)> {
+pub fn check_launch(k: KernelLimits, card: &Card, grid: [u32; 3], block: [u32; 3], dyn_smem: u32, max_dyn_smem: u32) -> Result<(), (CUresult, String)> {
     let invalid = |why: String| Err((CUresult::CUDA_ERROR_INVALID_VALUE, why));
     if grid.contains(&0) || block.contains(&0) {
         return invalid(format!("grid {grid:?} or block {block:?} has a zero dimension"));
@@ -869,17 +885,16 @@ pub fn check_launch(k: Kernel, card: &Card, grid: [u32; 3], block: [u32; 3], dyn
     if threads > MAX_THREADS_PER_BLOCK as u64 {
         return invalid(format!("{threads} threads per block (at most {MAX_THREADS_PER_BLOCK})"));
     }
-    if threads > k.max_threads() as u64 {
-        return invalid(format!("{threads} threads per block, the kernel's __launch_bounds__ allow {}", k.max_threads()));
+    if threads > k.max_threads as u64 {
+        return invalid(format!("{threads} threads per block, the kernel's __launch_bounds__ allow {}", k.max_threads));
     }
     if dyn_smem > max_dyn_smem {
         return invalid(format!(
             "{dyn_smem} B of dynamic shared memory, the function allows {max_dyn_smem} (opt in with cuFuncSetAttribute up to {} B minus the static {} B)",
-            card.smem_optin_per_block,
-            k.static_smem()
+            card.smem_optin_per_block, k.static_smem
         ));
     }
-    if let Some(regs) = k.registers(card.sm()) {
+    if let Some(regs) = k.registers {
         let needed = regs_per_warp(regs) as u64 * threads.div_ceil(32);
         if needed > REGS_PER_BLOCK as u64 {
             return Err((
@@ -959,7 +974,7 @@ pub unsafe extern "C" fn cuLaunchKernel(
         let c = card()?;
         let k = func.kernel;
         let (grid, block) = ([gx, gy, gz], [bx, by, bz]);
-        if let Err((code, why)) = check_launch(k, c, grid, block, dyn_smem, func.max_dynamic_smem.load(Ordering::Relaxed)) {
+        if let Err((code, why)) = check_launch(KernelLimits::of(k, c), c, grid, block, dyn_smem, func.max_dynamic_smem.load(Ordering::Relaxed)) {
             eprintln!("emulated CUDA: launch of {} refused: {why}", k.name());
             return Err(code);
         }
@@ -1075,5 +1090,62 @@ mod tests {
         let mut s: *const c_char = std::ptr::null();
         assert_eq!(unsafe { cuGetErrorName(CUresult::CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES, &mut s) }, CUresult::CUDA_SUCCESS);
         assert_eq!(unsafe { CStr::from_ptr(s) }.to_str().unwrap(), "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES");
+    }
+
+    #[test]
+    fn launches_are_held_to_the_hardware_limits() {
+        setup();
+        // A fatbin header is all the module load looks at.
+        let image = [0xBA55_ED50u64 as u32 as u64, 0];
+        let mut module = std::ptr::null_mut();
+        assert_eq!(unsafe { cuModuleLoadData(&mut module, image.as_ptr().cast()) }, CUresult::CUDA_SUCCESS);
+        let mut f = std::ptr::null_mut();
+        let name = CString::new("attn_fwd_d128_f32").unwrap();
+        assert_eq!(unsafe { cuModuleGetFunction(&mut f, module, name.as_ptr()) }, CUresult::CUDA_SUCCESS);
+        let missing = CString::new("no_such_kernel").unwrap();
+        assert_eq!(unsafe { cuModuleGetFunction(&mut std::ptr::null_mut(), module, missing.as_ptr()) }, CUresult::CUDA_ERROR_NOT_FOUND);
+        let launch = |grid: [u32; 3], block: [u32; 3], smem: u32| unsafe {
+            cuLaunchKernel(f, grid[0], grid[1], grid[2], block[0], block[1], block[2], smem, std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut())
+        };
+        let invalid = CUresult::CUDA_ERROR_INVALID_VALUE;
+        // Every one of these is refused before any argument is read.
+        assert_eq!(launch([1, 1, 1], [1025, 1, 1], 0), invalid);
+        assert_eq!(launch([1, 1, 1], [32, 33, 1], 0), invalid, "1056 threads");
+        assert_eq!(launch([1, 65_536, 1], [128, 1, 1], 0), invalid);
+        assert_eq!(launch([1, 1, 65_536], [128, 1, 1], 0), invalid);
+        assert_eq!(launch([0, 1, 1], [128, 1, 1], 0), invalid);
+        // Dynamic shared memory: 48 KiB minus the static part without opting in, then up to the
+        // card's 227 KiB minus the static part.
+        let mut stat = 0;
+        assert_eq!(unsafe { cuFuncGetAttribute(&mut stat, FuncAttr::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, f) }, CUresult::CUDA_SUCCESS);
+        assert_eq!(launch([1, 1, 1], [128, 1, 1], (SMEM_DEFAULT_PER_BLOCK - stat + 1) as u32), invalid);
+        let optin = 227 * 1024 - stat;
+        assert_eq!(cuFuncSetAttribute(f, FuncAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, optin + 1), invalid);
+        assert_eq!(cuFuncSetAttribute(f, FuncAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, optin), CUresult::CUDA_SUCCESS);
+        assert_eq!(launch([1, 1, 1], [128, 1, 1], (optin + 1) as u32), invalid);
+        assert_eq!(cuModuleUnload(module), CUresult::CUDA_SUCCESS);
+    }
+
+    #[test]
+    fn registers_times_threads_may_not_pass_the_register_file() {
+        let card = Card::h100();
+        let limits = |registers| KernelLimits { max_threads: 1024, static_smem: 0, registers: Some(registers) };
+        let one = [1, 1, 1];
+        // 64 registers × 1024 threads = 65,536: fits exactly; 65 registers are allocated as 72.
+        assert!(check_launch(limits(64), &card, one, [1024, 1, 1], 0, 0).is_ok());
+        assert_eq!(check_launch(limits(65), &card, one, [1024, 1, 1], 0, 0).unwrap_err().0, CUresult::CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES);
+        // 255 registers (the most ptxas gives): 8 warps fit, 9 do not.
+        assert!(check_launch(limits(255), &card, one, [256, 1, 1], 0, 0).is_ok());
+        assert_eq!(check_launch(limits(255), &card, one, [257, 1, 1], 0, 0).unwrap_err().0, CUresult::CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES);
+        // ptxas allocates registers within a kernel's __launch_bounds__, so every kernel that has
+        // them fits its bound on both cards (a check of the register counts the build parsed).
+        for card in [Card::h100(), Card::a100()] {
+            for k in kernels::all().filter(|k| k.max_threads() < MAX_THREADS_PER_BLOCK) {
+                let t = k.max_threads();
+                if let Err((_, why)) = check_launch(KernelLimits::of(k, &card), &card, one, [t, 1, 1], 0, 0) {
+                    panic!("{} at its launch bounds ({t} threads) on {}: {why}", k.name(), card.name);
+                }
+            }
+        }
     }
 }

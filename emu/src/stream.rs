@@ -17,7 +17,7 @@
 //!   than passing by luck; `LLAMA_CPT_EMU_JOB_DELAY_US=N` sleeps N µs before every job to widen
 //!   such windows when hunting a race.
 use cudarc::driver::sys::{cudaError_enum as CUresult, CUevent, CUstream};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -140,52 +140,43 @@ fn run_worker(inner: &Inner) {
     }
 }
 
-fn default_stream() -> &'static Stream {
-    static DEFAULT: OnceLock<Stream> = OnceLock::new();
-    DEFAULT.get_or_init(Stream::spawn)
+fn default_stream() -> Arc<Stream> {
+    static DEFAULT: OnceLock<Arc<Stream>> = OnceLock::new();
+    DEFAULT.get_or_init(|| Arc::new(Stream::spawn())).clone()
 }
 
-/// Every stream alive (for context-wide synchronisation). Addresses of leaked `Stream`s.
-fn live_streams() -> &'static Mutex<Vec<usize>> {
-    static LIVE: OnceLock<Mutex<Vec<usize>>> = OnceLock::new();
-    LIVE.get_or_init(|| Mutex::new(Vec::new()))
+/// Every stream alive, by handle. A caller working on a stream holds an `Arc`, so a concurrent
+/// `destroy` cannot free it under the caller (cuCtxSynchronize against cuStreamDestroy).
+fn live_streams() -> &'static Mutex<HashMap<usize, Arc<Stream>>> {
+    static LIVE: OnceLock<Mutex<HashMap<usize, Arc<Stream>>>> = OnceLock::new();
+    LIVE.get_or_init(Default::default)
 }
 
-/// The stream a handle names. Handles come from `create` (never freed while registered) or are
-/// null; anything else is an invalid handle.
-fn resolve(s: CUstream) -> Result<&'static Stream, CUresult> {
-    if s.is_null() {
-        return Ok(default_stream());
-    }
+/// The stream a handle names: null is the default stream, others come from `create`; anything
+/// else is an invalid handle.
+fn resolve(s: CUstream) -> Result<Arc<Stream>, CUresult> {
     // CU_STREAM_LEGACY (0x1) and CU_STREAM_PER_THREAD (0x2) name the default stream too.
     if (s as usize) <= 2 {
         return Ok(default_stream());
     }
-    if !live_streams().lock().unwrap().contains(&(s as usize)) {
-        return Err(CUresult::CUDA_ERROR_INVALID_HANDLE);
-    }
-    Ok(unsafe { &*(s as *const Stream) })
+    live_streams().lock().unwrap().get(&(s as usize)).cloned().ok_or(CUresult::CUDA_ERROR_INVALID_HANDLE)
 }
 
-/// A new stream with its own worker.
+/// A new stream with its own worker. The handle is the stream's address (unique while it lives).
 pub fn create() -> CUstream {
-    let ptr = Box::into_raw(Box::new(Stream::spawn()));
-    live_streams().lock().unwrap().push(ptr as usize);
-    ptr as CUstream
+    let stream = Arc::new(Stream::spawn());
+    let handle = Arc::as_ptr(&stream) as usize;
+    live_streams().lock().unwrap().insert(handle, stream);
+    handle as CUstream
 }
 
 /// Waits for the stream's queued work, stops its worker and frees it. (CUDA lets destroy return
 /// at once and finish the work later; waiting is indistinguishable to a correct caller.)
 pub fn destroy(s: CUstream) -> Result<(), CUresult> {
-    if s.is_null() || (s as usize) <= 2 {
+    if (s as usize) <= 2 {
         return Err(CUresult::CUDA_ERROR_INVALID_HANDLE);
     }
-    {
-        let mut live = live_streams().lock().unwrap();
-        let Some(pos) = live.iter().position(|&p| p == s as usize) else { return Err(CUresult::CUDA_ERROR_INVALID_HANDLE) };
-        live.swap_remove(pos);
-    }
-    let stream = unsafe { Box::from_raw(s as *mut Stream) };
+    let stream = live_streams().lock().unwrap().remove(&(s as usize)).ok_or(CUresult::CUDA_ERROR_INVALID_HANDLE)?;
     let _ = stream.synchronize();
     stream.shutdown();
     Ok(())
@@ -215,13 +206,10 @@ pub fn query(s: CUstream) -> Result<(), CUresult> {
 /// Synchronises every stream (cuCtxSynchronize); the first sticky error met.
 pub fn synchronize_all() -> Result<(), CUresult> {
     let mut first = default_stream().synchronize().err();
-    let live: Vec<usize> = live_streams().lock().unwrap().clone();
-    for p in live {
-        // A stream destroyed meanwhile is skipped (resolve checks it is still registered).
-        if let Ok(s) = resolve(p as CUstream) {
-            if let Err(e) = s.synchronize() {
-                first.get_or_insert(e);
-            }
+    let live: Vec<Arc<Stream>> = live_streams().lock().unwrap().values().cloned().collect();
+    for s in live {
+        if let Err(e) = s.synchronize() {
+            first.get_or_insert(e);
         }
     }
     first.map_or(Ok(()), Err)
