@@ -353,6 +353,50 @@ fn a_dead_or_stalled_nccl_rank_stops_the_others_and_the_run_resumes() {
     stop_one_rank_then_resume(3, "nccl-fault", &args, 10, 7);
 }
 
+#[test]
+#[cfg(feature = "cuda")]
+#[ignore = "needs 3 CUDA GPUs and libnccl, or the emulated device (tools/emu-check.sh)"]
+fn a_killed_nccl_rank_is_named_by_the_others_without_a_launcher_to_end_them() {
+    // Ranks started by hand (torchrun-style variables), so no mpirun tears the job down: the
+    // others must notice on their own (NCCL's asynchronous error) and say which rank died.
+    let _serial = serial();
+    let out = root().join("nccl-kill-by-hand");
+    let _ = std::fs::remove_dir_all(&out);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let sets = ["data.seq_len=32", "stages.0.steps=40", "stages.1.steps=1", "data.micro_batch_rows=1", "stages.0.global_batch_rows=3", "stages.1.global_batch_rows=3", "run.log_every=1", "run.eval_every=0", "parallel.timeout_s=120"];
+    let mut ranks: Vec<std::process::Child> = (0..3)
+        .map(|r| {
+            let mut c = Command::new(env!("CARGO_BIN_EXE_pretrain"));
+            c.args(["--device", "cuda", "--config"]).arg(config()).arg("--set").arg(format!("run.out_dir={:?}", out.display().to_string()));
+            for s in sets {
+                c.args(["--set", s]);
+            }
+            let rank = r.to_string();
+            c.envs([("RANK", rank.as_str()), ("LOCAL_RANK", rank.as_str()), ("WORLD_SIZE", "3"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", &port.to_string()), ("RAYON_NUM_THREADS", "1"), ("RUST_BACKTRACE", "0")]);
+            c.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
+        })
+        .collect();
+    // Two steps logged: every rank is inside the training loop.
+    let t0 = Instant::now();
+    while std::fs::read_to_string(out.join("metrics.jsonl")).map_or(0, |m| m.lines().count()) < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(300) && ranks.iter_mut().all(|c| c.try_wait().unwrap().is_none()), "the job did not get to step 2");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ranks[1].kill().unwrap();
+    let t1 = Instant::now();
+    for (r, c) in ranks.into_iter().enumerate().filter(|(r, _)| *r != 1) {
+        let o = c.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "rank {r} must fail:\n{text}");
+        assert!(text.contains("exited") && text.contains("NCCL communicator aborted"), "rank {r}: the error says a rank exited:\n{text}");
+        assert!(text.contains("Error: step "), "rank {r}: the error names the step:\n{text}");
+    }
+    let waited = t1.elapsed();
+    // Far below the 120 s timeout: the death itself is noticed.
+    assert!(waited < Duration::from_secs(30), "the others took {waited:?}");
+    eprintln!("nccl-kill-by-hand: SIGKILL to rank 1 of 3 (no launcher): the others stopped after {waited:.1?}");
+}
+
 /// The pid of the `pretrain` process writing to `out` with the given MPI rank.
 fn rank_pid(out: &Path, rank: usize) -> Option<u32> {
     let want = format!("OMPI_COMM_WORLD_RANK={rank}");

@@ -57,6 +57,9 @@ struct Header {
     round: AtomicU32,
     /// 1 + the first rank that aborted or failed; 0 while all is well.
     failed: AtomicU32,
+    /// 1 + the first rank found dead, so that every survivor names it (not a survivor that
+    /// exited after it with its own error).
+    dead: AtomicU32,
     pids: [AtomicI32; MAX_RANKS],
 }
 
@@ -409,10 +412,19 @@ impl Comm {
         if let Some(seg) = seg {
             let h = seg.header();
             // A dead rank first: when one dies, another may fail before us, and the death is the cause.
+            let exited = |r: usize| failure(ncclResult_t::ncclRemoteError, format!("{what}: rank {r} (pid {}) has exited", h.pids[r].load(Ordering::Acquire)));
+            let dead = h.dead.load(Ordering::Acquire);
+            if dead != 0 {
+                return Err(exited(dead as usize - 1));
+            }
             for r in (0..self.nranks).filter(|&r| r != self.rank) {
                 let pid = h.pids[r].load(Ordering::Acquire);
                 if pid != 0 && !alive(pid) {
-                    return Err(failure(ncclResult_t::ncclRemoteError, format!("{what}: rank {r} (pid {pid}) has exited")));
+                    let first = match h.dead.compare_exchange(0, r as u32 + 1, Ordering::AcqRel, Ordering::Acquire) {
+                        Ok(_) => r,
+                        Err(earlier) => earlier as usize - 1,
+                    };
+                    return Err(exited(first));
                 }
             }
             let failed = h.failed.load(Ordering::Acquire);

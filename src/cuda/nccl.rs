@@ -11,7 +11,8 @@
 //! before and after it on the communication stream). A collective that started but did not finish
 //! within the timeout, or an asynchronous NCCL error, makes the watchdog abort the communicator
 //! (`ncclCommAbort` ends the NCCL kernels, so no stream waits forever) and record an error naming
-//! the collective; every later call, [`Pending::wait`] and the host syncs here return it, and the
+//! the collective (a NCCL call that fails aborts it the same way); every later call,
+//! [`Pending::wait`] and the host syncs here return the error, and the
 //! trainer exits with the last checkpoint intact. Should the process still be alive one more
 //! timeout later, the watchdog ends it.
 use super::alloc::{CudaBuf, DType, Home};
@@ -77,8 +78,23 @@ struct InFlight {
     started_at: Option<Instant>,
 }
 
+/// How every message about a failed communicator ends.
+const ABORTED: &str = " (NCCL communicator aborted)";
+
 impl Watch {
-    /// The watchdog's error, if it has stopped the communicator.
+    /// Records the failure (once) and aborts the communicator. The error is recorded before the
+    /// abort, so whoever the abort releases sees it.
+    fn fail(&self, state: &mut WatchState, comm: CommHandle, message: String) {
+        if state.failure.is_some() {
+            return;
+        }
+        eprintln!("{message}{ABORTED}");
+        state.failure = Some(format!("{message}{ABORTED}"));
+        state.in_flight.clear();
+        unsafe { ncclsys::ncclCommAbort(comm.0) };
+    }
+
+    /// The error that stopped the communicator, if one has.
     fn check(&self) -> Result<()> {
         match &self.state.lock().unwrap().failure {
             Some(f) => Err(anyhow!("{f}")),
@@ -239,7 +255,12 @@ impl Nccl {
             let what = format!("{} #{} of {} bytes", kind.map_or("all-reduce of scalars", collective_name), *issued, dtype.size() * input.len);
             self.comm_stream.join(&self.home.stream).map_err(|e| anyhow!("{e}"))?;
             let started = self.comm_stream.record_event(None).map_err(|e| anyhow!("{e}"))?;
-            op(input.ptr, output.ptr, self.comm_stream.cu_stream() as ncclsys::cudaStream_t).map_err(|e| anyhow!("rank {}: {what}: {e:#}", self.rank))?;
+            if let Err(e) = op(input.ptr, output.ptr, self.comm_stream.cu_stream() as ncclsys::cudaStream_t) {
+                // A failed NCCL call leaves the communicator unusable: abort it, as the watchdog would.
+                let message = format!("rank {}: {what}: {e:#}{}", self.rank, last_error(self.comm));
+                self.watch.fail(&mut self.watch.state.lock().unwrap(), self.comm, message.clone());
+                bail!("{message}{ABORTED}");
+            }
             let done = self.comm_stream.record_event(None).map_err(|e| anyhow!("{e}"))?;
             self.watch.state.lock().unwrap().in_flight.push_back(InFlight { what, started, done, started_at: None });
             Ok(())
@@ -316,12 +337,7 @@ fn watchdog(watch: &Watch, comm: CommHandle) {
             }
         }
         if let Some(reason) = reason {
-            let message = format!("rank {}: {reason} (the NCCL watchdog aborted the communicator)", watch.rank);
-            eprintln!("{message}");
-            // Recorded before the abort, so whoever the abort releases sees the error.
-            state.failure = Some(message);
-            state.in_flight.clear();
-            unsafe { ncclsys::ncclCommAbort(comm.0) };
+            watch.fail(&mut state, comm, format!("rank {}: {reason}", watch.rank));
             failed_at = Some(Instant::now());
         }
     }
