@@ -97,6 +97,8 @@ struct ThreadState {
     unsigned linear;  // x + y·bx + z·bx·by; lane = linear % 32
 };
 // The block and CUDA thread the calling fiber is; set by the scheduler before every switch in.
+// (Not initial-exec TLS: that makes the whole TLS segment of the dlopen'ed library static, and the
+// thread_local __shared__ arrays do not fit glibc's reserve: "cannot allocate memory in static TLS block".)
 extern thread_local const BlockState* tls_block;
 extern thread_local const ThreadState* tls_thread;
 

@@ -63,8 +63,11 @@ constexpr size_t STACK_BYTES = 64 * 1024;
 
 enum class State { Runnable, AtBarrier, AtWarp, Done };
 
+struct Worker;
+
 struct Fiber {
     ThreadState ts;
+    Worker* worker = nullptr;  // the OS thread's scheduler this fiber belongs to
     unsigned linear = 0;
     State state = State::Done;
     // Stack: [guard page][STACK_BYTES usable], mmap'ed once and reused by every block.
@@ -130,8 +133,19 @@ struct Worker {
     static size_t page() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
 };
 
-thread_local Worker tls_worker;
 thread_local Fiber* tls_fiber = nullptr;
+
+// The calling OS thread's scheduler, created on its first launch and destroyed when it exits. The
+// hot paths reach it through the running fiber, not through thread_local lookups.
+Worker& this_worker() {
+    struct Owner {
+        Worker* w = nullptr;
+        ~Owner() { delete w; }
+    };
+    thread_local Owner owner;
+    if (!owner.w) owner.w = new Worker;
+    return *owner.w;
+}
 
 void fail(Worker& w, const char* fmt, va_list ap) {
     if (w.failed) return;
@@ -395,8 +409,8 @@ void run_block(Worker& w) {
 }  // namespace
 
 void syncthreads() {
-    Worker& w = tls_worker;
     Fiber* f = tls_fiber;
+    Worker& w = *f->worker;
     set_state(w, f, State::AtBarrier);
 #if defined(LCPT_EMU_TSAN)
     __tsan_release(&w.sync_barrier);
@@ -408,8 +422,8 @@ void syncthreads() {
 }
 
 void warp_collective(unsigned mask, void* lane_data, WarpCompleteFn complete, const char* what) {
-    Worker& w = tls_worker;
     Fiber* f = tls_fiber;
+    Worker& w = *f->worker;
     const unsigned lane = f->linear & 31, warp = f->linear / 32, base = warp * 32;
     if (!(mask >> lane & 1))
         kernel_error("thread %u (warp %u lane %u) calls %s with mask 0x%08x, which does not name the calling lane", f->linear, warp, lane, what, mask);
@@ -463,7 +477,7 @@ void warp_collective(unsigned mask, void* lane_data, WarpCompleteFn complete, co
 }
 
 void kernel_error(const char* fmt, ...) {
-    Worker& w = tls_worker;
+    Worker& w = *tls_fiber->worker;
     char what[700];
     va_list ap;
     va_start(ap, fmt);
@@ -509,7 +523,7 @@ void record_error(GridJob& job, unsigned long long b, int code, const char (&mes
 
 // Runs blocks of `job` on the calling OS thread until none is left.
 void run_blocks(GridJob& job) {
-    Worker& w = tls_worker;
+    Worker& w = this_worker();
     w.failed = false;
     w.message[0] = 0;
 #if defined(LCPT_EMU_TSAN)
@@ -523,6 +537,7 @@ void run_blocks(GridJob& job) {
             record_error(job, 0, CUDA_ERROR_LAUNCH_FAILED, w.message);
             return;
         }
+        f->worker = &w;
         w.fibers.push_back(f);
     }
     w.nthreads = nthreads;
@@ -667,7 +682,7 @@ int run_grid(const char* name, BlockThreadFn fn, void* params, dim3 grid, dim3 b
 
 extern "C" void lcpt_emu_fiber_main(lcpt_emu::Fiber* f) {
     using namespace lcpt_emu;
-    Worker& w = tls_worker;
+    Worker& w = *f->worker;
 #if defined(LCPT_EMU_ASAN)
     __sanitizer_finish_switch_fiber(nullptr, &w.sched_stack_bottom, &w.sched_stack_size);
 #endif
