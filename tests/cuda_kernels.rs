@@ -276,10 +276,16 @@ fn cross_entropy_matches_cpu_with_ignored_targets() {
             targets[1] = -100;
             targets[rows - 1] = vocab as i32 - 1;
         }
-        let (loss_c, lse_c) = Cpu.cross_entropy(&logits, &targets, vocab);
+        let (_, lse_c) = Cpu.cross_entropy(&logits, &targets, vocab);
+        // The loss against the f64 reference: the f32 CPU reference sums a row's 128k
+        // exponentials one after the other and its log-sum-exp is then ~1.1e-4 too low (a bias,
+        // not noise: found on the emulated device, measured with numpy), more than this bound;
+        // the kernel's per-thread online sums and tree merge are far more accurate.
+        let logits64: Vec<f64> = logits.iter().map(|&x| x as f64).collect();
+        let loss_c = llama_cpt_ops::cross_entropy::cross_entropy_forward(&mut vec![0f64; rows], &logits64, &targets, vocab);
         let lg = g.upload(&logits);
         let (loss_g, lse_g) = g.cross_entropy(&lg, &targets, vocab);
-        assert!((loss_g - loss_c).abs() <= 1e-5 * loss_c.abs().max(1.0), "loss {loss_g} vs {loss_c} ({rows}x{vocab})");
+        assert!((loss_g - loss_c).abs() <= 1e-5 * loss_c.abs().max(1.0), "loss {loss_g} vs {loss_c} (f64 reference, {rows}x{vocab})");
         check(&format!("ce lse {rows}x{vocab}"), &g.download(&lse_g), &lse_c, F32_TOL);
         let d_c = Cpu.cross_entropy_backward(&logits, &lse_c, &targets, vocab, 0.7);
         let d_g = g.cross_entropy_backward(&lg, &lse_g, &targets, vocab, 0.7);
