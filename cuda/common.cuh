@@ -63,7 +63,7 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a
 template <typename T>
 __device__ __forceinline__ T* dynamic_smem() {
 #ifdef LCPT_EMU_HOST
-    return reinterpret_cast<T*>(lcpt_emu::tls_block->dynamic_smem);
+    return reinterpret_cast<T*>(lcpt_emu::current_block()->dynamic_smem);
 #else
     extern __shared__ __align__(16) unsigned char lcpt_dynamic_smem[];
     return reinterpret_cast<T*>(lcpt_dynamic_smem);

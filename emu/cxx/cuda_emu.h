@@ -96,11 +96,31 @@ struct ThreadState {
     uint3 thread_idx;
     unsigned linear;  // x + y·bx + z·bx·by; lane = linear % 32
 };
-// The block and CUDA thread the calling fiber is; set by the scheduler before every switch in.
-// (Not initial-exec TLS: that makes the whole TLS segment of the dlopen'ed library static, and the
-// thread_local __shared__ arrays do not fit glibc's reserve: "cannot allocate memory in static TLS block".)
-extern thread_local const BlockState* tls_block;
-extern thread_local const ThreadState* tls_thread;
+// Every fiber's stack lies in a region of FIBER_REGION bytes aligned to its size, whose first bytes
+// hold a FiberHeader: the running CUDA thread finds its state from its stack pointer, without a
+// thread_local lookup (a call into the dynamic loader per threadIdx in the dlopen'ed library).
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__) || defined(LCPT_EMU_ASAN) || defined(LCPT_EMU_TSAN)
+constexpr size_t STACK_BYTES = 512 * 1024;  // sanitizer frames are several times larger
+#else
+constexpr size_t STACK_BYTES = 64 * 1024;
+#endif
+constexpr size_t FIBER_REGION = 2 * STACK_BYTES;  // [header page][guard page][stack] fits
+struct FiberHeader {
+    const ThreadState* thread;
+    const BlockState* block;
+    void* fiber;  // runtime.cpp's Fiber
+};
+static inline const FiberHeader* fiber_header() {
+#if defined(__x86_64__)
+    uintptr_t sp;
+    asm("mov %%rsp, %0" : "=r"(sp));  // not volatile: a fiber never leaves its stack
+#else
+    const uintptr_t sp = reinterpret_cast<uintptr_t>(__builtin_frame_address(0));
+#endif
+    return reinterpret_cast<const FiberHeader*>(sp & ~(uintptr_t)(FIBER_REGION - 1));
+}
+static inline const BlockState* current_block() { return fiber_header()->block; }
+static inline const ThreadState* current_thread() { return fiber_header()->thread; }
 
 // Block-wide barrier (counts threads that already returned as arrived, as the hardware does).
 void syncthreads();
@@ -176,16 +196,16 @@ int launch(dim3 grid, dim3 block, unsigned dyn_smem, char* err, size_t errlen, c
 
 }  // namespace lcpt_emu
 
-#define threadIdx (lcpt_emu::tls_thread->thread_idx)
-#define blockIdx (lcpt_emu::tls_block->block_idx)
-#define blockDim (lcpt_emu::tls_block->block_dim)
-#define gridDim (lcpt_emu::tls_block->grid_dim)
+#define threadIdx (lcpt_emu::current_thread()->thread_idx)
+#define blockIdx (lcpt_emu::current_block()->block_idx)
+#define blockDim (lcpt_emu::current_block()->block_dim)
+#define gridDim (lcpt_emu::current_block()->grid_dim)
 #define warpSize 32
 
 static inline void __syncthreads() { lcpt_emu::syncthreads(); }
 template <typename T>
 static inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
-    const int lane = static_cast<int>(lcpt_emu::tls_thread->linear & 31);
+    const int lane = static_cast<int>(lcpt_emu::current_thread()->linear & 31);
     (void)width;
     return lcpt_emu::shfl(mask, v, lane ^ lane_mask, "__shfl_xor_sync");
 }

@@ -46,8 +46,6 @@
 
 namespace lcpt_emu {
 
-thread_local const BlockState* tls_block = nullptr;
-thread_local const ThreadState* tls_thread = nullptr;
 
 namespace {
 
@@ -55,11 +53,6 @@ namespace {
 constexpr int CUDA_ERROR_INVALID_VALUE = 1;
 constexpr int CUDA_ERROR_LAUNCH_FAILED = 719;
 
-#if defined(LCPT_EMU_ASAN) || defined(LCPT_EMU_TSAN)
-constexpr size_t STACK_BYTES = 512 * 1024;  // sanitizer frames are several times larger
-#else
-constexpr size_t STACK_BYTES = 64 * 1024;
-#endif
 
 enum class State { Runnable, AtBarrier, AtWarp, Done };
 
@@ -70,8 +63,10 @@ struct Fiber {
     Worker* worker = nullptr;  // the OS thread's scheduler this fiber belongs to
     unsigned linear = 0;
     State state = State::Done;
-    // Stack: [guard page][STACK_BYTES usable], mmap'ed once and reused by every block.
+    // Stack: STACK_BYTES above a guard page in a FIBER_REGION-aligned region that starts with the
+    // FiberHeader (cuda_emu.h); mmap'ed once and reused by every block.
     unsigned char* stack = nullptr;
+    void* mapping = nullptr;
 #if defined(__x86_64__)
     void* sp = nullptr;
 #else
@@ -123,7 +118,7 @@ struct Worker {
 
     ~Worker() {
         for (Fiber* f : fibers) {
-            munmap(f->stack - page(), STACK_BYTES + page());  // the guard page sits below the stack
+            munmap(f->mapping, 2 * FIBER_REGION);
 #if defined(LCPT_EMU_TSAN)
             __tsan_destroy_fiber(f->tsan_fiber);
 #endif
@@ -133,7 +128,8 @@ struct Worker {
     static size_t page() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
 };
 
-thread_local Fiber* tls_fiber = nullptr;
+// The running fiber, from its stack (cuda_emu.h); only called on a fiber.
+Fiber* this_fiber() { return static_cast<Fiber*>(const_cast<void*>(fiber_header()->fiber)); }
 
 // The calling OS thread's scheduler, created on its first launch and destroyed when it exits. The
 // hot paths reach it through the running fiber, not through thread_local lookups.
@@ -235,13 +231,21 @@ void reset_fiber(Fiber* f) {
 #endif
 }
 
-Fiber* new_fiber() {
+Fiber* new_fiber(Worker& w) {
     const size_t page = Worker::page();
-    void* mem = mmap(nullptr, STACK_BYTES + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    // Twice the region, so that an aligned region lies inside.
+    void* mem = mmap(nullptr, 2 * FIBER_REGION, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (mem == MAP_FAILED) return nullptr;
-    mprotect(mem, page, PROT_NONE);  // a stack overflow faults instead of corrupting a neighbour
+    unsigned char* region = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(mem) + FIBER_REGION - 1) & ~(uintptr_t)(FIBER_REGION - 1));
+    mprotect(region + page, page, PROT_NONE);  // a stack overflow faults instead of overwriting the header
     Fiber* f = new Fiber;
-    f->stack = static_cast<unsigned char*>(mem) + page;
+    f->mapping = mem;
+    f->stack = region + 2 * page;
+    f->worker = &w;
+    FiberHeader* h = reinterpret_cast<FiberHeader*>(region);
+    h->thread = &f->ts;
+    h->block = &w.block;
+    h->fiber = f;
 #if defined(LCPT_EMU_TSAN)
     f->tsan_fiber = __tsan_create_fiber(0);
 #endif
@@ -266,8 +270,6 @@ Fiber* next_runnable(Worker& w, unsigned from) {
 // Scheduler -> fiber f, which starts a pass over the block; returns when the pass ends (the last
 // fiber of the pass switches back).
 void switch_in(Worker& w, Fiber* f) {
-    tls_thread = &f->ts;
-    tls_fiber = f;
     w.from_scheduler = true;
 #if defined(LCPT_EMU_ASAN)
     __sanitizer_start_switch_fiber(&w.sched_fake_stack, f->stack, STACK_BYTES);
@@ -283,7 +285,6 @@ void switch_in(Worker& w, Fiber* f) {
 #if defined(LCPT_EMU_ASAN)
     __sanitizer_finish_switch_fiber(w.sched_fake_stack, nullptr, nullptr);
 #endif
-    tls_fiber = nullptr;
 }
 
 // Fiber f (blocked or returned) hands over to the next Runnable fiber after it in thread order,
@@ -302,8 +303,6 @@ void switch_out(Worker& w, Fiber* f) {
     __tsan_switch_to_fiber(next ? next->tsan_fiber : w.tsan_sched, __tsan_switch_to_fiber_no_sync);
 #endif
     if (next) {
-        tls_thread = &next->ts;
-        tls_fiber = next;
         w.from_scheduler = false;
 #if defined(__x86_64__)
         lcpt_emu_switch(&f->sp, next->sp);
@@ -409,7 +408,7 @@ void run_block(Worker& w) {
 }  // namespace
 
 void syncthreads() {
-    Fiber* f = tls_fiber;
+    Fiber* f = this_fiber();
     Worker& w = *f->worker;
     set_state(w, f, State::AtBarrier);
 #if defined(LCPT_EMU_TSAN)
@@ -422,7 +421,7 @@ void syncthreads() {
 }
 
 void warp_collective(unsigned mask, void* lane_data, WarpCompleteFn complete, const char* what) {
-    Fiber* f = tls_fiber;
+    Fiber* f = this_fiber();
     Worker& w = *f->worker;
     const unsigned lane = f->linear & 31, warp = f->linear / 32, base = warp * 32;
     if (!(mask >> lane & 1))
@@ -477,14 +476,14 @@ void warp_collective(unsigned mask, void* lane_data, WarpCompleteFn complete, co
 }
 
 void kernel_error(const char* fmt, ...) {
-    Worker& w = *tls_fiber->worker;
+    Worker& w = *this_fiber()->worker;
     char what[700];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(what, sizeof what, fmt, ap);
     va_end(ap);
     fail(w, "kernel %s block (%u,%u,%u): %s", w.kernel, w.block.block_idx.x, w.block.block_idx.y, w.block.block_idx.z, what);
-    Fiber* f = tls_fiber;
+    Fiber* f = this_fiber();
     if (f->state == State::AtWarp) w.warp_waiting[f->linear / 32] &= ~(1u << (f->linear & 31));
     set_state(w, f, State::Done);
     switch_out(w, f);
@@ -531,13 +530,12 @@ void run_blocks(GridJob& job) {
 #endif
     const unsigned nthreads = job.block.x * job.block.y * job.block.z;
     while (w.fibers.size() < nthreads) {
-        Fiber* f = new_fiber();
+        Fiber* f = new_fiber(w);
         if (!f) {
             fail(w, "kernel %s: cannot map a %zu-byte fiber stack for thread %zu", job.name, STACK_BYTES, w.fibers.size());
             record_error(job, 0, CUDA_ERROR_LAUNCH_FAILED, w.message);
             return;
         }
-        f->worker = &w;
         w.fibers.push_back(f);
     }
     w.nthreads = nthreads;
@@ -562,9 +560,6 @@ void run_blocks(GridJob& job) {
     w.block.block_dim = job.block;
     w.block.grid_dim = job.grid;
     w.block.dynamic_smem = smem;
-    const BlockState* saved_block = tls_block;
-    const ThreadState* saved_thread = tls_thread;
-    tls_block = &w.block;
     const unsigned long long gx = job.grid.x, gxy = gx * job.grid.y;
     for (;;) {
         if (job.failed) break;
@@ -577,8 +572,6 @@ void run_blocks(GridJob& job) {
             break;
         }
     }
-    tls_block = saved_block;
-    tls_thread = saved_thread;
     free(smem);
 }
 

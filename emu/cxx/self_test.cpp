@@ -11,7 +11,7 @@ namespace {
 // out[t] = value thread t+1 wrote before the barrier, over several rounds; without a working
 // barrier a thread reads its neighbour's previous round (or the NaN fill of shared memory).
 void barrier_kernel(float* out) {
-    float* s = reinterpret_cast<float*>(lcpt_emu::tls_block->dynamic_smem);
+    float* s = reinterpret_cast<float*>(lcpt_emu::current_block()->dynamic_smem);
     const unsigned t = threadIdx.x, n = blockDim.x;
     float acc = 0.f;
     for (int round = 0; round < 3; ++round) {
