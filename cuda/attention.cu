@@ -33,8 +33,6 @@ constexpr int THREADS = 128;
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 
-extern __shared__ __align__(16) unsigned char smem[];
-
 // Rows [row0, row0 + R) of head h of a [tokens, nh, D] tensor into shared bf16 [R][LD]; rows
 // at or past `limit` are zero.
 template <int R, int D, int LD, typename T>
@@ -90,7 +88,7 @@ template <int D, typename T>
 __device__ __forceinline__ void fwd_body(T* __restrict__ out, float* __restrict__ lse, const T* __restrict__ q, const T* __restrict__ k,
                                          const T* __restrict__ v, const int4* __restrict__ tiles, int heads, int kv_heads, float scale_log2) {
     constexpr int LD = D + 8, LDT = BN + 8;
-    bf16* Qs = reinterpret_cast<bf16*>(smem);
+    bf16* Qs = lcpt::dynamic_smem<bf16>();
     bf16* Ks = Qs + BM * LD;
     bf16* Vt = Ks + BN * LD;
     const int4 tile = tiles[blockIdx.x];
@@ -193,7 +191,7 @@ __device__ __forceinline__ void bwd_dq_body(T* __restrict__ dq, const T* __restr
                                             const float* __restrict__ delta, const int4* __restrict__ tiles, int heads, int kv_heads, float scale,
                                             float scale_log2) {
     constexpr int LD = D + 8, LDT = BN + 8;
-    bf16* Qs = reinterpret_cast<bf16*>(smem);
+    bf16* Qs = lcpt::dynamic_smem<bf16>();
     bf16* dOs = Qs + BM * LD;
     bf16* Ks = dOs + BM * LD;
     bf16* Vs = Ks + BN * LD;
@@ -278,7 +276,7 @@ __device__ __forceinline__ void bwd_dkdv_body(T* __restrict__ dk, T* __restrict_
                                               const float* __restrict__ delta, const int4* __restrict__ tiles, int heads, int kv_heads,
                                               float scale, float scale_log2) {
     constexpr int LD = D + 8, LDTQ = BMQ + 8;
-    bf16* Ks = reinterpret_cast<bf16*>(smem);
+    bf16* Ks = lcpt::dynamic_smem<bf16>();
     bf16* Vs = Ks + BN * LD;
     bf16* Qs = Vs + BN * LD;
     bf16* dOs = Qs + BMQ * LD;

@@ -44,13 +44,30 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
     return *reinterpret_cast<uint32_t*>(&v);
 }
 
-// D += A·B for one m16n8k16 tile: bf16 operands, fp32 accumulators (sm_80+).
+// D += A·B for one m16n8k16 tile: bf16 operands, fp32 accumulators (sm_80+). Inline PTX stays
+// behind one-function seams like this one, each emulated by one function in emu/cxx/ for the host build.
 __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef LCPT_EMU_HOST
+    lcpt_emu::mma_m16n8k16_bf16(d, a, b0, b1);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
         "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+// The block's dynamic shared memory (`extern __shared__`, sized by the launch) as T*; a seam so
+// that the host build supplies a buffer of exactly the launch's size.
+template <typename T>
+__device__ __forceinline__ T* dynamic_smem() {
+#ifdef LCPT_EMU_HOST
+    return reinterpret_cast<T*>(lcpt_emu::current_block()->dynamic_smem);
+#else
+    extern __shared__ __align__(16) unsigned char lcpt_dynamic_smem[];
+    return reinterpret_cast<T*>(lcpt_dynamic_smem);
+#endif
 }
 
 }  // namespace lcpt

@@ -276,10 +276,16 @@ fn cross_entropy_matches_cpu_with_ignored_targets() {
             targets[1] = -100;
             targets[rows - 1] = vocab as i32 - 1;
         }
-        let (loss_c, lse_c) = Cpu.cross_entropy(&logits, &targets, vocab);
+        let (_, lse_c) = Cpu.cross_entropy(&logits, &targets, vocab);
+        // The loss against the f64 reference: the f32 CPU reference sums a row's 128k
+        // exponentials one after the other and its log-sum-exp is then ~1.1e-4 too low (a bias,
+        // not noise: found on the emulated device, measured with numpy), more than this bound;
+        // the kernel's per-thread online sums and tree merge are far more accurate.
+        let logits64: Vec<f64> = logits.iter().map(|&x| x as f64).collect();
+        let loss_c = llama_cpt_ops::cross_entropy::cross_entropy_forward(&mut vec![0f64; rows], &logits64, &targets, vocab);
         let lg = g.upload(&logits);
         let (loss_g, lse_g) = g.cross_entropy(&lg, &targets, vocab);
-        assert!((loss_g - loss_c).abs() <= 1e-5 * loss_c.abs().max(1.0), "loss {loss_g} vs {loss_c} ({rows}x{vocab})");
+        assert!((loss_g - loss_c).abs() <= 1e-5 * loss_c.abs().max(1.0), "loss {loss_g} vs {loss_c} (f64 reference, {rows}x{vocab})");
         check(&format!("ce lse {rows}x{vocab}"), &g.download(&lse_g), &lse_c, F32_TOL);
         let d_c = Cpu.cross_entropy_backward(&logits, &lse_c, &targets, vocab, 0.7);
         let d_g = g.cross_entropy_backward(&lg, &lse_g, &targets, vocab, 0.7);
@@ -382,7 +388,7 @@ fn whole_model_forward_backward_matches_cpu() {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn allocator_is_warm_after_one_step_and_tracks_the_peak() {
+fn allocator_is_warm_after_two_steps_and_tracks_the_peak() {
     let g = gpu();
     g.set_poison_allocations(false);
     g.set_sync_each_launch(false);
@@ -391,7 +397,14 @@ fn allocator_is_warm_after_one_step_and_tracks_the_peak() {
     let tokens: Vec<u32> = (0..4 * 64).map(|i| (i * 7 % 500) as u32).collect();
     let labels: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
     let b = Batch::from_rows(4, 64, tokens, &labels);
-    let _ = model.loss_and_grads(&g, &b, 1.0, StepOptions::default()).unwrap();
+    // Two steps to warm up: the first step creates the content cache's device copies of the
+    // positions, ids and targets (upload_cached) at their first use, after some of that step's
+    // temporaries were taken from the pool; from the second step on they are alive from the
+    // start, so its peak is higher by them (found on the emulated device: 2 more cuMemAlloc of
+    // 1 KiB in step 2).
+    for _ in 0..2 {
+        let _ = model.loss_and_grads(&g, &b, 1.0, StepOptions::default()).unwrap();
+    }
     g.synchronize().unwrap();
     let warm = g.memory_stats();
     for _ in 0..3 {

@@ -1,6 +1,10 @@
 //! Data parallelism for real: the `pretrain` binary under `mpirun` (several processes, MPI
 //! collectives), checked against one process. Needs `--features mpi` and Open MPI's `mpirun`
 //! (`.ci/run` installs both). Every run uses one rayon thread per rank so four ranks fit two cores.
+//!
+//! With `--features cuda`, the `#[ignore]`d tests run `pretrain --device cuda` under mpirun: NCCL
+//! between the ranks (one GPU each, the local rank's). They need GPUs — or the emulated device:
+//! `tools/emu-check.sh` runs them with the emulator's libraries on `LD_LIBRARY_PATH`.
 #![cfg(feature = "mpi")]
 
 use llama_cpt::dist::{Layout, ZeroStage};
@@ -41,9 +45,19 @@ fn config() -> &'static Path {
     })
 }
 
+/// Variables the ranks need from this environment when they are set: where the CUDA libraries
+/// are (the emulated ones under tools/emu-check.sh) and the emulator's settings.
+const FORWARDED_ENV: [&str; 4] = ["LD_LIBRARY_PATH", "LLAMA_CPT_EMU_GPUS", "LLAMA_CPT_EMU_DEVICE", "LLAMA_CPT_EMU_NCCL_TIMEOUT_S"];
+
 fn mpirun(np: usize, out: &Path, extra: &[&str]) -> Command {
     let mut c = Command::new("mpirun");
     c.args(["--oversubscribe", "--allow-run-as-root", "-np", &np.to_string(), "-x", "RAYON_NUM_THREADS=1", "-x", "RUST_BACKTRACE=0"]);
+    // NCCL's unique id goes from rank 0 to the others through the TCP rendezvous.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    c.args(["-x", "MASTER_ADDR=127.0.0.1", "-x", &format!("MASTER_PORT={port}")]);
+    for var in FORWARDED_ENV.iter().filter(|v| std::env::var_os(v).is_some()) {
+        c.args(["-x", var]);
+    }
     c.arg(env!("CARGO_BIN_EXE_pretrain")).arg("--config").arg(config()).arg("--set").arg(format!("run.out_dir={:?}", out.display().to_string()));
     for s in ["run.eval_every=0", "run.log_every=1", "parallel.bucket_mib=0.05"].iter().chain(extra) {
         // `--flag=value` goes to pretrain as it is; everything else is a config override.
@@ -232,16 +246,31 @@ fn a_checkpoint_from_4_ranks_resumes_at_2_and_3_ranks_and_other_zero_stages() {
 #[test]
 fn a_rank_that_dies_or_stalls_stops_the_others_and_the_run_resumes() {
     let _serial = serial();
-    let out = root().join("fault");
+    let args = ["stages.0.steps=40", "stages.1.steps=4", "data.micro_batch_rows=4", "run.checkpoint_every=3"];
+    stop_one_rank_then_resume(2, "fault", &args, 5, 44);
+}
+
+/// Starts `np` ranks training into `root()/name`; once a new checkpoint is complete, stops
+/// (SIGSTOP) and later kills (SIGKILL) rank 1 of a fresh job each: the other ranks must fail on
+/// their own within `timeout_s` plus a margin, with an error that names the collective and the
+/// step. Then a job without the short timeout resumes from the last checkpoint and logs every one
+/// of the `total_steps` once.
+fn stop_one_rank_then_resume(np: usize, name: &str, args: &[&str], timeout_s: u64, total_steps: u64) {
+    let out = root().join(name);
     let _ = std::fs::remove_dir_all(&out);
-    let args = ["stages.0.steps=40", "stages.1.steps=4", "data.micro_batch_rows=4", "run.checkpoint_every=3", "parallel.timeout_s=5"];
+    let timeout_set = format!("parallel.timeout_s={timeout_s}");
+    let with_timeout: Vec<&str> = args.iter().copied().chain([timeout_set.as_str()]).collect();
     for signal in ["STOP", "KILL"] {
         let before = llama_cpt::train::checkpoint::complete_checkpoints(&out).unwrap();
-        let mut child = mpirun(2, &out, &args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut child = mpirun(np, &out, &with_timeout).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
         // Wait for a new checkpoint, then hit rank 1.
         let t0 = Instant::now();
         while llama_cpt::train::checkpoint::complete_checkpoints(&out).unwrap().last() == before.last() {
-            assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
+            if t0.elapsed() > Duration::from_secs(300) || child.try_wait().unwrap().is_some() {
+                let _ = child.kill();
+                let o = child.wait_with_output().unwrap();
+                panic!("no new checkpoint appeared; the job said:\n{}", String::from_utf8_lossy(&o.stderr));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
         let Some(rank1) = rank_pid(&out, 1) else {
@@ -255,22 +284,117 @@ fn a_rank_that_dies_or_stalls_stops_the_others_and_the_run_resumes() {
         let waited = t1.elapsed();
         let text = String::from_utf8_lossy(&o.stderr).to_string() + &String::from_utf8_lossy(&o.stdout);
         assert!(!o.status.success(), "SIG{signal}: the job must fail:\n{text}");
-        assert!(waited < Duration::from_secs(60), "SIG{signal}: the others took {waited:?} to stop");
+        assert!(waited < Duration::from_secs(timeout_s + 55), "SIG{signal}: the others took {waited:?} to stop");
         if signal == "STOP" {
-            // Rank 0 gave up on its own: the collective's timeout, with a message saying why.
-            assert!(text.contains("did not complete within 5 s"), "SIG{signal}:\n{text}");
+            // The others gave up on their own: the collective's timeout, with a message saying
+            // why and at which step.
+            assert!(text.contains(&format!("did not complete within {timeout_s} s")), "SIG{signal}:\n{text}");
+            assert!(text.contains("Error: step "), "SIG{signal}: the error names the step:\n{text}");
+            let why: Vec<&str> = text.lines().filter(|l| l.contains("did not complete within")).collect();
+            eprintln!("{name}: SIG{signal}: {}", why.join(" | "));
             let _ = Command::new("kill").args(["-KILL", &rank1.to_string()]).status();
         }
-        eprintln!("SIG{signal} to rank 1: job stopped after {waited:.1?}");
+        eprintln!("{name}: SIG{signal} to rank 1 of {np}: job stopped after {waited:.1?}");
     }
     // Resume from the last checkpoint and finish.
     let before = llama_cpt::train::checkpoint::complete_checkpoints(&out).unwrap();
     assert!(!before.is_empty());
-    let args_done: Vec<&str> = args.iter().copied().filter(|a| !a.starts_with("parallel.timeout_s")).collect();
-    run(2, &out, &args_done);
+    run(np, &out, args);
     let steps: Vec<u64> = metrics(&out).iter().map(|m| m["step"].as_u64().unwrap()).collect();
-    assert_eq!(steps, (1..=44).collect::<Vec<_>>(), "every step logged once");
+    assert_eq!(steps, (1..=total_steps).collect::<Vec<_>>(), "every step logged once");
     assert!(out.join("stage-knowledge-replay/model.safetensors").exists());
+}
+
+/// The CUDA runs, short enough for the emulated device: 6 rows of 32 tokens per step in
+/// micro-batches of 1 (6, 3 and 2 micro-steps at 1, 2 and 3 ranks), 3 steps over both stages.
+#[cfg(feature = "cuda")]
+const CUDA_SHORT: [&str; 7] = ["--device=cuda", "data.seq_len=32", "stages.0.steps=2", "stages.1.steps=1", "data.micro_batch_rows=1", "stages.0.global_batch_rows=6", "stages.1.global_batch_rows=6"];
+
+#[test]
+#[cfg(feature = "cuda")]
+#[ignore = "needs 3 CUDA GPUs and libnccl, or the emulated device (tools/emu-check.sh)"]
+fn nccl_at_2_and_3_ranks_with_zero_1_and_2_follows_one_process() {
+    let _serial = serial();
+    let one = root().join("nccl-w1");
+    let _ = std::fs::remove_dir_all(&one);
+    run(1, &one, &CUDA_SHORT);
+    let want = losses(&one);
+    let want_params = final_params(&one);
+    let mut report = Vec::new();
+    for (np, z) in [(2usize, 1usize), (2, 2), (3, 1), (3, 2)] {
+        let out = root().join(format!("nccl-w{np}-z{z}"));
+        let _ = std::fs::remove_dir_all(&out);
+        let zero = format!("parallel.zero_stage={z}");
+        let t0 = Instant::now();
+        let o = run(np, &out, &[&CUDA_SHORT[..], &[zero.as_str()]].concat());
+        let text = String::from_utf8_lossy(&o.stderr);
+        assert!(text.contains(&format!("nccl ({np} ranks)")), "{np} ranks, ZeRO-{z}: the CUDA backend's communicator is NCCL:\n{text}");
+        let what = format!("NCCL {np} ranks, ZeRO-{z}");
+        let loss_err = assert_losses_agree(&what, &losses(&out), &want);
+        let mut param_err: f32 = 0.0;
+        for ((name, a), (_, b)) in final_params(&out).iter().zip(&want_params) {
+            let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let d = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
+            assert!(d <= PARAM_RTOL, "{what}: {name} differs by {d:.2e} of its max");
+            param_err = param_err.max(d);
+        }
+        report.push(format!("{what}: loss ≤ {loss_err:.1e}, params ≤ {param_err:.1e} ({:.0} s)", t0.elapsed().as_secs_f64()));
+    }
+    eprintln!("{}", report.join("\n"));
+}
+
+#[test]
+#[cfg(feature = "cuda")]
+#[ignore = "needs 3 CUDA GPUs and libnccl, or the emulated device (tools/emu-check.sh)"]
+fn a_dead_or_stalled_nccl_rank_stops_the_others_and_the_run_resumes() {
+    let _serial = serial();
+    // A checkpoint every step (one row of 32 tokens per rank): each fault comes right after one.
+    let args = ["--device=cuda", "data.seq_len=32", "stages.0.steps=6", "stages.1.steps=1", "data.micro_batch_rows=1", "stages.0.global_batch_rows=3", "stages.1.global_batch_rows=3", "run.checkpoint_every=1", "parallel.zero_stage=1"];
+    stop_one_rank_then_resume(3, "nccl-fault", &args, 10, 7);
+}
+
+#[test]
+#[cfg(feature = "cuda")]
+#[ignore = "needs 3 CUDA GPUs and libnccl, or the emulated device (tools/emu-check.sh)"]
+fn a_killed_nccl_rank_is_named_by_the_others_without_a_launcher_to_end_them() {
+    // Ranks started by hand (torchrun-style variables), so no mpirun tears the job down: the
+    // others must notice on their own (NCCL's asynchronous error) and say which rank died.
+    let _serial = serial();
+    let out = root().join("nccl-kill-by-hand");
+    let _ = std::fs::remove_dir_all(&out);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let sets = ["data.seq_len=32", "stages.0.steps=40", "stages.1.steps=1", "data.micro_batch_rows=1", "stages.0.global_batch_rows=3", "stages.1.global_batch_rows=3", "run.log_every=1", "run.eval_every=0", "parallel.timeout_s=120"];
+    let mut ranks: Vec<std::process::Child> = (0..3)
+        .map(|r| {
+            let mut c = Command::new(env!("CARGO_BIN_EXE_pretrain"));
+            c.args(["--device", "cuda", "--config"]).arg(config()).arg("--set").arg(format!("run.out_dir={:?}", out.display().to_string()));
+            for s in sets {
+                c.args(["--set", s]);
+            }
+            let rank = r.to_string();
+            c.envs([("RANK", rank.as_str()), ("LOCAL_RANK", rank.as_str()), ("WORLD_SIZE", "3"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", &port.to_string()), ("RAYON_NUM_THREADS", "1"), ("RUST_BACKTRACE", "0")]);
+            c.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
+        })
+        .collect();
+    // Two steps logged: every rank is inside the training loop.
+    let t0 = Instant::now();
+    while std::fs::read_to_string(out.join("metrics.jsonl")).map_or(0, |m| m.lines().count()) < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(300) && ranks.iter_mut().all(|c| c.try_wait().unwrap().is_none()), "the job did not get to step 2");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ranks[1].kill().unwrap();
+    let t1 = Instant::now();
+    for (r, c) in ranks.into_iter().enumerate().filter(|(r, _)| *r != 1) {
+        let o = c.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "rank {r} must fail:\n{text}");
+        assert!(text.contains("exited") && text.contains("NCCL communicator aborted"), "rank {r}: the error says a rank exited:\n{text}");
+        assert!(text.contains("Error: step "), "rank {r}: the error names the step:\n{text}");
+    }
+    let waited = t1.elapsed();
+    // Far below the 120 s timeout: the death itself is noticed.
+    assert!(waited < Duration::from_secs(30), "the others took {waited:?}");
+    eprintln!("nccl-kill-by-hand: SIGKILL to rank 1 of 3 (no launcher): the others stopped after {waited:.1?}");
 }
 
 /// The pid of the `pretrain` process writing to `out` with the given MPI rank.

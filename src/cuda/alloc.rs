@@ -4,7 +4,9 @@
 //! dropped buffer can be handed to the next allocation at once: whatever the new owner enqueues
 //! runs after the work that still reads the old contents. Blocks are cached by size class and never
 //! returned to the driver during training; `cuMemAlloc` is called only when no cached block of the
-//! class is free (so not at all once a training step has run once), and on out-of-memory the cache
+//! class is free (so not at all once two training steps have run: the first creates the backend's
+//! cached uploads of positions, ids and targets after some of its temporaries, so the second's peak
+//! is a little higher), and on out-of-memory the cache
 //! is released (after a stream synchronize) and the allocation retried.
 use cudarc::driver::{result, sys};
 use std::collections::HashMap;

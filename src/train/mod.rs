@@ -315,7 +315,8 @@ pub fn run_parallel<B: Backend>(backend: &B, comm: &dyn Communicator<B::Buf>, cf
             let clip = (stage.max_grad_norm > 0.0).then_some(stage.max_grad_norm);
             let poison = cfg.run.inject_nan_at_steps.contains(&(state.global_step + 1));
             let traffic_before = comm.traffic();
-            let report = dp.step(backend, &mut model, &batches, step_opts, lr, clip, poison)?;
+            // A failed collective names its step (the communicators know only their own counts).
+            let report = dp.step(backend, &mut model, &batches, step_opts, lr, clip, poison).with_context(|| format!("step {}", state.global_step + 1))?;
             let traffic = traffic_delta(traffic_before, comm.traffic());
             let loss = report.loss;
             state.stage_step += 1;
@@ -376,7 +377,7 @@ pub fn run_parallel<B: Backend>(backend: &B, comm: &dyn Communicator<B::Buf>, cf
                 // Measured optimizer-state bytes of every rank (one slot each, summed).
                 let mut per_rank = vec![0.0; world];
                 per_rank[rank] = dp.opt.state_bytes(backend) as f64;
-                comm.all_reduce_scalars(&mut per_rank)?;
+                comm.all_reduce_scalars(&mut per_rank).with_context(|| format!("step {}", state.global_step))?;
                 record["optimizer_state_bytes"] = per_rank.into();
             }
             if let (Some(metrics), true) = (metrics.as_mut(), log_now) {
@@ -388,7 +389,7 @@ pub fn run_parallel<B: Backend>(backend: &B, comm: &dyn Communicator<B::Buf>, cf
             state.loader = Some(loader.state());
             // A signal may reach only some ranks: all stop if one does.
             let mut stop = [if interrupt.load(AtomicOrdering::SeqCst) { 1.0 } else { 0.0 }];
-            comm.all_reduce_scalars(&mut stop)?;
+            comm.all_reduce_scalars(&mut stop).with_context(|| format!("step {}", state.global_step))?;
             let stop_now = stop[0] > 0.0 || cfg.run.stop_after_steps.is_some_and(|s| state.global_step >= s);
             // No periodic checkpoint inside a run of skipped steps: the last one stays the last good one.
             let periodic = cfg.run.checkpoint_every > 0 && state.global_step % cfg.run.checkpoint_every == 0 && state.consecutive_skips == 0;

@@ -1,0 +1,211 @@
+// What llama-cpt's device code (cuda/*.cu, cuda/common.cuh) needs from CUDA, supplied for the host
+// C++ compiler: every CUDA thread of a block is a fiber of emu/cxx/runtime.cpp, switching only at
+// sync points (__syncthreads, warp collectives, mma). Compiled with -DLCPT_EMU_HOST and
+// `-include cuda_emu.h` in front of the kernels (emu/build.rs), so the kernel sources stay as nvcc
+// sees them. Only what the kernels use is here; a new intrinsic fails to compile rather than guess.
+#pragma once
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <type_traits>
+#include <utility>
+
+#define LCPT_EMU_HOST 1
+
+// ---- qualifiers ---------------------------------------------------------------------------------
+#ifdef LCPT_EMU_SCAN  // emu/build.rs's scan for entry points: markers it can find in the preprocessed text
+#define __global__ __lcpt_entry__
+#define __launch_bounds__(...) __lcpt_bounds__(__VA_ARGS__)
+#else
+#define __global__
+#define __launch_bounds__(...)
+#endif
+#define __device__
+#define __host__
+#define __forceinline__ inline __attribute__((always_inline))
+#define __restrict__ __restrict
+#define __align__(n) alignas(n)
+// Per-block static shared memory: one instance per OS thread, and an OS thread runs one block at a
+// time (runtime.cpp), so the fibers of a block share it and concurrent blocks do not.
+#define __shared__ static thread_local
+
+// ---- vector types -------------------------------------------------------------------------------
+struct alignas(8) float2 { float x, y; };
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(8) uint2 { unsigned int x, y; };
+struct alignas(16) uint4 { unsigned int x, y, z, w; };
+struct alignas(8) int2 { int x, y; };
+struct alignas(16) int4 { int x, y, z, w; };
+struct uint3 { unsigned int x, y, z; };
+typedef uint3 dim3;
+static inline float2 make_float2(float x, float y) { return float2{x, y}; }
+static inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+static inline uint2 make_uint2(unsigned x, unsigned y) { return uint2{x, y}; }
+static inline int4 make_int4(int x, int y, int z, int w) { return int4{x, y, z, w}; }
+
+// ---- bf16 (cuda_bf16.h): round to nearest even; NaN becomes the canonical 0x7fff as cvt.rn.bf16.f32 does ----
+struct alignas(2) __nv_bfloat16 { unsigned short __x; };
+struct alignas(4) __nv_bfloat162 { __nv_bfloat16 x, y; };
+static inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{0x7fff};
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return __nv_bfloat16{static_cast<unsigned short>(u >> 16)};
+}
+static inline __nv_bfloat16 __float2bfloat16(float f) { return __float2bfloat16_rn(f); }
+static inline float __bfloat162float(__nv_bfloat16 b) {
+    const uint32_t u = static_cast<uint32_t>(b.__x) << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) { return __nv_bfloat162{__float2bfloat16_rn(lo), __float2bfloat16_rn(hi)}; }
+static inline float2 __bfloat1622float2(__nv_bfloat162 v) { return float2{__bfloat162float(v.x), __bfloat162float(v.y)}; }
+
+// ---- math and bit intrinsics --------------------------------------------------------------------
+static inline int min(int a, int b) { return a < b ? a : b; }
+static inline int max(int a, int b) { return a > b ? a : b; }
+static inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+static inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+static inline float __int_as_float(int i) {
+    float f;
+    memcpy(&f, &i, 4);
+    return f;
+}
+static inline int __float_as_int(float f) {
+    int i;
+    memcpy(&i, &f, 4);
+    return i;
+}
+// The libm functions (expf, exp2f, logf, log2f, sqrtf, sincosf, fmaxf) are the host's: correctly
+// rounded or within 1 ulp, inside the device's documented bounds (expf/exp2f/logf/log2f 2 ulp,
+// sincosf 2 ulp, sqrtf 0 ulp).
+#include <math.h>
+
+// ---- the runtime (runtime.cpp) --------------------------------------------------------------
+namespace lcpt_emu {
+
+struct BlockState {
+    uint3 block_idx, block_dim, grid_dim;
+    unsigned char* dynamic_smem;
+};
+struct ThreadState {
+    uint3 thread_idx;
+    unsigned linear;  // x + y·bx + z·bx·by; lane = linear % 32
+};
+// Every fiber's stack lies in a region of FIBER_REGION bytes aligned to its size, whose first bytes
+// hold a FiberHeader: the running CUDA thread finds its state from its stack pointer, without a
+// thread_local lookup (a call into the dynamic loader per threadIdx in the dlopen'ed library).
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__) || defined(LCPT_EMU_ASAN) || defined(LCPT_EMU_TSAN)
+constexpr size_t STACK_BYTES = 512 * 1024;  // sanitizer frames are several times larger
+#else
+constexpr size_t STACK_BYTES = 64 * 1024;
+#endif
+constexpr size_t FIBER_REGION = 2 * STACK_BYTES;  // [header page][guard page][stack] fits
+struct FiberHeader {
+    const ThreadState* thread;
+    const BlockState* block;
+    void* fiber;  // runtime.cpp's Fiber
+};
+static inline const FiberHeader* fiber_header() {
+#if defined(__x86_64__)
+    uintptr_t sp;
+    asm("mov %%rsp, %0" : "=r"(sp));  // not volatile: a fiber never leaves its stack
+#else
+    const uintptr_t sp = reinterpret_cast<uintptr_t>(__builtin_frame_address(0));
+#endif
+    return reinterpret_cast<const FiberHeader*>(sp & ~(uintptr_t)(FIBER_REGION - 1));
+}
+static inline const BlockState* current_block() { return fiber_header()->block; }
+static inline const ThreadState* current_thread() { return fiber_header()->thread; }
+
+// Block-wide barrier (counts threads that already returned as arrived, as the hardware does).
+void syncthreads();
+
+// A warp collective: every lane named in `mask` (the calling lane among them) posts `lane_data`;
+// when all of them have posted, `complete(datas, mask)` runs once with datas[lane] for each lane
+// in the mask, then every lane continues. `what` names the intrinsic in errors; lanes of one warp
+// meeting at different intrinsics is an error.
+typedef void (*WarpCompleteFn)(void* const* datas, unsigned mask);
+void warp_collective(unsigned mask, void* lane_data, WarpCompleteFn complete, const char* what);
+
+// A launch error raised inside a kernel (bad mask, ...): aborts the launch with a message.
+[[noreturn]] void kernel_error(const char* fmt, ...);
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 for the calling lane (mma.cpp).
+void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+
+template <typename T>
+struct ShflLane {
+    T value;
+    int src_lane;
+};
+template <typename T>
+void shfl_complete(void* const* datas, unsigned mask) {
+    T values[32];
+    for (unsigned m = mask; m; m &= m - 1) {
+        const int l = __builtin_ctz(m);
+        values[l] = static_cast<ShflLane<T>*>(datas[l])->value;
+    }
+    for (unsigned m = mask; m; m &= m - 1) {
+        auto* me = static_cast<ShflLane<T>*>(datas[__builtin_ctz(m)]);
+        // A source lane outside the mask (or the warp) reads the lane's own value, as the hardware does for out-of-range lanes.
+        if (me->src_lane >= 0 && me->src_lane < 32 && (mask >> me->src_lane & 1)) me->value = values[me->src_lane];
+    }
+}
+template <typename T>
+T shfl(unsigned mask, T v, int src_lane, const char* what) {
+    static_assert(std::is_trivially_copyable<T>::value, "shuffled values are copied bitwise");
+    ShflLane<T> me{v, src_lane};
+    warp_collective(mask, &me, &shfl_complete<T>, what);
+    return me.value;
+}
+
+// Runs `kernel(args...)` as a grid on the calling thread (the C++ entry of the sanitizer driver and
+// of lcpt_emu_launch's trampolines); returns 0 or a CUresult with the message in err.
+typedef void (*BlockThreadFn)(void* params);
+int run_grid(const char* name, BlockThreadFn fn, void* params, dim3 grid, dim3 block, unsigned dyn_smem, char* err, size_t errlen);
+
+// Calls the kernel F with its arguments read from cuLaunchKernel's kernelParams, typed by F's own signature.
+template <auto F>
+struct Trampoline;
+template <typename... A, void (*F)(A...)>
+struct Trampoline<F> {
+    template <size_t... I>
+    static void call(void** params, std::index_sequence<I...>) {
+        F(*static_cast<std::remove_reference_t<A>*>(params[I])...);
+    }
+    static void run(void* params) { call(static_cast<void**>(params), std::index_sequence_for<A...>{}); }
+    // A typed host-side launch (tests, the sanitizer driver): arguments converted to the kernel's
+    // own parameter types, passed as a kernelParams array.
+    static int launch(dim3 grid, dim3 block, unsigned dyn_smem, char* err, size_t errlen, const char* name, std::remove_reference_t<A>... args) {
+        void* params[sizeof...(A) + 1] = {static_cast<void*>(&args)..., nullptr};
+        return run_grid(name, &run, params, grid, block, dyn_smem, err, errlen);
+    }
+    static constexpr int param_count = sizeof...(A);
+    static constexpr size_t param_sizes[sizeof...(A) + 1] = {sizeof(A)..., 0};
+};
+
+template <auto F, typename... Args>
+int launch(dim3 grid, dim3 block, unsigned dyn_smem, char* err, size_t errlen, const char* name, Args... args) {
+    return Trampoline<F>::launch(grid, block, dyn_smem, err, errlen, name, args...);
+}
+
+}  // namespace lcpt_emu
+
+#define threadIdx (lcpt_emu::current_thread()->thread_idx)
+#define blockIdx (lcpt_emu::current_block()->block_idx)
+#define blockDim (lcpt_emu::current_block()->block_dim)
+#define gridDim (lcpt_emu::current_block()->grid_dim)
+#define warpSize 32
+
+static inline void __syncthreads() { lcpt_emu::syncthreads(); }
+template <typename T>
+static inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+    const int lane = static_cast<int>(lcpt_emu::current_thread()->linear & 31);
+    (void)width;
+    return lcpt_emu::shfl(mask, v, lane ^ lane_mask, "__shfl_xor_sync");
+}

@@ -1,0 +1,107 @@
+// Runs production kernels of cuda/*.cu and the broken kernels of broken_kernels.cu on the emulated
+// block runtime, built with a sanitizer by sanitizers.sh. `clean` runs correct kernels and must
+// exit 0 without a report; each other mode runs one broken kernel, which the sanitizer must report.
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <vector>
+
+#include "cuda_emu.h"
+#include "attention.cu"
+#include "rmsnorm.cu"
+#include "broken_kernels.cu"
+
+namespace {
+
+char err[1024];
+
+void check(int rc, const char* what) {
+    if (rc != 0) {
+        fprintf(stderr, "%s: launch failed (%d): %s\n", what, rc, err);
+        exit(2);
+    }
+}
+
+std::vector<float> values(size_t n, unsigned seed) {
+    std::vector<float> v(n);
+    unsigned s = seed * 2654435761u + 1;
+    for (auto& x : v) {
+        s = s * 1664525u + 1013904223u;
+        x = static_cast<float>(s >> 8) / static_cast<float>(1u << 24) * 2.f - 1.f;
+    }
+    return v;
+}
+
+int run_clean() {
+    // rmsnorm: static __shared__, block_sum (warp shuffles and two barriers).
+    const int rows = 3, dim = 96;
+    std::vector<float> x = values(rows * dim, 1), w = values(dim, 2), y(rows * dim), rstd(rows);
+    check(lcpt_emu::launch<&rmsnorm_fwd_f32>(dim3{rows, 1, 1}, dim3{64, 1, 1}, 0, err, sizeof err, "rmsnorm_fwd_f32", y.data(), rstd.data(),
+                                             x.data(), w.data(), dim, 1e-5f, 1.f / dim),
+          "rmsnorm_fwd_f32");
+    for (int r = 0; r < rows; ++r) {
+        double ss = 0;
+        for (int c = 0; c < dim; ++c) ss += double(x[r * dim + c]) * x[r * dim + c];
+        const double want = 1.0 / sqrt(ss / dim + 1e-5);
+        if (fabs(rstd[r] - want) > 1e-4 * want) {
+            fprintf(stderr, "rmsnorm_fwd_f32: rstd[%d] = %g, want %g\n", r, rstd[r], want);
+            return 1;
+        }
+    }
+    // attention forward, head_dim 64, bf16: dynamic shared memory at exactly the launch's size, mma.
+    const int tokens = 80, heads = 2, kv_heads = 1, d = 64, ld = d + 8;
+    auto to_bf16 = [](const std::vector<float>& v) {
+        std::vector<__nv_bfloat16> b(v.size());
+        for (size_t i = 0; i < v.size(); ++i) b[i] = __float2bfloat16_rn(v[i]);
+        return b;
+    };
+    std::vector<__nv_bfloat16> q = to_bf16(values(tokens * heads * d, 3)), k = to_bf16(values(tokens * kv_heads * d, 4)),
+                               v = to_bf16(values(tokens * kv_heads * d, 5)), out(tokens * heads * d);
+    std::vector<float> lse(tokens * heads);
+    std::vector<int4> tiles = {int4{0, tokens, 0, 0}, int4{0, tokens, 64, 0}};
+    const unsigned smem = (64 * ld + 64 * ld + d * (64 + 8)) * 2;
+    check(lcpt_emu::launch<&attn_fwd_d64_bf16>(dim3{2, heads, 1}, dim3{128, 1, 1}, smem, err, sizeof err, "attn_fwd_d64_bf16", out.data(), lse.data(),
+                                               q.data(), k.data(), v.data(), tiles.data(), heads, kv_heads, 0.125f * 1.4426950408889634f),
+          "attn_fwd_d64_bf16");
+    for (float l : lse)
+        if (!isfinite(l)) {
+            fprintf(stderr, "attn_fwd_d64_bf16: non-finite lse\n");
+            return 1;
+        }
+    // The racy kernel with its barrier.
+    std::vector<float> in = values(256, 6), o(256);
+    check(lcpt_emu::launch<&fixed_race>(dim3{2, 1, 1}, dim3{256, 1, 1}, 0, err, sizeof err, "fixed_race", o.data(), in.data()), "fixed_race");
+    for (int t = 0; t < 256; ++t)
+        if (o[t] != in[(t + 1) % 256]) {
+            fprintf(stderr, "fixed_race: out[%d] = %g, want %g\n", t, o[t], in[(t + 1) % 256]);
+            return 1;
+        }
+    printf("clean: rmsnorm_fwd_f32, attn_fwd_d64_bf16, fixed_race ran without a report\n");
+    return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    const char* mode = argc > 1 ? argv[1] : "";
+    std::vector<float> in = values(256, 7), out(257);
+    if (strcmp(mode, "clean") == 0) return run_clean();
+    if (strcmp(mode, "oob-shared") == 0)
+        check(lcpt_emu::launch<&broken_oob_shared>(dim3{1, 1, 1}, dim3{128, 1, 1}, 128 * sizeof(float), err, sizeof err, "broken_oob_shared",
+                                                   out.data(), in.data()),
+              mode);
+    else if (strcmp(mode, "oob-global") == 0) {
+        float* buf = static_cast<float*>(malloc(100 * sizeof(float)));  // a device allocation of 100 floats
+        check(lcpt_emu::launch<&broken_oob_global>(dim3{1, 1, 1}, dim3{64, 1, 1}, 0, err, sizeof err, "broken_oob_global", buf, 100ull), mode);
+        free(buf);
+    } else if (strcmp(mode, "race") == 0)
+        check(lcpt_emu::launch<&broken_race>(dim3{1, 1, 1}, dim3{64, 1, 1}, 0, err, sizeof err, "broken_race", out.data(), in.data()), mode);
+    else {
+        fprintf(stderr, "usage: %s clean|oob-shared|oob-global|race\n", argv[0]);
+        return 2;
+    }
+    printf("%s: ran to the end without a sanitizer report\n", mode);
+    return 0;
+}

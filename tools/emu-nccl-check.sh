@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The mpirun + NCCL rows of tools/emu-check.sh: `pretrain --device cuda` under `mpirun -np 2/3`
+# with ZeRO-1 and ZeRO-2 against one process, the NCCL fault test (SIGSTOP / SIGKILL one of three
+# ranks: the others stop with the watchdog's error, and a restart resumes), and SIGKILL of one of
+# three ranks started without a launcher (the others notice the death themselves). All are the
+# `#[ignore]`d CUDA tests of tests/parallel_mpi.rs, run on the emulated device.
+#
+# Usage: tools/emu-nccl-check.sh LIBDIR LOGDIR
+#   LIBDIR holds the emulated libcuda.so / libcublasLt.so / libnccl.so (tools/emu-check.sh makes
+#   it); logs go to LOGDIR. Prints one tab-separated line per check: name, PASS|FAIL, figure.
+#   Exits non-zero if a check failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+libdir=$(realpath "${1:?usage: $0 LIBDIR LOGDIR}")
+logdir=${2:?usage: $0 LIBDIR LOGDIR}
+mkdir -p "$logdir"
+export LD_LIBRARY_PATH="$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# One emulated card per local rank of the largest job.
+export LLAMA_CPT_EMU_GPUS=3
+status=0
+
+# row NAME TEST FIGURE_PATTERN: runs one ignored test; the figure is what its output matches of
+# the pattern (the test prints its measurements), and the time taken.
+row() {
+    local name=$1 test=$2 pattern=$3 log="$logdir/$1.log" t0 secs figure
+    t0=$(date +%s)
+    if cargo test --release --features cuda,mpi --test parallel_mpi -- --ignored --exact "$test" --nocapture --test-threads=1 >"$log" 2>&1; then
+        secs=$(( $(date +%s) - t0 ))
+        figure=$(grep -oE "$pattern" "$log" | tr '\n' ';' | sed 's/;$//')
+        printf '%s\tPASS\t%s (%d s)\n' "$name" "${figure:-}" "$secs"
+    else
+        secs=$(( $(date +%s) - t0 ))
+        printf '%s\tFAIL\tsee %s (%d s)\n' "$name" "$log" "$secs"
+        status=1
+    fi
+}
+
+row mpirun-nccl-np2-np3-zero1-zero2 nccl_at_2_and_3_ranks_with_zero_1_and_2_follows_one_process 'NCCL [23] ranks, ZeRO-[12]: [^(]*'
+row mpirun-nccl-fault-np3 a_dead_or_stalled_nccl_rank_stops_the_others_and_the_run_resumes 'SIG[A-Z]+ to rank 1 of 3: job stopped after [0-9.]+s'
+row nccl-kill-no-launcher-np3 a_killed_nccl_rank_is_named_by_the_others_without_a_launcher_to_end_them 'the others stopped after [0-9.]+m?s'
+exit $status
