@@ -87,11 +87,16 @@ done
 # f32 round-off of a different summation order crosses a rounding boundary), so its distance from
 # the CPU run is bounded by what rounding the whole model to bf16 moves the loss on the CPU:
 # B(t) = max over s <= t of |loss_cpu_bf16(s) - loss_cpu_f32(s)|, plus f32 round-off of the loss
-# (1e-5 relative).
-compare() { # name cuda_run cpu_run
+# (1e-5 relative). The f32 run of the embedded default rounds nothing to bf16 at all: its head_dim
+# is 32, so attention runs the f32 "simple" kernels, not the bf16 tensor-core tiles (d64/d128). Its
+# only difference from the CPU is f32 summation order (sqrt(n)·eps per reduction, n <= a few
+# thousand, a few dozen reductions deep, over 5 steps), so its bound is the round-off term alone:
+# 1e-5 relative. A model with head_dim 64/128 would need the envelope in f32 too.
+compare() { # precision cuda_run cpu_run
     python3 - "$OUT/pretrain-$2/metrics.jsonl" "$OUT/pretrain-$3/metrics.jsonl" \
-        "$OUT/pretrain-cpu-f32/metrics.jsonl" "$OUT/pretrain-cpu-bf16/metrics.jsonl" <<'PYEOF'
+        "$OUT/pretrain-cpu-f32/metrics.jsonl" "$OUT/pretrain-cpu-bf16/metrics.jsonl" "$1" <<'PYEOF'
 import json, sys
+precision = sys.argv[5]
 def losses(path):
     return {r["step"]: r["loss"] for r in map(json.loads, open(path)) if "loss" in r}
 got, want, f32, bf16 = (losses(p) for p in sys.argv[1:5])
@@ -99,7 +104,8 @@ steps = sorted(want)
 assert steps and sorted(got) == steps, f"steps differ: {sorted(got)} vs {steps}"
 worst, envelope, ok = 0.0, 0.0, True
 for s in steps:
-    envelope = max(envelope, abs(bf16[s] - f32[s]))
+    if precision == "bf16":
+        envelope = max(envelope, abs(bf16[s] - f32[s]))
     bound = envelope + 1e-5 * abs(want[s])
     d = abs(got[s] - want[s])
     worst = max(worst, d / bound)
@@ -142,10 +148,11 @@ def numbers(x, path=""):
         yield path, float(x)
 cpu, cuda = (dict(numbers(json.load(open(p)))) for p in sys.argv[1:3])
 assert cpu.keys() == cuda.keys(), f"fields differ: {cpu.keys() ^ cuda.keys()}"
-# f32 forward only; attention tiles are bf16 on the tensor cores: 1e-2 relative on the scores.
+# f32 forward only, and at head_dim 32 attention is the f32 simple kernel (no bf16 tiles): the
+# numbers differ by f32 summation order alone, accumulated over the held-out set: 1e-4 relative.
 worst = max(abs(cuda[k] - cpu[k]) / max(abs(cpu[k]), 1e-12) for k in cpu)
 print(f"FIGURE max relative difference {worst:.2e} over {len(cpu)} numbers")
-sys.exit(0 if worst <= 1e-2 else 1)
+sys.exit(0 if worst <= 1e-4 else 1)
 PYEOF
     then
         row evaluate-cuda PASS "$(grep FIGURE "$OUT/compare-eval.log" | sed 's/FIGURE //')"
