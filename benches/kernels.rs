@@ -85,17 +85,35 @@ mod gpu {
         bm: CudaBuf,
     }
 
-    pub const ROWS: usize = 4096;
-    pub const DIM: usize = 4096;
-    pub const FF: usize = 11_008;
-    pub const VOCAB: usize = 69_104;
-    pub const SEQ: usize = 4096;
-    pub const ATTN: AttnShape = AttnShape { heads: 32, kv_heads: 8, head_dim: 128 };
-    pub const ADAM_N: usize = 64 << 20;
-    pub const GEMM: usize = 4096;
+    /// The shapes timed: LLaMA-2-7B's at 4,096 tokens; with `LLAMA_CPT_BENCH_SMOKE=1` the tiny
+    /// shapes of `tools/bench_torch_gpu.py --smoke` (the device check on the emulated device,
+    /// where times mean nothing and the full shapes would take hours).
+    #[allow(non_snake_case)]
+    pub struct Sizes {
+        pub ROWS: usize,
+        pub DIM: usize,
+        pub FF: usize,
+        pub VOCAB: usize,
+        pub SEQ: usize,
+        pub ATTN: AttnShape,
+        pub ADAM_N: usize,
+        pub GEMM: usize,
+    }
+
+    pub fn sizes() -> Sizes {
+        if std::env::var("LLAMA_CPT_BENCH_SMOKE").as_deref() == Ok("1") {
+            let attn = AttnShape { heads: 4, kv_heads: 2, head_dim: 64 };
+            Sizes { ROWS: 64, DIM: 128, FF: 256, VOCAB: 1000, SEQ: 128, ATTN: attn, ADAM_N: 1 << 12, GEMM: 128 }
+        } else {
+            let attn = AttnShape { heads: 32, kv_heads: 8, head_dim: 128 };
+            Sizes { ROWS: 4096, DIM: 4096, FF: 11_008, VOCAB: 69_104, SEQ: 4096, ATTN: attn, ADAM_N: 64 << 20, GEMM: 4096 }
+        }
+    }
 
     impl Inputs {
         pub fn new(be: Cuda, mixed: bool) -> Inputs {
+            #[allow(non_snake_case)]
+            let Sizes { ROWS, DIM, FF, VOCAB, SEQ, ATTN, ADAM_N, GEMM } = sizes();
             be.set_mixed_precision(mixed);
             // Activations and parameters in the working precision; optimizer state in f32.
             let up = |n: usize, s: u64| be.to_working(&be.upload(&rand_vec(n, s)));
@@ -117,6 +135,8 @@ mod gpu {
         }
 
         pub fn cases(&mut self) -> Vec<Case<'_>> {
+            #[allow(non_snake_case)]
+            let Sizes { ROWS, DIM, FF, VOCAB, SEQ, ATTN, ADAM_N, GEMM } = sizes();
             let Inputs { be, mixed, working, x, w, gate, up, logits, lse_ce, q, k, v, o, lse, p, g, m, vv, a, bm } = self;
             let be: &Cuda = be;
             let mixed = *mixed;

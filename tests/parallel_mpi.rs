@@ -105,6 +105,20 @@ fn assert_losses_agree(what: &str, got: &[(u64, f64)], want: &[(u64, f64)]) -> f
     worst
 }
 
+/// Each final parameter of `got` against `want`'s, as a fraction of that tensor's largest
+/// magnitude, held to PARAM_RTOL; returns the worst.
+fn assert_params_agree(what: &str, got: &[(String, Vec<f32>)], want: &[(String, Vec<f32>)]) -> f32 {
+    assert_eq!(got.len(), want.len(), "{what}: parameters");
+    let mut worst: f32 = 0.0;
+    for ((name, a), (_, b)) in got.iter().zip(want) {
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let d = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
+        assert!(d <= PARAM_RTOL, "{what}: {name} differs by {d:.2e} of its max");
+        worst = worst.max(d);
+    }
+    worst
+}
+
 fn stage(z: usize) -> ZeroStage {
     ZeroStage::ALL[z]
 }
@@ -133,13 +147,7 @@ fn world_sizes_1_2_4_and_zero_stages_0_1_2_train_alike() {
             }
             let what = format!("{world} ranks, ZeRO-{z}");
             let loss_err = assert_losses_agree(&what, &losses(&out), &want);
-            let mut param_err: f32 = 0.0;
-            for ((name, a), (_, b)) in final_params(&out).iter().zip(&want_params) {
-                let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
-                let d = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
-                assert!(d <= PARAM_RTOL, "{what}: {name} differs by {d:.2e} of its max");
-                param_err = param_err.max(d);
-            }
+            let param_err = assert_params_agree(&what, &final_params(&out), &want_params);
             if world == 1 {
                 // One rank: sharding changes nothing at all.
                 assert_eq!(param_err, 0.0, "{what}");
@@ -331,13 +339,7 @@ fn nccl_at_2_and_3_ranks_with_zero_1_and_2_follows_one_process() {
         assert!(text.contains(&format!("nccl ({np} ranks)")), "{np} ranks, ZeRO-{z}: the CUDA backend's communicator is NCCL:\n{text}");
         let what = format!("NCCL {np} ranks, ZeRO-{z}");
         let loss_err = assert_losses_agree(&what, &losses(&out), &want);
-        let mut param_err: f32 = 0.0;
-        for ((name, a), (_, b)) in final_params(&out).iter().zip(&want_params) {
-            let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
-            let d = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
-            assert!(d <= PARAM_RTOL, "{what}: {name} differs by {d:.2e} of its max");
-            param_err = param_err.max(d);
-        }
+        let param_err = assert_params_agree(&what, &final_params(&out), &want_params);
         report.push(format!("{what}: loss ≤ {loss_err:.1e}, params ≤ {param_err:.1e} ({:.0} s)", t0.elapsed().as_secs_f64()));
     }
     eprintln!("{}", report.join("\n"));

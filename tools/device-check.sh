@@ -9,7 +9,8 @@
 #
 # Modes:
 #   (none)     the device run above. Under the emulated device, put its libraries first with
-#              LLAMA_CPT_EMU_LIB=DIR; nothing else changes (no nvidia-smi needed).
+#              LLAMA_CPT_EMU_LIB=DIR (CI: after tools/emu-check.sh, DIR=target/emu-lib); kernel
+#              timings then run the smoke shapes (LLAMA_CPT_BENCH_SMOKE=1); no nvidia-smi needed.
 #   --dry      here, without a GPU (CI runs this): builds the bundle, copies what a GPU machine
 #              receives (tracked and untracked-not-ignored files, .device-bin; no .venv, no
 #              target/) to a scratch folder, checks its size, and runs --no-gpu there.
@@ -84,7 +85,9 @@ done
 "$PY" -c "import torch" || { echo "$PY cannot import torch: set LLAMA_CPT_PYTHON to a Python with torch" >&2; exit 2; }
 if [ -n "${LLAMA_CPT_EMU_LIB:-}" ]; then
     [ -d "$LLAMA_CPT_EMU_LIB" ] || { echo "LLAMA_CPT_EMU_LIB=$LLAMA_CPT_EMU_LIB is not a folder" >&2; exit 2; }
-    echo "emulated device: its libraries first ($LLAMA_CPT_EMU_LIB)"
+    echo "emulated device: its libraries first ($LLAMA_CPT_EMU_LIB); kernel timings on the smoke shapes"
+    # Emulated times mean nothing, and the full shapes would take hours on the host.
+    export LLAMA_CPT_BENCH_SMOKE=1
 fi
 if command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1 | tee "$OUT/gpu.txt"
