@@ -103,16 +103,23 @@ fn loss_falls_and_the_result_loads_in_transformers() {
     print!("{}", common::run_python("check_hf_load.py", &[&model_dir, &expected]));
 }
 
-#[test]
-fn tensorboard_reads_the_event_files() {
-    let out = reference();
-    let text = common::run_python("read_tensorboard.py", &[&out.join("tensorboard")]);
-    let loss: Vec<(u64, f64)> = text
+/// The (step, value) points of the `loss` tag, as the tensorboard package reads the event files
+/// in `dir`, and its whole output (for assertion messages).
+fn tensorboard_losses(dir: &Path) -> (Vec<(u64, f64)>, String) {
+    let text = common::run_python("read_tensorboard.py", &[dir]);
+    let loss = text
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["tag"] == "loss")
         .map(|v| (v["step"].as_u64().unwrap(), v["value"].as_f64().unwrap()))
         .collect();
+    (loss, text)
+}
+
+#[test]
+fn tensorboard_reads_the_event_files() {
+    let out = reference();
+    let (loss, text) = tensorboard_losses(&out.join("tensorboard"));
     let want: Vec<(u64, f64)> = losses(out).iter().map(|(s, b)| (*s, f64::from_bits(*b))).collect();
     assert_eq!(loss.len(), want.len(), "{text}");
     for ((s1, a), (s2, b)) in loss.iter().zip(&want) {
@@ -167,13 +174,7 @@ fn tensorboard_shows_each_step_once_after_a_resume_that_replays_steps() {
     assert!(!o.interrupted && o.global_step == 10);
     let files = std::fs::read_dir(out.join("tensorboard")).unwrap().count();
     assert_eq!(files, 2, "one event file per run");
-    let text = common::run_python("read_tensorboard.py", &[&out.join("tensorboard")]);
-    let loss: Vec<(u64, f64)> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["tag"] == "loss")
-        .map(|v| (v["step"].as_u64().unwrap(), v["value"].as_f64().unwrap()))
-        .collect();
+    let (loss, text) = tensorboard_losses(&out.join("tensorboard"));
     assert_eq!(loss.iter().map(|x| x.0).collect::<Vec<_>>(), (1..=10).collect::<Vec<u64>>(), "{text}");
     for ((step, tb), (_, want)) in loss.iter().zip(losses(&out)) {
         let want = f64::from_bits(want);
