@@ -37,9 +37,8 @@ fn main() {
     let cuda_dir = manifest.join("cuda");
     println!("cargo:rerun-if-changed={}", cuda_dir.display());
 
-    let mut sources: Vec<PathBuf> = fs::read_dir(&cuda_dir)
-        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
-        .unwrap_or_default();
+    let mut sources: Vec<PathBuf> =
+        fs::read_dir(&cuda_dir).map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default();
     sources.sort();
     for s in &sources {
         println!("cargo:rerun-if-changed={}", s.display());
@@ -114,7 +113,10 @@ fn main() {
         panic!("register spills in hot CUDA kernels: {}\n{log}", hot_spills.join(", "));
     }
     for r in report.iter().filter(|r| r.spill_stores > 0 || r.spill_loads > 0) {
-        println!("cargo:warning=cuda kernel {} spills on {} ({} B stores, {} B loads)", r.name, r.arch, r.spill_stores, r.spill_loads);
+        println!(
+            "cargo:warning=cuda kernel {} spills on {} ({} B stores, {} B loads)",
+            r.name, r.arch, r.spill_stores, r.spill_loads
+        );
     }
     let kernels: std::collections::BTreeSet<&str> = report.iter().map(|r| r.name.as_str()).collect();
     let max = report.iter().max_by_key(|r| r.regs);

@@ -186,7 +186,10 @@ fn bench_loader(c: &mut Criterion) {
         l.next_micro_batch().unwrap().unwrap();
     }
     let per = t.elapsed() / steps;
-    eprintln!("data-bench: loader 8x4096 back-to-back (no compute to hide behind): {:.1} µs/step", per.as_secs_f64() * 1e6);
+    eprintln!(
+        "data-bench: loader 8x4096 back-to-back (no compute to hide behind): {:.1} µs/step",
+        per.as_secs_f64() * 1e6
+    );
     let _ = Duration::ZERO;
     std::fs::remove_dir_all(&work).ok();
 }

@@ -33,17 +33,23 @@ fn cpu_benches(c: &mut Criterion) {
     let logits = rand_vec(r * vocab, 5);
     let targets: Vec<i32> = (0..r as i32).map(|i| i * 7).collect();
     g.throughput(Throughput::Bytes((r * vocab * 4) as u64));
-    g.bench_function(format!("cross_entropy {r}x{vocab}"), |b| b.iter(|| black_box(be.cross_entropy(&logits, &targets, vocab))));
+    g.bench_function(format!("cross_entropy {r}x{vocab}"), |b| {
+        b.iter(|| black_box(be.cross_entropy(&logits, &targets, vocab)))
+    });
     let shape = AttnShape { heads: 4, kv_heads: 2, head_dim: 64 };
     let t = 512;
     let (q, k, v) = (rand_vec(t * 4 * 64, 6), rand_vec(t * 2 * 64, 7), rand_vec(t * 2 * 64, 8));
     g.throughput(Throughput::Elements((2 * t * t * 4 * 64) as u64));
-    g.bench_function(format!("attention fwd t{t} {shape:?} (FLOP)"), |b| b.iter(|| black_box(be.attention(&q, &k, &v, &[0, t as u32], shape))));
+    g.bench_function(format!("attention fwd t{t} {shape:?} (FLOP)"), |b| {
+        b.iter(|| black_box(be.attention(&q, &k, &v, &[0, t as u32], shape)))
+    });
     let n = 1 << 20;
     let (mut p, grad, mut m, mut vv) = (rand_vec(n, 9), rand_vec(n, 10), vec![0.0; n], vec![0.0; n]);
     let cfg = AdamWConfig::default();
     g.throughput(Throughput::Bytes((7 * n * 4) as u64));
-    g.bench_function(format!("adamw {n}"), |b| b.iter(|| be.adamw_step(&mut p, &grad, &mut m, &mut vv, &cfg, 1e-4, 1, true, 1.0, None)));
+    g.bench_function(format!("adamw {n}"), |b| {
+        b.iter(|| be.adamw_step(&mut p, &grad, &mut m, &mut vv, &cfg, 1e-4, 1, true, 1.0, None))
+    });
     g.finish();
 }
 
@@ -106,7 +112,16 @@ mod gpu {
             Sizes { ROWS: 64, DIM: 128, FF: 256, VOCAB: 1000, SEQ: 128, ATTN: attn, ADAM_N: 1 << 12, GEMM: 128 }
         } else {
             let attn = AttnShape { heads: 32, kv_heads: 8, head_dim: 128 };
-            Sizes { ROWS: 4096, DIM: 4096, FF: 11_008, VOCAB: 69_104, SEQ: 4096, ATTN: attn, ADAM_N: 64 << 20, GEMM: 4096 }
+            Sizes {
+                ROWS: 4096,
+                DIM: 4096,
+                FF: 11_008,
+                VOCAB: 69_104,
+                SEQ: 4096,
+                ATTN: attn,
+                ADAM_N: 64 << 20,
+                GEMM: 4096,
+            }
         }
     }
 
@@ -137,7 +152,8 @@ mod gpu {
         pub fn cases(&mut self) -> Vec<Case<'_>> {
             #[allow(non_snake_case)]
             let Sizes { ROWS, DIM, FF, VOCAB, SEQ, ATTN, ADAM_N, GEMM } = sizes();
-            let Inputs { be, mixed, working, x, w, gate, up, logits, lse_ce, q, k, v, o, lse, p, g, m, vv, a, bm } = self;
+            let Inputs { be, mixed, working, x, w, gate, up, logits, lse_ce, q, k, v, o, lse, p, g, m, vv, a, bm } =
+                self;
             let be: &Cuda = be;
             let mixed = *mixed;
             be.set_mixed_precision(mixed);
@@ -260,20 +276,20 @@ mod gpu {
         let mut g = c.benchmark_group("cuda");
         g.sample_size(20);
         for mixed in [false, true] {
-        let mut inputs = Inputs::new(be.clone(), mixed);
-        for mut case in inputs.cases() {
-            if case.flops > 0.0 {
-                g.throughput(Throughput::Elements(case.flops as u64));
-            } else {
-                g.throughput(Throughput::Bytes(case.bytes as u64));
+            let mut inputs = Inputs::new(be.clone(), mixed);
+            for mut case in inputs.cases() {
+                if case.flops > 0.0 {
+                    g.throughput(Throughput::Elements(case.flops as u64));
+                } else {
+                    g.throughput(Throughput::Bytes(case.bytes as u64));
+                }
+                g.bench_function(format!("{} {}", case.kernel, case.shape), |b| {
+                    b.iter(|| {
+                        (case.run)();
+                        be.synchronize().unwrap();
+                    })
+                });
             }
-            g.bench_function(format!("{} {}", case.kernel, case.shape), |b| {
-                b.iter(|| {
-                    (case.run)();
-                    be.synchronize().unwrap();
-                })
-            });
-        }
         }
         g.finish();
     }
@@ -282,27 +298,27 @@ mod gpu {
         let Some(be) = gpu() else { return };
         let mut lines = String::new();
         for mixed in [false, true] {
-        let mut inputs = Inputs::new(be.clone(), mixed);
-        for mut case in inputs.cases() {
-            for _ in 0..3 {
-                (case.run)();
-            }
-            be.synchronize().unwrap();
-            let mut times = Vec::new();
-            for _ in 0..15 {
-                let t = std::time::Instant::now();
-                (case.run)();
+            let mut inputs = Inputs::new(be.clone(), mixed);
+            for mut case in inputs.cases() {
+                for _ in 0..3 {
+                    (case.run)();
+                }
                 be.synchronize().unwrap();
-                times.push(t.elapsed().as_secs_f64());
+                let mut times = Vec::new();
+                for _ in 0..15 {
+                    let t = std::time::Instant::now();
+                    (case.run)();
+                    be.synchronize().unwrap();
+                    times.push(t.elapsed().as_secs_f64());
+                }
+                times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                let s = times[times.len() / 2];
+                eprintln!("{:<20} {:<28} {:>10.3} ms", case.kernel, case.shape, s * 1e3);
+                lines.push_str(&format!(
+                    "{{\"kernel\": \"{}\", \"shape\": \"{}\", \"seconds\": {s:.9}, \"bytes\": {}, \"flops\": {}}}\n",
+                    case.kernel, case.shape, case.bytes, case.flops
+                ));
             }
-            times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-            let s = times[times.len() / 2];
-            eprintln!("{:<20} {:<28} {:>10.3} ms", case.kernel, case.shape, s * 1e3);
-            lines.push_str(&format!(
-                "{{\"kernel\": \"{}\", \"shape\": \"{}\", \"seconds\": {s:.9}, \"bytes\": {}, \"flops\": {}}}\n",
-                case.kernel, case.shape, case.bytes, case.flops
-            ));
-        }
         }
         let stats = be.memory_stats();
         eprintln!("allocator: {stats:?}");

@@ -40,7 +40,11 @@ fn shape(name: &str) -> Result<Shape> {
 fn peak_rss_mib() -> Result<f64> {
     let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:")).context("/proc/self/status has no VmHWM line")?;
-    let kib: f64 = line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).with_context(|| format!("/proc/self/status: unreadable VmHWM line {line:?}"))?;
+    let kib: f64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("/proc/self/status: unreadable VmHWM line {line:?}"))?;
     Ok(kib / 1024.0)
 }
 

@@ -84,7 +84,12 @@ impl<'b, B: Backend> Graph<'b, B> {
     }
 
     /// Records an operator's output and its backward.
-    fn push(&self, value: Tensor<B>, inputs: &[&Var<B>], backward: impl FnOnce(&B, B::Buf) -> Vec<Option<B::Buf>> + 'static) -> Var<B> {
+    fn push(
+        &self,
+        value: Tensor<B>,
+        inputs: &[&Var<B>],
+        backward: impl FnOnce(&B, B::Buf) -> Vec<Option<B::Buf>> + 'static,
+    ) -> Var<B> {
         let out = self.leaf(value);
         if self.record {
             self.tape.borrow_mut().nodes.push(Node {
@@ -106,7 +111,13 @@ impl<'b, B: Backend> Graph<'b, B> {
     /// that used it — so a caller can start reducing a layer's gradients while earlier layers are
     /// still being differentiated. Watched variables no operator used get zeros, at the end.
     /// Their gradients are not in the returned [`Grads`].
-    pub fn backward_streaming(&self, output: &Var<B>, seed: B::Buf, watch: &[&Var<B>], ready: &mut dyn FnMut(usize, B::Buf)) -> Grads<B> {
+    pub fn backward_streaming(
+        &self,
+        output: &Var<B>,
+        seed: B::Buf,
+        watch: &[&Var<B>],
+        ready: &mut dyn FnMut(usize, B::Buf),
+    ) -> Grads<B> {
         let nodes = std::mem::take(&mut self.tape.borrow_mut().nodes);
         // For each node, the watched variables whose first use it is.
         let watched: HashMap<usize, usize> = watch.iter().enumerate().map(|(i, v)| (v.id, i)).collect();
@@ -272,7 +283,10 @@ impl<'b, B: Backend> Graph<'b, B> {
             let mut dlogits = dlogits;
             let seed = be.download(&g)[0] as f64;
             if seed != dloss {
-                assert!(dloss != 0.0, "cross_entropy_seeded: the gradient was computed for a seed of 0, the backward got {seed}");
+                assert!(
+                    dloss != 0.0,
+                    "cross_entropy_seeded: the gradient was computed for a seed of 0, the backward got {seed}"
+                );
                 be.scale_assign(&mut dlogits, (seed / dloss) as f32);
             }
             vec![Some(dlogits)]

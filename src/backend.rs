@@ -3,8 +3,8 @@
 //!
 //! Buffers are flat; shapes live in [`crate::tensor::Tensor`]. Activations are `[tokens, features]`,
 //! attention tensors `[tokens, heads, head_dim]`, linear weights `[out, in]`.
-pub use llama_cpt_ops::attention::AttnShape;
 pub use llama_cpt_ops::adamw::AdamWConfig;
+pub use llama_cpt_ops::attention::AttnShape;
 
 /// One tensor of a multi-tensor AdamW step ([`Backend::adamw_steps`]): the f32 parameter or
 /// master, its gradient and moments, and optionally its working-precision copy to write.
@@ -40,12 +40,21 @@ pub trait Backend: Send + Sync + Sized + 'static {
 
     /// The collectives for this backend's buffers between the ranks of `launch` (one process:
     /// [`llama_cpt_parallel::SingleProcess`]). `timeout` bounds every wait for a collective.
-    fn communicator(&self, launch: &llama_cpt_parallel::launch::Launch, timeout: std::time::Duration) -> anyhow::Result<Box<dyn llama_cpt_parallel::Communicator<Self::Buf>>> {
+    fn communicator(
+        &self,
+        launch: &llama_cpt_parallel::launch::Launch,
+        timeout: std::time::Duration,
+    ) -> anyhow::Result<Box<dyn llama_cpt_parallel::Communicator<Self::Buf>>> {
         let _ = timeout;
         if launch.world_size == 1 {
             return Ok(Box::new(llama_cpt_parallel::SingleProcess::default()));
         }
-        anyhow::bail!("{} ranks were launched ({}), but the {} backend has no multi-process communicator in this build", launch.world_size, launch.launcher, self.name())
+        anyhow::bail!(
+            "{} ranks were launched ({}), but the {} backend has no multi-process communicator in this build",
+            launch.world_size,
+            launch.launcher,
+            self.name()
+        )
     }
 
     fn upload(&self, data: &[f32]) -> Self::Buf;
@@ -64,7 +73,16 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn linear(&self, x: &Self::Buf, w: &Self::Buf, m: usize, k: usize, n: usize) -> Self::Buf;
     /// Returns `dx = dy·w`; accumulates `dw += dyᵀ·x`.
     #[allow(clippy::too_many_arguments)]
-    fn linear_backward(&self, dy: &Self::Buf, x: &Self::Buf, w: &Self::Buf, dw: &mut Self::Buf, m: usize, k: usize, n: usize) -> Self::Buf;
+    fn linear_backward(
+        &self,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        dw: &mut Self::Buf,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Self::Buf;
 
     fn embedding(&self, table: &Self::Buf, ids: &[u32], dim: usize) -> Self::Buf;
     /// Accumulates `dtable[ids[t]] += dout[t]`, deterministically.
@@ -75,20 +93,50 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// Residual add fused with the RMSNorm that follows it: returns `(h, y, rstd)` with
     /// `h = x + r` and `(y, rstd) = rmsnorm(h, w)`. The default composes the two operators (the
     /// reference); a device may do it in one pass. The backward is that of the two operators.
-    fn add_rmsnorm(&self, x: &Self::Buf, r: &Self::Buf, w: &Self::Buf, dim: usize, eps: f64) -> (Self::Buf, Self::Buf, Self::Buf) {
+    fn add_rmsnorm(
+        &self,
+        x: &Self::Buf,
+        r: &Self::Buf,
+        w: &Self::Buf,
+        dim: usize,
+        eps: f64,
+    ) -> (Self::Buf, Self::Buf, Self::Buf) {
         let h = self.add(x, r);
         let (y, rstd) = self.rmsnorm(&h, w, dim, eps);
         (h, y, rstd)
     }
     /// Returns `dx`; accumulates `dw`.
     #[allow(clippy::too_many_arguments)]
-    fn rmsnorm_backward(&self, dy: &Self::Buf, x: &Self::Buf, w: &Self::Buf, rstd: &Self::Buf, dim: usize, dw: &mut Self::Buf) -> Self::Buf;
+    fn rmsnorm_backward(
+        &self,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        rstd: &Self::Buf,
+        dim: usize,
+        dw: &mut Self::Buf,
+    ) -> Self::Buf;
 
     /// Rotates `[tokens, heads, head_dim]` by each token's position (`inverse` for the backward).
-    fn rope(&self, x: &Self::Buf, positions: &[u32], heads: usize, head_dim: usize, theta: f64, inverse: bool) -> Self::Buf;
+    fn rope(
+        &self,
+        x: &Self::Buf,
+        positions: &[u32],
+        heads: usize,
+        head_dim: usize,
+        theta: f64,
+        inverse: bool,
+    ) -> Self::Buf;
 
     /// Returns `(out, lse)`.
-    fn attention(&self, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, cu_seqlens: &[u32], shape: AttnShape) -> (Self::Buf, Self::Buf);
+    fn attention(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        cu_seqlens: &[u32],
+        shape: AttnShape,
+    ) -> (Self::Buf, Self::Buf);
     /// Returns `(dq, dk, dv)`.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
@@ -140,11 +188,24 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// Mean cross-entropy over targets that are not `IGNORE_INDEX` (0 when there are none), and
     /// each row's log-sum-exp.
     fn cross_entropy(&self, logits: &Self::Buf, targets: &[i32], vocab: usize) -> (f64, Self::Buf);
-    fn cross_entropy_backward(&self, logits: &Self::Buf, lse: &Self::Buf, targets: &[i32], vocab: usize, dloss: f64) -> Self::Buf;
+    fn cross_entropy_backward(
+        &self,
+        logits: &Self::Buf,
+        lse: &Self::Buf,
+        targets: &[i32],
+        vocab: usize,
+        dloss: f64,
+    ) -> Self::Buf;
     /// The mean loss and, at once, the gradient of the logits for an upstream gradient `dloss`
     /// (the training path, where the loss scale is known before the backward). The default runs
     /// the two methods above; a backend may fuse them (the CPU computes each exponential once).
-    fn cross_entropy_with_grad(&self, logits: &Self::Buf, targets: &[i32], vocab: usize, dloss: f64) -> (f64, Self::Buf) {
+    fn cross_entropy_with_grad(
+        &self,
+        logits: &Self::Buf,
+        targets: &[i32],
+        vocab: usize,
+        dloss: f64,
+    ) -> (f64, Self::Buf) {
         let (loss, lse) = self.cross_entropy(logits, targets, vocab);
         (loss, self.cross_entropy_backward(logits, &lse, targets, vocab, dloss))
     }
@@ -171,7 +232,14 @@ pub trait Backend: Send + Sync + Sized + 'static {
     );
     /// [`Backend::adamw_step`] over many tensors at once (one launch on a device, instead of one
     /// per tensor). The default updates them one by one.
-    fn adamw_steps(&self, tensors: &mut [AdamWTensor<'_, Self::Buf>], cfg: &AdamWConfig, lr: f64, step: u64, grad_scale: f32) {
+    fn adamw_steps(
+        &self,
+        tensors: &mut [AdamWTensor<'_, Self::Buf>],
+        cfg: &AdamWConfig,
+        lr: f64,
+        step: u64,
+        grad_scale: f32,
+    ) {
         for t in tensors.iter_mut() {
             self.adamw_step(t.param, t.grad, t.m, t.v, cfg, lr, step, t.decay, grad_scale, t.working.as_deref_mut());
         }

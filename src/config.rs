@@ -51,7 +51,9 @@ fn number(v: &Value, key: &str, origin: &str) -> Result<f64> {
 }
 
 fn token_ids(v: Option<&Value>, key: &str, origin: &str) -> Result<Vec<u32>> {
-    let one = |v: &Value| v.as_u64().map(|n| n as u32).with_context(|| format!("{origin}: field `{key}` must hold token ids, found {v}"));
+    let one = |v: &Value| {
+        v.as_u64().map(|n| n as u32).with_context(|| format!("{origin}: field `{key}` must hold token ids, found {v}"))
+    };
     match v {
         None | Some(Value::Null) => Ok(vec![]),
         Some(Value::Array(items)) => items.iter().map(one).collect(),
@@ -63,7 +65,8 @@ impl LlamaConfig {
     /// Reads and checks `config.json`; errors name the file and the field.
     pub fn from_file(path: &Path) -> Result<LlamaConfig> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let value: Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+        let value: Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
         Self::from_json(value, &path.display().to_string())
     }
 
@@ -99,10 +102,16 @@ impl LlamaConfig {
             Some(Value::Object(rp)) => {
                 if let Some(t) = rp.get("rope_type").and_then(Value::as_str) {
                     if t != "default" {
-                        bail!("{origin}: field `rope_parameters.rope_type` is {t:?}; only \"default\" RoPE is supported");
+                        bail!(
+                            "{origin}: field `rope_parameters.rope_type` is {t:?}; only \"default\" RoPE is supported"
+                        );
                     }
                 }
-                number(field(rp, "rope_theta", origin).context("in `rope_parameters`")?, "rope_parameters.rope_theta", origin)?
+                number(
+                    field(rp, "rope_theta", origin).context("in `rope_parameters`")?,
+                    "rope_parameters.rope_theta",
+                    origin,
+                )?
             }
             Some(Value::Null) | None => match obj.get("rope_theta") {
                 Some(v) => number(v, "rope_theta", origin)?,
@@ -199,7 +208,15 @@ impl LlamaConfig {
 
     /// A small config built in code (tests, random initialisation).
     #[allow(clippy::too_many_arguments)]
-    pub fn small(vocab_size: usize, hidden_size: usize, intermediate_size: usize, layers: usize, heads: usize, kv_heads: usize, tie: bool) -> LlamaConfig {
+    pub fn small(
+        vocab_size: usize,
+        hidden_size: usize,
+        intermediate_size: usize,
+        layers: usize,
+        heads: usize,
+        kv_heads: usize,
+        tie: bool,
+    ) -> LlamaConfig {
         let value = serde_json::json!({
             "vocab_size": vocab_size, "hidden_size": hidden_size, "intermediate_size": intermediate_size,
             "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,

@@ -75,7 +75,11 @@ impl Backend for Cpu {
         self.act(x.clone())
     }
     /// MPI between processes (a build with `--features mpi`, launched by mpirun or srun).
-    fn communicator(&self, launch: &llama_cpt_parallel::launch::Launch, timeout: std::time::Duration) -> anyhow::Result<Box<dyn llama_cpt_parallel::Communicator<Vec<f32>>>> {
+    fn communicator(
+        &self,
+        launch: &llama_cpt_parallel::launch::Launch,
+        timeout: std::time::Duration,
+    ) -> anyhow::Result<Box<dyn llama_cpt_parallel::Communicator<Vec<f32>>>> {
         if launch.world_size == 1 {
             return Ok(Box::new(llama_cpt_parallel::SingleProcess::default()));
         }
@@ -84,14 +88,22 @@ impl Backend for Cpu {
             let mpi = llama_cpt_parallel::mpi::Mpi::init(timeout)?;
             let world = llama_cpt_parallel::Communicator::<Vec<f32>>::world_size(&mpi);
             if world != launch.world_size {
-                anyhow::bail!("the {} launch says {} ranks but MPI sees {world} (was the job started with mpirun/srun?)", launch.launcher, launch.world_size);
+                anyhow::bail!(
+                    "the {} launch says {} ranks but MPI sees {world} (was the job started with mpirun/srun?)",
+                    launch.launcher,
+                    launch.world_size
+                );
             }
             Ok(Box::new(mpi))
         }
         #[cfg(not(feature = "mpi"))]
         {
             let _ = timeout;
-            anyhow::bail!("{} ranks were launched ({}): multi-process CPU training needs a build with `--features mpi`", launch.world_size, launch.launcher)
+            anyhow::bail!(
+                "{} ranks were launched ({}): multi-process CPU training needs a build with `--features mpi`",
+                launch.world_size,
+                launch.launcher
+            )
         }
     }
     fn upload(&self, data: &[f32]) -> Vec<f32> {
@@ -128,7 +140,16 @@ impl Backend for Cpu {
         ops::matmul::linear_forward(&mut y, x, w, m, k, n);
         self.act(y)
     }
-    fn linear_backward(&self, dy: &Vec<f32>, x: &Vec<f32>, w: &Vec<f32>, dw: &mut Vec<f32>, m: usize, k: usize, n: usize) -> Vec<f32> {
+    fn linear_backward(
+        &self,
+        dy: &Vec<f32>,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        dw: &mut Vec<f32>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Vec<f32> {
         let mut dx = vec![0.0; m * k];
         ops::matmul::linear_backward(&mut dx, dw, dy, x, w, m, k, n);
         self.act(dx)
@@ -147,18 +168,41 @@ impl Backend for Cpu {
         ops::rmsnorm::rmsnorm_forward(&mut y, &mut rstd, x, w, dim, eps);
         (self.act(y), rstd)
     }
-    fn rmsnorm_backward(&self, dy: &Vec<f32>, x: &Vec<f32>, w: &Vec<f32>, rstd: &Vec<f32>, dim: usize, dw: &mut Vec<f32>) -> Vec<f32> {
+    fn rmsnorm_backward(
+        &self,
+        dy: &Vec<f32>,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        rstd: &Vec<f32>,
+        dim: usize,
+        dw: &mut Vec<f32>,
+    ) -> Vec<f32> {
         let mut dx = vec![0.0; x.len()];
         ops::rmsnorm::rmsnorm_backward(&mut dx, dw, dy, x, w, rstd, dim);
         self.act(dx)
     }
-    fn rope(&self, x: &Vec<f32>, positions: &[u32], heads: usize, head_dim: usize, theta: f64, inverse: bool) -> Vec<f32> {
+    fn rope(
+        &self,
+        x: &Vec<f32>,
+        positions: &[u32],
+        heads: usize,
+        head_dim: usize,
+        theta: f64,
+        inverse: bool,
+    ) -> Vec<f32> {
         let (cos, sin) = ops::rope::rope_tables::<f32>(positions, head_dim, theta);
         let mut y = x.clone();
         ops::rope::rope_apply(&mut y, &cos, &sin, heads, head_dim, inverse);
         self.act(y)
     }
-    fn attention(&self, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, cu_seqlens: &[u32], shape: AttnShape) -> (Vec<f32>, Vec<f32>) {
+    fn attention(
+        &self,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        cu_seqlens: &[u32],
+        shape: AttnShape,
+    ) -> (Vec<f32>, Vec<f32>) {
         let mut out = vec![0.0; q.len()];
         let mut lse = vec![0.0; q.len() / shape.head_dim];
         ops::attention::attention_forward(&mut out, &mut lse, q, k, v, cu_seqlens, shape);
@@ -194,7 +238,14 @@ impl Backend for Cpu {
         let loss = ops::cross_entropy::cross_entropy_forward(&mut lse, logits, targets, vocab);
         (loss, lse)
     }
-    fn cross_entropy_backward(&self, logits: &Vec<f32>, lse: &Vec<f32>, targets: &[i32], vocab: usize, dloss: f64) -> Vec<f32> {
+    fn cross_entropy_backward(
+        &self,
+        logits: &Vec<f32>,
+        lse: &Vec<f32>,
+        targets: &[i32],
+        vocab: usize,
+        dloss: f64,
+    ) -> Vec<f32> {
         let mut d = vec![0.0; logits.len()];
         ops::cross_entropy::cross_entropy_backward(&mut d, logits, lse, targets, vocab, dloss);
         self.act(d)
@@ -207,7 +258,19 @@ impl Backend for Cpu {
     fn sum_squares(&self, x: &Vec<f32>) -> f64 {
         ops::gradnorm::sum_squares(x)
     }
-    fn adamw_step(&self, param: &mut Vec<f32>, grad: &Vec<f32>, m: &mut Vec<f32>, v: &mut Vec<f32>, cfg: &AdamWConfig, lr: f64, step: u64, decay: bool, grad_scale: f32, working: Option<&mut Vec<f32>>) {
+    fn adamw_step(
+        &self,
+        param: &mut Vec<f32>,
+        grad: &Vec<f32>,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+        cfg: &AdamWConfig,
+        lr: f64,
+        step: u64,
+        decay: bool,
+        grad_scale: f32,
+        working: Option<&mut Vec<f32>>,
+    ) {
         ops::adamw::adamw_step(param, grad, m, v, cfg, lr, step, decay, grad_scale);
         if let Some(w) = working {
             *w = self.to_working(param);

@@ -39,6 +39,9 @@ pub fn on_device_index<T: OnBackend>(device: &str, gpu: usize, precision: Precis
             gpu.set_mixed_precision(mixed);
             task.run(&gpu)
         }
-        other => bail!("--device {other:?}: expected cpu{}", if cfg!(feature = "cuda") { " or cuda" } else { " (cuda needs a build with --features cuda)" }),
+        other => bail!(
+            "--device {other:?}: expected cpu{}",
+            if cfg!(feature = "cuda") { " or cuda" } else { " (cuda needs a build with --features cuda)" }
+        ),
     }
 }

@@ -60,7 +60,15 @@ pub struct DataParallel<'c, B: Backend> {
 }
 
 impl<'c, B: Backend> DataParallel<'c, B> {
-    pub fn new(backend: &B, comm: &'c dyn Communicator<B::Buf>, params: &[Param<B>], trainable: &[bool], stage: ZeroStage, bucket_elems: usize, config: AdamWConfig) -> Self {
+    pub fn new(
+        backend: &B,
+        comm: &'c dyn Communicator<B::Buf>,
+        params: &[Param<B>],
+        trainable: &[bool],
+        stage: ZeroStage,
+        bucket_elems: usize,
+        config: AdamWConfig,
+    ) -> Self {
         let sizes: Vec<usize> = params.iter().map(|p| p.value.numel()).collect();
         let layout = Layout::new(&sizes, trainable, bucket_elems.max(1), comm.world_size());
         let sharded = stage != ZeroStage::Zero0;
@@ -86,7 +94,16 @@ impl<'c, B: Backend> DataParallel<'c, B> {
     /// reduction, clipping by the global norm and the AdamW update (then the all-gather of the
     /// parameters under ZeRO-1/2). `poison_loss` makes the step non-finite (fault injection).
     #[allow(clippy::too_many_arguments)]
-    pub fn step(&mut self, backend: &B, model: &mut Llama<B>, batches: &[Batch], opts: StepOptions, lr: f64, max_grad_norm: Option<f64>, poison_loss: bool) -> Result<StepResult> {
+    pub fn step(
+        &mut self,
+        backend: &B,
+        model: &mut Llama<B>,
+        batches: &[Batch],
+        opts: StepOptions,
+        lr: f64,
+        max_grad_norm: Option<f64>,
+        poison_loss: bool,
+    ) -> Result<StepResult> {
         let mut scalars = [batches.iter().map(|b| count_valid(&b.targets)).sum::<usize>() as f64];
         self.comm.all_reduce_scalars(&mut scalars)?;
         let target_tokens = scalars[0] as usize;
@@ -110,7 +127,11 @@ impl<'c, B: Backend> DataParallel<'c, B> {
         }
         let reduced = reducer.reduced;
         let mut comm_wait = reducer.waited;
-        let grads: Vec<B::Buf> = self.pieces.iter().map(|p| backend.slice(reduced[p.bucket].as_ref().expect("every bucket is reduced"), p.shard_offset, p.len)).collect();
+        let grads: Vec<B::Buf> = self
+            .pieces
+            .iter()
+            .map(|p| backend.slice(reduced[p.bucket].as_ref().expect("every bucket is reduced"), p.shard_offset, p.len))
+            .collect();
         drop(reduced);
         let mut sq = [grads.iter().map(|g| backend.sum_squares(g)).sum::<f64>()];
         if self.sharded() {
@@ -177,7 +198,11 @@ impl<'c, B: Backend> DataParallel<'c, B> {
         for (bi, b) in self.layout.buckets.iter().enumerate() {
             let mut shard = backend.zeros(b.padded / world);
             for (p, s) in self.pieces.iter().zip(&self.opt.segments).filter(|(p, _)| p.bucket == bi) {
-                backend.write_slice(&mut shard, p.shard_offset, s.master.as_ref().expect("sharded segments keep masters"));
+                backend.write_slice(
+                    &mut shard,
+                    p.shard_offset,
+                    s.master.as_ref().expect("sharded segments keep masters"),
+                );
             }
             // In mixed precision the working parameters travel in bf16 (2 bytes × Ψ, not 4).
             let shard = if working { backend.to_working(&shard) } else { shard };
@@ -217,9 +242,27 @@ struct Reducer<'a, B: Backend> {
 }
 
 impl<'a, B: Backend> Reducer<'a, B> {
-    fn new(backend: &'a B, comm: &'a dyn Communicator<B::Buf>, layout: &'a Layout, stage: ZeroStage, num_params: usize) -> Self {
+    fn new(
+        backend: &'a B,
+        comm: &'a dyn Communicator<B::Buf>,
+        layout: &'a Layout,
+        stage: ZeroStage,
+        num_params: usize,
+    ) -> Self {
         let n = layout.buckets.len();
-        Reducer { backend, comm, layout, stage, reduce_now: false, local: vec![None; num_params], arrived: vec![0; n], next: 0, pending: vec![], reduced: vec![None; n], waited: Duration::ZERO }
+        Reducer {
+            backend,
+            comm,
+            layout,
+            stage,
+            reduce_now: false,
+            local: vec![None; num_params],
+            arrived: vec![0; n],
+            next: 0,
+            pending: vec![],
+            reduced: vec![None; n],
+            waited: Duration::ZERO,
+        }
     }
 
     fn ready(&mut self, param: usize, grad: B::Buf) {
@@ -230,7 +273,9 @@ impl<'a, B: Backend> Reducer<'a, B> {
         }
         if self.reduce_now {
             self.arrived[bucket] += 1;
-            while self.next < self.layout.buckets.len() && self.arrived[self.next] == self.layout.buckets[self.next].params.len() {
+            while self.next < self.layout.buckets.len()
+                && self.arrived[self.next] == self.layout.buckets[self.next].params.len()
+            {
                 self.launch(self.next);
             }
         }
@@ -245,7 +290,8 @@ impl<'a, B: Backend> Reducer<'a, B> {
                 self.backend.write_slice(&mut flat, off, &g);
             }
         }
-        let pending = if self.stage == ZeroStage::Zero0 { self.comm.all_reduce(flat) } else { self.comm.reduce_scatter(flat) };
+        let pending =
+            if self.stage == ZeroStage::Zero0 { self.comm.all_reduce(flat) } else { self.comm.reduce_scatter(flat) };
         self.pending.push((bi, pending));
         self.next = bi + 1;
     }

@@ -6,7 +6,10 @@ use std::path::Path;
 /// Writes `bytes` to a temporary file beside `path`, syncs it, then renames it over `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("")));
-    let result = std::fs::File::create(&tmp).and_then(|mut f| f.write_all(bytes)).map_err(anyhow::Error::from).and_then(|()| commit(&tmp, path));
+    let result = std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(bytes))
+        .map_err(anyhow::Error::from)
+        .and_then(|()| commit(&tmp, path));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }

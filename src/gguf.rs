@@ -296,7 +296,11 @@ impl<'a> Cursor<'a> {
                 // and must not become a huge allocation.
                 let left = (self.bytes.len() - self.pos) as u64;
                 if n > left {
-                    bail!("{}: truncated GGUF: {} claims {n} elements but only {left} bytes remain", self.origin, what());
+                    bail!(
+                        "{}: truncated GGUF: {} claims {n} elements but only {left} bytes remain",
+                        self.origin,
+                        what()
+                    );
                 }
                 let mut items = Vec::with_capacity(n as usize);
                 for _ in 0..n {
@@ -331,7 +335,9 @@ fn parse_header(bytes: &[u8], origin: &str) -> Result<Header> {
     match version {
         2 | 3 => {}
         1 => bail!("{origin}: GGUF version 1 is not supported (re-convert with a current llama.cpp)"),
-        v if v.swap_bytes() <= 3 => bail!("{origin}: a big-endian GGUF (version {}); only little-endian files are supported", v.swap_bytes()),
+        v if v.swap_bytes() <= 3 => {
+            bail!("{origin}: a big-endian GGUF (version {}); only little-endian files are supported", v.swap_bytes())
+        }
         v => bail!("{origin}: unknown GGUF version {v} (versions 2 and 3 are supported)"),
     }
     let n_tensors = c.u64(&|| "the tensor count".into())?;
@@ -406,7 +412,12 @@ impl GgufFile {
             let n = t.dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d)).filter(|&n| n > 0);
             let Some(n) = n else { bail!("{origin}: tensor `{}` has dimensions {:?}", t.name, t.dims) };
             if t.offset % self.alignment != 0 {
-                bail!("{origin}: tensor `{}` starts at offset {}, not a multiple of the alignment {}", t.name, t.offset, self.alignment);
+                bail!(
+                    "{origin}: tensor `{}` starts at offset {}, not a multiple of the alignment {}",
+                    t.name,
+                    t.offset,
+                    self.alignment
+                );
             }
             let start = self.data_start.checked_add(t.offset);
             match (t.ggml_type.block(), start) {
@@ -425,7 +436,10 @@ impl GgufFile {
                 }
                 (_, start) => {
                     if start.is_none_or(|s| s > len) {
-                        bail!("{origin}: truncated GGUF: tensor `{}` starts past the end of the file ({len} bytes)", t.name);
+                        bail!(
+                            "{origin}: truncated GGUF: tensor `{}` starts past the end of the file ({len} bytes)",
+                            t.name
+                        );
                     }
                 }
             }
@@ -444,7 +458,9 @@ impl GgufFile {
 
     /// The raw bytes of a tensor (known types only; [`GgufFile::open`] checked they fit).
     pub fn tensor_bytes(&self, t: &TensorInfo) -> Result<&[u8]> {
-        let size = t.n_bytes().with_context(|| format!("{}: tensor `{}` has unknown type {}", self.path.display(), t.name, t.ggml_type))?;
+        let size = t.n_bytes().with_context(|| {
+            format!("{}: tensor `{}` has unknown type {}", self.path.display(), t.name, t.ggml_type)
+        })?;
         let start = (self.data_start + t.offset) as usize;
         Ok(&self.map[start..start + size as usize])
     }
@@ -460,7 +476,8 @@ impl GgufFile {
             );
         }
         let bytes = self.tensor_bytes(t)?;
-        dequantize(t.ggml_type, bytes, t.n_elements() as usize).with_context(|| format!("{}: tensor `{}`", self.path.display(), t.name))
+        dequantize(t.ggml_type, bytes, t.n_elements() as usize)
+            .with_context(|| format!("{}: tensor `{}`", self.path.display(), t.name))
     }
 }
 
@@ -509,17 +526,23 @@ pub fn dequantize(t: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
     let mut out = vec![0f32; n];
     // Chunks of whole blocks, decoded in parallel.
     const BLOCKS_PER_CHUNK: usize = 4096;
-    out.par_chunks_mut(BLOCKS_PER_CHUNK * block).zip(bytes.par_chunks(BLOCKS_PER_CHUNK * block_bytes)).for_each(|(o, b)| {
-        match t {
-            GgmlType::F32 => o.iter_mut().zip(b.chunks_exact(4)).for_each(|(o, b)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            GgmlType::F16 => o.iter_mut().zip(b.chunks_exact(2)).for_each(|(o, b)| *o = f16::from_le_bytes([b[0], b[1]]).to_f32()),
-            GgmlType::BF16 => o.iter_mut().zip(b.chunks_exact(2)).for_each(|(o, b)| *o = bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+    out.par_chunks_mut(BLOCKS_PER_CHUNK * block).zip(bytes.par_chunks(BLOCKS_PER_CHUNK * block_bytes)).for_each(
+        |(o, b)| match t {
+            GgmlType::F32 => {
+                o.iter_mut().zip(b.chunks_exact(4)).for_each(|(o, b)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            }
+            GgmlType::F16 => {
+                o.iter_mut().zip(b.chunks_exact(2)).for_each(|(o, b)| *o = f16::from_le_bytes([b[0], b[1]]).to_f32())
+            }
+            GgmlType::BF16 => {
+                o.iter_mut().zip(b.chunks_exact(2)).for_each(|(o, b)| *o = bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            }
             GgmlType::Q8_0 => o.chunks_exact_mut(QK).zip(b.chunks_exact(34)).for_each(|(o, b)| q8_0_block(b, o)),
             GgmlType::Q4_0 => o.chunks_exact_mut(QK).zip(b.chunks_exact(18)).for_each(|(o, b)| q4_0_block(b, o)),
             GgmlType::Q4_1 => o.chunks_exact_mut(QK).zip(b.chunks_exact(20)).for_each(|(o, b)| q4_1_block(b, o)),
             _ => unreachable!("checked above"),
-        }
-    });
+        },
+    );
     Ok(out)
 }
 

@@ -42,7 +42,8 @@ pub fn param_specs(c: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
     let (q, kv) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
     let mut specs = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
     for l in 0..c.num_hidden_layers {
-        let shapes = [vec![h], vec![q, h], vec![kv, h], vec![kv, h], vec![h, q], vec![h], vec![f, h], vec![f, h], vec![h, f]];
+        let shapes =
+            [vec![h], vec![q, h], vec![kv, h], vec![kv, h], vec![h, q], vec![h], vec![f, h], vec![f, h], vec![h, f]];
         for (name, shape) in LAYER_PARAMS.iter().zip(shapes) {
             specs.push((format!("model.layers.{l}.{name}.weight"), shape));
         }
@@ -82,7 +83,13 @@ struct LayerCtx<B: Backend> {
 
 impl<B: Backend> Clone for LayerCtx<B> {
     fn clone(&self) -> Self {
-        LayerCtx { eps: self.eps, theta: self.theta, shape: self.shape, positions: self.positions.clone(), attn: self.attn.clone() }
+        LayerCtx {
+            eps: self.eps,
+            theta: self.theta,
+            shape: self.shape,
+            positions: self.positions.clone(),
+            attn: self.attn.clone(),
+        }
     }
 }
 
@@ -182,7 +189,9 @@ impl<B: Backend> Llama<B> {
         if let Some(&id) = batch.tokens.iter().find(|&&id| id as usize >= v) {
             bail!("batch: token id {id} is outside the model's vocabulary ({v})");
         }
-        if let Some(&id) = batch.targets.iter().find(|&&id| id != llama_cpt_ops::IGNORE_INDEX && (id < 0 || id as usize >= v)) {
+        if let Some(&id) =
+            batch.targets.iter().find(|&&id| id != llama_cpt_ops::IGNORE_INDEX && (id < 0 || id as usize >= v))
+        {
             bail!("batch: target {id} is neither a token id below {v} nor the ignore index");
         }
         let cu = &batch.cu_seqlens;
@@ -268,7 +277,8 @@ impl<B: Backend> Llama<B> {
         let h = self.trunk(&g, &vars, tokens, &ctx, StepOptions::default());
         let logits = self.head(&g, &vars, &select_rows(&g, &h, &[tokens.len() - 1])?);
         drop(ctx);
-        *cache = Arc::try_unwrap(shared).ok().expect("the cache is no longer shared").into_inner().expect("KV cache lock");
+        *cache =
+            Arc::try_unwrap(shared).ok().expect("the cache is no longer shared").into_inner().expect("KV cache lock");
         cache.len = start + tokens.len();
         Ok(logits.value.to_host(backend))
     }
@@ -282,7 +292,13 @@ impl<B: Backend> Llama<B> {
 
     /// Mean loss of the batch and the gradient of `loss_scale · loss` for every parameter (in
     /// [`Llama::params`] order). `loss_scale` weights micro-batches in gradient accumulation.
-    pub fn loss_and_grads(&self, backend: &B, batch: &Batch, loss_scale: f64, opts: StepOptions) -> Result<(f64, Vec<B::Buf>)> {
+    pub fn loss_and_grads(
+        &self,
+        backend: &B,
+        batch: &Batch,
+        loss_scale: f64,
+        opts: StepOptions,
+    ) -> Result<(f64, Vec<B::Buf>)> {
         let mut grads: Vec<Option<B::Buf>> = vec![None; self.params.len()];
         let loss = self.loss_and_streamed_grads(backend, batch, loss_scale, opts, &mut |i, g| grads[i] = Some(g))?;
         Ok((loss, grads.into_iter().map(|g| g.expect("every parameter's gradient is handed over")).collect()))
@@ -291,7 +307,14 @@ impl<B: Backend> Llama<B> {
     /// Like [`Llama::loss_and_grads`], but hands each parameter's gradient (by index) to `ready`
     /// as soon as the backward has finished it: the last layers' first, so data parallelism can
     /// reduce them while the earlier layers are still being differentiated.
-    pub fn loss_and_streamed_grads(&self, backend: &B, batch: &Batch, loss_scale: f64, opts: StepOptions, ready: &mut dyn FnMut(usize, B::Buf)) -> Result<f64> {
+    pub fn loss_and_streamed_grads(
+        &self,
+        backend: &B,
+        batch: &Batch,
+        loss_scale: f64,
+        opts: StepOptions,
+        ready: &mut dyn FnMut(usize, B::Buf),
+    ) -> Result<f64> {
         let g = Graph::new(backend);
         let (vars, logits) = self.forward(&g, batch, opts)?;
         let (loss_var, loss) = g.cross_entropy_seeded(&logits, &batch.targets, loss_scale);
@@ -393,7 +416,11 @@ mod tests {
             };
             let numeric = (eval(1.0) - eval(-1.0)) / (2.0 * h as f64);
             let analytic: f64 = grads[pi].iter().zip(&dir).map(|(g, d)| (*g as f64) * (*d as f64)).sum();
-            assert!((numeric - analytic).abs() <= 1e-2 * analytic.abs().max(1e-3), "{}: numeric {numeric} analytic {analytic}", m.params[pi].name);
+            assert!(
+                (numeric - analytic).abs() <= 1e-2 * analytic.abs().max(1e-3),
+                "{}: numeric {numeric} analytic {analytic}",
+                m.params[pi].name
+            );
         }
     }
 

@@ -39,14 +39,21 @@ pub struct StepReport {
 impl<B: Backend> AdamW<B> {
     /// Every parameter whole (one process, or ZeRO-0 where every rank keeps all optimizer state).
     pub fn new(backend: &B, params: &[Param<B>], config: AdamWConfig) -> Self {
-        let pieces: Vec<(usize, usize, usize)> = params.iter().enumerate().map(|(i, p)| (i, 0, p.value.numel())).collect();
+        let pieces: Vec<(usize, usize, usize)> =
+            params.iter().enumerate().map(|(i, p)| (i, 0, p.value.numel())).collect();
         Self::for_pieces(backend, params, config, &pieces, false)
     }
 
     /// The given `(param, start, len)` pieces (ZeRO shards when `sharded`), each with moments and
     /// — when sharded or in mixed precision — an fp32 master copy taken from the current
     /// parameters.
-    pub fn for_pieces(backend: &B, params: &[Param<B>], config: AdamWConfig, pieces: &[(usize, usize, usize)], sharded: bool) -> Self {
+    pub fn for_pieces(
+        backend: &B,
+        params: &[Param<B>],
+        config: AdamWConfig,
+        pieces: &[(usize, usize, usize)],
+        sharded: bool,
+    ) -> Self {
         let masters = sharded || backend.mixed_precision();
         let segments = pieces
             .iter()
@@ -71,7 +78,14 @@ impl<B: Backend> AdamW<B> {
     /// One AdamW update of every segment from its gradient (of the segment's length) scaled by
     /// `grad_scale` (the clipping factor); a segment given `None` is not updated (frozen this
     /// stage). Counts the step.
-    pub fn update(&mut self, backend: &B, params: &mut [Param<B>], grads: &[Option<&B::Buf>], lr: f64, grad_scale: f32) {
+    pub fn update(
+        &mut self,
+        backend: &B,
+        params: &mut [Param<B>],
+        grads: &[Option<&B::Buf>],
+        lr: f64,
+        grad_scale: f32,
+    ) {
         assert_eq!(grads.len(), self.segments.len());
         self.step += 1;
         let decay: Vec<bool> = params.iter().map(|p| p.decay).collect();
@@ -83,7 +97,8 @@ impl<B: Backend> AdamW<B> {
                 written[s.param] |= g.is_some();
             }
         }
-        let mut param_bufs: Vec<Option<&mut B::Buf>> = params.iter_mut().zip(&written).map(|(p, &w)| w.then(|| p.value.buf_mut())).collect();
+        let mut param_bufs: Vec<Option<&mut B::Buf>> =
+            params.iter_mut().zip(&written).map(|(p, &w)| w.then(|| p.value.buf_mut())).collect();
         let mut tensors = Vec::with_capacity(self.segments.len());
         for (s, g) in self.segments.iter_mut().zip(grads) {
             let Some(grad) = *g else { continue };
@@ -117,7 +132,15 @@ impl<B: Backend> AdamW<B> {
     /// Whole-parameter optimizer ([`AdamW::new`]): clips by the global norm of the trainable
     /// gradients (when `max_grad_norm` is set) and updates every parameter whose `trainable` flag
     /// is set. A non-finite norm skips the update and leaves all state untouched.
-    pub fn step(&mut self, backend: &B, params: &mut [Param<B>], grads: &[B::Buf], trainable: &[bool], lr: f64, max_grad_norm: Option<f64>) -> StepReport {
+    pub fn step(
+        &mut self,
+        backend: &B,
+        params: &mut [Param<B>],
+        grads: &[B::Buf],
+        trainable: &[bool],
+        lr: f64,
+        max_grad_norm: Option<f64>,
+    ) -> StepReport {
         assert!(params.len() == grads.len() && trainable.len() == grads.len());
         let sq: f64 = grads.iter().zip(trainable).filter(|(_, &t)| t).map(|(g, _)| backend.sum_squares(g)).sum();
         let grad_norm = sq.sqrt();
@@ -125,7 +148,8 @@ impl<B: Backend> AdamW<B> {
             return StepReport { grad_norm, applied: false };
         }
         let scale = max_grad_norm.map_or(1.0, |max| llama_cpt_ops::gradnorm::clip_scale(grad_norm, max));
-        let per_segment: Vec<Option<&B::Buf>> = self.segments.iter().map(|s| trainable[s.param].then(|| &grads[s.param])).collect();
+        let per_segment: Vec<Option<&B::Buf>> =
+            self.segments.iter().map(|s| trainable[s.param].then(|| &grads[s.param])).collect();
         self.update(backend, params, &per_segment, lr, scale);
         StepReport { grad_norm, applied: true }
     }

@@ -32,21 +32,24 @@ fn weight_map(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
     let single = dir.join(SINGLE_FILE);
     if single.exists() {
         let bytes = std::fs::read(&single).with_context(|| format!("reading {}", single.display()))?;
-        let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", single.display()))?;
+        let (_, meta) = SafeTensors::read_metadata(&bytes)
+            .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", single.display()))?;
         return Ok(meta.tensors().into_keys().map(|k| (k, single.clone())).collect());
     }
     if !index.exists() {
         bail!("{}: neither {SINGLE_FILE} nor {INDEX_FILE} found", dir.display());
     }
     let text = std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
-    let json: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", index.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", index.display()))?;
     let map = json
         .get("weight_map")
         .and_then(|m| m.as_object())
         .with_context(|| format!("{}: missing field `weight_map`", index.display()))?;
     let mut out = BTreeMap::new();
     for (name, file) in map {
-        let file = file.as_str().with_context(|| format!("{}: `weight_map.{name}` must be a file name", index.display()))?;
+        let file =
+            file.as_str().with_context(|| format!("{}: `weight_map.{name}` must be a file name", index.display()))?;
         let path = dir.join(file);
         if !path.exists() {
             bail!("{}: tensor `{name}` is in shard {file}, which does not exist", index.display());
@@ -87,13 +90,19 @@ pub fn load_tensors(dir: &Path, specs: &[(String, Vec<usize>)]) -> Result<Vec<Ve
         let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
         // SAFETY: the file is only read; a concurrent writer would be a misuse we cannot prevent.
         let mmap = unsafe { memmap2::Mmap::map(&f) }.with_context(|| format!("mapping {}", file.display()))?;
-        let st = SafeTensors::deserialize(&mmap)
-            .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file (truncated or corrupt?): {e}", file.display()))?;
+        let st = SafeTensors::deserialize(&mmap).map_err(|e| {
+            anyhow::anyhow!("{}: not a valid safetensors file (truncated or corrupt?): {e}", file.display())
+        })?;
         for name in names {
             let i = wanted[name];
             let view = st.tensor(name).map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {e}", file.display()))?;
             if view.shape() != specs[i].1.as_slice() {
-                bail!("{}: tensor `{name}` has shape {:?}, the config needs {:?}", file.display(), view.shape(), specs[i].1);
+                bail!(
+                    "{}: tensor `{name}` has shape {:?}, the config needs {:?}",
+                    file.display(),
+                    view.shape(),
+                    specs[i].1
+                );
             }
             out[i] = Some(to_f32(&view, name, file)?);
         }

@@ -51,7 +51,10 @@ fn config_missing_or_invalid_field() {
 fn tensor_with_wrong_shape() {
     let dir = fresh("wrong-shape", None);
     edit_config(&dir, |v| v["intermediate_size"] = serde_json::json!(48));
-    assert_mentions(&load_err(&dir), &["model.safetensors", "model.layers.0.mlp.", "has shape [16, 32], the config needs"]);
+    assert_mentions(
+        &load_err(&dir),
+        &["model.safetensors", "model.layers.0.mlp.", "has shape [16, 32], the config needs"],
+    );
 }
 
 #[test]

@@ -120,7 +120,12 @@ fn linear_forward_backward_matches_cpu() {
             let (x, w, dy) = (rand_vec(m * k, 1.0), rand_vec(n * k, 1.0), rand_vec(m * n, 1.0));
             let dw0 = rand_vec(n * k, 1.0);
             let what = format!("{prec:?} {m}x{k}x{n}");
-            check(&format!("linear {what}"), &g.download(&g.linear(&g.upload(&x), &g.upload(&w), m, k, n)), &Cpu.linear(&x, &w, m, k, n), tol);
+            check(
+                &format!("linear {what}"),
+                &g.download(&g.linear(&g.upload(&x), &g.upload(&w), m, k, n)),
+                &Cpu.linear(&x, &w, m, k, n),
+                tol,
+            );
             let (mut dw_c, mut dw_g) = (dw0.clone(), g.upload(&dw0));
             let dx_c = Cpu.linear_backward(&dy, &x, &w, &mut dw_c, m, k, n);
             let dx_g = g.linear_backward(&g.upload(&dy), &g.upload(&x), &g.upload(&w), &mut dw_g, m, k, n);
@@ -282,10 +287,14 @@ fn cross_entropy_matches_cpu_with_ignored_targets() {
         // not noise: found on the emulated device, measured with numpy), more than this bound;
         // the kernel's per-thread online sums and tree merge are far more accurate.
         let logits64: Vec<f64> = logits.iter().map(|&x| x as f64).collect();
-        let loss_c = llama_cpt_ops::cross_entropy::cross_entropy_forward(&mut vec![0f64; rows], &logits64, &targets, vocab);
+        let loss_c =
+            llama_cpt_ops::cross_entropy::cross_entropy_forward(&mut vec![0f64; rows], &logits64, &targets, vocab);
         let lg = g.upload(&logits);
         let (loss_g, lse_g) = g.cross_entropy(&lg, &targets, vocab);
-        assert!((loss_g - loss_c).abs() <= 1e-5 * loss_c.abs().max(1.0), "loss {loss_g} vs {loss_c} (f64 reference, {rows}x{vocab})");
+        assert!(
+            (loss_g - loss_c).abs() <= 1e-5 * loss_c.abs().max(1.0),
+            "loss {loss_g} vs {loss_c} (f64 reference, {rows}x{vocab})"
+        );
         check(&format!("ce lse {rows}x{vocab}"), &g.download(&lse_g), &lse_c, F32_TOL);
         let d_c = Cpu.cross_entropy_backward(&logits, &lse_c, &targets, vocab, 0.7);
         let d_g = g.cross_entropy_backward(&lg, &lse_g, &targets, vocab, 0.7);
@@ -442,16 +451,28 @@ fn nccl_at_world_size_1_runs_the_data_parallel_path_like_one_process() {
     let cfg = LlamaConfig::small(300, 128, 256, 2, 4, 2, false);
     let tokens: Vec<u32> = (0..4 * 32).map(|i| (i * 11 % 300) as u32).collect();
     let labels: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
-    let batches = vec![Batch::from_rows(2, 32, tokens[..64].to_vec(), &labels[..64]), Batch::from_rows(2, 32, tokens[64..].to_vec(), &labels[64..])];
+    let batches = vec![
+        Batch::from_rows(2, 32, tokens[..64].to_vec(), &labels[..64]),
+        Batch::from_rows(2, 32, tokens[64..].to_vec(), &labels[64..]),
+    ];
     let single = SingleProcess::default();
     let mut results = Vec::new();
     for comm in [&nccl as &dyn Communicator<_>, &single] {
         let mut model = Llama::random(&g, cfg.clone(), 5);
         let trainable = vec![true; model.params.len()];
-        let mut dp = DataParallel::new(&g, comm, &model.params, &trainable, ZeroStage::Zero1, 20_000, AdamWConfig { lr: 1e-3, ..Default::default() });
+        let mut dp = DataParallel::new(
+            &g,
+            comm,
+            &model.params,
+            &trainable,
+            ZeroStage::Zero1,
+            20_000,
+            AdamWConfig { lr: 1e-3, ..Default::default() },
+        );
         let mut losses = Vec::new();
         for _ in 0..3 {
-            losses.push(dp.step(&g, &mut model, &batches, StepOptions::default(), 1e-3, Some(1.0), false).unwrap().loss);
+            losses
+                .push(dp.step(&g, &mut model, &batches, StepOptions::default(), 1e-3, Some(1.0), false).unwrap().loss);
         }
         results.push((losses, model.params.iter().map(|p| g.download(&p.value.buf)).collect::<Vec<_>>()));
     }
@@ -513,7 +534,11 @@ fn mixed_op_outputs<B: Backend>(be: &B, seed: u64) -> Vec<(String, Vec<f32>, boo
     let (loss, lse) = be.cross_entropy(&logits, &targets, vocab);
     out.push(("cross-entropy loss".into(), vec![loss as f32], false));
     out.push(("cross-entropy lse".into(), be.download(&lse), false));
-    out.push(("cross-entropy dlogits".into(), be.download(&be.cross_entropy_backward(&logits, &lse, &targets, vocab, 1.0)), true));
+    out.push((
+        "cross-entropy dlogits".into(),
+        be.download(&be.cross_entropy_backward(&logits, &lse, &targets, vocab, 1.0)),
+        true,
+    ));
     for hd in [64usize, 128, 6] {
         let shape = AttnShape { heads: 4, kv_heads: 2, head_dim: hd };
         let t = 150;
@@ -547,7 +572,10 @@ fn mixed_precision_kernels_match_the_bf16_cpu_reference() {
         let tol = if *working || name.starts_with("attention") { BF16_TOL } else { 1e-4 };
         check(name, x, w, tol);
         if *working {
-            assert!(x.iter().all(|v| llama_cpt_ops::convert::round_to_bf16(*v).to_bits() == v.to_bits() || v.is_nan()), "{name}: not bf16 values");
+            assert!(
+                x.iter().all(|v| llama_cpt_ops::convert::round_to_bf16(*v).to_bits() == v.to_bits() || v.is_nan()),
+                "{name}: not bf16 values"
+            );
         }
     }
     // Parameters and activations are stored in bf16 (half the bytes), statistics in f32.
@@ -571,7 +599,18 @@ fn fused_adamw_writes_the_master_and_its_bf16_parameter() {
         for step in 1..=4u64 {
             let grad = rand_vec(n, 1.0);
             cpu.adamw_step(&mut p_c, &grad, &mut m_c, &mut v_c, &cfg, cfg.lr, step, step % 2 == 0, 0.7, Some(&mut w_c));
-            g.adamw_step(&mut p_g, &g.upload(&grad), &mut m_g, &mut v_g, &cfg, cfg.lr, step, step % 2 == 0, 0.7, Some(&mut w_g));
+            g.adamw_step(
+                &mut p_g,
+                &g.upload(&grad),
+                &mut m_g,
+                &mut v_g,
+                &cfg,
+                cfg.lr,
+                step,
+                step % 2 == 0,
+                0.7,
+                Some(&mut w_g),
+            );
         }
         let master = g.download(&p_g);
         check("adamw master", &master, &p_c, 1e-6);
@@ -580,7 +619,11 @@ fn fused_adamw_writes_the_master_and_its_bf16_parameter() {
         assert_eq!(w_g.dtype(), DType::Bf16);
         let working = g.download(&w_g);
         for (i, (w, m)) in working.iter().zip(&master).enumerate() {
-            assert_eq!(w.to_bits(), llama_cpt_ops::convert::round_to_bf16(*m).to_bits(), "{i}: the bf16 parameter is its master rounded");
+            assert_eq!(
+                w.to_bits(),
+                llama_cpt_ops::convert::round_to_bf16(*m).to_bits(),
+                "{i}: the bf16 parameter is its master rounded"
+            );
         }
         check("adamw bf16 parameter", &working, &w_c, 1e-2);
     }
@@ -597,14 +640,27 @@ fn mixed_precision_training_follows_the_bf16_cpu_reference() {
     let cfg = LlamaConfig::small(512, 256, 512, 2, 4, 2, false);
     let tokens: Vec<u32> = (0..4 * 64).map(|i| (i * 11 % 512) as u32).collect();
     let labels: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
-    let batches = vec![Batch::from_rows(2, 64, tokens[..128].to_vec(), &labels[..128]), Batch::from_rows(2, 64, tokens[128..].to_vec(), &labels[128..])];
+    let batches = vec![
+        Batch::from_rows(2, 64, tokens[..128].to_vec(), &labels[..128]),
+        Batch::from_rows(2, 64, tokens[128..].to_vec(), &labels[128..]),
+    ];
     fn run<B: Backend>(be: &B, cfg: &LlamaConfig, batches: &[Batch], stage: ZeroStage) -> (Vec<f64>, Vec<Vec<f32>>) {
         let single = SingleProcess::default();
         let mut model = Llama::random(be, cfg.clone(), 5);
         let trainable = vec![true; model.params.len()];
-        let mut dp = DataParallel::new(be, &single, &model.params, &trainable, stage, 50_000, AdamWConfig { lr: 1e-3, ..Default::default() });
+        let mut dp = DataParallel::new(
+            be,
+            &single,
+            &model.params,
+            &trainable,
+            stage,
+            50_000,
+            AdamWConfig { lr: 1e-3, ..Default::default() },
+        );
         dp.refresh_params(be, &mut model.params).unwrap();
-        let losses = (0..5).map(|_| dp.step(be, &mut model, batches, StepOptions::default(), 1e-3, Some(1.0), false).unwrap().loss).collect();
+        let losses = (0..5)
+            .map(|_| dp.step(be, &mut model, batches, StepOptions::default(), 1e-3, Some(1.0), false).unwrap().loss)
+            .collect();
         (losses, model.params.iter().map(|p| be.download(&p.value.buf)).collect())
     }
     for stage in [ZeroStage::Zero0, ZeroStage::Zero1] {
@@ -631,11 +687,14 @@ fn multi_tensor_adamw_equals_one_launch_per_tensor() {
     let sizes = [1usize, 4096, 77, 1 << 20, 3];
     let init: Vec<Vec<f32>> = sizes.iter().map(|&n| rand_vec(n, 1.0)).collect();
     let make = |with_working: bool| -> Vec<(CudaBuf, CudaBuf, CudaBuf, Option<CudaBuf>)> {
-        init.iter().enumerate().map(|(i, p)| {
-            let buf = g.upload(p);
-            let w = (with_working && i % 2 == 0).then(|| g.to_bf16(&buf));
-            (buf, g.zeros(p.len()), g.zeros(p.len()), w)
-        }).collect()
+        init.iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let buf = g.upload(p);
+                let w = (with_working && i % 2 == 0).then(|| g.to_bf16(&buf));
+                (buf, g.zeros(p.len()), g.zeros(p.len()), w)
+            })
+            .collect()
     };
     let (mut one, mut multi) = (make(true), make(true));
     for step in 1..=3u64 {
@@ -647,7 +706,14 @@ fn multi_tensor_adamw_equals_one_launch_per_tensor() {
             .iter_mut()
             .zip(&grads)
             .enumerate()
-            .map(|(i, ((p, m, v, w), gr))| AdamWTensor { param: p, grad: gr, m, v, working: w.as_mut(), decay: i % 3 != 1 })
+            .map(|(i, ((p, m, v, w), gr))| AdamWTensor {
+                param: p,
+                grad: gr,
+                m,
+                v,
+                working: w.as_mut(),
+                decay: i % 3 != 1,
+            })
             .collect();
         g.adamw_steps(&mut tensors, &cfg, cfg.lr, step, 0.8);
     }
@@ -670,12 +736,38 @@ fn the_side_by_side_script_runs_and_pairs_every_row_with_pytorch() {
     let dir = std::env::temp_dir().join(format!("llama-cpt-side-by-side-smoke-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let ours = dir.join("ours.jsonl");
-    let rows = [("rmsnorm_fwd", 0.0), ("rmsnorm_fwd_bf16", 0.0), ("cross_entropy_bwd_bf16", 0.0), ("attention_bwd_bf16", 1e6), ("adamw_bf16", 0.0), ("linear_bf16_storage", 4e6)];
-    let lines: String = rows.iter().map(|(k, f)| format!("{{\"kernel\": \"{k}\", \"shape\": \"tiny\", \"seconds\": 1e-5, \"bytes\": 65536, \"flops\": {f}}}\n")).collect();
+    let rows = [
+        ("rmsnorm_fwd", 0.0),
+        ("rmsnorm_fwd_bf16", 0.0),
+        ("cross_entropy_bwd_bf16", 0.0),
+        ("attention_bwd_bf16", 1e6),
+        ("adamw_bf16", 0.0),
+        ("linear_bf16_storage", 4e6),
+    ];
+    let lines: String = rows
+        .iter()
+        .map(|(k, f)| {
+            format!(
+                "{{\"kernel\": \"{k}\", \"shape\": \"tiny\", \"seconds\": 1e-5, \"bytes\": 65536, \"flops\": {f}}}\n"
+            )
+        })
+        .collect();
     std::fs::write(&ours, lines).unwrap();
-    let out = common::run_python("bench_torch_gpu.py", &[std::path::Path::new("--smoke"), std::path::Path::new("--ours"), &ours, std::path::Path::new("--json"), &dir.join("torch.json")]);
+    let out = common::run_python(
+        "bench_torch_gpu.py",
+        &[
+            std::path::Path::new("--smoke"),
+            std::path::Path::new("--ours"),
+            &ours,
+            std::path::Path::new("--json"),
+            &dir.join("torch.json"),
+        ],
+    );
     for (k, _) in rows {
-        let line = out.lines().find(|l| l.split_whitespace().next() == Some(k)).unwrap_or_else(|| panic!("no table row for {k}:\n{out}"));
+        let line = out
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(k))
+            .unwrap_or_else(|| panic!("no table row for {k}:\n{out}"));
         assert!(!line.trim_end().ends_with('-'), "{k} has no PyTorch peer: {line}");
     }
     std::fs::remove_dir_all(&dir).unwrap();

@@ -12,7 +12,9 @@ use llama_cpt::data::tokenizer::{SpecialTokenOptions, TextTokenizer};
 use llama_cpt::data::{Loader, LoaderConfig, Ordering, SubsetSpec};
 
 fn words(seed: u64, n: usize) -> String {
-    const W: &[&str] = &["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "数据", "模型", "训练", "中文", "."];
+    const W: &[&str] = &[
+        "the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "数据", "模型", "训练", "中文", ".",
+    ];
     lengths(seed, n, W.len()).into_iter().map(|i| W[i - 1]).collect::<Vec<_>>().join(" ")
 }
 
@@ -131,11 +133,17 @@ fn documents_get_bos_eos_and_source_tokens_no_loss() {
     assert!(r.mask().iter().all(|&m| m == 1));
     // --no-eos / as-the-tokenizer-says: no tokenizer_config.json and a ByteLevel post-processor
     // that adds nothing → no BOS.
-    let plain = TextTokenizer::load(&tok.path, &SpecialTokenOptions { add_eos: Some(false), ..Default::default() }).unwrap();
+    let plain =
+        TextTokenizer::load(&tok.path, &SpecialTokenOptions { add_eos: Some(false), ..Default::default() }).unwrap();
     assert!(!plain.add_bos && !plain.add_eos);
     // Model config ids win.
-    std::fs::write(d.join("config.json"), r#"{"bos_token_id": 1, "eos_token_id": [0, 5], "vocab_size": 69104}"#).unwrap();
-    let t = TextTokenizer::load(&tok.path, &SpecialTokenOptions { model_config: Some(d.join("config.json")), ..Default::default() }).unwrap();
+    std::fs::write(d.join("config.json"), r#"{"bos_token_id": 1, "eos_token_id": [0, 5], "vocab_size": 69104}"#)
+        .unwrap();
+    let t = TextTokenizer::load(
+        &tok.path,
+        &SpecialTokenOptions { model_config: Some(d.join("config.json")), ..Default::default() },
+    )
+    .unwrap();
     assert_eq!((t.bos, t.eos, t.vocab_size), (Some(1), Some(0), 69104));
 }
 
@@ -210,9 +218,13 @@ fn corrupted_shards_are_rejected_naming_the_shard() {
         corrupt(&shard, f);
         let err = ShardReader::open(&shard).err().expect("corrupted shard accepted").to_string();
         assert!(err.contains(msg) && err.contains("shard-00001.bin"), "{name}: {err}");
-        let err = Loader::new(&[SubsetSpec::new(out.join("s"), 1.0)], LoaderConfig { seq_len: 32, ..Default::default() }, None)
-            .err()
-            .expect("loader accepted a corrupted shard");
+        let err = Loader::new(
+            &[SubsetSpec::new(out.join("s"), 1.0)],
+            LoaderConfig { seq_len: 32, ..Default::default() },
+            None,
+        )
+        .err()
+        .expect("loader accepted a corrupted shard");
         assert!(format!("{err:#}").contains("shard-00001.bin"), "{err:#}");
     }
 }
@@ -224,7 +236,15 @@ fn prepare_data_cli_then_loader() {
     let tokp = train_tokenizer(&d, &texts, 300);
     let out = d.join("out");
     let st = std::process::Command::new(env!("CARGO_BIN_EXE_prepare-data"))
-        .args(["--tokenizer", tokp.to_str().unwrap(), "--output", out.to_str().unwrap(), "--no-progress", "--threads", "2"])
+        .args([
+            "--tokenizer",
+            tokp.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--no-progress",
+            "--threads",
+            "2",
+        ])
         .args(["--input", &format!("web={}", d.join("in/a.jsonl").display())])
         .args(["--input", &format!("qa={}", d.join("in/sub").display())])
         .args(["--shard-tokens", "1000"])
@@ -234,7 +254,14 @@ fn prepare_data_cli_then_loader() {
     assert!(st.status.success(), "{stderr}");
     assert!(stderr.contains("tokens/s per core"), "{stderr}");
     let subsets = [SubsetSpec::new(out.join("web"), 1.0), SubsetSpec::new(out.join("qa"), 2.0)];
-    let cfg = LoaderConfig { seq_len: 128, global_batch_rows: 4, micro_batch_rows: 2, ordering: Ordering::Bucket { bins: 2 }, max_epochs: Some(1), ..Default::default() };
+    let cfg = LoaderConfig {
+        seq_len: 128,
+        global_batch_rows: 4,
+        micro_batch_rows: 2,
+        ordering: Ordering::Bucket { bins: 2 },
+        max_epochs: Some(1),
+        ..Default::default()
+    };
     let mut l = Loader::new(&subsets, cfg, None).unwrap();
     let mut n = 0;
     while let Some(b) = l.next_micro_batch().unwrap() {

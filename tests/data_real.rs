@@ -68,7 +68,15 @@ fn real_corpora_prepare_pack_and_report() {
             let mut l = Loader::new(&subsets, cfg, None).unwrap();
             while let Some(b) = l.next_micro_batch().unwrap() {
                 fed_rows += b.rows;
-                let pad_start: Vec<usize> = b.cu_seqlens.windows(2).filter(|w| b.targets[w[0] as usize..w[1] as usize].iter().all(|&t| t == -100) && b.tokens[w[0] as usize] == 0).map(|w| w[0] as usize).collect();
+                let pad_start: Vec<usize> = b
+                    .cu_seqlens
+                    .windows(2)
+                    .filter(|w| {
+                        b.targets[w[0] as usize..w[1] as usize].iter().all(|&t| t == -100)
+                            && b.tokens[w[0] as usize] == 0
+                    })
+                    .map(|w| w[0] as usize)
+                    .collect();
                 for (i, &t) in b.tokens.iter().enumerate() {
                     if pad_start.iter().any(|&s| i >= s && b.tokens[s..=i].iter().all(|&x| x == 0)) {
                         continue;

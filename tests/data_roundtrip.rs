@@ -154,14 +154,19 @@ fn whole_docs_never_splits_a_document_that_fits_at_world_sizes_1_2_4() {
                 if len <= 64 {
                     assert_eq!((p0, e - s), (0, len), "ws {ws}: document {doc} ({len} tokens) was split");
                 } else {
-                    assert_eq!((p0 % 64, e - s), (0, (len - p0).min(64)), "ws {ws}: long document {doc} not cut into 64-token pieces");
+                    assert_eq!(
+                        (p0 % 64, e - s),
+                        (0, (len - p0).min(64)),
+                        "ws {ws}: long document {doc} not cut into 64-token pieces"
+                    );
                 }
             }
         }
         // No token is lost: each is fed once, except the one-token tail of a long document when the
         // next document does not fit beside it — that row has no target and is skipped, and the
         // token was already the target of the row before.
-        let targets: std::collections::HashSet<i32> = per_rank.iter().flatten().flat_map(|b| b.targets.iter().copied()).collect();
+        let targets: std::collections::HashSet<i32> =
+            per_rank.iter().flatten().flat_map(|b| b.targets.iter().copied()).collect();
         for (t, &n) in seen.iter().enumerate().skip(1) {
             let (doc, p) = d.where_[&(t as u32)];
             let ok = n == 1 || (n == 0 && p + 1 == d.docs[doc].0.len() && p % 64 == 0 && targets.contains(&(t as i32)));
@@ -265,14 +270,20 @@ fn all_masked_rows_are_skipped_and_counted() {
         let mut fed = 0usize;
         for b in &per_rank[0] {
             for r in 0..b.rows {
-                assert!(b.targets[r * 64..(r + 1) * 64].iter().any(|&t| t != IGNORE_INDEX), "{packing:?}: an all-masked row was fed");
+                assert!(
+                    b.targets[r * 64..(r + 1) * 64].iter().any(|&t| t != IGNORE_INDEX),
+                    "{packing:?}: an all-masked row was fed"
+                );
             }
             fed += check_batch(b, &d.where_, &d.docs).len();
         }
         let mut l = Loader::with_catalog(d.cat.clone(), c, None).unwrap();
         while l.next_micro_batch().unwrap().is_some() {}
         let skipped = l.skipped_rows();
-        assert!(skipped >= 3, "{packing:?}: the 300-token all-masked document must produce skipped rows, got {skipped}");
+        assert!(
+            skipped >= 3,
+            "{packing:?}: the 300-token all-masked document must produce skipped rows, got {skipped}"
+        );
         assert_eq!(l.stats().skipped_rows, skipped);
         // Every token is either fed or inside a skipped row (full and unpadded in concat).
         assert!(fed + skipped as usize * 64 >= total, "{packing:?}");

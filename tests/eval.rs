@@ -48,7 +48,11 @@ fn model_dir() -> &'static PathBuf {
 
 fn tokenizer() -> TextTokenizer {
     let d = model_dir();
-    TextTokenizer::load(&d.join("tokenizer.json"), &SpecialTokenOptions { model_config: Some(d.join("config.json")), add_bos: Some(true), add_eos: Some(false) }).unwrap()
+    TextTokenizer::load(
+        &d.join("tokenizer.json"),
+        &SpecialTokenOptions { model_config: Some(d.join("config.json")), add_bos: Some(true), add_eos: Some(false) },
+    )
+    .unwrap()
 }
 
 #[test]
@@ -85,7 +89,8 @@ fn choice_logits_answers_and_greedy_generation_agree_with_transformers() {
     let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
     std::fs::write(tmp.join("eval-req.json"), req.to_string()).unwrap();
     common::run_python("hf_eval_reference.py", &[&tmp.join("eval-req.json"), &tmp.join("eval-resp.json")]);
-    let resp: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.join("eval-resp.json")).unwrap()).unwrap();
+    let resp: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.join("eval-resp.json")).unwrap()).unwrap();
     let mut worst = 0.0f64;
     for (q, theirs) in ours.iter().zip(resp["letter_logits"].as_array().unwrap()) {
         let (origin, per) = (&q.origin, &q.letter_logits);
@@ -99,7 +104,12 @@ fn choice_logits_answers_and_greedy_generation_agree_with_transformers() {
         assert_eq!(pick, their_pick, "{origin}: llama-cpt picks {pick}, transformers {their_pick}");
     }
     assert!(worst <= 1e-4, "choice logits relative error {worst:e}");
-    let theirs: Vec<Vec<u32>> = resp["generations"].as_array().unwrap().iter().map(|g| g.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()).collect();
+    let theirs: Vec<Vec<u32>> = resp["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect())
+        .collect();
     assert_eq!(our_gen, theirs, "greedy generations differ");
     let their_secs = resp["seconds"].as_f64().unwrap();
     println!(
@@ -111,7 +121,13 @@ fn choice_logits_answers_and_greedy_generation_agree_with_transformers() {
 
 #[test]
 fn every_published_layout_loads_from_the_samples() {
-    let counts = [("mmlu", mc::Format::Mmlu, 7), ("cmmlu", mc::Format::Cmmlu, 4), ("ceval", mc::Format::Ceval, 3), ("agieval", mc::Format::Agieval, 5), ("gaokao", mc::Format::Gaokao, 2)];
+    let counts = [
+        ("mmlu", mc::Format::Mmlu, 7),
+        ("cmmlu", mc::Format::Cmmlu, 4),
+        ("ceval", mc::Format::Ceval, 3),
+        ("agieval", mc::Format::Agieval, 5),
+        ("gaokao", mc::Format::Gaokao, 2),
+    ];
     for (dir, format, n) in counts {
         let mut issues = vec![];
         let subjects = mc::load(format, &fixtures().join(dir), &mut issues).unwrap();
@@ -120,7 +136,10 @@ fn every_published_layout_loads_from_the_samples() {
     }
     let mut issues = vec![];
     let s = mc::load(mc::Format::Ceval, &fixtures().join("ceval"), &mut issues).unwrap();
-    assert_eq!((s[0].name.as_str(), s[0].title.as_str(), s[0].dev.len(), s[0].test[1].answer, s[0].test[1].id.as_str()), ("high_school_geography", "高中地理", 2, 1, "1"));
+    assert_eq!(
+        (s[0].name.as_str(), s[0].title.as_str(), s[0].dev.len(), s[0].test[1].answer, s[0].test[1].id.as_str()),
+        ("high_school_geography", "高中地理", 2, 1, "1")
+    );
 }
 
 #[test]
@@ -134,7 +153,19 @@ fn bad_rows_are_reported_with_file_and_line_and_the_rest_scored() {
     assert!(joined.contains("broken_test.csv:3") && joined.contains("\"E\" is not one of"), "{joined}");
     assert!(joined.contains("\"empty\" has no usable questions"), "{joined}");
     let model = Llama::load(&Cpu, model_dir()).unwrap();
-    let r = mc::evaluate(&model, &Cpu, &tokenizer(), mc::Format::Mmlu, mc::PromptStyle::Colossal, &subjects, 5, 2048, 4096, issues).unwrap();
+    let r = mc::evaluate(
+        &model,
+        &Cpu,
+        &tokenizer(),
+        mc::Format::Mmlu,
+        mc::PromptStyle::Colossal,
+        &subjects,
+        5,
+        2048,
+        4096,
+        issues,
+    )
+    .unwrap();
     assert_eq!(r.questions, 2);
     assert!(mc::table(&r).contains("broken"));
 }
@@ -162,8 +193,15 @@ fn load(format: mc::Format, dir: &str) -> Vec<mc::Subject> {
     subjects
 }
 
-fn colossal_prompt(format: mc::Format, subject: &mc::Subject, question: usize, shots: usize, max_tokens: usize) -> mc::Prompt {
-    mc::prompt(&tokenizer(), mc::PromptStyle::Colossal, format, subject, &subject.test[question], shots, max_tokens).unwrap()
+fn colossal_prompt(
+    format: mc::Format,
+    subject: &mc::Subject,
+    question: usize,
+    shots: usize,
+    max_tokens: usize,
+) -> mc::Prompt {
+    mc::prompt(&tokenizer(), mc::PromptStyle::Colossal, format, subject, &subject.test[question], shots, max_tokens)
+        .unwrap()
 }
 
 /// The expected strings were written by hand from ColossalEval's source (hpcaitech/ColossalAI,
@@ -197,7 +235,11 @@ fn colossal_prompts_are_colossal_eval_s_byte_for_byte() {
     assert_eq!(five_shot.shots, 5);
     let tok = tokenizer();
     assert_eq!(five_shot.ids, mc::encode_prompt(&tok, &five_shot.text).unwrap());
-    assert_eq!(five_shot.ids[0], tok.bos.unwrap(), "the prompt starts with BOS, as transformers' tokenizer(prompt) does for LLaMA");
+    assert_eq!(
+        five_shot.ids[0],
+        tok.bos.unwrap(),
+        "the prompt starts with BOS, as transformers' tokenizer(prompt) does for LLaMA"
+    );
     assert_eq!(
         colossal_prompt(mc::Format::Mmlu, &mmlu[1], 2, 0, 2048).text,
         "The following is a single-choice question on Cooking. Answer the question by replying A, B, C or D.\n\n\
@@ -229,10 +271,16 @@ fn colossal_prompts_are_colossal_eval_s_byte_for_byte() {
          Question: How many apples does Tom have now? Choose from the following options: (A)2 (B)3 (C)4 (D)5\nAnswer: "
     );
     assert_eq!(colossal_prompt(mc::Format::Agieval, &agieval[0], 2, 5, 2048).text, "Question: If all cats are animals and Mia is a cat, then Mia is Choose from the following options: (A)an animal (B)a dog (C)a plant (D)nothing\nAnswer: ");
-    assert_eq!(colossal_prompt(mc::Format::Agieval, &agieval[1], 1, 5, 2048).text, "问题：下列哪个数是偶数？ 从以下选项中选择：(A)3 (B)7 (C)8 (D)11\n答案：");
+    assert_eq!(
+        colossal_prompt(mc::Format::Agieval, &agieval[1], 1, 5, 2048).text,
+        "问题：下列哪个数是偶数？ 从以下选项中选择：(A)3 (B)7 (C)8 (D)11\n答案："
+    );
     let gaokao = load(mc::Format::Gaokao, "gaokao");
     assert_eq!(gaokao[0].title, "Sample Chinese MCQs");
-    assert_eq!(colossal_prompt(mc::Format::Gaokao, &gaokao[0], 0, 5, 2048).text, "下列词语中，书写完全正确的一项是（　）\nA．再接再厉\nB．迫不急待\nC．一愁莫展\nD．谈笑风声\n答案：");
+    assert_eq!(
+        colossal_prompt(mc::Format::Gaokao, &gaokao[0], 0, 5, 2048).text,
+        "下列词语中，书写完全正确的一项是（　）\nA．再接再厉\nB．迫不急待\nC．一愁莫展\nD．谈笑风声\n答案："
+    );
 }
 
 /// `get_few_shot_prefix` / `get_batch_prompt` (utils/conversation.py): shots are added while the
@@ -289,7 +337,12 @@ fn evaluate_json_keeps_every_run_and_every_question_and_dumps_prompts() {
     let mmlu = fixtures().join("mmlu");
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_evaluate"))
         .args(["--model", model_dir().to_str().unwrap(), "--shots", "2"])
-        .args(["--mc", &format!("mmlu={}", mmlu.display()), "--mc", &format!("mmlu={}", fixtures().join("bad").display())])
+        .args([
+            "--mc",
+            &format!("mmlu={}", mmlu.display()),
+            "--mc",
+            &format!("mmlu={}", fixtures().join("bad").display()),
+        ])
         .args(["--json", out.join("r.json").to_str().unwrap(), "--dump-prompts", out.join("prompts").to_str().unwrap()])
         .status()
         .unwrap();
@@ -302,7 +355,10 @@ fn evaluate_json_keeps_every_run_and_every_question_and_dumps_prompts() {
     let per = first["per_question"].as_array().unwrap();
     assert_eq!(per.len(), 7);
     let q = &per[0];
-    assert_eq!((q["subject"].as_str(), q["id"].as_str(), q["shots"].as_u64(), q["answer"].as_str()), (Some("astronomy"), Some("0"), Some(2), Some("B")));
+    assert_eq!(
+        (q["subject"].as_str(), q["id"].as_str(), q["shots"].as_u64(), q["answer"].as_str()),
+        (Some("astronomy"), Some("0"), Some(2), Some("B"))
+    );
     assert_eq!(q["letter_logits"].as_array().unwrap().len(), 4);
     let correct = per.iter().filter(|q| q["pick"] == q["answer"]).count();
     assert_eq!(correct as u64, first["correct"].as_u64().unwrap());

@@ -87,9 +87,14 @@ fn a_model_trained_on_facts_answers_multiple_choice_questions_better_than_chance
     let items: Vec<Question> = questions.iter().map(|q| arrangement(q, &mut rng)).collect();
     let mut lines = String::new();
     for item in &items {
-        let ids = mc::prompt(&tok, mc::PromptStyle::Original, mc::Format::Mmlu, &subject(vec![]), item, 0, 512).unwrap().ids;
+        let ids =
+            mc::prompt(&tok, mc::PromptStyle::Original, mc::Format::Mmlu, &subject(vec![]), item, 0, 512).unwrap().ids;
         let prompt = tok.inner().decode(&ids, true).unwrap();
-        assert_eq!(tok.encode_text(&prompt).unwrap(), ids[1..], "the prompt text must tokenize back to the scored prompt");
+        assert_eq!(
+            tok.encode_text(&prompt).unwrap(),
+            ids[1..],
+            "the prompt text must tokenize back to the scored prompt"
+        );
         // The letter right after "Answer:", unspaced: this byte-level tokenizer has no single
         // token for " B" (it is "Ġ" + "B"), and `mc` scores the first token after the prompt.
         lines.push_str(&serde_json::json!({"source": prompt, "target": LETTERS[item.answer]}).to_string());
@@ -98,7 +103,15 @@ fn a_model_trained_on_facts_answers_multiple_choice_questions_better_than_chance
     std::fs::create_dir_all(data.join("raw/mc")).unwrap();
     std::fs::write(data.join("raw/mc/mc.jsonl"), lines).unwrap();
     let train_tok = TextTokenizer::load(&data.join("tokenizer.json"), &Default::default()).unwrap();
-    let pc = PrepareConfig { name: "mc".into(), input: data.join("raw/mc"), output: data.join("shards"), shard_tokens: 1 << 20, corpus: Default::default(), strict: true, progress: false };
+    let pc = PrepareConfig {
+        name: "mc".into(),
+        input: data.join("raw/mc"),
+        output: data.join("shards"),
+        shard_tokens: 1 << 20,
+        corpus: Default::default(),
+        strict: true,
+        progress: false,
+    };
     prepare_subset(&train_tok, &pc).unwrap();
     let n = items.len();
     let k = bar(n);
@@ -129,10 +142,25 @@ fn a_model_trained_on_facts_answers_multiple_choice_questions_better_than_chance
     let out = train::run(&Cpu, &cfg, &AtomicBool::new(false)).unwrap();
     let train_secs = t_train.elapsed().as_secs_f64();
 
-    let score = |model: &Llama<Cpu>, tok: &TextTokenizer| mc::evaluate(model, &Cpu, tok, mc::Format::Mmlu, mc::PromptStyle::Original, &[subject(items.clone())], 0, 512, 4096, vec![]).unwrap();
+    let score = |model: &Llama<Cpu>, tok: &TextTokenizer| {
+        mc::evaluate(
+            model,
+            &Cpu,
+            tok,
+            mc::Format::Mmlu,
+            mc::PromptStyle::Original,
+            &[subject(items.clone())],
+            0,
+            512,
+            4096,
+            vec![],
+        )
+        .unwrap()
+    };
     let model_dir = out.final_model.unwrap();
     let trained = score(&Llama::load(&Cpu, &model_dir).unwrap(), &TextTokenizer::for_model(&model_dir, None).unwrap());
-    let untrained = score(&Llama::random(&Cpu, LlamaConfig::from_file(&data.join("config.json")).unwrap(), cfg.model.seed), &tok);
+    let untrained =
+        score(&Llama::random(&Cpu, LlamaConfig::from_file(&data.join("config.json")).unwrap(), cfg.model.seed), &tok);
     println!(
         "multiple choice on the {n} world questions (chance 25%, bar {k} = {:.1}% for P < {ALPHA:e}): trained {} right ({:.1}%), untrained {} ({:.1}%); training {train_secs:.0} s, test {:.0} s",
         100.0 * k as f64 / n as f64,
@@ -143,6 +171,14 @@ fn a_model_trained_on_facts_answers_multiple_choice_questions_better_than_chance
         t0.elapsed().as_secs_f64()
     );
     assert_eq!((trained.questions, untrained.questions), (n, n));
-    assert!(untrained.correct < k, "the untrained model already reaches the bar ({} of {n}): the test could not fail", untrained.correct);
-    assert!(trained.correct >= k, "trained: {} of {n} right, not above chance with P < {ALPHA:e} (needs {k})", trained.correct);
+    assert!(
+        untrained.correct < k,
+        "the untrained model already reaches the bar ({} of {n}): the test could not fail",
+        untrained.correct
+    );
+    assert!(
+        trained.correct >= k,
+        "trained: {} of {n} right, not above chance with P < {ALPHA:e} (needs {k})",
+        trained.correct
+    );
 }

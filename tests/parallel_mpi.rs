@@ -47,18 +47,32 @@ fn config() -> &'static Path {
 
 /// Variables the ranks need from this environment when they are set: where the CUDA libraries
 /// are (the emulated ones under tools/emu-check.sh) and the emulator's settings.
-const FORWARDED_ENV: [&str; 4] = ["LD_LIBRARY_PATH", "LLAMA_CPT_EMU_GPUS", "LLAMA_CPT_EMU_DEVICE", "LLAMA_CPT_EMU_NCCL_TIMEOUT_S"];
+const FORWARDED_ENV: [&str; 4] =
+    ["LD_LIBRARY_PATH", "LLAMA_CPT_EMU_GPUS", "LLAMA_CPT_EMU_DEVICE", "LLAMA_CPT_EMU_NCCL_TIMEOUT_S"];
 
 fn mpirun(np: usize, out: &Path, extra: &[&str]) -> Command {
     let mut c = Command::new("mpirun");
-    c.args(["--oversubscribe", "--allow-run-as-root", "-np", &np.to_string(), "-x", "RAYON_NUM_THREADS=1", "-x", "RUST_BACKTRACE=0"]);
+    c.args([
+        "--oversubscribe",
+        "--allow-run-as-root",
+        "-np",
+        &np.to_string(),
+        "-x",
+        "RAYON_NUM_THREADS=1",
+        "-x",
+        "RUST_BACKTRACE=0",
+    ]);
     // NCCL's unique id goes from rank 0 to the others through the TCP rendezvous.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     c.args(["-x", "MASTER_ADDR=127.0.0.1", "-x", &format!("MASTER_PORT={port}")]);
     for var in FORWARDED_ENV.iter().filter(|v| std::env::var_os(v).is_some()) {
         c.args(["-x", var]);
     }
-    c.arg(env!("CARGO_BIN_EXE_pretrain")).arg("--config").arg(config()).arg("--set").arg(format!("run.out_dir={:?}", out.display().to_string()));
+    c.arg(env!("CARGO_BIN_EXE_pretrain"))
+        .arg("--config")
+        .arg(config())
+        .arg("--set")
+        .arg(format!("run.out_dir={:?}", out.display().to_string()));
     for s in ["run.eval_every=0", "run.log_every=1", "parallel.bucket_mib=0.05"].iter().chain(extra) {
         // `--flag=value` goes to pretrain as it is; everything else is a config override.
         if s.starts_with("--") {
@@ -71,14 +85,20 @@ fn mpirun(np: usize, out: &Path, extra: &[&str]) -> Command {
 }
 
 fn run(np: usize, out: &Path, extra: &[&str]) -> Output {
-    let o = mpirun(np, out, extra).output().expect("mpirun (Open MPI) must be installed: apt-get install openmpi-bin libopenmpi-dev");
+    let o = mpirun(np, out, extra)
+        .output()
+        .expect("mpirun (Open MPI) must be installed: apt-get install openmpi-bin libopenmpi-dev");
     let text = String::from_utf8_lossy(&o.stderr).to_string() + &String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "mpirun -np {np} failed:\n{text}");
     o
 }
 
 fn metrics(out: &Path) -> Vec<Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 fn losses(out: &Path) -> Vec<(u64, f64)> {
@@ -88,7 +108,11 @@ fn losses(out: &Path) -> Vec<(u64, f64)> {
 fn final_params(out: &Path) -> Vec<(String, Vec<f32>)> {
     let bytes = std::fs::read(out.join("stage-knowledge-replay/model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<(String, Vec<f32>)> = st.tensors().into_iter().map(|(n, t)| (n, t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())).collect();
+    let mut v: Vec<(String, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()))
+        .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
@@ -130,7 +154,9 @@ fn world_sizes_1_2_4_and_zero_stages_0_1_2_train_alike() {
     let common = ["stages.0.steps=6", "stages.1.steps=4", "data.micro_batch_rows=4"];
     let reference = root().join("w1-z0");
     let _ = std::fs::remove_dir_all(&reference);
-    let args = |z: usize| -> Vec<String> { common.iter().map(|s| s.to_string()).chain([format!("parallel.zero_stage={z}")]).collect() };
+    let args = |z: usize| -> Vec<String> {
+        common.iter().map(|s| s.to_string()).chain([format!("parallel.zero_stage={z}")]).collect()
+    };
     run(1, &reference, &args(0).iter().map(|s| s.as_str()).collect::<Vec<_>>());
     let want = losses(&reference);
     let want_params = final_params(&reference);
@@ -155,7 +181,8 @@ fn world_sizes_1_2_4_and_zero_stages_0_1_2_train_alike() {
             // Optimizer state as each rank measured it: 8Ψ replicated, 12Ψ/N sharded (each bucket
             // padded to a multiple of N).
             let m = metrics(&out);
-            let per_rank: Vec<u64> = m[0]["optimizer_state_bytes"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as u64).collect();
+            let per_rank: Vec<u64> =
+                m[0]["optimizer_state_bytes"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as u64).collect();
             assert_eq!(per_rank.len(), world);
             let layout = Layout::new(&sizes_in_model_order(&out), &vec![true; sizes.len()], bucket_elems, world);
             let padded = layout.reduced_elems();
@@ -164,7 +191,10 @@ fn world_sizes_1_2_4_and_zero_stages_0_1_2_train_alike() {
                     assert_eq!(b, 8 * psi as u64, "{what}");
                 } else {
                     assert_eq!(b, 12 * (padded / world) as u64, "{what}");
-                    assert!((b as f64 - 12.0 * psi as f64 / world as f64).abs() <= 12.0 * layout.buckets.len() as f64, "{what}: {b} vs 12Ψ/N");
+                    assert!(
+                        (b as f64 - 12.0 * psi as f64 / world as f64).abs() <= 12.0 * layout.buckets.len() as f64,
+                        "{what}: {b} vs 12Ψ/N"
+                    );
                 }
             }
             // Bytes handed to MPI per step, as the plan predicts them.
@@ -172,11 +202,22 @@ fn world_sizes_1_2_4_and_zero_stages_0_1_2_train_alike() {
             let predicted = step_payload(stage(z), padded as u64, world as u64, micro, 4, 4);
             for rec in &m {
                 let c = &rec["comm_bytes"];
-                let counted = [c["all_reduce"].as_u64().unwrap(), c["reduce_scatter"].as_u64().unwrap(), c["all_gather"].as_u64().unwrap()];
-                let expect = if world == 1 { [0, 0, 0] } else { [predicted.all_reduce, predicted.reduce_scatter, predicted.all_gather] };
+                let counted = [
+                    c["all_reduce"].as_u64().unwrap(),
+                    c["reduce_scatter"].as_u64().unwrap(),
+                    c["all_gather"].as_u64().unwrap(),
+                ];
+                let expect = if world == 1 {
+                    [0, 0, 0]
+                } else {
+                    [predicted.all_reduce, predicted.reduce_scatter, predicted.all_gather]
+                };
                 assert_eq!(counted, expect, "{what}: step {}", rec["step"]);
             }
-            report.push(format!("{what}: loss ≤ {loss_err:.1e}, params ≤ {param_err:.1e}, optimizer bytes/rank {}", per_rank[0]));
+            report.push(format!(
+                "{what}: loss ≤ {loss_err:.1e}, params ≤ {param_err:.1e}, optimizer bytes/rank {}",
+                per_rank[0]
+            ));
         }
     }
     eprintln!("{}", report.join("\n"));
@@ -196,16 +237,23 @@ fn mixed_precision_at_2_ranks_with_zero_1_follows_one_process() {
     run(2, &two, &[&common[..], &["parallel.zero_stage=1"]].concat());
     // bf16 parameters are the masters rounded: a master that differs in its last f32 bits (the
     // order of the gradient sums) can round to a neighbouring bf16 value, hence a looser bound.
-    let worst = losses(&two).iter().zip(&losses(&one)).map(|((s, a), (_, b))| {
-        let rel = (a - b).abs() / b.abs();
-        assert!(rel <= 1e-3, "mixed precision, 2 ranks ZeRO-1: step {s} loss {a} vs {b}");
-        rel
-    }).fold(0.0, f64::max);
+    let worst = losses(&two)
+        .iter()
+        .zip(&losses(&one))
+        .map(|((s, a), (_, b))| {
+            let rel = (a - b).abs() / b.abs();
+            assert!(rel <= 1e-3, "mixed precision, 2 ranks ZeRO-1: step {s} loss {a} vs {b}");
+            rel
+        })
+        .fold(0.0, f64::max);
     // Parameters: a bf16 step near the largest value is 2⁻⁸ of it, and an element whose rounding
     // flipped early follows a slightly different Adam path: a few such steps, no more.
     let mut param_err: f32 = 0.0;
     for ((name, a), (_, b)) in final_params(&two).iter().zip(&final_params(&one)) {
-        assert!(a.iter().all(|&x| round_to_bf16(x).to_bits() == x.to_bits()), "{name}: the working parameters are bf16 values");
+        assert!(
+            a.iter().all(|&x| round_to_bf16(x).to_bits() == x.to_bits()),
+            "{name}: the working parameters are bf16 values"
+        );
         let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
         let d = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
         assert!(d <= 3e-2, "{name} differs by {d:.2e} of its max");
@@ -214,7 +262,10 @@ fn mixed_precision_at_2_ranks_with_zero_1_follows_one_process() {
     let m = metrics(&two);
     let psi: u64 = final_params(&two).iter().map(|(_, v)| v.len() as u64).sum();
     for b in m[0]["optimizer_state_bytes"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()) {
-        assert!((b - 6.0 * psi as f64).abs() <= 0.01 * b, "ZeRO-1 at 2 ranks keeps 12Ψ/2 bytes (master + moments): {b}");
+        assert!(
+            (b - 6.0 * psi as f64).abs() <= 0.01 * b,
+            "ZeRO-1 at 2 ranks keeps 12Ψ/2 bytes (master + moments): {b}"
+        );
     }
     eprintln!("mixed precision (bf16 emulated), 2 ranks ZeRO-1 vs 1 rank: loss ≤ {worst:.1e}, params ≤ {param_err:.1e} of max");
 }
@@ -229,7 +280,14 @@ fn sizes_in_model_order(out: &Path) -> Vec<usize> {
 fn a_checkpoint_from_4_ranks_resumes_at_2_and_3_ranks_and_other_zero_stages() {
     let _serial = serial();
     // 24 rows per step, 2 per micro-batch: divisible by 1, 2, 3 and 4 ranks.
-    let common = ["stages.0.steps=6", "stages.1.steps=4", "data.micro_batch_rows=2", "stages.0.global_batch_rows=24", "stages.1.global_batch_rows=24", "run.checkpoint_every=100"];
+    let common = [
+        "stages.0.steps=6",
+        "stages.1.steps=4",
+        "data.micro_batch_rows=2",
+        "stages.0.global_batch_rows=24",
+        "stages.1.global_batch_rows=24",
+        "run.checkpoint_every=100",
+    ];
     let with = |more: &[&str]| -> Vec<String> { common.iter().chain(more).map(|s| s.to_string()).collect() };
     let full = root().join("reshard-full");
     let _ = std::fs::remove_dir_all(&full);
@@ -240,7 +298,10 @@ fn a_checkpoint_from_4_ranks_resumes_at_2_and_3_ranks_and_other_zero_stages() {
         let _ = std::fs::remove_dir_all(&out);
         // Stop after step 4 (a checkpoint written by 4 ranks under ZeRO-1) ...
         run(4, &out, &strs(&with(&["parallel.zero_stage=1", "run.stop_after_steps=4"])));
-        let manifest: Value = serde_json::from_str(&std::fs::read_to_string(out.join("checkpoints/step-00000004/optimizer.json")).unwrap()).unwrap();
+        let manifest: Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("checkpoints/step-00000004/optimizer.json")).unwrap(),
+        )
+        .unwrap();
         assert_eq!(manifest["world_size"], 4);
         assert_eq!(manifest["files"].as_array().unwrap().len(), 4, "every rank wrote its shard");
         // ... then resume at another world size and stage.
@@ -316,7 +377,15 @@ fn stop_one_rank_then_resume(np: usize, name: &str, args: &[&str], timeout_s: u6
 /// The CUDA runs, short enough for the emulated device: 6 rows of 32 tokens per step in
 /// micro-batches of 1 (6, 3 and 2 micro-steps at 1, 2 and 3 ranks), 3 steps over both stages.
 #[cfg(feature = "cuda")]
-const CUDA_SHORT: [&str; 7] = ["--device=cuda", "data.seq_len=32", "stages.0.steps=2", "stages.1.steps=1", "data.micro_batch_rows=1", "stages.0.global_batch_rows=6", "stages.1.global_batch_rows=6"];
+const CUDA_SHORT: [&str; 7] = [
+    "--device=cuda",
+    "data.seq_len=32",
+    "stages.0.steps=2",
+    "stages.1.steps=1",
+    "data.micro_batch_rows=1",
+    "stages.0.global_batch_rows=6",
+    "stages.1.global_batch_rows=6",
+];
 
 #[test]
 #[cfg(feature = "cuda")]
@@ -336,11 +405,17 @@ fn nccl_at_2_and_3_ranks_with_zero_1_and_2_follows_one_process() {
         let t0 = Instant::now();
         let o = run(np, &out, &[&CUDA_SHORT[..], &[zero.as_str()]].concat());
         let text = String::from_utf8_lossy(&o.stderr);
-        assert!(text.contains(&format!("nccl ({np} ranks)")), "{np} ranks, ZeRO-{z}: the CUDA backend's communicator is NCCL:\n{text}");
+        assert!(
+            text.contains(&format!("nccl ({np} ranks)")),
+            "{np} ranks, ZeRO-{z}: the CUDA backend's communicator is NCCL:\n{text}"
+        );
         let what = format!("NCCL {np} ranks, ZeRO-{z}");
         let loss_err = assert_losses_agree(&what, &losses(&out), &want);
         let param_err = assert_params_agree(&what, &final_params(&out), &want_params);
-        report.push(format!("{what}: loss ≤ {loss_err:.1e}, params ≤ {param_err:.1e} ({:.0} s)", t0.elapsed().as_secs_f64()));
+        report.push(format!(
+            "{what}: loss ≤ {loss_err:.1e}, params ≤ {param_err:.1e} ({:.0} s)",
+            t0.elapsed().as_secs_f64()
+        ));
     }
     eprintln!("{}", report.join("\n"));
 }
@@ -351,7 +426,17 @@ fn nccl_at_2_and_3_ranks_with_zero_1_and_2_follows_one_process() {
 fn a_dead_or_stalled_nccl_rank_stops_the_others_and_the_run_resumes() {
     let _serial = serial();
     // A checkpoint every step (one row of 32 tokens per rank): each fault comes right after one.
-    let args = ["--device=cuda", "data.seq_len=32", "stages.0.steps=6", "stages.1.steps=1", "data.micro_batch_rows=1", "stages.0.global_batch_rows=3", "stages.1.global_batch_rows=3", "run.checkpoint_every=1", "parallel.zero_stage=1"];
+    let args = [
+        "--device=cuda",
+        "data.seq_len=32",
+        "stages.0.steps=6",
+        "stages.1.steps=1",
+        "data.micro_batch_rows=1",
+        "stages.0.global_batch_rows=3",
+        "stages.1.global_batch_rows=3",
+        "run.checkpoint_every=1",
+        "parallel.zero_stage=1",
+    ];
     stop_one_rank_then_resume(3, "nccl-fault", &args, 10, 7);
 }
 
@@ -365,23 +450,47 @@ fn a_killed_nccl_rank_is_named_by_the_others_without_a_launcher_to_end_them() {
     let out = root().join("nccl-kill-by-hand");
     let _ = std::fs::remove_dir_all(&out);
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let sets = ["data.seq_len=32", "stages.0.steps=40", "stages.1.steps=1", "data.micro_batch_rows=1", "stages.0.global_batch_rows=3", "stages.1.global_batch_rows=3", "run.log_every=1", "run.eval_every=0", "parallel.timeout_s=120"];
+    let sets = [
+        "data.seq_len=32",
+        "stages.0.steps=40",
+        "stages.1.steps=1",
+        "data.micro_batch_rows=1",
+        "stages.0.global_batch_rows=3",
+        "stages.1.global_batch_rows=3",
+        "run.log_every=1",
+        "run.eval_every=0",
+        "parallel.timeout_s=120",
+    ];
     let mut ranks: Vec<std::process::Child> = (0..3)
         .map(|r| {
             let mut c = Command::new(env!("CARGO_BIN_EXE_pretrain"));
-            c.args(["--device", "cuda", "--config"]).arg(config()).arg("--set").arg(format!("run.out_dir={:?}", out.display().to_string()));
+            c.args(["--device", "cuda", "--config"])
+                .arg(config())
+                .arg("--set")
+                .arg(format!("run.out_dir={:?}", out.display().to_string()));
             for s in sets {
                 c.args(["--set", s]);
             }
             let rank = r.to_string();
-            c.envs([("RANK", rank.as_str()), ("LOCAL_RANK", rank.as_str()), ("WORLD_SIZE", "3"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", &port.to_string()), ("RAYON_NUM_THREADS", "1"), ("RUST_BACKTRACE", "0")]);
+            c.envs([
+                ("RANK", rank.as_str()),
+                ("LOCAL_RANK", rank.as_str()),
+                ("WORLD_SIZE", "3"),
+                ("MASTER_ADDR", "127.0.0.1"),
+                ("MASTER_PORT", &port.to_string()),
+                ("RAYON_NUM_THREADS", "1"),
+                ("RUST_BACKTRACE", "0"),
+            ]);
             c.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
         })
         .collect();
     // Two steps logged: every rank is inside the training loop.
     let t0 = Instant::now();
     while std::fs::read_to_string(out.join("metrics.jsonl")).map_or(0, |m| m.lines().count()) < 2 {
-        assert!(t0.elapsed() < Duration::from_secs(300) && ranks.iter_mut().all(|c| c.try_wait().unwrap().is_none()), "the job did not get to step 2");
+        assert!(
+            t0.elapsed() < Duration::from_secs(300) && ranks.iter_mut().all(|c| c.try_wait().unwrap().is_none()),
+            "the job did not get to step 2"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     ranks[1].kill().unwrap();
@@ -390,7 +499,10 @@ fn a_killed_nccl_rank_is_named_by_the_others_without_a_launcher_to_end_them() {
         let o = c.wait_with_output().unwrap();
         let text = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "rank {r} must fail:\n{text}");
-        assert!(text.contains("exited") && text.contains("NCCL communicator aborted"), "rank {r}: the error says a rank exited:\n{text}");
+        assert!(
+            text.contains("exited") && text.contains("NCCL communicator aborted"),
+            "rank {r}: the error says a rank exited:\n{text}"
+        );
         assert!(text.contains("Error: step "), "rank {r}: the error names the step:\n{text}");
     }
     let waited = t1.elapsed();

@@ -39,7 +39,9 @@ fn check_case(name: &str, opts: StepOptions) {
     let e_loss = (loss - reference["loss"].1[0]).abs() / reference["loss"].1[0].abs();
     let mut worst = (0.0f64, String::new());
     for (p, g) in model.params.iter().zip(&grads) {
-        let (_, want) = reference.get(&format!("grad.{}", p.name)).unwrap_or_else(|| panic!("no reference gradient for {}", p.name));
+        let (_, want) = reference
+            .get(&format!("grad.{}", p.name))
+            .unwrap_or_else(|| panic!("no reference gradient for {}", p.name));
         let e = rel_err(g, want);
         assert!(e <= TOL, "{name}: gradient of {} relative error {e:e}", p.name);
         if e > worst.0 {

@@ -99,7 +99,18 @@ fn recipe_smollm2_tiny() {
     println!("recipe (tiny settings) took {secs:.1} s");
 
     // Every step ran and was printed.
-    for s in ["fetch", "import", "split", "extend", "prepare", "pretrain", "tokenizers", "eval_base", "eval_extended", "eval_result"] {
+    for s in [
+        "fetch",
+        "import",
+        "split",
+        "extend",
+        "prepare",
+        "pretrain",
+        "tokenizers",
+        "eval_base",
+        "eval_extended",
+        "eval_result",
+    ] {
         assert!(log.contains(&format!("== recipe: [{s}] done in")), "step {s} did not run:\n{log}");
     }
 
@@ -108,7 +119,20 @@ fn recipe_smollm2_tiny() {
     all_finite(&r, "results");
 
     // Every field.
-    for k in ["model", "finished_utc", "settings", "machine", "split", "tokens_per_char", "bits_per_char", "mc_accuracy", "generations", "training", "step_seconds", "targets"] {
+    for k in [
+        "model",
+        "finished_utc",
+        "settings",
+        "machine",
+        "split",
+        "tokens_per_char",
+        "bits_per_char",
+        "mc_accuracy",
+        "generations",
+        "training",
+        "step_seconds",
+        "targets",
+    ] {
         get(&r, k);
     }
     assert_eq!(get(&r, "settings.stage1_steps").as_u64(), Some(2));
@@ -124,11 +148,18 @@ fn recipe_smollm2_tiny() {
         for k in ["base", "result", "change", "chars", "base_tokens", "result_tokens"] {
             num(&r, &format!("bits_per_char.{set}.{k}"));
         }
-        assert!(num(&r, &format!("bits_per_char.{set}.base")) > 0.0 && num(&r, &format!("bits_per_char.{set}.result")) > 0.0);
+        assert!(
+            num(&r, &format!("bits_per_char.{set}.base")) > 0.0
+                && num(&r, &format!("bits_per_char.{set}.result")) > 0.0
+        );
     }
     for mc in ["mmlu", "cmmlu", "ceval", "agieval", "gaokao"] {
         assert!(num(&r, &format!("mc_accuracy.{mc}.questions")) >= 1.0, "{mc}");
-        assert_eq!(get(&r, &format!("mc_accuracy.{mc}.style")).as_str(), Some("colossal"), "{mc}: evaluate's default prompt style");
+        assert_eq!(
+            get(&r, &format!("mc_accuracy.{mc}.style")).as_str(),
+            Some("colossal"),
+            "{mc}: evaluate's default prompt style"
+        );
         for k in ["base", "result"] {
             let acc = num(&r, &format!("mc_accuracy.{mc}.{k}"));
             assert!((0.0..=1.0).contains(&acc), "{mc} {k} accuracy {acc}");
@@ -151,7 +182,13 @@ fn recipe_smollm2_tiny() {
     assert_eq!(num(&r, "training.zh-cpt.steps"), 3.0);
     assert_eq!(num(&r, "training.tokens"), (5 * 64) as f64);
     assert!(num(&r, "training.seconds_per_step") > 0.0);
-    for t in ["zh_tokens_per_char_down_40pct", "zh_heldout_bpc_below_base", "en_heldout_bpc_within_2pct", "grass_poem_continued", "grass_poem_bpc_falls"] {
+    for t in [
+        "zh_tokens_per_char_down_40pct",
+        "zh_heldout_bpc_below_base",
+        "en_heldout_bpc_within_2pct",
+        "grass_poem_continued",
+        "grass_poem_bpc_falls",
+    ] {
         assert!(get(&r, &format!("targets.{t}")).is_boolean(), "targets.{t}");
     }
 
@@ -183,7 +220,15 @@ fn recipe_smollm2_tiny() {
 
     // results.md: the table, the generations, settings and machine.
     let md = std::fs::read_to_string(out.join("results.md")).unwrap();
-    for s in ["| metric | base |", "zh tokens/char", "bits/char: held-out English", "## Greedy generations", "离离原上草，", "## Settings", "## Machine"] {
+    for s in [
+        "| metric | base |",
+        "zh tokens/char",
+        "bits/char: held-out English",
+        "## Greedy generations",
+        "离离原上草，",
+        "## Settings",
+        "## Machine",
+    ] {
         assert!(md.contains(s), "results.md lacks {s:?}:\n{md}");
     }
 

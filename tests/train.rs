@@ -97,7 +97,11 @@ fn loss_falls_and_the_result_loads_in_transformers() {
     let lg: Vec<u8> = logits.iter().flat_map(|x| x.to_le_bytes()).collect();
     let views = vec![
         ("input_ids", safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![2, 8], &ids).unwrap()),
-        ("logits", safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 8, model.config.vocab_size], &lg).unwrap()),
+        (
+            "logits",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 8, model.config.vocab_size], &lg)
+                .unwrap(),
+        ),
     ];
     safetensors::serialize_to_file(views, None, &expected).unwrap();
     print!("{}", common::run_python("check_hf_load.py", &[&model_dir, &expected]));
@@ -164,13 +168,20 @@ fn missing_data_of_a_later_stage_stops_the_run_before_the_first_step() {
 #[test]
 fn tensorboard_shows_each_step_once_after_a_resume_that_replays_steps() {
     let out = fresh("tensorboard-resume");
-    let o = train::run(&Cpu, &config(&out, &["run.stop_after_steps=8", "run.checkpoint_every=3", "run.keep_checkpoints=5"]), &AtomicBool::new(false)).unwrap();
+    let o = train::run(
+        &Cpu,
+        &config(&out, &["run.stop_after_steps=8", "run.checkpoint_every=3", "run.keep_checkpoints=5"]),
+        &AtomicBool::new(false),
+    )
+    .unwrap();
     assert!(o.interrupted && o.global_step == 8);
     // Drop the stop's checkpoint: the next run resumes from step 6 and logs steps 7 and 8 again.
     let newest = checkpoint::complete_checkpoints(&out).unwrap().pop().unwrap();
     assert!(newest.ends_with("step-00000008"), "{}", newest.display());
     std::fs::remove_dir_all(&newest).unwrap();
-    let o = train::run(&Cpu, &config(&out, &["run.checkpoint_every=3", "run.keep_checkpoints=5"]), &AtomicBool::new(false)).unwrap();
+    let o =
+        train::run(&Cpu, &config(&out, &["run.checkpoint_every=3", "run.keep_checkpoints=5"]), &AtomicBool::new(false))
+            .unwrap();
     assert!(!o.interrupted && o.global_step == 10);
     let files = std::fs::read_dir(out.join("tensorboard")).unwrap().count();
     assert_eq!(files, 2, "one event file per run");
@@ -189,7 +200,8 @@ fn stopping_and_resuming_is_bit_identical() {
     let out = fresh("resumed");
     // Stop inside stage 1, at the stage boundary, inside stage 2, then finish.
     for stop in [3u64, 6, 8] {
-        let o = train::run(&Cpu, &config(&out, &[&format!("run.stop_after_steps={stop}")]), &AtomicBool::new(false)).unwrap();
+        let o = train::run(&Cpu, &config(&out, &[&format!("run.stop_after_steps={stop}")]), &AtomicBool::new(false))
+            .unwrap();
         assert!(o.interrupted, "stop at {stop}");
         assert_eq!(o.global_step, stop);
     }
@@ -208,7 +220,8 @@ fn kill_9_at_random_moments_then_resume_is_bit_identical() {
     let want = weights(&reference.join("stage-knowledge-replay"));
     let out = fresh("killed");
     let cfg_path = prepared().join("data/default.toml");
-    let mut args: Vec<String> = vec!["--config".into(), cfg_path.display().to_string(), "--out".into(), out.display().to_string()];
+    let mut args: Vec<String> =
+        vec!["--config".into(), cfg_path.display().to_string(), "--out".into(), out.display().to_string()];
     for s in SHORT.iter().chain(&longer).chain(&["run.checkpoint_every=1", "run.keep_checkpoints=2"]) {
         args.push("--set".into());
         args.push(s.to_string());
@@ -216,7 +229,12 @@ fn kill_9_at_random_moments_then_resume_is_bit_identical() {
     let mut kills = 0;
     let mut seed = 12345u64;
     for attempt in 0..100 {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_pretrain")).args(&args).env("RUST_BACKTRACE", "0").stderr(std::process::Stdio::null()).spawn().unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pretrain"))
+            .args(&args)
+            .env("RUST_BACKTRACE", "0")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         let wait_ms = 60 + (seed >> 33) % 400;
         std::thread::sleep(Duration::from_millis(wait_ms));
@@ -244,11 +262,20 @@ fn non_finite_steps_are_skipped_and_too_many_stop_the_run() {
     let out = fresh("nan-skip");
     let o = train::run(&Cpu, &config(&out, &["run.inject_nan_at_steps=[3, 4]"]), &AtomicBool::new(false)).unwrap();
     assert!(!o.interrupted);
-    let m: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let m: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(m.last().unwrap()["skipped_steps"], 2);
     assert_eq!(m[2]["applied"], false);
     let out = fresh("nan-stop");
-    let err = train::run(&Cpu, &config(&out, &["run.inject_nan_at_steps=[3, 4, 5]", "run.max_consecutive_skips=3", "run.checkpoint_every=2"]), &AtomicBool::new(false)).unwrap_err();
+    let err = train::run(
+        &Cpu,
+        &config(&out, &["run.inject_nan_at_steps=[3, 4, 5]", "run.max_consecutive_skips=3", "run.checkpoint_every=2"]),
+        &AtomicBool::new(false),
+    )
+    .unwrap_err();
     let msg = format!("{err:#}");
     assert!(msg.contains("3 non-finite steps in a row") && msg.contains("step-00000002"), "{msg}");
     assert!(!out.join("checkpoints/step-00000004").exists(), "no checkpoint inside a run of skipped steps");
@@ -260,7 +287,13 @@ fn replay_stage_trains_only_on_answers() {
     use llama_cpt::data::{Loader, LoaderConfig, SubsetSpec};
     let dir = prepared();
     let tok = tokenizers::Tokenizer::from_file(dir.join("data/tokenizer.json")).unwrap();
-    let cfg = LoaderConfig { seq_len: 64, global_batch_rows: 4, micro_batch_rows: 4, max_epochs: Some(1), ..Default::default() };
+    let cfg = LoaderConfig {
+        seq_len: 64,
+        global_batch_rows: 4,
+        micro_batch_rows: 4,
+        max_epochs: Some(1),
+        ..Default::default()
+    };
     let mut loader = Loader::new(&[SubsetSpec::new(dir.join("data/shards/qa"), 1.0)], cfg, None).unwrap();
     let (mut counted, mut batches) = (0, 0);
     while let Some(b) = loader.next_micro_batch().unwrap() {
@@ -302,7 +335,13 @@ fn a_vocabulary_extended_model_trains_with_only_its_embeddings_unfrozen() {
     let base = reference().join("stage-knowledge-replay");
     let extended = fresh("extended");
     let pieces = vec!["Zanzibarian".to_string(), "离离原上草".to_string()];
-    let report = extend_model(&base, &extended, &PieceSource::Pieces(pieces), &ExtendOptions { pad_to_multiple: 64, overwrite: true }).unwrap();
+    let report = extend_model(
+        &base,
+        &extended,
+        &PieceSource::Pieces(pieces),
+        &ExtendOptions { pad_to_multiple: 64, overwrite: true },
+    )
+    .unwrap();
     assert!(report.failures.is_empty() && report.new_model_vocab > report.old_model_vocab, "{report:?}");
     let out = fresh("frozen");
     // The default config initialises randomly; continue from the extended model instead.
@@ -311,7 +350,12 @@ fn a_vocabulary_extended_model_trains_with_only_its_embeddings_unfrozen() {
     let text = text.replace(cfg_line, &format!("from = {}", toml::Value::String(extended.display().to_string())));
     let text = text.replace(text.lines().find(|l| l.starts_with("tokenizer = ")).unwrap(), "");
     let mut o: Vec<String> = SHORT.iter().map(|s| s.to_string()).collect();
-    for s in ["stages.0.freeze_non_embeddings=true", "stages.0.steps=3", "stages.1.steps=1", "stages.1.freeze_non_embeddings=true"] {
+    for s in [
+        "stages.0.freeze_non_embeddings=true",
+        "stages.0.steps=3",
+        "stages.1.steps=1",
+        "stages.1.freeze_non_embeddings=true",
+    ] {
         o.push(s.to_string());
     }
     o.push(format!("run.out_dir={}", toml::Value::String(out.display().to_string())));
@@ -347,7 +391,12 @@ fn validation_bits_per_character_are_logged_fall_and_match_evaluate() {
         .collect();
     assert_eq!(logged.iter().map(|x| x.0).collect::<Vec<_>>(), [5, 6, 10], "{logged:?}");
     let tb = common::run_python("read_tensorboard.py", &[&out.join("tensorboard")]);
-    let tb_steps: Vec<u64> = tb.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).filter(|v| v["tag"] == "val_bpc/heldout-text").map(|v| v["step"].as_u64().unwrap()).collect();
+    let tb_steps: Vec<u64> = tb
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["tag"] == "val_bpc/heldout-text")
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
     assert_eq!(tb_steps, [5, 6, 10], "{tb}");
     // The number is what `evaluate --text` gives for the stage's model (windows of seq_len).
     let texts_path = prepared().join("data/heldout-text.jsonl");
@@ -356,14 +405,27 @@ fn validation_bits_per_character_are_logged_fall_and_match_evaluate() {
     let model_dir = out.join("stage-knowledge-replay");
     let tok = TextTokenizer::for_model(&model_dir, None).unwrap();
     let (len, rows) = (cfg.data.seq_len, cfg.data.micro_batch_rows);
-    let final_bpc = ppl::score_texts(&Llama::load(&Cpu, &model_dir).unwrap(), &Cpu, &tok, &texts, len, len * rows).unwrap().bits_per_char;
+    let final_bpc = ppl::score_texts(&Llama::load(&Cpu, &model_dir).unwrap(), &Cpu, &tok, &texts, len, len * rows)
+        .unwrap()
+        .bits_per_char;
     // (serde_json reads floats back to within an ulp.)
-    assert!((final_bpc - logged[2].1).abs() <= 1e-12 * final_bpc, "step 10's val_bpc {} differs from evaluate's bits per character {final_bpc}", logged[2].1);
+    assert!(
+        (final_bpc - logged[2].1).abs() <= 1e-12 * final_bpc,
+        "step 10's val_bpc {} differs from evaluate's bits per character {final_bpc}",
+        logged[2].1
+    );
     // And it falls: from the untrained model (the run's initialisation) through training.
-    let untrained = Llama::random(&Cpu, LlamaConfig::from_file(cfg.model.config.as_ref().unwrap()).unwrap(), cfg.model.seed);
+    let untrained =
+        Llama::random(&Cpu, LlamaConfig::from_file(cfg.model.config.as_ref().unwrap()).unwrap(), cfg.model.seed);
     let before = ppl::score_texts(&untrained, &Cpu, &tok, &texts, len, len * rows).unwrap().bits_per_char;
-    println!("validation bits per character: untrained {before:.4}, steps 5/6/10: {:.4} {:.4} {:.4}", logged[0].1, logged[1].1, logged[2].1);
-    assert!(logged[0].1 < 0.9 * before && logged[2].1 < logged[0].1, "bits per character did not fall: {before} then {logged:?}");
+    println!(
+        "validation bits per character: untrained {before:.4}, steps 5/6/10: {:.4} {:.4} {:.4}",
+        logged[0].1, logged[1].1, logged[2].1
+    );
+    assert!(
+        logged[0].1 < 0.9 * before && logged[2].1 < logged[0].1,
+        "bits per character did not fall: {before} then {logged:?}"
+    );
 }
 
 #[test]
@@ -400,14 +462,27 @@ fn mixed_precision_trains_like_f32_keeps_fp32_masters_and_resumes_bit_identicall
     eprintln!("bf16 (emulated) vs f32 losses: max relative difference {worst:.2e} over 10 steps; bf16 {:.4} -> {:.4}, f32 {:.4} -> {:.4}", l[0], l[9], f32_losses[0], f32_losses[9]);
     // The exported weights are the bf16 working parameters; the checkpoint keeps fp32 masters.
     let final_weights = weights(&out.join("stage-knowledge-replay"));
-    assert!(final_weights.iter().flatten().all(|&w| round_to_bf16(f32::from_bits(w)).to_bits() == w), "weights are bf16 values");
+    assert!(
+        final_weights.iter().flatten().all(|&w| round_to_bf16(f32::from_bits(w)).to_bits() == w),
+        "weights are bf16 values"
+    );
     // Every checkpoint (mid-stage and at the stage boundary) holds the masters' extra precision.
     for ck in checkpoint::complete_checkpoints(&out).unwrap() {
-        let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ck.join("optimizer.json")).unwrap()).unwrap();
+        let manifest: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(ck.join("optimizer.json")).unwrap()).unwrap();
         assert!(manifest["files"][0]["pieces"].as_array().unwrap().iter().all(|p| p["master"] == true));
         let masters = common::read_tensors(&ck.join("optimizer-rank00000.safetensors"));
-        let off_grid = masters.iter().filter(|(k, _)| k.ends_with(".master")).flat_map(|(_, (_, v))| v).filter(|&&x| round_to_bf16(x as f32) as f64 != x).count();
-        assert!(off_grid > 1000, "{}: the masters hold more than bf16 precision ({off_grid} values off the bf16 grid)", ck.display());
+        let off_grid = masters
+            .iter()
+            .filter(|(k, _)| k.ends_with(".master"))
+            .flat_map(|(_, (_, v))| v)
+            .filter(|&&x| round_to_bf16(x as f32) as f64 != x)
+            .count();
+        assert!(
+            off_grid > 1000,
+            "{}: the masters hold more than bf16 precision ({off_grid} values off the bf16 grid)",
+            ck.display()
+        );
     }
     // Resumed in f32 (ZeRO-0 keeps no masters), the parameters take the stored fp32 masters.
     {
@@ -416,7 +491,15 @@ fn mixed_precision_trains_like_f32_keeps_fp32_masters_and_resumes_bit_identicall
         let ck = checkpoint::complete_checkpoints(&out).unwrap().remove(0);
         let mut model = Llama::load(&Cpu, &ck).unwrap();
         let single = llama_cpt_parallel::SingleProcess::default();
-        let mut dp = DataParallel::new(&Cpu, &single, &model.params, &vec![true; model.params.len()], ZeroStage::Zero0, 1 << 20, AdamWConfig::default());
+        let mut dp = DataParallel::new(
+            &Cpu,
+            &single,
+            &model.params,
+            &vec![true; model.params.len()],
+            ZeroStage::Zero0,
+            1 << 20,
+            AdamWConfig::default(),
+        );
         checkpoint::load(&ck, &Cpu, &mut model, &mut dp).unwrap();
         let masters = common::read_tensors(&ck.join("optimizer-rank00000.safetensors"));
         for p in &model.params {
@@ -427,7 +510,9 @@ fn mixed_precision_trains_like_f32_keeps_fp32_masters_and_resumes_bit_identicall
     // Stops inside stage 1, at the boundary and inside stage 2 resume onto the same trajectory.
     let resumed = fresh("bf16-resumed");
     for stop in [3u64, 6, 8] {
-        let o = train::run(&bf16, &config(&resumed, &[&format!("run.stop_after_steps={stop}")]), &AtomicBool::new(false)).unwrap();
+        let o =
+            train::run(&bf16, &config(&resumed, &[&format!("run.stop_after_steps={stop}")]), &AtomicBool::new(false))
+                .unwrap();
         assert!(o.interrupted && o.global_step == stop);
     }
     train::run(&bf16, &config(&resumed, &[]), &AtomicBool::new(false)).unwrap();

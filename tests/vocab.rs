@@ -38,7 +38,11 @@ fn corpus(lang: &str) -> Vec<String> {
 fn split(texts: &[String]) -> (Vec<String>, Vec<String>) {
     let (mut a, mut b) = (Vec::new(), Vec::new());
     for (i, t) in texts.iter().enumerate() {
-        if i % 10 == 9 { b.push(t.clone()) } else { a.push(t.clone()) }
+        if i % 10 == 9 {
+            b.push(t.clone())
+        } else {
+            a.push(t.clone())
+        }
     }
     (a, b)
 }
@@ -119,10 +123,15 @@ fn check_extended(base: &Path, out: &Path, report: &ExtendReport, texts: &[&str]
         assert_eq!(s1, vec![cfg.vocab_size, h]);
         let n_old = report.base_tokenizer_size as usize * h * 4;
         assert!(b1[..n_old] == b0[..n_old], "{name}: old rows changed");
-        let f = |b: &[u8], r: usize| -> Vec<f32> { b[r * h * 4..(r + 1) * h * 4].chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect() };
+        let f = |b: &[u8], r: usize| -> Vec<f32> {
+            b[r * h * 4..(r + 1) * h * 4].chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+        };
         for t in report.new_tokens.iter().step_by(37) {
             let want: Vec<f32> = (0..h)
-                .map(|j| (t.old_ids.iter().map(|&i| f(&b0, i as usize)[j] as f64).sum::<f64>() / t.old_ids.len() as f64) as f32)
+                .map(|j| {
+                    (t.old_ids.iter().map(|&i| f(&b0, i as usize)[j] as f64).sum::<f64>() / t.old_ids.len() as f64)
+                        as f32
+                })
                 .collect();
             assert!(!t.old_ids.is_empty());
             assert!(f(&b1, t.id as usize) == want, "{name}: row of {:?}", t.token);
@@ -172,8 +181,10 @@ fn vocab_extend_piece_list_byte_level_untied() {
     let tok = make_base(&base, TokenizerKind::ByteLevel, false, 1200);
     let present = tok.decode(&[tok.token_to_id("Ġthe").unwrap()], false).unwrap();
     assert_eq!(present, " the");
-    let pieces = ["中国", "我们", "人生", "的时候", "自由软件", "天下", "中国", "hello world", "程序员", "哈哈哈哈", "Debian"];
-    let jsonl: String = pieces.iter().chain([&" the"]).map(|p| serde_json::json!({"piece": p}).to_string() + "\n").collect();
+    let pieces =
+        ["中国", "我们", "人生", "的时候", "自由软件", "天下", "中国", "hello world", "程序员", "哈哈哈哈", "Debian"];
+    let jsonl: String =
+        pieces.iter().chain([&" the"]).map(|p| serde_json::json!({"piece": p}).to_string() + "\n").collect();
     std::fs::write(d.join("pieces.jsonl"), jsonl).unwrap();
     let list = read_pieces(&d.join("pieces.jsonl")).unwrap();
     assert_eq!(list.len(), pieces.len() + 1);
@@ -189,9 +200,15 @@ fn vocab_extend_piece_list_byte_level_untied() {
         assert_eq!(ids.len(), 1, "{p:?} → {:?}", new.encode(p, false).unwrap().get_tokens());
         assert!(ids[0] >= report.base_tokenizer_size);
     }
-    check_extended(&base, &out, &report, &["中国的程序员说：自由软件。", "The quick brown fox jumps over the lazy dog.", "哈哈哈哈，Debian 天下"]);
+    check_extended(
+        &base,
+        &out,
+        &report,
+        &["中国的程序员说：自由软件。", "The quick brown fox jumps over the lazy dog.", "哈哈哈哈，Debian 天下"],
+    );
     // A second run into the same directory needs --overwrite.
-    let err = extend_model(&base, &out, &PieceSource::Pieces(vec!["中国".into()]), &ExtendOptions::default()).unwrap_err();
+    let err =
+        extend_model(&base, &out, &PieceSource::Pieces(vec!["中国".into()]), &ExtendOptions::default()).unwrap_err();
     assert!(format!("{err:#}").contains("not empty"), "{err:#}");
 }
 
@@ -203,13 +220,30 @@ fn vocab_extend_corpus_sentencepiece_style_tied() {
     assert!(tok.get_model().token_to_id("<0xE4>").is_some());
     let (zh, _) = split(&corpus("zh"));
     let target = tok.get_vocab_size(true) + 400;
-    let report = extend_model(&base, &out, &PieceSource::Corpus { texts: zh, target_size: target, keep: None }, &ExtendOptions::default()).unwrap();
+    let report = extend_model(
+        &base,
+        &out,
+        &PieceSource::Corpus { texts: zh, target_size: target, keep: None },
+        &ExtendOptions::default(),
+    )
+    .unwrap();
     eprintln!(
         "SentencePiece-style: {} → {} ({} pieces, {} intermediates, {} word-start merges), rows {} → {}",
-        report.base_tokenizer_size, report.new_tokenizer_size, report.added_pieces, report.added_intermediates, report.word_start_merges, report.old_model_vocab, report.new_model_vocab
+        report.base_tokenizer_size,
+        report.new_tokenizer_size,
+        report.added_pieces,
+        report.added_intermediates,
+        report.word_start_merges,
+        report.old_model_vocab,
+        report.new_model_vocab
     );
     assert_eq!(report.new_tokenizer_size as usize, target);
-    check_extended(&base, &out, &report, &["中国的程序员说：自由软件。", "The quick brown fox jumps over the lazy dog.", "  天下 大事，分久必合"]);
+    check_extended(
+        &base,
+        &out,
+        &report,
+        &["中国的程序员说：自由软件。", "The quick brown fox jumps over the lazy dog.", "  天下 大事，分久必合"],
+    );
 }
 
 fn tokens_per_char(kind: TokenizerKind, base_size: usize, extra: usize) -> Vec<llama_cpt::data::report::ReportRow> {
@@ -221,12 +255,20 @@ fn tokens_per_char(kind: TokenizerKind, base_size: usize, extra: usize) -> Vec<l
     let (zh_train, zh_held) = split(&corpus("zh"));
     let (_, en_held) = split(&corpus("en"));
     let target = base.size as usize + extra;
-    let (new, report) = extend_tokenizer(&base, &PieceSource::Corpus { texts: zh_train, target_size: target, keep: Some(vec![Script::Han]) }).unwrap();
+    let (new, report) = extend_tokenizer(
+        &base,
+        &PieceSource::Corpus { texts: zh_train, target_size: target, keep: Some(vec![Script::Han]) },
+    )
+    .unwrap();
     assert!(report.failures.is_empty(), "{:?}", &report.failures[..report.failures.len().min(10)]);
     assert_eq!(report.new_tokenizer_size as usize, target);
     eprintln!(
         "{kind:?}: {} → {} ids: {} pieces + {} intermediates, {} word-start merges",
-        report.base_tokenizer_size, report.new_tokenizer_size, report.added_pieces, report.added_intermediates, report.word_start_merges
+        report.base_tokenizer_size,
+        report.new_tokenizer_size,
+        report.added_pieces,
+        report.added_intermediates,
+        report.word_start_merges
     );
     let name = |s: &str| format!("{kind:?} {s}");
     vec![
@@ -242,12 +284,16 @@ fn vocab_real_chinese_tokens_per_char() {
     let mut rows = Vec::new();
     for kind in [TokenizerKind::ByteLevel, TokenizerKind::Metaspace] {
         let r = tokens_per_char(kind, 4000, 3000);
-        let (zh0, zh1, en0, en1) = (r[0].tokens_per_char, r[1].tokens_per_char, r[2].tokens_per_char, r[3].tokens_per_char);
+        let (zh0, zh1, en0, en1) =
+            (r[0].tokens_per_char, r[1].tokens_per_char, r[2].tokens_per_char, r[3].tokens_per_char);
         assert!(zh1 < 0.8 * zh0, "{kind:?}: zh tokens/char {zh0:.3} → {zh1:.3}, expected a substantial drop");
         assert!(r[3].tokens <= r[2].tokens, "{kind:?}: English got worse: {en0:.4} → {en1:.4}");
         rows.extend(r);
     }
-    eprintln!("held-out tokens per character (base 4000 ids, +3000 learnt on the zh training split):\n{}", to_markdown(&rows));
+    eprintln!(
+        "held-out tokens per character (base 4000 ids, +3000 learnt on the zh training split):\n{}",
+        to_markdown(&rows)
+    );
 }
 
 #[test]
@@ -262,9 +308,14 @@ fn vocab_bad_inputs() {
     };
     let b = base.to_str().unwrap();
     // Empty / whitespace pieces, plain and JSONL.
-    for (file, body) in [("empty.txt", "中国\n\n天下\n"), ("space.txt", "中国\n   \n"), ("space.jsonl", "{\"piece\": \"中国\"}\n{\"piece\": \" \\t\"}\n")] {
+    for (file, body) in [
+        ("empty.txt", "中国\n\n天下\n"),
+        ("space.txt", "中国\n   \n"),
+        ("space.jsonl", "{\"piece\": \"中国\"}\n{\"piece\": \" \\t\"}\n"),
+    ] {
         std::fs::write(d.join(file), body).unwrap();
-        let err = run(&["--base", b, "--out", d.join("o1").to_str().unwrap(), "--pieces", d.join(file).to_str().unwrap()]);
+        let err =
+            run(&["--base", b, "--out", d.join("o1").to_str().unwrap(), "--pieces", d.join(file).to_str().unwrap()]);
         assert!(err.contains("empty or whitespace-only piece") && err.contains(":2:"), "{file}: {err}");
     }
     // Plain lines are read verbatim (a leading space is part of the piece).
@@ -275,18 +326,45 @@ fn vocab_bad_inputs() {
     std::fs::create_dir_all(&nt).unwrap();
     std::fs::copy(base.join("config.json"), nt.join("config.json")).unwrap();
     std::fs::copy(base.join("model.safetensors"), nt.join("model.safetensors")).unwrap();
-    let err = run(&["--base", nt.to_str().unwrap(), "--out", d.join("o2").to_str().unwrap(), "--pieces", d.join("plain.txt").to_str().unwrap()]);
+    let err = run(&[
+        "--base",
+        nt.to_str().unwrap(),
+        "--out",
+        d.join("o2").to_str().unwrap(),
+        "--pieces",
+        d.join("plain.txt").to_str().unwrap(),
+    ]);
     assert!(err.contains("no tokenizer.json"), "{err}");
     // A target size below the base vocabulary.
     let zh = repo_root().join("data/corpora/zh");
-    let err = run(&["--base", b, "--out", d.join("o3").to_str().unwrap(), "--corpus", zh.to_str().unwrap(), "--target-size", "100"]);
+    let err = run(&[
+        "--base",
+        b,
+        "--out",
+        d.join("o3").to_str().unwrap(),
+        "--corpus",
+        zh.to_str().unwrap(),
+        "--target-size",
+        "100",
+    ]);
     assert!(err.contains("target size 100 is smaller than the base tokenizer"), "{err}");
     // An unknown script names the known ones.
-    let err = run(&["--base", b, "--out", d.join("o5").to_str().unwrap(), "--corpus", zh.to_str().unwrap(), "--target-size", "2000", "--keep-script", "Klingon"]);
+    let err = run(&[
+        "--base",
+        b,
+        "--out",
+        d.join("o5").to_str().unwrap(),
+        "--corpus",
+        zh.to_str().unwrap(),
+        "--target-size",
+        "2000",
+        "--keep-script",
+        "Klingon",
+    ]);
     assert!(err.contains("unknown script \"Klingon\"") && err.contains("Han"), "{err}");
     // Neither pieces nor corpus.
     let err = run(&["--base", b, "--out", d.join("o4").to_str().unwrap()]);
-    assert!(err.contains("--pieces") , "{err}");
+    assert!(err.contains("--pieces"), "{err}");
     assert!(!d.join("o3").exists() && !d.join("o4").exists() && !d.join("o5").exists(), "nothing is written on errors");
 }
 
@@ -297,32 +375,55 @@ fn vocab_bad_inputs() {
 fn llama2_layout_tokenizer(dir: &Path, layout: &str, vocab: usize) -> Tokenizer {
     let (en, _) = split(&corpus("en"));
     let (zh, _) = split(&corpus("zh"));
-    let lines: String = en.iter().chain(zh.iter().step_by(300)).flat_map(|t| t.lines()).filter(|l| !l.trim().is_empty()).map(|l| format!("{l}\n")).collect();
+    let lines: String = en
+        .iter()
+        .chain(zh.iter().step_by(300))
+        .flat_map(|t| t.lines())
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| format!("{l}\n"))
+        .collect();
     std::fs::create_dir_all(dir).unwrap();
     let text_file = dir.with_extension("txt");
     std::fs::write(&text_file, lines).unwrap();
     let vocab = vocab.to_string();
-    let args = ["--layout", layout, "--vocab-size", vocab.as_str(), "--out", dir.to_str().unwrap(), text_file.to_str().unwrap()];
+    let args = [
+        "--layout",
+        layout,
+        "--vocab-size",
+        vocab.as_str(),
+        "--out",
+        dir.to_str().unwrap(),
+        text_file.to_str().unwrap(),
+    ];
     let log = run_python("make_llama2_tokenizer.py", &args.map(Path::new));
     eprintln!("{}", log.trim());
     // Meta's layout, field by field (the script checks it too; this is the test's own reading).
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap()).unwrap();
     let model = &json["model"];
-    assert_eq!((model["type"].as_str(), model["byte_fallback"].as_bool(), model["fuse_unk"].as_bool()), (Some("BPE"), Some(true), Some(true)));
+    assert_eq!(
+        (model["type"].as_str(), model["byte_fallback"].as_bool(), model["fuse_unk"].as_bool()),
+        (Some("BPE"), Some(true), Some(true))
+    );
     assert_eq!(model["vocab"]["<0x0A>"], 3 + 0x0A, "byte tokens follow <unk>/<s>/</s>");
     assert!(model["vocab"].get("\n").is_none(), "a line break is spelt only as the byte token <0x0A>");
     if layout == "normalizer" {
         assert!(json["pre_tokenizer"].is_null());
-        let steps: Vec<&str> = json["normalizer"]["normalizers"].as_array().unwrap().iter().map(|n| n["type"].as_str().unwrap()).collect();
+        let steps: Vec<&str> =
+            json["normalizer"]["normalizers"].as_array().unwrap().iter().map(|n| n["type"].as_str().unwrap()).collect();
         assert_eq!(steps, ["Prepend", "Replace"]);
         assert_eq!(json["normalizer"]["normalizers"][0]["prepend"], "▁");
     } else {
         assert!(json["normalizer"].is_null());
-        assert_eq!((json["pre_tokenizer"]["type"].as_str(), json["pre_tokenizer"]["prepend_scheme"].as_str()), (Some("Metaspace"), Some("first")));
+        assert_eq!(
+            (json["pre_tokenizer"]["type"].as_str(), json["pre_tokenizer"]["prepend_scheme"].as_str()),
+            (Some("Metaspace"), Some("first"))
+        );
     }
     assert_eq!(json["post_processor"]["type"], "TemplateProcessing");
     assert_eq!(json["post_processor"]["single"][0]["SpecialToken"]["id"], "<s>");
-    let decoders: Vec<&str> = json["decoder"]["decoders"].as_array().unwrap().iter().map(|n| n["type"].as_str().unwrap()).collect();
+    let decoders: Vec<&str> =
+        json["decoder"]["decoders"].as_array().unwrap().iter().map(|n| n["type"].as_str().unwrap()).collect();
     assert_eq!(decoders, ["Replace", "ByteFallback", "Fuse", "Strip"]);
     Tokenizer::from_file(dir.join("tokenizer.json")).unwrap()
 }
@@ -375,13 +476,20 @@ fn vocab_every_llama_layout_keeps_english_ids_and_checks_pieces_in_text() {
             report.script_costs.iter().map(|c| (c.script, c.tokens_per_char)).collect::<Vec<_>>()
         );
         assert_eq!(report.new_tokenizer_size as usize, target);
-        assert_eq!(report.kept_scripts, vec![Script::Han], "{layout}: the default keeps the script the base encodes poorly");
+        assert_eq!(
+            report.kept_scripts,
+            vec![Script::Han],
+            "{layout}: the default keeps the script the base encodes poorly"
+        );
         // Requested pieces: Han (and its punctuation) only, never a line break, at most 16 characters.
         for t in report.new_tokens.iter().filter(|t| t.requested) {
             let text = t.text.as_deref().unwrap();
             assert!(han.keeps_piece(text), "{layout}: piece {text:?} is not Han");
             if layout != "byte-level" {
-                assert!(text.chars().count() <= SENTENCEPIECE_MAX_PIECE_CHARS, "{layout}: piece {text:?} is longer than SentencePiece allows");
+                assert!(
+                    text.chars().count() <= SENTENCEPIECE_MAX_PIECE_CHARS,
+                    "{layout}: piece {text:?} is longer than SentencePiece allows"
+                );
             }
         }
         // The invariant: text without a Han character gives exactly the base's ids.
@@ -390,14 +498,24 @@ fn vocab_every_llama_layout_keeps_english_ids_and_checks_pieces_in_text() {
         assert!(outside > 15_000, "{layout}: only {outside} texts without Han");
         assert_eq!(changed, 0, "{layout}: {changed} of {outside} texts without Han changed ids, e.g. {first:?}");
         // Chinese gets shorter.
-        let (before, after) = (measure(&tok, "before", "zh", &zh_held).unwrap(), measure(&new, "after", "zh", &zh_held).unwrap());
+        let (before, after) =
+            (measure(&tok, "before", "zh", &zh_held).unwrap(), measure(&new, "after", "zh", &zh_held).unwrap());
         eprintln!("{layout}: held-out zh tokens/char {:.3} → {:.3}", before.tokens_per_char, after.tokens_per_char);
         assert!(after.tokens_per_char < 0.8 * before.tokens_per_char);
         // No false alarms; mean rows; transformers' AutoTokenizer agrees with the tokenizers crate.
         // (No text starts with a space: transformers 5's LlamaTokenizer swaps the normalizer
         // layout's Prepend("▁") for a Metaspace pre-tokenizer that adds no second `▁` there, so it
         // differs from tokenizer.json on such text — on the base as much as on the extension.)
-        check_extended(&base, &out, &report, &["中国的程序员说：自由软件。", "The quick brown fox\n\njumps over 12 lazy dogs.", "天下 大事，分久必合\n 合久必分"]);
+        check_extended(
+            &base,
+            &out,
+            &report,
+            &[
+                "中国的程序员说：自由软件。",
+                "The quick brown fox\n\njumps over 12 lazy dogs.",
+                "天下 大事，分久必合\n 合久必分",
+            ],
+        );
         if layout == "normalizer" {
             space_pieces_are_no_false_alarms_and_real_failures_are_caught(&base, &out, &report);
         }
@@ -413,8 +531,14 @@ fn space_pieces_are_no_false_alarms_and_real_failures_are_caught(base: &Path, ou
     let (_, spaced) = extend_tokenizer(&old, &PieceSource::Pieces(pieces)).unwrap();
     assert!(spaced.added_pieces >= 2 && spaced.failures.is_empty(), "{:?}", spaced.failures);
     // Drop the merge that makes the last requested piece: the check must name that piece.
-    let victim = report.new_tokens.iter().rev().find(|t| t.requested && t.text.as_deref().is_some_and(|x| x.chars().count() > 1)).unwrap();
-    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer.json")).unwrap()).unwrap();
+    let victim = report
+        .new_tokens
+        .iter()
+        .rev()
+        .find(|t| t.requested && t.text.as_deref().is_some_and(|x| x.chars().count() > 1))
+        .unwrap();
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer.json")).unwrap()).unwrap();
     let merges = json["model"]["merges"].as_array_mut().unwrap();
     let joined = |m: &serde_json::Value| match m {
         serde_json::Value::Array(p) => format!("{}{}", p[0].as_str().unwrap(), p[1].as_str().unwrap()),
@@ -429,7 +553,12 @@ fn space_pieces_are_no_false_alarms_and_real_failures_are_caught(base: &Path, ou
     let mut again = report.clone();
     again.failures.clear();
     verify(&old, &broken.tok, &broken.merges().unwrap(), &mut again).unwrap();
-    assert!(again.failures.iter().any(|f| f.id == victim.id), "the missing merge of {:?} went unnoticed: {:?}", victim.token, again.failures);
+    assert!(
+        again.failures.iter().any(|f| f.id == victim.id),
+        "the missing merge of {:?} went unnoticed: {:?}",
+        victim.token,
+        again.failures
+    );
 }
 
 #[test]
@@ -438,7 +567,18 @@ fn vocab_script_filter_and_too_few_candidates() {
     let err = Script::parse("Klingon").unwrap_err().to_string();
     assert!(err.contains("Klingon") && err.contains("Han"), "{err}");
     let han = ScriptFilter::new(vec![Script::Han]);
-    for (piece, kept) in [("中国", true), (" 中国", true), ("，", true), ("中国，", true), ("\n", false), ("中\n国", false), ("Debian", false), ("│──", false), ("  中国", false), ("中国1", false)] {
+    for (piece, kept) in [
+        ("中国", true),
+        (" 中国", true),
+        ("，", true),
+        ("中国，", true),
+        ("\n", false),
+        ("中\n国", false),
+        ("Debian", false),
+        ("│──", false),
+        ("  中国", false),
+        ("中国1", false),
+    ] {
         assert_eq!(han.keeps_piece(piece), kept, "{piece:?}");
     }
     // The default: scripts the base spends more than one token per letter on, if frequent enough.
@@ -452,6 +592,11 @@ fn vocab_script_filter_and_too_few_candidates() {
     tok.save(d.join("tokenizer.json"), true).unwrap();
     let base = BaseTokenizer::load(&d.join("tokenizer.json")).unwrap();
     let few: Vec<String> = corpus("zh").into_iter().take(20).collect();
-    let err = extend_tokenizer(&base, &PieceSource::Corpus { texts: few, target_size: base.size as usize + 50_000, keep: Some(vec![Script::Han]) }).unwrap_err().to_string();
+    let err = extend_tokenizer(
+        &base,
+        &PieceSource::Corpus { texts: few, target_size: base.size as usize + 50_000, keep: Some(vec![Script::Han]) },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("candidate pieces made of Han characters") && err.contains("--target-size"), "{err}");
 }

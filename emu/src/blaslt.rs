@@ -21,7 +21,8 @@ use crate::stream;
 use cudarc::cublaslt::sys::{
     cublasComputeType_t as Compute, cublasLtHandle_t, cublasLtMatmulAlgo_t, cublasLtMatmulDescAttributes_t as DescAttr,
     cublasLtMatmulDesc_t, cublasLtMatmulHeuristicResult_t, cublasLtMatmulPreferenceAttributes_t as PrefAttr,
-    cublasLtMatmulPreference_t, cublasLtMatrixLayout_t, cublasStatus_t as Status, cudaDataType as DataType, cudaStream_t,
+    cublasLtMatmulPreference_t, cublasLtMatrixLayout_t, cublasStatus_t as Status, cudaDataType as DataType,
+    cudaStream_t,
 };
 use std::collections::HashSet;
 use std::ffi::{c_int, c_void};
@@ -182,9 +183,16 @@ pub extern "C" fn cublasLtDestroy(handle: cublasLtHandle_t) -> Status {
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cublasLtMatmulDescCreate(desc: *mut cublasLtMatmulDesc_t, compute: Compute, scale: DataType) -> Status {
+pub unsafe extern "C" fn cublasLtMatmulDescCreate(
+    desc: *mut cublasLtMatmulDesc_t,
+    compute: Compute,
+    scale: DataType,
+) -> Status {
     status(|| {
-        let known = matches!(compute, Compute::CUBLAS_COMPUTE_32F | Compute::CUBLAS_COMPUTE_32F_FAST_TF32 | Compute::CUBLAS_COMPUTE_32F_FAST_16BF);
+        let known = matches!(
+            compute,
+            Compute::CUBLAS_COMPUTE_32F | Compute::CUBLAS_COMPUTE_32F_FAST_TF32 | Compute::CUBLAS_COMPUTE_32F_FAST_16BF
+        );
         if !known || scale != DataType::CUDA_R_32F {
             return Err(Status::CUBLAS_STATUS_NOT_SUPPORTED);
         }
@@ -198,7 +206,12 @@ pub extern "C" fn cublasLtMatmulDescDestroy(desc: cublasLtMatmulDesc_t) -> Statu
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cublasLtMatmulDescSetAttribute(desc: cublasLtMatmulDesc_t, attr: DescAttr, buf: *const c_void, size: usize) -> Status {
+pub unsafe extern "C" fn cublasLtMatmulDescSetAttribute(
+    desc: cublasLtMatmulDesc_t,
+    attr: DescAttr,
+    buf: *const c_void,
+    size: usize,
+) -> Status {
     status(|| {
         let d = DESCS.get::<Desc>(desc as usize)?;
         let slot = match attr {
@@ -220,7 +233,13 @@ pub unsafe extern "C" fn cublasLtMatmulDescSetAttribute(desc: cublasLtMatmulDesc
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cublasLtMatrixLayoutCreate(layout: *mut cublasLtMatrixLayout_t, ty: DataType, rows: u64, cols: u64, ld: i64) -> Status {
+pub unsafe extern "C" fn cublasLtMatrixLayoutCreate(
+    layout: *mut cublasLtMatrixLayout_t,
+    ty: DataType,
+    rows: u64,
+    cols: u64,
+    ld: i64,
+) -> Status {
     status(|| {
         let elem = Elem::from_cuda(ty).ok_or(Status::CUBLAS_STATUS_NOT_SUPPORTED)?;
         // Column-major (the default order): a column is `rows` contiguous elements.
@@ -247,7 +266,12 @@ pub extern "C" fn cublasLtMatmulPreferenceDestroy(pref: cublasLtMatmulPreference
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cublasLtMatmulPreferenceSetAttribute(pref: cublasLtMatmulPreference_t, attr: PrefAttr, buf: *const c_void, size: usize) -> Status {
+pub unsafe extern "C" fn cublasLtMatmulPreferenceSetAttribute(
+    pref: cublasLtMatmulPreference_t,
+    attr: PrefAttr,
+    buf: *const c_void,
+    size: usize,
+) -> Status {
     status(|| {
         let p = PREFS.get::<Preference>(pref as usize)?;
         match attr {
@@ -277,9 +301,20 @@ struct Problem {
     rounding: InputRounding,
 }
 
-fn problem(desc: cublasLtMatmulDesc_t, a: cublasLtMatrixLayout_t, b: cublasLtMatrixLayout_t, c: cublasLtMatrixLayout_t, d: cublasLtMatrixLayout_t) -> Result<Problem, Status> {
+fn problem(
+    desc: cublasLtMatmulDesc_t,
+    a: cublasLtMatrixLayout_t,
+    b: cublasLtMatrixLayout_t,
+    c: cublasLtMatrixLayout_t,
+    d: cublasLtMatrixLayout_t,
+) -> Result<Problem, Status> {
     let desc = DESCS.get::<Desc>(desc as usize)?;
-    let (a, b, c, d) = (*LAYOUTS.get::<Layout>(a as usize)?, *LAYOUTS.get::<Layout>(b as usize)?, *LAYOUTS.get::<Layout>(c as usize)?, *LAYOUTS.get::<Layout>(d as usize)?);
+    let (a, b, c, d) = (
+        *LAYOUTS.get::<Layout>(a as usize)?,
+        *LAYOUTS.get::<Layout>(b as usize)?,
+        *LAYOUTS.get::<Layout>(c as usize)?,
+        *LAYOUTS.get::<Layout>(d as usize)?,
+    );
     // D's layout equals C's (the library supports no other combination for these types).
     if c != d {
         return Err(Status::CUBLAS_STATUS_NOT_SUPPORTED);
@@ -327,7 +362,16 @@ pub unsafe extern "C" fn cublasLtMatmulAlgoGetHeuristic(
         let mut algo = cublasLtMatmulAlgo_t { data: [0; 8] };
         algo.data[0] = ALGO_TAG;
         unsafe {
-            out(results, cublasLtMatmulHeuristicResult_t { algo, workspaceSize: 0, state: Status::CUBLAS_STATUS_SUCCESS, wavesCount: 1.0, reserved: [0; 4] })?;
+            out(
+                results,
+                cublasLtMatmulHeuristicResult_t {
+                    algo,
+                    workspaceSize: 0,
+                    state: Status::CUBLAS_STATUS_SUCCESS,
+                    wavesCount: 1.0,
+                    reserved: [0; 4],
+                },
+            )?;
             out(returned, 1)
         }
     })
@@ -398,7 +442,10 @@ fn dot(x: &[f32], y: &[f32]) -> f32 {
 /// `CUBLAS_STATUS_INVALID_VALUE` unless the matrix lies inside one device allocation.
 fn check_matrix(what: &str, ptr: usize, l: &Layout) -> Result<(), Status> {
     check_range(ptr as u64, l.span() * l.elem.bytes()).map_err(|_| {
-        eprintln!("emulated cuBLASLt: matrix {what} at {ptr:#x} ({}x{}, ld {}, {:?}) is not inside one device allocation", l.rows, l.cols, l.ld, l.elem);
+        eprintln!(
+            "emulated cuBLASLt: matrix {what} at {ptr:#x} ({}x{}, ld {}, {:?}) is not inside one device allocation",
+            l.rows, l.cols, l.ld, l.elem
+        );
         Status::CUBLAS_STATUS_INVALID_VALUE
     })
 }
@@ -494,7 +541,17 @@ mod tests {
     /// (a row-major matrix is its column-major transpose, so the column-major product is
     /// `Cᵀ = op(B)ᵀ·op(A)ᵀ`): returns D downloaded as f32.
     #[allow(clippy::too_many_arguments)]
-    fn lt_rowmajor(compute: Compute, types: (Elem, Elem), a: &[f32], b: &[f32], c0: &[f32], (m, k, n): (usize, usize, usize), a_t: bool, b_t: bool, beta: f32) -> Result<Vec<f32>, Status> {
+    fn lt_rowmajor(
+        compute: Compute,
+        types: (Elem, Elem),
+        a: &[f32],
+        b: &[f32],
+        c0: &[f32],
+        (m, k, n): (usize, usize, usize),
+        a_t: bool,
+        b_t: bool,
+        beta: f32,
+    ) -> Result<Vec<f32>, Status> {
         let (ab, cd) = types;
         let (pa, pb, pc) = (upload(ab, a), upload(ab, b), upload(cd, c0));
         let s = stream::create();
@@ -509,15 +566,40 @@ mod tests {
             }
             // Column-major: first operand is B (n×k col-major as row-major k×n is B itself).
             let (opa, opb) = (b_t as i32, a_t as i32);
-            assert_eq!(cublasLtMatmulDescSetAttribute(desc, DescAttr::CUBLASLT_MATMUL_DESC_TRANSA, (&opa as *const i32).cast(), 4), Status::CUBLAS_STATUS_SUCCESS);
-            assert_eq!(cublasLtMatmulDescSetAttribute(desc, DescAttr::CUBLASLT_MATMUL_DESC_TRANSB, (&opb as *const i32).cast(), 4), Status::CUBLAS_STATUS_SUCCESS);
+            assert_eq!(
+                cublasLtMatmulDescSetAttribute(
+                    desc,
+                    DescAttr::CUBLASLT_MATMUL_DESC_TRANSA,
+                    (&opa as *const i32).cast(),
+                    4
+                ),
+                Status::CUBLAS_STATUS_SUCCESS
+            );
+            assert_eq!(
+                cublasLtMatmulDescSetAttribute(
+                    desc,
+                    DescAttr::CUBLASLT_MATMUL_DESC_TRANSB,
+                    (&opb as *const i32).cast(),
+                    4
+                ),
+                Status::CUBLAS_STATUS_SUCCESS
+            );
             let (mut la, mut lb, mut lc) = (std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut());
             // First operand (row-major B): stored k×n row-major = col-major n×k (or transposed).
             let (r1, c1) = if b_t { (k, n) } else { (n, k) };
             let (r2, c2) = if a_t { (m, k) } else { (k, m) };
-            assert_eq!(cublasLtMatrixLayoutCreate(&mut la, cuda(ab), r1 as u64, c1 as u64, r1 as i64), Status::CUBLAS_STATUS_SUCCESS);
-            assert_eq!(cublasLtMatrixLayoutCreate(&mut lb, cuda(ab), r2 as u64, c2 as u64, r2 as i64), Status::CUBLAS_STATUS_SUCCESS);
-            assert_eq!(cublasLtMatrixLayoutCreate(&mut lc, cuda(cd), n as u64, m as u64, n as i64), Status::CUBLAS_STATUS_SUCCESS);
+            assert_eq!(
+                cublasLtMatrixLayoutCreate(&mut la, cuda(ab), r1 as u64, c1 as u64, r1 as i64),
+                Status::CUBLAS_STATUS_SUCCESS
+            );
+            assert_eq!(
+                cublasLtMatrixLayoutCreate(&mut lb, cuda(ab), r2 as u64, c2 as u64, r2 as i64),
+                Status::CUBLAS_STATUS_SUCCESS
+            );
+            assert_eq!(
+                cublasLtMatrixLayoutCreate(&mut lc, cuda(cd), n as u64, m as u64, n as i64),
+                Status::CUBLAS_STATUS_SUCCESS
+            );
             let mut pref = std::ptr::null_mut();
             assert_eq!(cublasLtMatmulPreferenceCreate(&mut pref), Status::CUBLAS_STATUS_SUCCESS);
             let mut heur = std::mem::zeroed::<cublasLtMatmulHeuristicResult_t>();
@@ -570,13 +652,30 @@ mod tests {
             let (a, b, c0) = (values(m * k, 1), values(k * n, 2), values(m * n, 3));
             let abs = |x: &[f32]| round_all(x, f32::abs);
             for beta in [0.0, 1.0] {
-                let got = lt_rowmajor(Compute::CUBLAS_COMPUTE_32F, (Elem::F32, Elem::F32), &a, &b, &c0, (m, k, n), a_t, b_t, beta).unwrap();
+                let got = lt_rowmajor(
+                    Compute::CUBLAS_COMPUTE_32F,
+                    (Elem::F32, Elem::F32),
+                    &a,
+                    &b,
+                    &c0,
+                    (m, k, n),
+                    a_t,
+                    b_t,
+                    beta,
+                )
+                .unwrap();
                 let mut want = if beta == 1.0 { c0.clone() } else { vec![0.0; m * n] };
                 llama_cpt_ops::matmul::matmul(&mut want, &a, &b, m, k, n, a_t, b_t, beta == 1.0);
                 let mut scale = if beta == 1.0 { abs(&c0) } else { vec![0.0; m * n] };
                 llama_cpt_ops::matmul::matmul(&mut scale, &abs(&a), &abs(&b), m, k, n, a_t, b_t, true);
                 // Two f32 summations of k+1 terms in different orders: each within (k+1)·u·Σ|ab|.
-                check(&got, &want, &scale, 2.0 * (k as f32 + 1.0) * f32::EPSILON / 2.0, &format!("a_t={a_t} b_t={b_t} beta={beta}"));
+                check(
+                    &got,
+                    &want,
+                    &scale,
+                    2.0 * (k as f32 + 1.0) * f32::EPSILON / 2.0,
+                    &format!("a_t={a_t} b_t={b_t} beta={beta}"),
+                );
             }
         }
     }
@@ -589,15 +688,31 @@ mod tests {
         let mut scale = vec![0.0; m * n];
         llama_cpt_ops::matmul::matmul(&mut scale, &abs(&a), &abs(&b), m, k, n, false, false, false);
         let bf = |x: f32| half::bf16::from_f32(x).to_f32();
-        for (compute, round) in [(Compute::CUBLAS_COMPUTE_32F_FAST_16BF, &bf as &dyn Fn(f32) -> f32), (Compute::CUBLAS_COMPUTE_32F_FAST_TF32, &round_to_tf32)] {
+        for (compute, round) in [
+            (Compute::CUBLAS_COMPUTE_32F_FAST_16BF, &bf as &dyn Fn(f32) -> f32),
+            (Compute::CUBLAS_COMPUTE_32F_FAST_TF32, &round_to_tf32),
+        ] {
             // beta = 0 with C full of NaN: C must not be read.
             let got = lt_rowmajor(compute, (Elem::F32, Elem::F32), &a, &b, &c0, (m, k, n), false, false, 0.0).unwrap();
             let mut want = vec![0.0; m * n];
-            llama_cpt_ops::matmul::matmul(&mut want, &round_all(&a, round), &round_all(&b, round), m, k, n, false, false, false);
+            llama_cpt_ops::matmul::matmul(
+                &mut want,
+                &round_all(&a, round),
+                &round_all(&b, round),
+                m,
+                k,
+                n,
+                false,
+                false,
+                false,
+            );
             check(&got, &want, &scale, (k as f32 + 1.0) * f32::EPSILON, &format!("{compute:?} against rounded inputs"));
             let mut exact = vec![0.0; m * n];
             llama_cpt_ops::matmul::matmul(&mut exact, &a, &b, m, k, n, false, false, false);
-            assert!(got.iter().zip(&exact).any(|(g, e)| (g - e).abs() > 10.0 * (k as f32) * f32::EPSILON * 1.0), "{compute:?}: the inputs were not rounded");
+            assert!(
+                got.iter().zip(&exact).any(|(g, e)| (g - e).abs() > 10.0 * (k as f32) * f32::EPSILON * 1.0),
+                "{compute:?}: the inputs were not rounded"
+            );
         }
     }
 
@@ -613,13 +728,26 @@ mod tests {
         let mut want = c0.clone();
         llama_cpt_ops::matmul::matmul(&mut want, &a, &b, m, k, n, false, true, true);
         // f32 C/D (the weight gradient, beta = 1): f32 round-off only.
-        let got = lt_rowmajor(Compute::CUBLAS_COMPUTE_32F, (Elem::Bf16, Elem::F32), &a, &b, &c0, (m, k, n), false, true, 1.0).unwrap();
+        let got =
+            lt_rowmajor(Compute::CUBLAS_COMPUTE_32F, (Elem::Bf16, Elem::F32), &a, &b, &c0, (m, k, n), false, true, 1.0)
+                .unwrap();
         check(&got, &want, &scale, (k as f32 + 1.0) * f32::EPSILON, "bf16·bf16 + f32");
         // bf16 C/D: C rounded on upload, D rounded to nearest even once (half an ulp of bf16).
         let c0b = round_all(&c0, bf);
         let mut want = c0b.clone();
         llama_cpt_ops::matmul::matmul(&mut want, &a, &b, m, k, n, false, true, true);
-        let got = lt_rowmajor(Compute::CUBLAS_COMPUTE_32F, (Elem::Bf16, Elem::Bf16), &a, &b, &c0b, (m, k, n), false, true, 1.0).unwrap();
+        let got = lt_rowmajor(
+            Compute::CUBLAS_COMPUTE_32F,
+            (Elem::Bf16, Elem::Bf16),
+            &a,
+            &b,
+            &c0b,
+            (m, k, n),
+            false,
+            true,
+            1.0,
+        )
+        .unwrap();
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             let bound = w.abs() * 2f32.powi(-8) + (k as f32 + 1.0) * f32::EPSILON * scale[i];
             assert!((g - w).abs() <= bound, "bf16 D element {i}: got {g}, want {w}");
@@ -632,13 +760,36 @@ mod tests {
         let (m, k, n) = (2, 3, 4);
         let (a, b, c) = (values(m * k, 9), values(k * n, 10), values(m * n, 11));
         // Fast compute types take f32 operands only; bf16 operands need compute 32F.
-        assert_eq!(lt_rowmajor(Compute::CUBLAS_COMPUTE_32F_FAST_16BF, (Elem::Bf16, Elem::F32), &a, &b, &c, (m, k, n), false, false, 0.0), Err(Status::CUBLAS_STATUS_NOT_SUPPORTED));
+        assert_eq!(
+            lt_rowmajor(
+                Compute::CUBLAS_COMPUTE_32F_FAST_16BF,
+                (Elem::Bf16, Elem::F32),
+                &a,
+                &b,
+                &c,
+                (m, k, n),
+                false,
+                false,
+                0.0
+            ),
+            Err(Status::CUBLAS_STATUS_NOT_SUPPORTED)
+        );
         // f32 operands into a bf16 D are not a documented combination.
-        assert_eq!(lt_rowmajor(Compute::CUBLAS_COMPUTE_32F, (Elem::F32, Elem::Bf16), &a, &b, &c, (m, k, n), false, false, 0.0), Err(Status::CUBLAS_STATUS_NOT_SUPPORTED));
+        assert_eq!(
+            lt_rowmajor(Compute::CUBLAS_COMPUTE_32F, (Elem::F32, Elem::Bf16), &a, &b, &c, (m, k, n), false, false, 0.0),
+            Err(Status::CUBLAS_STATUS_NOT_SUPPORTED)
+        );
         let mut desc = std::ptr::null_mut();
-        assert_eq!(unsafe { cublasLtMatmulDescCreate(&mut desc, Compute::CUBLAS_COMPUTE_16F, DataType::CUDA_R_32F) }, Status::CUBLAS_STATUS_NOT_SUPPORTED);
+        assert_eq!(
+            unsafe { cublasLtMatmulDescCreate(&mut desc, Compute::CUBLAS_COMPUTE_16F, DataType::CUDA_R_32F) },
+            Status::CUBLAS_STATUS_NOT_SUPPORTED
+        );
         let mut layout = std::ptr::null_mut();
-        assert_eq!(unsafe { cublasLtMatrixLayoutCreate(&mut layout, DataType::CUDA_R_32F, 8, 2, 4) }, Status::CUBLAS_STATUS_INVALID_VALUE, "ld < rows");
+        assert_eq!(
+            unsafe { cublasLtMatrixLayoutCreate(&mut layout, DataType::CUDA_R_32F, 8, 2, 4) },
+            Status::CUBLAS_STATUS_INVALID_VALUE,
+            "ld < rows"
+        );
     }
 
     #[test]

@@ -107,7 +107,9 @@ impl Card {
             CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK => SMEM_DEFAULT_PER_BLOCK,
             CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN => self.smem_optin_per_block,
             CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR => self.smem_per_sm,
-            CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_BLOCK | CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_MULTIPROCESSOR => REGS_PER_BLOCK,
+            CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_BLOCK | CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_MULTIPROCESSOR => {
+                REGS_PER_BLOCK
+            }
             CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR => 2048,
             CU_DEVICE_ATTRIBUTE_WARP_SIZE => 32,
             CU_DEVICE_ATTRIBUTE_TOTAL_CONSTANT_MEMORY => 64 * 1024,
@@ -171,7 +173,9 @@ fn need_context() -> Result<(), CUresult> {
 /// `mpirun -np N` can each take the card of their local rank, as on a multi-GPU node.
 fn gpu_count() -> i32 {
     static COUNT: OnceLock<i32> = OnceLock::new();
-    *COUNT.get_or_init(|| std::env::var("LLAMA_CPT_EMU_GPUS").ok().and_then(|s| s.trim().parse().ok()).filter(|&n| n >= 1).unwrap_or(1))
+    *COUNT.get_or_init(|| {
+        std::env::var("LLAMA_CPT_EMU_GPUS").ok().and_then(|s| s.trim().parse().ok()).filter(|&n| n >= 1).unwrap_or(1)
+    })
 }
 
 fn check_device(dev: CUdevice) -> Result<&'static Card, CUresult> {
@@ -388,7 +392,8 @@ fn describe(e: CUresult) -> &'static str {
 fn static_cstr(text: String) -> *const c_char {
     static STRINGS: OnceLock<Mutex<HashMap<String, &'static CStr>>> = OnceLock::new();
     let mut map = STRINGS.get_or_init(Default::default).lock().unwrap();
-    let s = map.entry(text.clone()).or_insert_with(|| Box::leak(CString::new(text).unwrap_or_default().into_boxed_c_str()));
+    let s =
+        map.entry(text.clone()).or_insert_with(|| Box::leak(CString::new(text).unwrap_or_default().into_boxed_c_str()));
     s.as_ptr()
 }
 
@@ -512,7 +517,12 @@ pub unsafe extern "C" fn cuMemGetInfo_v2(free_bytes: *mut usize, total: *mut usi
 struct HostPtr(usize);
 
 #[no_mangle]
-pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(dst: CUdeviceptr, src: *const c_void, bytes: usize, s: CUstream) -> CUresult {
+pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(
+    dst: CUdeviceptr,
+    src: *const c_void,
+    bytes: usize,
+    s: CUstream,
+) -> CUresult {
     api(|| {
         need_context()?;
         check_range(dst, bytes)?;
@@ -532,7 +542,12 @@ pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(dst: CUdeviceptr, src: *const c_vo
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(dst: *mut c_void, src: CUdeviceptr, bytes: usize, s: CUstream) -> CUresult {
+pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(
+    dst: *mut c_void,
+    src: CUdeviceptr,
+    bytes: usize,
+    s: CUstream,
+) -> CUresult {
     api(|| {
         need_context()?;
         check_range(src, bytes)?;
@@ -822,7 +837,9 @@ pub unsafe extern "C" fn cuFuncGetAttribute(value: *mut c_int, attrib: FuncAttr,
             FuncAttr::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK => max_threads(k, c) as i32,
             FuncAttr::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES => k.static_smem() as i32,
             FuncAttr::CU_FUNC_ATTRIBUTE_NUM_REGS => k.registers(c.sm()).unwrap_or(0) as i32,
-            FuncAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES => func.max_dynamic_smem.load(Ordering::Relaxed) as i32,
+            FuncAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES => {
+                func.max_dynamic_smem.load(Ordering::Relaxed) as i32
+            }
             FuncAttr::CU_FUNC_ATTRIBUTE_PTX_VERSION | FuncAttr::CU_FUNC_ATTRIBUTE_BINARY_VERSION => c.sm() as i32,
             FuncAttr::CU_FUNC_ATTRIBUTE_CONST_SIZE_BYTES | FuncAttr::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES => 0,
             _ => return Err(CUresult::CUDA_ERROR_NOT_SUPPORTED),
@@ -870,7 +887,14 @@ impl KernelLimits {
 
 /// Checks a launch configuration against what the hardware enforces; the driver's error code
 /// and why.
-pub fn check_launch(k: KernelLimits, card: &Card, grid: [u32; 3], block: [u32; 3], dyn_smem: u32, max_dyn_smem: u32) -> Result<(), (CUresult, String)> {
+pub fn check_launch(
+    k: KernelLimits,
+    card: &Card,
+    grid: [u32; 3],
+    block: [u32; 3],
+    dyn_smem: u32,
+    max_dyn_smem: u32,
+) -> Result<(), (CUresult, String)> {
     let invalid = |why: String| Err((CUresult::CUDA_ERROR_INVALID_VALUE, why));
     if grid.contains(&0) || block.contains(&0) {
         return invalid(format!("grid {grid:?} or block {block:?} has a zero dimension"));
@@ -974,7 +998,14 @@ pub unsafe extern "C" fn cuLaunchKernel(
         let c = card()?;
         let k = func.kernel;
         let (grid, block) = ([gx, gy, gz], [bx, by, bz]);
-        if let Err((code, why)) = check_launch(KernelLimits::of(k, c), c, grid, block, dyn_smem, func.max_dynamic_smem.load(Ordering::Relaxed)) {
+        if let Err((code, why)) = check_launch(
+            KernelLimits::of(k, c),
+            c,
+            grid,
+            block,
+            dyn_smem,
+            func.max_dynamic_smem.load(Ordering::Relaxed),
+        ) {
             eprintln!("emulated CUDA: launch of {} refused: {why}", k.name());
             return Err(code);
         }
@@ -1069,10 +1100,13 @@ mod tests {
         let mut p = 0;
         assert_eq!(unsafe { cuMemAlloc_v2(&mut p, 4) }, CUresult::CUDA_SUCCESS);
         // Hold the stream busy so the copy runs after the source was overwritten.
-        stream::enqueue(s, Box::new(|| {
-            std::thread::sleep(std::time::Duration::from_millis(30));
-            Ok(())
-        }))
+        stream::enqueue(
+            s,
+            Box::new(|| {
+                std::thread::sleep(std::time::Duration::from_millis(30));
+                Ok(())
+            }),
+        )
         .unwrap();
         let mut src = 7u32;
         assert_eq!(unsafe { cuMemcpyHtoDAsync_v2(p, (&src as *const u32).cast(), 4, s) }, CUresult::CUDA_SUCCESS);
@@ -1088,7 +1122,10 @@ mod tests {
     #[test]
     fn error_names_are_the_enum_names() {
         let mut s: *const c_char = std::ptr::null();
-        assert_eq!(unsafe { cuGetErrorName(CUresult::CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES, &mut s) }, CUresult::CUDA_SUCCESS);
+        assert_eq!(
+            unsafe { cuGetErrorName(CUresult::CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES, &mut s) },
+            CUresult::CUDA_SUCCESS
+        );
         assert_eq!(unsafe { CStr::from_ptr(s) }.to_str().unwrap(), "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES");
     }
 
@@ -1103,9 +1140,24 @@ mod tests {
         let name = CString::new("attn_fwd_d128_f32").unwrap();
         assert_eq!(unsafe { cuModuleGetFunction(&mut f, module, name.as_ptr()) }, CUresult::CUDA_SUCCESS);
         let missing = CString::new("no_such_kernel").unwrap();
-        assert_eq!(unsafe { cuModuleGetFunction(&mut std::ptr::null_mut(), module, missing.as_ptr()) }, CUresult::CUDA_ERROR_NOT_FOUND);
+        assert_eq!(
+            unsafe { cuModuleGetFunction(&mut std::ptr::null_mut(), module, missing.as_ptr()) },
+            CUresult::CUDA_ERROR_NOT_FOUND
+        );
         let launch = |grid: [u32; 3], block: [u32; 3], smem: u32| unsafe {
-            cuLaunchKernel(f, grid[0], grid[1], grid[2], block[0], block[1], block[2], smem, std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut())
+            cuLaunchKernel(
+                f,
+                grid[0],
+                grid[1],
+                grid[2],
+                block[0],
+                block[1],
+                block[2],
+                smem,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
         };
         let invalid = CUresult::CUDA_ERROR_INVALID_VALUE;
         // Every one of these is refused before any argument is read.
@@ -1117,11 +1169,20 @@ mod tests {
         // Dynamic shared memory: 48 KiB minus the static part without opting in, then up to the
         // card's 227 KiB minus the static part.
         let mut stat = 0;
-        assert_eq!(unsafe { cuFuncGetAttribute(&mut stat, FuncAttr::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, f) }, CUresult::CUDA_SUCCESS);
+        assert_eq!(
+            unsafe { cuFuncGetAttribute(&mut stat, FuncAttr::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, f) },
+            CUresult::CUDA_SUCCESS
+        );
         assert_eq!(launch([1, 1, 1], [128, 1, 1], (SMEM_DEFAULT_PER_BLOCK - stat + 1) as u32), invalid);
         let optin = 227 * 1024 - stat;
-        assert_eq!(cuFuncSetAttribute(f, FuncAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, optin + 1), invalid);
-        assert_eq!(cuFuncSetAttribute(f, FuncAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, optin), CUresult::CUDA_SUCCESS);
+        assert_eq!(
+            cuFuncSetAttribute(f, FuncAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, optin + 1),
+            invalid
+        );
+        assert_eq!(
+            cuFuncSetAttribute(f, FuncAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, optin),
+            CUresult::CUDA_SUCCESS
+        );
         assert_eq!(launch([1, 1, 1], [128, 1, 1], (optin + 1) as u32), invalid);
         assert_eq!(cuModuleUnload(module), CUresult::CUDA_SUCCESS);
     }
@@ -1133,10 +1194,16 @@ mod tests {
         let one = [1, 1, 1];
         // 64 registers × 1024 threads = 65,536: fits exactly; 65 registers are allocated as 72.
         assert!(check_launch(limits(64), &card, one, [1024, 1, 1], 0, 0).is_ok());
-        assert_eq!(check_launch(limits(65), &card, one, [1024, 1, 1], 0, 0).unwrap_err().0, CUresult::CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES);
+        assert_eq!(
+            check_launch(limits(65), &card, one, [1024, 1, 1], 0, 0).unwrap_err().0,
+            CUresult::CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES
+        );
         // 255 registers (the most ptxas gives): 8 warps fit, 9 do not.
         assert!(check_launch(limits(255), &card, one, [256, 1, 1], 0, 0).is_ok());
-        assert_eq!(check_launch(limits(255), &card, one, [257, 1, 1], 0, 0).unwrap_err().0, CUresult::CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES);
+        assert_eq!(
+            check_launch(limits(255), &card, one, [257, 1, 1], 0, 0).unwrap_err().0,
+            CUresult::CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES
+        );
         // ptxas allocates registers within a kernel's __launch_bounds__, so every kernel that has
         // them fits its bound on both cards (a check of the register counts the build parsed).
         for card in [Card::h100(), Card::a100()] {

@@ -29,7 +29,13 @@ mod ffi {
             errlen: usize,
         ) -> c_int;
         pub fn lcpt_emu_test_mma(d: *mut f32, a: *const u32, b: *const u32, err: *mut c_char, errlen: usize) -> c_int;
-        pub fn lcpt_emu_self_test(which: *const c_char, threads: u32, out: *mut f32, err: *mut c_char, errlen: usize) -> c_int;
+        pub fn lcpt_emu_self_test(
+            which: *const c_char,
+            threads: u32,
+            out: *mut f32,
+            err: *mut c_char,
+            errlen: usize,
+        ) -> c_int;
     }
 }
 
@@ -96,12 +102,22 @@ impl Kernel {
     /// # Safety
     /// `params` must hold one pointer per kernel parameter, each to a value of that parameter's
     /// type, and every device pointer among them must be valid for what the kernel accesses.
-    pub unsafe fn launch(self, grid: [u32; 3], block: [u32; 3], dyn_smem: u32, params: &mut [*mut c_void]) -> Result<(), LaunchError> {
+    pub unsafe fn launch(
+        self,
+        grid: [u32; 3],
+        block: [u32; 3],
+        dyn_smem: u32,
+        params: &mut [*mut c_void],
+    ) -> Result<(), LaunchError> {
         let expected = unsafe { ffi::lcpt_emu_kernel_param_count(self.0) };
         if params.len() != expected as usize {
             return Err(LaunchError {
                 code: 1, // CUDA_ERROR_INVALID_VALUE
-                message: format!("kernel {}: {} parameters given, its signature has {expected}", self.name(), params.len()),
+                message: format!(
+                    "kernel {}: {} parameters given, its signature has {expected}",
+                    self.name(),
+                    params.len()
+                ),
             });
         }
         let mut err = [0 as c_char; 1024];

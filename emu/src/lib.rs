@@ -6,8 +6,8 @@
 //! `libnccl.so` in one folder on `LD_LIBRARY_PATH`; the dynamic loader maps one file once, so the
 //! three libraries share this crate's state. "Device" memory is host memory: a `CUdeviceptr` is a
 //! host address. Kernels are llama-cpt's own `cuda/*.cu`, compiled for the host (emu/cxx/).
-pub mod stream;
-pub mod kernels;
-pub mod driver;
 pub mod blaslt;
+pub mod driver;
+pub mod kernels;
 pub mod nccl;
+pub mod stream;

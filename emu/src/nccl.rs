@@ -88,7 +88,9 @@ impl Drop for Segment {
 
 impl Segment {
     fn map(fd: c_int, len: usize) -> std::io::Result<Segment> {
-        let base = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0) };
+        let base = unsafe {
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
+        };
         if base == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
@@ -199,15 +201,34 @@ arith!(float: f32, f64; int: i8, u8, i32, u32, i64, u64);
 ///
 /// # Safety
 /// Both pointers must be valid for `len` elements (element-aligned or not).
-unsafe fn combine_as<T: Copy, W: Arith>(dst: *mut u8, src: *const u8, len: usize, op: Reduce, widen: impl Fn(T) -> W, narrow: impl Fn(W) -> T) {
+unsafe fn combine_as<T: Copy, W: Arith>(
+    dst: *mut u8,
+    src: *const u8,
+    len: usize,
+    op: Reduce,
+    widen: impl Fn(T) -> W,
+    narrow: impl Fn(W) -> T,
+) {
     let (d, s) = (dst as *mut T, src as *const T);
     for i in 0..len {
         let (a, b) = (widen(d.add(i).read_unaligned()), widen(s.add(i).read_unaligned()));
         let r = match op {
             Reduce::Sum => a.add(b),
             Reduce::Prod => a.mul(b),
-            Reduce::Max => if b > a { b } else { a },
-            Reduce::Min => if b < a { b } else { a },
+            Reduce::Max => {
+                if b > a {
+                    b
+                } else {
+                    a
+                }
+            }
+            Reduce::Min => {
+                if b < a {
+                    b
+                } else {
+                    a
+                }
+            }
         };
         d.add(i).write_unaligned(narrow(r));
     }
@@ -288,7 +309,11 @@ pub struct Comm {
 
 /// The backstop that bounds every wait, whatever the caller does.
 fn backstop() -> Duration {
-    let secs = std::env::var("LLAMA_CPT_EMU_NCCL_TIMEOUT_S").ok().and_then(|s| s.trim().parse::<f64>().ok()).filter(|s| *s > 0.0).unwrap_or(900.0);
+    let secs = std::env::var("LLAMA_CPT_EMU_NCCL_TIMEOUT_S")
+        .ok()
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|s| *s > 0.0)
+        .unwrap_or(900.0);
     Duration::from_secs_f64(secs)
 }
 
@@ -308,13 +333,17 @@ fn alive(pid: i32) -> bool {
     }
     // "pid (comm) S ...": the state follows the last ')'.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()).is_none_or(|s| s != 'Z' && s != 'X'),
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_none_or(|s| s != 'Z' && s != 'X'),
         Err(_) => true, // no /proc: trust kill()
     }
 }
 
 fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
-    let ts = libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos() as libc::c_long };
+    let ts =
+        libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos() as libc::c_long };
     // Shared (not FUTEX_PRIVATE): the word lives in memory mapped by several processes.
     unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT, expected, &ts as *const libc::timespec) };
 }
@@ -380,7 +409,11 @@ impl Comm {
     /// that this rank failed (they stop waiting for it with `ncclRemoteError`).
     fn fail(&self, f: &Failure) {
         let healthy = |s: u32| s == ncclResult_t::ncclSuccess as u32 || s == ncclResult_t::ncclInProgress as u32;
-        if self.status.fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| healthy(s).then_some(f.code as u32)).is_err() {
+        if self
+            .status
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| healthy(s).then_some(f.code as u32))
+            .is_err()
+        {
             return; // the first error stays
         }
         let message = format!("emulated NCCL, rank {} of {}: {}", self.rank, self.nranks, f.message);
@@ -412,7 +445,12 @@ impl Comm {
         if let Some(seg) = seg {
             let h = seg.header();
             // A dead rank first: when one dies, another may fail before us, and the death is the cause.
-            let exited = |r: usize| failure(ncclResult_t::ncclRemoteError, format!("{what}: rank {r} (pid {}) has exited", h.pids[r].load(Ordering::Acquire)));
+            let exited = |r: usize| {
+                failure(
+                    ncclResult_t::ncclRemoteError,
+                    format!("{what}: rank {r} (pid {}) has exited", h.pids[r].load(Ordering::Acquire)),
+                )
+            };
             let dead = h.dead.load(Ordering::Acquire);
             if dead != 0 {
                 return Err(exited(dead as usize - 1));
@@ -429,11 +467,20 @@ impl Comm {
             }
             let failed = h.failed.load(Ordering::Acquire);
             if failed != 0 && failed as usize != self.rank + 1 {
-                return Err(failure(ncclResult_t::ncclRemoteError, format!("{what}: rank {} aborted its communicator or failed", failed - 1)));
+                return Err(failure(
+                    ncclResult_t::ncclRemoteError,
+                    format!("{what}: rank {} aborted its communicator or failed", failed - 1),
+                ));
             }
         }
         if since.elapsed() > self.backstop {
-            return Err(failure(ncclResult_t::ncclTimeout, format!("{what}: no progress for {:.0} s (the emulator's backstop, LLAMA_CPT_EMU_NCCL_TIMEOUT_S)", self.backstop.as_secs_f64())));
+            return Err(failure(
+                ncclResult_t::ncclTimeout,
+                format!(
+                    "{what}: no progress for {:.0} s (the emulator's backstop, LLAMA_CPT_EMU_NCCL_TIMEOUT_S)",
+                    self.backstop.as_secs_f64()
+                ),
+            ));
         }
         Ok(())
     }
@@ -474,13 +521,19 @@ impl Comm {
         let what = format!("init ({} ranks, {})", self.nranks, name.to_string_lossy());
         let len = segment_len(self.nranks);
         let since = Instant::now();
-        let sys = |e: std::io::Error, doing: &str| failure(ncclResult_t::ncclSystemError, format!("{what}: {doing} /dev/shm{}: {e}", name.to_string_lossy()));
+        let sys = |e: std::io::Error, doing: &str| {
+            failure(ncclResult_t::ncclSystemError, format!("{what}: {doing} /dev/shm{}: {e}", name.to_string_lossy()))
+        };
         let seg = if self.rank == 0 {
             let fd = unsafe { libc::shm_open(name.as_ptr(), libc::O_CREAT | libc::O_EXCL | libc::O_RDWR, 0o600) };
             if fd < 0 {
                 return Err(sys(std::io::Error::last_os_error(), "creating"));
             }
-            let seg = if unsafe { libc::ftruncate(fd, len as libc::off_t) } != 0 { Err(std::io::Error::last_os_error()) } else { Segment::map(fd, len) };
+            let seg = if unsafe { libc::ftruncate(fd, len as libc::off_t) } != 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Segment::map(fd, len)
+            };
             unsafe { libc::close(fd) };
             let seg = seg.map_err(|e| sys(e, "sizing and mapping"))?;
             seg.header().nranks.store(self.nranks as u32, Ordering::Relaxed);
@@ -509,7 +562,10 @@ impl Comm {
         let h = seg.header();
         let made_for = h.nranks.load(Ordering::Relaxed) as usize;
         if made_for != self.nranks {
-            return Err(failure(ncclResult_t::ncclInvalidUsage, format!("{what}: rank 0 created the communicator for {made_for} ranks")));
+            return Err(failure(
+                ncclResult_t::ncclInvalidUsage,
+                format!("{what}: rank 0 created the communicator for {made_for} ranks"),
+            ));
         }
         if h.pids[self.rank].swap(std::process::id() as i32, Ordering::AcqRel) != 0 {
             return Err(failure(ncclResult_t::ncclInvalidUsage, format!("{what}: rank {} attached twice", self.rank)));
@@ -531,10 +587,13 @@ impl Comm {
         let _one = self.running.lock().unwrap_or_else(|e| e.into_inner());
         let seq = self.issued.fetch_add(1, Ordering::Relaxed) + 1;
         let what = format!("{} #{seq} of {} × {:?}", op.kind.name(), op.count, op.elem);
-        let seg = self.segment.get().ok_or_else(|| failure(ncclResult_t::ncclInvalidUsage, format!("{what}: the communicator is not initialised")))?;
+        let seg = self.segment.get().ok_or_else(|| {
+            failure(ncclResult_t::ncclInvalidUsage, format!("{what}: the communicator is not initialised"))
+        })?;
         self.check(Some(seg), &what, Instant::now())?;
         let (n, me, es) = (self.nranks, self.rank, op.elem.size());
-        let copy = |dst: *mut u8, src: *const u8, elems: usize| unsafe { std::ptr::copy_nonoverlapping(src, dst, elems * es) };
+        let copy =
+            |dst: *mut u8, src: *const u8, elems: usize| unsafe { std::ptr::copy_nonoverlapping(src, dst, elems * es) };
         let send = |i: usize| (op.send + i * es) as *const u8;
         let recv = |i: usize| (op.recv + i * es) as *mut u8;
         // Output = slot 0, then ∘ slot 1, ∘ slot 2, ... : rank order, the same on every rank.
@@ -603,9 +662,17 @@ pub fn init(id: &ncclUniqueId, nranks: usize, rank: usize) -> Result<Arc<Comm>, 
 }
 
 fn prepare(id: &ncclUniqueId, nranks: usize, rank: usize) -> Result<(Arc<Comm>, CString), Failure> {
-    let name = id_name(id).ok_or_else(|| failure(ncclResult_t::ncclInvalidArgument, "ncclCommInitRank: the unique id was not made by this library's ncclGetUniqueId"))?;
+    let name = id_name(id).ok_or_else(|| {
+        failure(
+            ncclResult_t::ncclInvalidArgument,
+            "ncclCommInitRank: the unique id was not made by this library's ncclGetUniqueId",
+        )
+    })?;
     if nranks == 0 || nranks > MAX_RANKS || rank >= nranks {
-        return Err(failure(ncclResult_t::ncclInvalidArgument, format!("ncclCommInitRank: rank {rank} of {nranks} ranks (at most {MAX_RANKS})")));
+        return Err(failure(
+            ncclResult_t::ncclInvalidArgument,
+            format!("ncclCommInitRank: rank {rank} of {nranks} ranks (at most {MAX_RANKS})"),
+        ));
     }
     Ok((Arc::new(Comm::new(rank, nranks)), name))
 }
@@ -613,7 +680,12 @@ fn prepare(id: &ncclUniqueId, nranks: usize, rank: usize) -> Result<(Arc<Comm>, 
 fn finish_init(comm: &Comm, name: &CStr) {
     match comm.attach(name) {
         Ok(()) => {
-            let _ = comm.status.compare_exchange(ncclResult_t::ncclInProgress as u32, ncclResult_t::ncclSuccess as u32, Ordering::AcqRel, Ordering::Acquire);
+            let _ = comm.status.compare_exchange(
+                ncclResult_t::ncclInProgress as u32,
+                ncclResult_t::ncclSuccess as u32,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
         }
         Err(f) => comm.fail(&f),
     }
@@ -653,9 +725,18 @@ pub unsafe extern "C" fn ncclGetUniqueId(id: *mut ncclUniqueId) -> ncclResult_t 
     ncclResult_t::ncclSuccess
 }
 
-unsafe fn init_rank(comm: *mut ncclComm_t, nranks: c_int, id: ncclUniqueId, rank: c_int, blocking: bool) -> ncclResult_t {
+unsafe fn init_rank(
+    comm: *mut ncclComm_t,
+    nranks: c_int,
+    id: ncclUniqueId,
+    rank: c_int,
+    blocking: bool,
+) -> ncclResult_t {
     if comm.is_null() || nranks < 1 || rank < 0 {
-        return report(failure(ncclResult_t::ncclInvalidArgument, format!("ncclCommInitRank: rank {rank} of {nranks}, communicator pointer {comm:?}")));
+        return report(failure(
+            ncclResult_t::ncclInvalidArgument,
+            format!("ncclCommInitRank: rank {rank} of {nranks}, communicator pointer {comm:?}"),
+        ));
     }
     let (c, name) = match prepare(&id, nranks as usize, rank as usize) {
         Ok(v) => v,
@@ -669,20 +750,39 @@ unsafe fn init_rank(comm: *mut ncclComm_t, nranks: c_int, id: ncclUniqueId, rank
     let spawned = std::thread::Builder::new().name(format!("nccl-init-{rank}")).spawn(move || finish_init(&c, &name));
     match spawned {
         Ok(_) => ncclResult_t::ncclInProgress,
-        Err(e) => report(failure(ncclResult_t::ncclSystemError, format!("ncclCommInitRankConfig: starting the init thread: {e}"))),
+        Err(e) => report(failure(
+            ncclResult_t::ncclSystemError,
+            format!("ncclCommInitRankConfig: starting the init thread: {e}"),
+        )),
     }
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn ncclCommInitRank(comm: *mut ncclComm_t, nranks: c_int, id: ncclUniqueId, rank: c_int) -> ncclResult_t {
+pub unsafe extern "C" fn ncclCommInitRank(
+    comm: *mut ncclComm_t,
+    nranks: c_int,
+    id: ncclUniqueId,
+    rank: c_int,
+) -> ncclResult_t {
     init_rank(comm, nranks, id, rank, true)
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn ncclCommInitRankConfig(comm: *mut ncclComm_t, nranks: c_int, id: ncclUniqueId, rank: c_int, config: *mut ncclConfig_t) -> ncclResult_t {
+pub unsafe extern "C" fn ncclCommInitRankConfig(
+    comm: *mut ncclComm_t,
+    nranks: c_int,
+    id: ncclUniqueId,
+    rank: c_int,
+    config: *mut ncclConfig_t,
+) -> ncclResult_t {
     let blocking = match config.as_ref() {
         None => true,
-        Some(c) if c.magic != CONFIG_MAGIC => return report(failure(ncclResult_t::ncclInvalidArgument, "ncclCommInitRankConfig: the config was not set up by NCCL_CONFIG_INITIALIZER (wrong magic)")),
+        Some(c) if c.magic != CONFIG_MAGIC => {
+            return report(failure(
+                ncclResult_t::ncclInvalidArgument,
+                "ncclCommInitRankConfig: the config was not set up by NCCL_CONFIG_INITIALIZER (wrong magic)",
+            ))
+        }
         Some(c) => c.blocking == CONFIG_UNDEF_INT || c.blocking != 0,
     };
     init_rank(comm, nranks, id, rank, blocking)
@@ -797,7 +897,17 @@ pub extern "C" fn ncclGroupEnd() -> ncclResult_t {
 
 /// Validates a collective's arguments and queues it on `stream`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn enqueue(comm: ncclComm_t, kind: Kind, send: *const c_void, recv: *mut c_void, count: usize, datatype: u32, op: u32, root: c_int, stream: *mut c_void) -> ncclResult_t {
+unsafe fn enqueue(
+    comm: ncclComm_t,
+    kind: Kind,
+    send: *const c_void,
+    recv: *mut c_void,
+    count: usize,
+    datatype: u32,
+    op: u32,
+    root: c_int,
+    stream: *mut c_void,
+) -> ncclResult_t {
     let call = kind.name();
     if comm.is_null() {
         return report(failure(ncclResult_t::ncclInvalidArgument, format!("{call}: null communicator")));
@@ -805,17 +915,31 @@ unsafe fn enqueue(comm: ncclComm_t, kind: Kind, send: *const c_void, recv: *mut 
     let c = comm_ref(comm).unwrap();
     match c.status() {
         ncclResult_t::ncclSuccess => {}
-        ncclResult_t::ncclInProgress => return report(failure(ncclResult_t::ncclInvalidUsage, format!("{call}: the communicator's non-blocking init has not completed"))),
+        ncclResult_t::ncclInProgress => {
+            return report(failure(
+                ncclResult_t::ncclInvalidUsage,
+                format!("{call}: the communicator's non-blocking init has not completed"),
+            ))
+        }
         code => return code,
     }
     let Some(elem) = Elem::from_nccl(datatype) else {
-        return report(failure(ncclResult_t::ncclInvalidArgument, format!("{call}: data type {datatype} is not supported by the emulator")));
+        return report(failure(
+            ncclResult_t::ncclInvalidArgument,
+            format!("{call}: data type {datatype} is not supported by the emulator"),
+        ));
     };
     let Some(reduce) = Reduce::from_nccl(op) else {
-        return report(failure(ncclResult_t::ncclInvalidArgument, format!("{call}: reduction {op} is not supported by the emulator")));
+        return report(failure(
+            ncclResult_t::ncclInvalidArgument,
+            format!("{call}: reduction {op} is not supported by the emulator"),
+        ));
     };
     if root < 0 || root as usize >= c.nranks {
-        return report(failure(ncclResult_t::ncclInvalidArgument, format!("{call}: root {root} of {} ranks", c.nranks)));
+        return report(failure(
+            ncclResult_t::ncclInvalidArgument,
+            format!("{call}: root {root} of {} ranks", c.nranks),
+        ));
     }
     if count > 0 && (recv.is_null() || (send.is_null() && !(kind == Kind::Broadcast && root as usize != c.rank))) {
         return report(failure(ncclResult_t::ncclInvalidArgument, format!("{call}: null buffer")));
@@ -839,27 +963,60 @@ unsafe fn enqueue(comm: ncclComm_t, kind: Kind, send: *const c_void, recv: *mut 
     });
     match stream::enqueue(stream as CUstream, job) {
         Ok(()) => ncclResult_t::ncclSuccess,
-        Err(e) => report(failure(ncclResult_t::ncclUnhandledCudaError, format!("{call}: queueing on the stream: {e:?}"))),
+        Err(e) => {
+            report(failure(ncclResult_t::ncclUnhandledCudaError, format!("{call}: queueing on the stream: {e:?}")))
+        }
     }
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn ncclAllReduce(send: *const c_void, recv: *mut c_void, count: usize, datatype: u32, op: u32, comm: ncclComm_t, stream: *mut c_void) -> ncclResult_t {
+pub unsafe extern "C" fn ncclAllReduce(
+    send: *const c_void,
+    recv: *mut c_void,
+    count: usize,
+    datatype: u32,
+    op: u32,
+    comm: ncclComm_t,
+    stream: *mut c_void,
+) -> ncclResult_t {
     enqueue(comm, Kind::AllReduce, send, recv, count, datatype, op, 0, stream)
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn ncclReduceScatter(send: *const c_void, recv: *mut c_void, recvcount: usize, datatype: u32, op: u32, comm: ncclComm_t, stream: *mut c_void) -> ncclResult_t {
+pub unsafe extern "C" fn ncclReduceScatter(
+    send: *const c_void,
+    recv: *mut c_void,
+    recvcount: usize,
+    datatype: u32,
+    op: u32,
+    comm: ncclComm_t,
+    stream: *mut c_void,
+) -> ncclResult_t {
     enqueue(comm, Kind::ReduceScatter, send, recv, recvcount, datatype, op, 0, stream)
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn ncclAllGather(send: *const c_void, recv: *mut c_void, sendcount: usize, datatype: u32, comm: ncclComm_t, stream: *mut c_void) -> ncclResult_t {
+pub unsafe extern "C" fn ncclAllGather(
+    send: *const c_void,
+    recv: *mut c_void,
+    sendcount: usize,
+    datatype: u32,
+    comm: ncclComm_t,
+    stream: *mut c_void,
+) -> ncclResult_t {
     enqueue(comm, Kind::AllGather, send, recv, sendcount, datatype, 0, 0, stream)
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn ncclBroadcast(send: *const c_void, recv: *mut c_void, count: usize, datatype: u32, root: c_int, comm: ncclComm_t, stream: *mut c_void) -> ncclResult_t {
+pub unsafe extern "C" fn ncclBroadcast(
+    send: *const c_void,
+    recv: *mut c_void,
+    count: usize,
+    datatype: u32,
+    root: c_int,
+    comm: ncclComm_t,
+    stream: *mut c_void,
+) -> ncclResult_t {
     enqueue(comm, Kind::Broadcast, send, recv, count, datatype, 0, root, stream)
 }
 
@@ -884,7 +1041,15 @@ mod tests {
     }
 
     fn op(kind: Kind, send: &[f32], recv: &mut [f32], count: usize) -> Op {
-        Op { kind, send: send.as_ptr() as usize, recv: recv.as_mut_ptr() as usize, count, elem: Elem::F32, reduce: Reduce::Sum, root: 0 }
+        Op {
+            kind,
+            send: send.as_ptr() as usize,
+            recv: recv.as_mut_ptr() as usize,
+            count,
+            elem: Elem::F32,
+            reduce: Reduce::Sum,
+            root: 0,
+        }
     }
 
     /// Distinct values per rank and index whose f32 sums depend on the order of addition.
@@ -926,10 +1091,19 @@ mod tests {
         let want = rank_order_sum(n, len);
         let k = len / n;
         for (r, (sum, part, gathered, from_root, inplace)) in results.iter().enumerate() {
-            assert!(sum.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "rank {r}: all-reduce is not the rank-order sum");
+            assert!(
+                sum.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "rank {r}: all-reduce is not the rank-order sum"
+            );
             assert_eq!(inplace, sum, "rank {r}: in-place all-reduce");
-            assert!(part.iter().zip(&want[r * k..]).all(|(a, b)| a.to_bits() == b.to_bits()), "rank {r}: reduce-scatter part");
-            assert!(gathered.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "rank {r}: all-gather of the parts");
+            assert!(
+                part.iter().zip(&want[r * k..]).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "rank {r}: reduce-scatter part"
+            );
+            assert!(
+                gathered.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "rank {r}: all-gather of the parts"
+            );
             assert_eq!(from_root, &data(0, len), "rank {r}: broadcast from rank 0");
         }
     }
@@ -938,16 +1112,40 @@ mod tests {
     fn bf16_sums_round_after_each_rank_and_other_types_reduce() {
         let n = 3;
         let results = ranks(n, move |r, comm| {
-            let mine: Vec<bf16> = (0..1000).map(|i| bf16::from_f32(1.0 + (i as f32) * 0.37 + r as f32 * 0.011)).collect();
+            let mine: Vec<bf16> =
+                (0..1000).map(|i| bf16::from_f32(1.0 + (i as f32) * 0.37 + r as f32 * 0.011)).collect();
             let mut out = vec![bf16::ZERO; 1000];
-            let o = Op { kind: Kind::AllReduce, send: mine.as_ptr() as usize, recv: out.as_mut_ptr() as usize, count: 1000, elem: Elem::Bf16, reduce: Reduce::Sum, root: 0 };
+            let o = Op {
+                kind: Kind::AllReduce,
+                send: mine.as_ptr() as usize,
+                recv: out.as_mut_ptr() as usize,
+                count: 1000,
+                elem: Elem::Bf16,
+                reduce: Reduce::Sum,
+                root: 0,
+            };
             comm.run(&o).unwrap();
             let ints = [r as i64 - 5, 1 << 40];
             let mut max = [0i64; 2];
-            comm.run(&Op { elem: Elem::I64, reduce: Reduce::Max, send: ints.as_ptr() as usize, recv: max.as_mut_ptr() as usize, count: 2, ..o }).unwrap();
+            comm.run(&Op {
+                elem: Elem::I64,
+                reduce: Reduce::Max,
+                send: ints.as_ptr() as usize,
+                recv: max.as_mut_ptr() as usize,
+                count: 2,
+                ..o
+            })
+            .unwrap();
             let scalars = [0.1f64 * (r + 1) as f64];
             let mut total = [0f64];
-            comm.run(&Op { elem: Elem::F64, send: scalars.as_ptr() as usize, recv: total.as_mut_ptr() as usize, count: 1, ..o }).unwrap();
+            comm.run(&Op {
+                elem: Elem::F64,
+                send: scalars.as_ptr() as usize,
+                recv: total.as_mut_ptr() as usize,
+                count: 1,
+                ..o
+            })
+            .unwrap();
             (out, max, total)
         });
         for (out, max, total) in &results {
@@ -1002,7 +1200,10 @@ mod tests {
             .map(|r| {
                 let mut comm: ncclComm_t = std::ptr::null_mut();
                 let mut cfg = config();
-                assert_eq!(unsafe { ncclCommInitRankConfig(&mut comm, 2, id, r, &mut cfg) }, ncclResult_t::ncclInProgress);
+                assert_eq!(
+                    unsafe { ncclCommInitRankConfig(&mut comm, 2, id, r, &mut cfg) },
+                    ncclResult_t::ncclInProgress
+                );
                 comm as usize
             })
             .collect();
@@ -1041,8 +1242,14 @@ mod tests {
             let mut z = vec![0f32; 10000];
             unsafe {
                 // The all-gather reads what the all-reduce wrote: only stream order makes it right.
-                assert_eq!(ncclAllReduce(x.as_ptr() as _, y.as_mut_ptr() as _, 5000, 7, 0, comm, s as _), ncclResult_t::ncclSuccess);
-                assert_eq!(ncclAllGather(y.as_ptr() as _, z.as_mut_ptr() as _, 5000, 7, comm, s as _), ncclResult_t::ncclSuccess);
+                assert_eq!(
+                    ncclAllReduce(x.as_ptr() as _, y.as_mut_ptr() as _, 5000, 7, 0, comm, s as _),
+                    ncclResult_t::ncclSuccess
+                );
+                assert_eq!(
+                    ncclAllGather(y.as_ptr() as _, z.as_mut_ptr() as _, 5000, 7, comm, s as _),
+                    ncclResult_t::ncclSuccess
+                );
             }
             stream::synchronize(s).unwrap();
             (comm as usize, s as usize, y, z)
@@ -1056,7 +1263,10 @@ mod tests {
         // Rank 1 aborts; rank 0's next collective fails without poisoning its stream.
         assert_eq!(unsafe { ncclCommAbort(c1 as ncclComm_t) }, ncclResult_t::ncclSuccess);
         let (c0, s0) = (c0 as ncclComm_t, s0 as CUstream);
-        assert_eq!(unsafe { ncclAllReduce(y.as_ptr() as _, z.as_mut_ptr() as _, 5000, 7, 0, c0, s0 as _) }, ncclResult_t::ncclSuccess);
+        assert_eq!(
+            unsafe { ncclAllReduce(y.as_ptr() as _, z.as_mut_ptr() as _, 5000, 7, 0, c0, s0 as _) },
+            ncclResult_t::ncclSuccess
+        );
         stream::synchronize(s0).unwrap();
         let mut state = ncclResult_t::ncclSuccess;
         assert_eq!(unsafe { ncclCommGetAsyncError(c0, &mut state) }, ncclResult_t::ncclSuccess);
@@ -1064,7 +1274,10 @@ mod tests {
         let last = unsafe { CStr::from_ptr(ncclGetLastError(c0)) }.to_string_lossy().into_owned();
         assert!(last.contains("rank 1 aborted"), "{last}");
         // Later calls report the error at once.
-        assert_eq!(unsafe { ncclAllReduce(y.as_ptr() as _, z.as_mut_ptr() as _, 5000, 7, 0, c0, s0 as _) }, ncclResult_t::ncclRemoteError);
+        assert_eq!(
+            unsafe { ncclAllReduce(y.as_ptr() as _, z.as_mut_ptr() as _, 5000, 7, 0, c0, s0 as _) },
+            ncclResult_t::ncclRemoteError
+        );
         assert_eq!(unsafe { ncclCommDestroy(c0) }, ncclResult_t::ncclSuccess);
     }
 

@@ -56,7 +56,11 @@ pub struct Stream {
 fn job_delay() -> Option<Duration> {
     static DELAY: OnceLock<Option<Duration>> = OnceLock::new();
     *DELAY.get_or_init(|| {
-        std::env::var("LLAMA_CPT_EMU_JOB_DELAY_US").ok().and_then(|v| v.parse::<u64>().ok()).filter(|&us| us > 0).map(Duration::from_micros)
+        std::env::var("LLAMA_CPT_EMU_JOB_DELAY_US")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|&us| us > 0)
+            .map(Duration::from_micros)
     })
 }
 
@@ -126,7 +130,8 @@ fn run_worker(inner: &Inner) {
             // A panicking job (an emulator bug) must not take the worker down with the queue
             // half-drained: it becomes the stream's error.
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(queued.job)).unwrap_or_else(|p| {
-                let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
+                let msg =
+                    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
                 eprintln!("emulated CUDA: a stream job panicked: {}", msg.unwrap_or_default());
                 Err(CUresult::CUDA_ERROR_UNKNOWN)
             })
@@ -355,10 +360,17 @@ mod tests {
         let log = Arc::new(Mutex::new(Vec::new()));
         for i in 0..5 {
             let log = log.clone();
-            enqueue(s, Box::new(move || {
-                log.lock().unwrap().push(i);
-                if i == 2 { Err(CUresult::CUDA_ERROR_LAUNCH_FAILED) } else { Ok(()) }
-            }))
+            enqueue(
+                s,
+                Box::new(move || {
+                    log.lock().unwrap().push(i);
+                    if i == 2 {
+                        Err(CUresult::CUDA_ERROR_LAUNCH_FAILED)
+                    } else {
+                        Ok(())
+                    }
+                }),
+            )
             .unwrap();
         }
         assert_eq!(synchronize(s), Err(CUresult::CUDA_ERROR_LAUNCH_FAILED));
@@ -377,21 +389,27 @@ mod tests {
             let cell = Arc::new(AtomicU32::new(0));
             let seen = Arc::new(AtomicU32::new(99));
             let w = cell.clone();
-            enqueue(p, Box::new(move || {
-                std::thread::sleep(Duration::from_millis(50));
-                w.store(1, Ordering::SeqCst);
-                Ok(())
-            }))
+            enqueue(
+                p,
+                Box::new(move || {
+                    std::thread::sleep(Duration::from_millis(50));
+                    w.store(1, Ordering::SeqCst);
+                    Ok(())
+                }),
+            )
             .unwrap();
             event_record(e, p).unwrap();
             if with_wait {
                 stream_wait_event(c, e).unwrap();
             }
             let (r, out) = (cell.clone(), seen.clone());
-            enqueue(c, Box::new(move || {
-                out.store(r.load(Ordering::SeqCst), Ordering::SeqCst);
-                Ok(())
-            }))
+            enqueue(
+                c,
+                Box::new(move || {
+                    out.store(r.load(Ordering::SeqCst), Ordering::SeqCst);
+                    Ok(())
+                }),
+            )
             .unwrap();
             synchronize(c).unwrap();
             assert_eq!(seen.load(Ordering::SeqCst), if with_wait { 1 } else { 0 });
@@ -421,10 +439,13 @@ mod tests {
         let s = create();
         let (a, b) = (event_create(), event_create());
         event_record(a, s).unwrap();
-        enqueue(s, Box::new(|| {
-            std::thread::sleep(Duration::from_millis(20));
-            Ok(())
-        }))
+        enqueue(
+            s,
+            Box::new(|| {
+                std::thread::sleep(Duration::from_millis(20));
+                Ok(())
+            }),
+        )
         .unwrap();
         event_record(b, s).unwrap();
         event_synchronize(b).unwrap();

@@ -108,7 +108,10 @@ fn a_deadlock_fails_the_launch_naming_what_each_side_waits_for() {
     let e = kernels::self_test("deadlock", 32, &mut out).unwrap_err();
     assert_eq!(e.code, 719, "{e}");
     assert!(e.message.contains("deadlock") && e.message.contains("16 of 32 threads wait at __syncthreads"), "{e}");
-    assert!(e.message.contains("waits at __shfl_xor_sync") && e.message.contains("which waits at __syncthreads"), "{e}");
+    assert!(
+        e.message.contains("waits at __shfl_xor_sync") && e.message.contains("which waits at __syncthreads"),
+        "{e}"
+    );
     // The runtime is usable after a failed launch.
     kernels::self_test("shuffle", 32, &mut out).unwrap();
 }
@@ -117,14 +120,33 @@ fn a_deadlock_fails_the_launch_naming_what_each_side_waits_for() {
 fn bf16_conversion_rounds_to_nearest_even_like_the_device() {
     let mut x: Vec<f32> = values(4096, 7).iter().map(|v| v * 1e3).collect();
     // Ties (both directions), a carry into the exponent, the largest finite values, subnormals, ±0, ±inf.
-    for bits in [0x3f80_8000u32, 0x3f81_8000, 0x3f80_8001, 0x3fff_8000, 0x7f7f_ffff, 0xff7f_ffff, 0x0000_8000, 0x0001_8000, 0x8000_0000, 0, 0x7f80_0000, 0xff80_0000] {
+    for bits in [
+        0x3f80_8000u32,
+        0x3f81_8000,
+        0x3f80_8001,
+        0x3fff_8000,
+        0x7f7f_ffff,
+        0xff7f_ffff,
+        0x0000_8000,
+        0x0001_8000,
+        0x8000_0000,
+        0,
+        0x7f80_0000,
+        0xff80_0000,
+    ] {
         x.push(f32::from_bits(bits));
     }
     let nans = [0x7fc0_0000u32, 0xffc0_0001, 0x7f80_0001, 0x7fff_ffff];
     x.extend(nans.iter().map(|&b| f32::from_bits(b)));
     let n = x.len();
     let mut out = vec![bf16::ZERO; n];
-    launch("cast_f32_to_bf16", [4, 1, 1], [256, 1, 1], 0, Args::new().ptr(out.as_mut_ptr()).ptr(x.as_ptr()).arg(n as u64));
+    launch(
+        "cast_f32_to_bf16",
+        [4, 1, 1],
+        [256, 1, 1],
+        0,
+        Args::new().ptr(out.as_mut_ptr()).ptr(x.as_ptr()).arg(n as u64),
+    );
     for (i, (&got, &src)) in out.iter().zip(&x).enumerate() {
         if src.is_nan() {
             // cvt.rn.bf16.f32 gives the canonical NaN for every NaN input.
@@ -134,7 +156,13 @@ fn bf16_conversion_rounds_to_nearest_even_like_the_device() {
         }
     }
     let mut back = vec![0f32; n];
-    launch("cast_bf16_to_f32", [1, 1, 1], [128, 1, 1], 0, Args::new().ptr(back.as_mut_ptr()).ptr(out.as_ptr()).arg(n as u64));
+    launch(
+        "cast_bf16_to_f32",
+        [1, 1, 1],
+        [128, 1, 1],
+        0,
+        Args::new().ptr(back.as_mut_ptr()).ptr(out.as_ptr()).arg(n as u64),
+    );
     for (b, o) in back.iter().zip(&out) {
         assert_eq!(b.to_bits(), o.to_f32().to_bits());
     }
@@ -188,11 +216,16 @@ fn mma_m16n8k16_matches_a_plain_matrix_product() {
         for lane in 0..32 {
             for i in 0..4 {
                 let (m, n) = c_element(lane, i);
-                let exact: f64 = c[m * 8 + n] as f64 + (0..16).map(|k| a[m * 16 + k].to_f64() * b[k * 8 + n].to_f64()).sum::<f64>();
+                let exact: f64 =
+                    c[m * 8 + n] as f64 + (0..16).map(|k| a[m * 16 + k].to_f64() * b[k * 8 + n].to_f64()).sum::<f64>();
                 let got = d[lane][i] as f64;
                 // 16 f32 additions of exact products: a few ulp of the magnitudes involved.
-                let scale: f64 = (c[m * 8 + n].abs() as f64) + (0..16).map(|k| (a[m * 16 + k].to_f64() * b[k * 8 + n].to_f64()).abs()).sum::<f64>();
-                assert!((got - exact).abs() <= 16.0 * f32::EPSILON as f64 * scale, "lane {lane} D[{m}][{n}] = {got}, want {exact}");
+                let scale: f64 = (c[m * 8 + n].abs() as f64)
+                    + (0..16).map(|k| (a[m * 16 + k].to_f64() * b[k * 8 + n].to_f64()).abs()).sum::<f64>();
+                assert!(
+                    (got - exact).abs() <= 16.0 * f32::EPSILON as f64 * scale,
+                    "lane {lane} D[{m}][{n}] = {got}, want {exact}"
+                );
             }
         }
     }
@@ -243,7 +276,12 @@ fn cross_entropy_forward_kernel_matches_the_cpu_reference() {
         [rows as u32, 1, 1],
         [512, 1, 1],
         0,
-        Args::new().ptr(lse.as_mut_ptr()).ptr(loss.as_mut_ptr()).ptr(logits.as_ptr()).ptr(targets.as_ptr()).arg(vocab as i32),
+        Args::new()
+            .ptr(lse.as_mut_ptr())
+            .ptr(loss.as_mut_ptr())
+            .ptr(logits.as_ptr())
+            .ptr(targets.as_ptr())
+            .arg(vocab as i32),
     );
     let mut lse_ref = vec![0f32; rows];
     let mean = llama_cpt_ops::cross_entropy::cross_entropy_forward(&mut lse_ref, &logits, &targets, vocab);

@@ -51,9 +51,20 @@ impl AdamWScalars {
 /// One update of `param` from `grad · grad_scale` (the scale carries gradient clipping), with the
 /// f32 moments `m`, `v`. `step` counts from 1. `decay` false skips weight decay (norms, biases).
 #[allow(clippy::too_many_arguments)]
-pub fn adamw_step(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], cfg: &AdamWConfig, lr: f64, step: u64, decay: bool, grad_scale: f32) {
+pub fn adamw_step(
+    param: &mut [f32],
+    grad: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    cfg: &AdamWConfig,
+    lr: f64,
+    step: u64,
+    decay: bool,
+    grad_scale: f32,
+) {
     assert!(param.len() == grad.len() && m.len() == grad.len() && v.len() == grad.len());
-    let AdamWScalars { beta1: b1, beta2: b2, eps, step_size, bc2_sqrt, decay_factor } = AdamWScalars::new(cfg, lr, step, decay);
+    let AdamWScalars { beta1: b1, beta2: b2, eps, step_size, bc2_sqrt, decay_factor } =
+        AdamWScalars::new(cfg, lr, step, decay);
     for i in 0..param.len() {
         let g = grad[i] * grad_scale;
         param[i] *= decay_factor;

@@ -67,7 +67,15 @@ impl<T> Shared<T> {
 }
 
 /// Forward with the default blocks. `out` is `[tokens, heads, head_dim]`, `lse` is `[tokens, heads]`.
-pub fn attention_forward<T: Real>(out: &mut [T], lse: &mut [T], q: &[T], k: &[T], v: &[T], cu_seqlens: &[u32], shape: AttnShape) {
+pub fn attention_forward<T: Real>(
+    out: &mut [T],
+    lse: &mut [T],
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    cu_seqlens: &[u32],
+    shape: AttnShape,
+) {
     attention_forward_blocked(out, lse, q, k, v, cu_seqlens, shape, BLOCK_Q, BLOCK_K)
 }
 
@@ -281,7 +289,10 @@ mod tests {
                 let keys: Vec<usize> = (0..=i).filter(|&j| doc_of(j) == doc_of(i)).collect();
                 let sc: Vec<f64> = keys
                     .iter()
-                    .map(|&j| (0..d).map(|x| q[(i * hq + h) * d + x] * k[(j * hk + kvh) * d + x]).sum::<f64>() / (d as f64).sqrt())
+                    .map(|&j| {
+                        (0..d).map(|x| q[(i * hq + h) * d + x] * k[(j * hk + kvh) * d + x]).sum::<f64>()
+                            / (d as f64).sqrt()
+                    })
                     .collect();
                 let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = sc.iter().map(|x| (x - mx).exp()).sum();
@@ -299,11 +310,11 @@ mod tests {
     fn cases() -> Vec<(AttnShape, Vec<u32>)> {
         let sh = |heads, kv_heads, head_dim| AttnShape { heads, kv_heads, head_dim };
         vec![
-            (sh(2, 2, 4), vec![0, 13]),             // MHA, one odd-length document
-            (sh(4, 2, 6), vec![0, 5, 6, 11]),        // GQA 2:1, head_dim 6, a one-token document
-            (sh(4, 1, 3), vec![0, 1, 2, 3, 12]),     // GQA 4:1, head_dim 3, documents of length 1
-            (sh(1, 1, 5), vec![0, 1]),               // a single token
-            (sh(4, 4, 8), vec![0, 9, 9, 17]),        // an empty document in the list
+            (sh(2, 2, 4), vec![0, 13]),          // MHA, one odd-length document
+            (sh(4, 2, 6), vec![0, 5, 6, 11]),    // GQA 2:1, head_dim 6, a one-token document
+            (sh(4, 1, 3), vec![0, 1, 2, 3, 12]), // GQA 4:1, head_dim 3, documents of length 1
+            (sh(1, 1, 5), vec![0, 1]),           // a single token
+            (sh(4, 4, 8), vec![0, 9, 9, 17]),    // an empty document in the list
         ]
     }
 

@@ -42,15 +42,19 @@ pub fn cross_entropy_forward<T: Real>(lse: &mut [T], logits: &[T], targets: &[i3
 }
 
 /// `dlogits = dloss / n_valid · (softmax − onehot(target))` on counted rows, 0 on ignored ones.
-pub fn cross_entropy_backward<T: Real>(dlogits: &mut [T], logits: &[T], lse: &[T], targets: &[i32], vocab: usize, dloss: f64) {
+pub fn cross_entropy_backward<T: Real>(
+    dlogits: &mut [T],
+    logits: &[T],
+    lse: &[T],
+    targets: &[i32],
+    vocab: usize,
+    dloss: f64,
+) {
     assert_eq!(dlogits.len(), logits.len());
     let n = count_valid(targets);
     let scale = if n == 0 { T::ZERO } else { T::from_f64(dloss / n as f64) };
-    dlogits
-        .par_chunks_mut(vocab)
-        .zip(logits.par_chunks(vocab))
-        .zip(lse.par_iter().zip(targets.par_iter()))
-        .for_each(|((d, row), (&l, &t))| {
+    dlogits.par_chunks_mut(vocab).zip(logits.par_chunks(vocab)).zip(lse.par_iter().zip(targets.par_iter())).for_each(
+        |((d, row), (&l, &t))| {
             if t == IGNORE_INDEX {
                 d.fill(T::ZERO);
                 return;
@@ -59,7 +63,8 @@ pub fn cross_entropy_backward<T: Real>(dlogits: &mut [T], logits: &[T], lse: &[T
                 *di = (x - l).exp() * scale;
             }
             d[t as usize] -= scale;
-        });
+        },
+    );
 }
 
 #[cfg(test)]
@@ -127,7 +132,11 @@ mod tests {
         println!("loss error per token vs f64: {err:.2e} (a running f32 sum: {:.2e})", (running_f32 - exact).abs());
         assert!(err < 2e-7, "loss {loss} vs f64 {exact}: {err:e}");
         // The tolerance is tight enough to catch the running f32 sum this replaced.
-        assert!((running_f32 - exact).abs() > 10.0 * err.max(1e-8), "running f32 sum error {:e}", (running_f32 - exact).abs());
+        assert!(
+            (running_f32 - exact).abs() > 10.0 * err.max(1e-8),
+            "running f32 sum error {:e}",
+            (running_f32 - exact).abs()
+        );
     }
 
     #[test]

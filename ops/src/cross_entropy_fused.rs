@@ -17,7 +17,13 @@ const SUM_LANES: usize = 8;
 /// and, in the same pass, `dlogits = dloss / n_valid · (softmax − onehot(target))` (0 on ignored
 /// rows), as [`cross_entropy_backward`](crate::cross_entropy::cross_entropy_backward) would give.
 /// Each row is independent, so the result does not depend on the thread count.
-pub fn cross_entropy_with_grad<T: Real>(dlogits: &mut [T], logits: &[T], targets: &[i32], vocab: usize, dloss: f64) -> f64 {
+pub fn cross_entropy_with_grad<T: Real>(
+    dlogits: &mut [T],
+    logits: &[T],
+    targets: &[i32],
+    vocab: usize,
+    dloss: f64,
+) -> f64 {
     assert_eq!(logits.len(), targets.len() * vocab, "cross_entropy_with_grad: logits are not [targets, vocab]");
     assert_eq!(dlogits.len(), logits.len(), "cross_entropy_with_grad: dlogits and logits differ in length");
     let n = count_valid(targets);

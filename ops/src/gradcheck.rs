@@ -24,13 +24,7 @@ pub fn assert_close(got: &[f64], want: &[f64], tol: f64, what: &str) {
 
 /// Checks `analytic` = d<f(x), dy>/dx by central differences (h = 1e-6) at up to 400 coordinates
 /// spread over the input (all of them when there are fewer).
-pub fn check_gradient(
-    what: &str,
-    x: &[f64],
-    analytic: &[f64],
-    dy: &[f64],
-    f: impl Fn(&[f64]) -> Vec<f64>,
-) {
+pub fn check_gradient(what: &str, x: &[f64], analytic: &[f64], dy: &[f64], f: impl Fn(&[f64]) -> Vec<f64>) {
     assert_eq!(x.len(), analytic.len(), "{what}: gradient has the wrong length");
     let h = 1e-6;
     let loss = |x: &[f64]| -> f64 { f(x).iter().zip(dy).map(|(a, b)| a * b).sum() };

@@ -46,11 +46,7 @@ pub fn matmul<T: Real>(
     let started = Instant::now();
     let threads = rayon::current_num_threads();
     // Small products are faster on one thread than through the pool.
-    let par = if m * n * k < 64 * 64 * 64 || threads <= 1 {
-        Parallelism::None
-    } else {
-        Parallelism::Rayon(threads)
-    };
+    let par = if m * n * k < 64 * 64 * 64 || threads <= 1 { Parallelism::None } else { Parallelism::Rayon(threads) };
     // SAFETY: the three slices have exactly the extents described by (m, k, n) and the strides,
     // checked above; `c` does not alias `a` or `b` (it is a unique borrow).
     unsafe {
@@ -88,16 +84,7 @@ pub fn linear_forward<T: Real>(y: &mut [T], x: &[T], w: &[T], m: usize, k: usize
 /// Backward of [`linear_forward`]: `dx = dy·w` (overwritten) and `dw += dyᵀ·x` (accumulated, so
 /// that gradient accumulation over micro-batches needs no extra pass).
 #[allow(clippy::too_many_arguments)]
-pub fn linear_backward<T: Real>(
-    dx: &mut [T],
-    dw: &mut [T],
-    dy: &[T],
-    x: &[T],
-    w: &[T],
-    m: usize,
-    k: usize,
-    n: usize,
-) {
+pub fn linear_backward<T: Real>(dx: &mut [T], dw: &mut [T], dy: &[T], x: &[T], w: &[T], m: usize, k: usize, n: usize) {
     matmul(dx, dy, w, m, n, k, false, false, false);
     matmul(dw, dy, x, n, m, k, true, false, true);
 }

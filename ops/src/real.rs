@@ -106,14 +106,17 @@ pub fn exp_f32_poly(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75; // ln 2 with the low 12 mantissa bits zero: n·LN2_HI is exact.
     const LN2_LO: f32 = 1.428_606_8e-6; // ln 2 − LN2_HI
-    // Adding 1.5·2²³ rounds to the nearest integer n and leaves n in the low mantissa bits: no
-    // `round` call and no float-to-int cast (both keep LLVM from vectorising a loop over this).
+                                        // Adding 1.5·2²³ rounds to the nearest integer n and leaves n in the low mantissa bits: no
+                                        // `round` call and no float-to-int cast (both keep LLVM from vectorising a loop over this).
     const ROUNDER: f32 = 12_582_912.0;
     let xc = x.clamp(-87.0, 88.3);
     let rounded = xc * LOG2E + ROUNDER;
     let n = rounded - ROUNDER;
     let r = (xc - n * LN2_HI) - n * LN2_LO;
-    let p = 1.0 + r * (1.0 + r * (1.0 / 2.0 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let p = 1.0
+        + r * (1.0
+            + r * (1.0 / 2.0
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     // bits(rounded) = bits(ROUNDER) + n; the biased exponent n + 127 shifted into place is 2ⁿ.
     let scale = f32::from_bits(rounded.to_bits().wrapping_sub(ROUNDER.to_bits() - 127) << 23);
     if x < -87.0 {

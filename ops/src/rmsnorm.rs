@@ -10,35 +10,21 @@ pub fn rmsnorm_forward<T: Real>(y: &mut [T], rstd: &mut [T], x: &[T], w: &[T], d
     assert_eq!(rstd.len(), x.len() / dim);
     let eps = T::from_f64(eps);
     let inv_dim = T::from_f64(1.0 / dim as f64);
-    y.par_chunks_mut(dim)
-        .zip(x.par_chunks(dim))
-        .zip(rstd.par_iter_mut())
-        .for_each(|((yr, xr), r)| {
-            let ms = crate::real::dot(xr, xr) * inv_dim;
-            let inv = T::ONE / (ms + eps).sqrt();
-            *r = inv;
-            for ((yi, &xi), &wi) in yr.iter_mut().zip(xr).zip(w) {
-                *yi = wi * (xi * inv);
-            }
-        });
+    y.par_chunks_mut(dim).zip(x.par_chunks(dim)).zip(rstd.par_iter_mut()).for_each(|((yr, xr), r)| {
+        let ms = crate::real::dot(xr, xr) * inv_dim;
+        let inv = T::ONE / (ms + eps).sqrt();
+        *r = inv;
+        for ((yi, &xi), &wi) in yr.iter_mut().zip(xr).zip(w) {
+            *yi = wi * (xi * inv);
+        }
+    });
 }
 
 /// Backward: `dx` overwritten, `dw` accumulated (rows are summed in order: deterministic).
-pub fn rmsnorm_backward<T: Real>(
-    dx: &mut [T],
-    dw: &mut [T],
-    dy: &[T],
-    x: &[T],
-    w: &[T],
-    rstd: &[T],
-    dim: usize,
-) {
+pub fn rmsnorm_backward<T: Real>(dx: &mut [T], dw: &mut [T], dy: &[T], x: &[T], w: &[T], rstd: &[T], dim: usize) {
     let inv_dim = T::from_f64(1.0 / dim as f64);
-    dx.par_chunks_mut(dim)
-        .zip(dy.par_chunks(dim))
-        .zip(x.par_chunks(dim))
-        .zip(rstd.par_iter())
-        .for_each(|(((dxr, dyr), xr), &r)| {
+    dx.par_chunks_mut(dim).zip(dy.par_chunks(dim)).zip(x.par_chunks(dim)).zip(rstd.par_iter()).for_each(
+        |(((dxr, dyr), xr), &r)| {
             // g = dy·w; dx = r·g − x·r³·mean(g·x)
             let mut gx = T::ZERO;
             for i in 0..dim {
@@ -48,7 +34,8 @@ pub fn rmsnorm_backward<T: Real>(
             for i in 0..dim {
                 dxr[i] = r * dyr[i] * w[i] - xr[i] * c;
             }
-        });
+        },
+    );
     for ((dyr, xr), &r) in dy.chunks_exact(dim).zip(x.chunks_exact(dim)).zip(rstd) {
         for i in 0..dim {
             dw[i] += dyr[i] * xr[i] * r;

@@ -9,9 +9,8 @@ pub fn rope_tables<T: Real>(positions: &[u32], head_dim: usize, theta: f64) -> (
     assert!(head_dim.is_multiple_of(2), "rope: head_dim {head_dim} must be even");
     let half = head_dim / 2;
     let base = T::from_f64(theta);
-    let inv_freq: Vec<T> = (0..half)
-        .map(|i| T::ONE / base.powf(T::from_f64((2 * i) as f64) / T::from_f64(head_dim as f64)))
-        .collect();
+    let inv_freq: Vec<T> =
+        (0..half).map(|i| T::ONE / base.powf(T::from_f64((2 * i) as f64) / T::from_f64(head_dim as f64))).collect();
     let mut cos = Vec::with_capacity(positions.len() * half);
     let mut sin = Vec::with_capacity(positions.len() * half);
     for &p in positions {

@@ -11,13 +11,11 @@ fn sigmoid<T: Real>(g: T) -> T {
 
 pub fn swiglu_forward<T: Real>(out: &mut [T], gate: &[T], up: &[T]) {
     assert!(out.len() == gate.len() && gate.len() == up.len());
-    out.par_chunks_mut(CHUNK)
-        .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
-        .for_each(|(o, (g, u))| {
-            for i in 0..o.len() {
-                o[i] = g[i] * sigmoid(g[i]) * u[i];
-            }
-        });
+    out.par_chunks_mut(CHUNK).zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK))).for_each(|(o, (g, u))| {
+        for i in 0..o.len() {
+            o[i] = g[i] * sigmoid(g[i]) * u[i];
+        }
+    });
 }
 
 /// `dgate`, `dup` overwritten.

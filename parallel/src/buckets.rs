@@ -48,7 +48,13 @@ impl Layout {
         let mut bucket_of = vec![None; sizes.len()];
         let mut open: Option<Bucket> = None;
         for p in (0..sizes.len()).rev().filter(|&p| trainable[p]) {
-            let b = open.get_or_insert_with(|| Bucket { params: vec![], offsets: vec![], sizes: vec![], len: 0, padded: 0 });
+            let b = open.get_or_insert_with(|| Bucket {
+                params: vec![],
+                offsets: vec![],
+                sizes: vec![],
+                len: 0,
+                padded: 0,
+            });
             bucket_of[p] = Some((buckets.len(), b.params.len()));
             b.params.push(p);
             b.offsets.push(b.len);
@@ -90,7 +96,15 @@ impl Layout {
     /// Every trainable parameter whole, in model order (ZeRO-0: every rank updates everything).
     pub fn whole_pieces(&self, sizes: &[usize]) -> Vec<Piece> {
         (0..sizes.len())
-            .filter_map(|p| self.bucket_of[p].map(|(bucket, i)| Piece { param: p, start: 0, len: sizes[p], bucket, shard_offset: self.buckets[bucket].offsets[i] }))
+            .filter_map(|p| {
+                self.bucket_of[p].map(|(bucket, i)| Piece {
+                    param: p,
+                    start: 0,
+                    len: sizes[p],
+                    bucket,
+                    shard_offset: self.buckets[bucket].offsets[i],
+                })
+            })
             .collect()
     }
 }

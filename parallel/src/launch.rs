@@ -37,11 +37,20 @@ impl Launch {
         let number = |name: &str| -> Result<Option<usize>> {
             match var(name) {
                 None => Ok(None),
-                Some(s) => s.trim().parse::<usize>().map(Some).with_context(|| format!("environment variable {name}={s:?} is not a non-negative integer")),
+                Some(s) => s
+                    .trim()
+                    .parse::<usize>()
+                    .map(Some)
+                    .with_context(|| format!("environment variable {name}={s:?} is not a non-negative integer")),
             }
         };
         let master = match (var("MASTER_ADDR"), var("MASTER_PORT")) {
-            (Some(addr), Some(port)) => Some((addr, port.trim().parse::<u16>().with_context(|| format!("environment variable MASTER_PORT={port:?} is not a port number"))?)),
+            (Some(addr), Some(port)) => Some((
+                addr,
+                port.trim()
+                    .parse::<u16>()
+                    .with_context(|| format!("environment variable MASTER_PORT={port:?} is not a port number"))?,
+            )),
             (Some(_), None) => bail!("MASTER_ADDR is set but MASTER_PORT is not"),
             (None, Some(_)) => bail!("MASTER_PORT is set but MASTER_ADDR is not"),
             (None, None) => None,
@@ -75,17 +84,30 @@ mod tests {
     #[test]
     fn each_launcher_convention_is_read() {
         assert_eq!(launch(&[]).unwrap(), Launch::single());
-        let t = launch(&[("RANK", "3"), ("WORLD_SIZE", "8"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "node0"), ("MASTER_PORT", "29500")]).unwrap();
+        let t = launch(&[
+            ("RANK", "3"),
+            ("WORLD_SIZE", "8"),
+            ("LOCAL_RANK", "1"),
+            ("MASTER_ADDR", "node0"),
+            ("MASTER_PORT", "29500"),
+        ])
+        .unwrap();
         assert_eq!((t.rank, t.world_size, t.local_rank, t.launcher), (3, 8, 1, "torchrun"));
         assert_eq!(t.master, Some(("node0".to_string(), 29500)));
-        let o = launch(&[("OMPI_COMM_WORLD_RANK", "5"), ("OMPI_COMM_WORLD_SIZE", "64"), ("OMPI_COMM_WORLD_LOCAL_RANK", "5")]).unwrap();
+        let o = launch(&[
+            ("OMPI_COMM_WORLD_RANK", "5"),
+            ("OMPI_COMM_WORLD_SIZE", "64"),
+            ("OMPI_COMM_WORLD_LOCAL_RANK", "5"),
+        ])
+        .unwrap();
         assert_eq!((o.rank, o.world_size, o.local_rank, o.launcher), (5, 64, 5, "openmpi"));
         let p = launch(&[("PMI_RANK", "1"), ("PMI_SIZE", "2")]).unwrap();
         assert_eq!((p.rank, p.world_size, p.local_rank, p.launcher), (1, 2, 0, "pmi"));
         let s = launch(&[("SLURM_PROCID", "9"), ("SLURM_NTASKS", "16"), ("SLURM_LOCALID", "1")]).unwrap();
         assert_eq!((s.rank, s.world_size, s.local_rank, s.launcher), (9, 16, 1, "slurm"));
         // torchrun-style variables override the launcher's.
-        let both = launch(&[("RANK", "0"), ("WORLD_SIZE", "1"), ("SLURM_PROCID", "9"), ("SLURM_NTASKS", "16")]).unwrap();
+        let both =
+            launch(&[("RANK", "0"), ("WORLD_SIZE", "1"), ("SLURM_PROCID", "9"), ("SLURM_NTASKS", "16")]).unwrap();
         assert_eq!(both.launcher, "torchrun");
     }
 

@@ -86,8 +86,16 @@ impl Mpi {
             }
             // Dropping `universe` calls MPI_Finalize.
         })?;
-        let (rank, size) = ready_rx.recv().map_err(|_| anyhow!("the MPI thread died while initialising"))?.map_err(|e| anyhow!(e))?;
-        Ok(Mpi { rank, size, timeout, jobs: Mutex::new(Some(jobs)), worker: Mutex::new(Some(worker)), traffic: Arc::default() })
+        let (rank, size) =
+            ready_rx.recv().map_err(|_| anyhow!("the MPI thread died while initialising"))?.map_err(|e| anyhow!(e))?;
+        Ok(Mpi {
+            rank,
+            size,
+            timeout,
+            jobs: Mutex::new(Some(jobs)),
+            worker: Mutex::new(Some(worker)),
+            traffic: Arc::default(),
+        })
     }
 
     fn submit(&self, op: Op) -> Result<(std::sync::mpsc::Receiver<Vec<f64>>, std::sync::mpsc::Receiver<Vec<f32>>)> {
@@ -121,7 +129,13 @@ impl Mpi {
 
     fn blocking(&self, op: Op, what: &str) -> Result<Vec<f64>> {
         let (rx, _) = self.submit(op)?;
-        rx.recv_timeout(self.timeout).map_err(|_| anyhow!("rank {}: {what} did not complete within {:.0} s; another rank has probably died", self.rank, self.timeout.as_secs_f64()))
+        rx.recv_timeout(self.timeout).map_err(|_| {
+            anyhow!(
+                "rank {}: {what} did not complete within {:.0} s; another rank has probably died",
+                self.rank,
+                self.timeout.as_secs_f64()
+            )
+        })
     }
 }
 

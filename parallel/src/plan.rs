@@ -97,14 +97,26 @@ impl FromStr for ZeroStage {
 /// initial broadcast of the parameters is not part of a step), and the scalar all-reduces (token
 /// counts, loss, gradient norm) are not counted by `traffic`. The formulas hold for `world = 1`
 /// too, but the single-process communicator counts nothing, so compare at `world ≥ 2`.
-pub fn step_payload(stage: ZeroStage, reduced_elems: u64, world: u64, micro_steps: u64, grad_bytes: u64, param_bytes: u64) -> TrafficCount {
-    debug_assert!(world >= 1 && reduced_elems.is_multiple_of(world), "reduced_elems ({reduced_elems}) is the padded count, a multiple of the world size ({world})");
+pub fn step_payload(
+    stage: ZeroStage,
+    reduced_elems: u64,
+    world: u64,
+    micro_steps: u64,
+    grad_bytes: u64,
+    param_bytes: u64,
+) -> TrafficCount {
+    debug_assert!(
+        world >= 1 && reduced_elems.is_multiple_of(world),
+        "reduced_elems ({reduced_elems}) is the padded count, a multiple of the world size ({world})"
+    );
     let grads = reduced_elems * grad_bytes;
     let params = reduced_elems * param_bytes;
     match stage {
         ZeroStage::Zero0 => TrafficCount { all_reduce: grads, ..TrafficCount::default() },
         ZeroStage::Zero1 => TrafficCount { reduce_scatter: grads, all_gather: params, ..TrafficCount::default() },
-        ZeroStage::Zero2 => TrafficCount { reduce_scatter: micro_steps * grads, all_gather: params, ..TrafficCount::default() },
+        ZeroStage::Zero2 => {
+            TrafficCount { reduce_scatter: micro_steps * grads, all_gather: params, ..TrafficCount::default() }
+        }
     }
 }
 
@@ -124,7 +136,8 @@ pub fn step_calls(stage: ZeroStage, buckets: u64, micro_steps: u64) -> u64 {
 /// The engine's buckets over a model's parameters, all training ([`crate::buckets::Layout`]).
 pub fn bucket_layout(sizes: &[u64], bucket_elems: u64, world: u64) -> Vec<crate::buckets::Bucket> {
     let sizes: Vec<usize> = sizes.iter().map(|&s| s as usize).collect();
-    crate::buckets::Layout::new(&sizes, &vec![true; sizes.len()], bucket_elems.max(1) as usize, world.max(1) as usize).buckets
+    crate::buckets::Layout::new(&sizes, &vec![true; sizes.len()], bucket_elems.max(1) as usize, world.max(1) as usize)
+        .buckets
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -270,12 +283,32 @@ pub struct ModelShape {
 impl ModelShape {
     /// LLaMA-2-7B (vocabulary 32,000; Colossal-LLaMA-2 extends it to 69,104).
     pub fn llama2_7b() -> Self {
-        ModelShape { name: "llama2-7b".into(), hidden: 4096, layers: 32, heads: 32, kv_heads: 32, head_dim: 128, ffn: 11008, vocab: 32000, tied_embeddings: false }
+        ModelShape {
+            name: "llama2-7b".into(),
+            hidden: 4096,
+            layers: 32,
+            heads: 32,
+            kv_heads: 32,
+            head_dim: 128,
+            ffn: 11008,
+            vocab: 32000,
+            tied_embeddings: false,
+        }
     }
 
     /// SmolLM2-135M (GQA 9:3, tied embeddings).
     pub fn smollm2_135m() -> Self {
-        ModelShape { name: "smollm2-135m".into(), hidden: 576, layers: 30, heads: 9, kv_heads: 3, head_dim: 64, ffn: 1536, vocab: 49152, tied_embeddings: true }
+        ModelShape {
+            name: "smollm2-135m".into(),
+            hidden: 576,
+            layers: 30,
+            heads: 9,
+            kv_heads: 3,
+            head_dim: 64,
+            ffn: 1536,
+            vocab: 49152,
+            tied_embeddings: true,
+        }
     }
 
     pub fn preset(name: &str) -> Option<Self> {
@@ -339,7 +372,9 @@ impl ModelShape {
     /// (forward 2, backward 4), 12·L·(heads·head_dim)·seq for QKᵀ and PV (the usual convention
     /// counts them without the causal halving), 6·h·V for the LM head.
     pub fn model_flops_per_token(&self, seq: u64) -> f64 {
-        6.0 * self.non_embedding_params() as f64 + 12.0 * (self.layers * self.q_dim() * seq) as f64 + 6.0 * (self.hidden * self.vocab) as f64
+        6.0 * self.non_embedding_params() as f64
+            + 12.0 * (self.layers * self.q_dim() * seq) as f64
+            + 6.0 * (self.hidden * self.vocab) as f64
     }
 
     /// Extra FLOPs per token when every layer is recomputed in the backward (one more forward of
@@ -432,16 +467,40 @@ impl Card {
     /// bidirectional (8 links, 200 GB/s per direction; a ring achieves ≈ 80%: 160). Node default:
     /// 4 × 200 Gb/s HDR (Colossal-LLaMA-2's launch script names four HCAs).
     pub fn a800() -> Self {
-        Card { name: "A800".into(), mem_bytes: 81920 * MIB, peak_flops: 312e12, hbm_bytes_per_s: 2.039e12, nvlink_gbs: 160.0, ib_gbps: 200.0, nics_per_node: 4 }
+        Card {
+            name: "A800".into(),
+            mem_bytes: 81920 * MIB,
+            peak_flops: 312e12,
+            hbm_bytes_per_s: 2.039e12,
+            nvlink_gbs: 160.0,
+            ib_gbps: 200.0,
+            nics_per_node: 4,
+        }
     }
     /// A100 80GB SXM: NVLink 600 GB/s bidirectional (300 per direction, ring ≈ 240), 8 × 200 Gb/s.
     pub fn a100() -> Self {
-        Card { name: "A100".into(), mem_bytes: 81920 * MIB, peak_flops: 312e12, hbm_bytes_per_s: 2.039e12, nvlink_gbs: 240.0, ib_gbps: 200.0, nics_per_node: 8 }
+        Card {
+            name: "A100".into(),
+            mem_bytes: 81920 * MIB,
+            peak_flops: 312e12,
+            hbm_bytes_per_s: 2.039e12,
+            nvlink_gbs: 240.0,
+            ib_gbps: 200.0,
+            nics_per_node: 8,
+        }
     }
     /// H100 80GB SXM: 989 TFLOP/s dense bf16, 3.35 TB/s HBM3, NVLink 900 GB/s bidirectional (450
     /// per direction; a ring achieves ≈ 370), 8 × 400 Gb/s NDR.
     pub fn h100() -> Self {
-        Card { name: "H100".into(), mem_bytes: 81559 * MIB, peak_flops: 989e12, hbm_bytes_per_s: 3.35e12, nvlink_gbs: 370.0, ib_gbps: 400.0, nics_per_node: 8 }
+        Card {
+            name: "H100".into(),
+            mem_bytes: 81559 * MIB,
+            peak_flops: 989e12,
+            hbm_bytes_per_s: 3.35e12,
+            nvlink_gbs: 370.0,
+            ib_gbps: 400.0,
+            nics_per_node: 8,
+        }
     }
     pub fn preset(name: &str) -> Option<Self> {
         match name.to_ascii_lowercase().as_str() {
@@ -566,7 +625,13 @@ pub struct Payload {
 
 impl From<TrafficCount> for Payload {
     fn from(t: TrafficCount) -> Self {
-        Payload { all_reduce: t.all_reduce, reduce_scatter: t.reduce_scatter, all_gather: t.all_gather, broadcast: t.broadcast, calls: t.calls }
+        Payload {
+            all_reduce: t.all_reduce,
+            reduce_scatter: t.reduce_scatter,
+            all_gather: t.all_gather,
+            broadcast: t.broadcast,
+            calls: t.calls,
+        }
     }
 }
 
@@ -602,7 +667,10 @@ pub struct Plan {
 
 /// Micro-steps per optimizer step: the global batch's rows per rank over the micro-batch.
 pub fn micro_steps(input: &PlanInput) -> Result<u64> {
-    ensure!(input.world >= 1 && input.micro_batch >= 1 && input.seq >= 1, "world, micro-batch and sequence length must be at least 1");
+    ensure!(
+        input.world >= 1 && input.micro_batch >= 1 && input.seq >= 1,
+        "world, micro-batch and sequence length must be at least 1"
+    );
     let per_micro = input.world * input.micro_batch * input.seq;
     ensure!(
         input.global_batch_tokens >= per_micro && input.global_batch_tokens.is_multiple_of(per_micro),
@@ -634,7 +702,8 @@ pub fn memory(input: &PlanInput, rows: u64) -> Memory {
     // The backward's working set inside one layer: the incoming gradient and the input gradient
     // (2h) and the SwiGLU gradients (3f).
     let scratch = t * (2 * m.hidden + 3 * m.ffn) * a;
-    let activations = if input.checkpoint_layers { m.layers * t * m.hidden * a + layer } else { m.layers * layer } + scratch;
+    let activations =
+        if input.checkpoint_layers { m.layers * t * m.hidden * a + layer } else { m.layers * layer } + scratch;
     let head = t * (2 * m.hidden + 2 * m.vocab) * a;
     let largest = buckets.iter().map(|b| b.padded as u64).max().unwrap_or(0);
     let bucket_bytes = 2 * largest.min(padded) * p.grad_bytes();
@@ -652,14 +721,34 @@ pub fn memory(input: &PlanInput, rows: u64) -> Memory {
     let per_row = (activations + head) / rows.max(1);
     let fixed = backward_peak - (activations + head);
     let max_micro_batch = if update_peak > card || fixed > card { 0 } else { (card - fixed) / per_row.max(1) };
-    Memory { params, grads, optimizer, activations, head, buckets: bucket_bytes, reserve, backward_peak, update_peak, peak, card, fits, max_micro_batch }
+    Memory {
+        params,
+        grads,
+        optimizer,
+        activations,
+        head,
+        buckets: bucket_bytes,
+        reserve,
+        backward_peak,
+        update_peak,
+        peak,
+        card,
+        fits,
+        max_micro_batch,
+    }
 }
 
 /// When each parameter's gradient is final in one micro-step's backward, in seconds from its
 /// start, and the backward's length. Costs in FLOPs at the executed rate: the LM head first,
 /// then each layer from the last (its recomputed forward first when checkpointing), MLP weights,
 /// o_proj, the attention core, v/k/q; the embedding's gradient is final at the very end.
-pub fn backward_ready_times(m: &ModelShape, tokens: u64, seq: u64, checkpoint: bool, flops_per_s: f64) -> (Vec<f64>, f64) {
+pub fn backward_ready_times(
+    m: &ModelShape,
+    tokens: u64,
+    seq: u64,
+    checkpoint: bool,
+    flops_per_s: f64,
+) -> (Vec<f64>, f64) {
     let t = tokens as f64;
     let (h, f, v) = (m.hidden as f64, m.ffn as f64, m.vocab as f64);
     let (q, kv) = (m.q_dim() as f64, m.kv_dim() as f64);
@@ -723,7 +812,10 @@ pub fn plan(input: &PlanInput) -> Result<Plan> {
     // Compute.
     let model_fpt = m.model_flops_per_token(input.seq);
     let executed_fpt = model_fpt + if input.checkpoint_layers { m.recompute_flops_per_token(input.seq) } else { 0.0 };
-    let forward_flops = tokens as f64 * (2.0 * m.non_embedding_params() as f64 + 4.0 * (m.layers * m.q_dim() * input.seq) as f64 + 2.0 * (m.hidden * m.vocab) as f64);
+    let forward_flops = tokens as f64
+        * (2.0 * m.non_embedding_params() as f64
+            + 4.0 * (m.layers * m.q_dim() * input.seq) as f64
+            + 2.0 * (m.hidden * m.vocab) as f64);
     let forward_s = forward_flops / rate;
     let (ready, backward_s) = backward_ready_times(m, tokens, input.seq, input.checkpoint_layers, rate);
     let compute_s = micro_steps as f64 * (forward_s + backward_s);
@@ -755,7 +847,10 @@ pub fn plan(input: &PlanInput) -> Result<Plan> {
         exposed_s: reductions as f64 * tail,
     }];
     if input.stage.shards_optimizer() {
-        let time: f64 = buckets.iter().map(|b| links.collective_time(Collective::AllGather, ((b.padded as u64) * p.param_bytes()) as f64, n)).sum();
+        let time: f64 = buckets
+            .iter()
+            .map(|b| links.collective_time(Collective::AllGather, ((b.padded as u64) * p.param_bytes()) as f64, n))
+            .sum();
         rows.push(CommRow {
             what: "parameters".into(),
             kind: "all-gather".into(),
@@ -770,7 +865,15 @@ pub fn plan(input: &PlanInput) -> Result<Plan> {
     // Target-token count and loss sum (and the squared gradient norm when sharded): blocking.
     let scalar_calls = if input.stage.shards_optimizer() { 3 } else { 2 };
     let scalar_time = scalar_calls as f64 * links.collective_time(Collective::AllReduce, 8.0, n);
-    rows.push(CommRow { what: "scalars".into(), kind: "all-reduce".into(), calls: scalar_calls, payload: 0, wire: 0.0, time_s: scalar_time, exposed_s: scalar_time });
+    rows.push(CommRow {
+        what: "scalars".into(),
+        kind: "all-reduce".into(),
+        calls: scalar_calls,
+        payload: 0,
+        wire: 0.0,
+        time_s: scalar_time,
+        exposed_s: scalar_time,
+    });
     let total_s: f64 = rows.iter().map(|r| r.time_s).sum();
     let exposed_s: f64 = rows.iter().map(|r| r.exposed_s).sum();
     let (bandwidth, bottleneck) = links.ring_bandwidth(n);
@@ -789,7 +892,8 @@ pub fn plan(input: &PlanInput) -> Result<Plan> {
     // The update: AdamW over this rank's part, HBM-bound: read the gradient twice (norm, update),
     // read and write master and moments, write the working parameter.
     let updated = if input.stage.shards_optimizer() { reduced_elems / n.max(1) } else { m.total_params() };
-    let optimizer_s = (updated * (2 * p.grad_bytes() + 24 + p.param_bytes())) as f64 / (OPTIMIZER_HBM_EFFICIENCY * input.card.hbm_bytes_per_s);
+    let optimizer_s = (updated * (2 * p.grad_bytes() + 24 + p.param_bytes())) as f64
+        / (OPTIMIZER_HBM_EFFICIENCY * input.card.hbm_bytes_per_s);
 
     let step_s = compute_s + optimizer_s + exposed_s;
     let tokens_per_rank = micro_steps * tokens;
@@ -808,7 +912,14 @@ pub fn plan(input: &PlanInput) -> Result<Plan> {
         tokens_per_s_per_gpu: tokens_per_rank as f64 / step_s,
         mfu: tokens_per_rank as f64 * model_fpt / step_s / input.card.peak_flops,
     };
-    Ok(Plan { input: input.clone(), total_params: m.total_params(), non_embedding_params: m.non_embedding_params(), memory: memory(input, input.micro_batch), comm, timing })
+    Ok(Plan {
+        input: input.clone(),
+        total_params: m.total_params(),
+        non_embedding_params: m.non_embedding_params(),
+        memory: memory(input, input.micro_batch),
+        comm,
+        timing,
+    })
 }
 
 #[cfg(test)]
@@ -881,7 +992,9 @@ mod tests {
             let b = bucket_layout(&sizes, 8, world);
             let order: Vec<Vec<usize>> = b.iter().map(|b| b.params.clone()).collect();
             assert_eq!(order, vec![vec![5], vec![4, 3, 2], vec![1, 0]]);
-            assert!(b.iter().all(|b| b.padded % world as usize == 0 && b.padded >= b.len && b.padded < b.len + world as usize));
+            assert!(b
+                .iter()
+                .all(|b| b.padded % world as usize == 0 && b.padded >= b.len && b.padded < b.len + world as usize));
             assert_eq!(b.iter().map(|b| b.len as u64).sum::<u64>(), 35);
         }
         // 7B: every size is a multiple of 64, so nothing is padded at 64 ranks.
@@ -1006,7 +1119,11 @@ mod tests {
             assert_eq!(p.comm.payload, Payload::from(want));
             let grads = &p.comm.rows[0];
             assert_eq!(grads.payload, if stage == ZeroStage::Zero2 { 8 * g } else { g });
-            assert!(p.timing.exposed_share > 0.0 && p.timing.exposed_share < 0.05, "{stage:?}: {}", p.timing.exposed_share);
+            assert!(
+                p.timing.exposed_share > 0.0 && p.timing.exposed_share < 0.05,
+                "{stage:?}: {}",
+                p.timing.exposed_share
+            );
             assert!(p.comm.exposed_s <= p.comm.total_s + 1e-12);
         }
         // World 1: no communication at all, same compute.
@@ -1034,7 +1151,17 @@ mod mpi_check {
         let n = comm.world_size() as u64;
         assert!(n >= 2, "run under mpirun -np N with N ≥ 2");
         // Vocabulary 1,001 and norms of 64: buckets that need padding at 3 ranks.
-        let model = ModelShape { name: "tiny".into(), hidden: 64, layers: 2, heads: 4, kv_heads: 2, head_dim: 16, ffn: 176, vocab: 1001, tied_embeddings: false };
+        let model = ModelShape {
+            name: "tiny".into(),
+            hidden: 64,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 16,
+            ffn: 176,
+            vocab: 1001,
+            tied_embeddings: false,
+        };
         let buckets = bucket_layout(&model.param_sizes(), 10_000, n);
         let reduced: u64 = buckets.iter().map(|b| b.padded as u64).sum();
         let micro_steps = 3;
@@ -1048,17 +1175,27 @@ mod mpi_check {
                     .iter()
                     .map(|b| {
                         let flat = vec![1f32; (b.padded as u64) as usize];
-                        if stage.shards_optimizer() { comm.reduce_scatter(flat) } else { comm.all_reduce(flat) }
+                        if stage.shards_optimizer() {
+                            comm.reduce_scatter(flat)
+                        } else {
+                            comm.all_reduce(flat)
+                        }
                     })
                     .collect();
                 for (b, p) in buckets.iter().zip(pending) {
                     let r = p.wait().unwrap();
-                    assert_eq!(r.len() as u64, if stage.shards_optimizer() { (b.padded as u64) / n } else { b.padded as u64 });
+                    assert_eq!(
+                        r.len() as u64,
+                        if stage.shards_optimizer() { (b.padded as u64) / n } else { b.padded as u64 }
+                    );
                     assert!(r.iter().all(|&x| x == n as f32));
                 }
             }
             if stage.shards_optimizer() {
-                let pending: Vec<_> = buckets.iter().map(|b| comm.all_gather(vec![comm.rank() as f32; ((b.padded as u64) / n) as usize])).collect();
+                let pending: Vec<_> = buckets
+                    .iter()
+                    .map(|b| comm.all_gather(vec![comm.rank() as f32; ((b.padded as u64) / n) as usize]))
+                    .collect();
                 for (b, p) in buckets.iter().zip(pending) {
                     assert_eq!(p.wait().unwrap().len() as u64, (b.padded as u64));
                 }
@@ -1074,7 +1211,11 @@ mod mpi_check {
             assert_eq!(counted, step_payload(stage, reduced, n, micro_steps, 4, 4), "{stage:?} at {n} ranks");
             assert_eq!(after.calls - before.calls, step_calls(stage, buckets.len() as u64, micro_steps));
             if comm.rank() == 0 {
-                eprintln!("{} at {n} ranks: counted {counted:?} = step_payload ({} buckets, {reduced} elements)", stage.label(), buckets.len());
+                eprintln!(
+                    "{} at {n} ranks: counted {counted:?} = step_payload ({} buckets, {reduced} elements)",
+                    stage.label(),
+                    buckets.len()
+                );
             }
         }
     }

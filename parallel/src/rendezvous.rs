@@ -10,7 +10,13 @@ use std::time::{Duration, Instant};
 const HELLO: &[u8; 8] = b"llamacpt";
 
 /// Rank 0 passes `Some(payload)` and gets it back; the others pass `None` and get rank 0's.
-pub fn share(master: (&str, u16), rank: usize, world_size: usize, payload: Option<&[u8]>, timeout: Duration) -> Result<Vec<u8>> {
+pub fn share(
+    master: (&str, u16),
+    rank: usize,
+    world_size: usize,
+    payload: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<Vec<u8>> {
     let (host, port) = master;
     if rank == 0 {
         let payload = payload.context("rank 0 must provide the rendezvous payload")?;
@@ -49,7 +55,10 @@ fn serve(host: &str, port: u16, world_size: usize, payload: &[u8], timeout: Dura
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if Instant::now() > deadline {
                     let missing: Vec<usize> = (0..world_size).filter(|&r| !arrived[r]).collect();
-                    bail!("rendezvous at {host}:{port}: ranks {missing:?} of {world_size} never arrived within {:.0} s", timeout.as_secs_f64());
+                    bail!(
+                        "rendezvous at {host}:{port}: ranks {missing:?} of {world_size} never arrived within {:.0} s",
+                        timeout.as_secs_f64()
+                    );
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -61,13 +70,22 @@ fn serve(host: &str, port: u16, world_size: usize, payload: &[u8], timeout: Dura
 
 fn join(host: &str, port: u16, rank: usize, world_size: usize, timeout: Duration) -> Result<Vec<u8>> {
     let deadline = Instant::now() + timeout;
-    let addr = (host, port).to_socket_addrs().with_context(|| format!("rendezvous: resolving MASTER_ADDR {host}"))?.next().with_context(|| format!("rendezvous: {host} has no address"))?;
+    let addr = (host, port)
+        .to_socket_addrs()
+        .with_context(|| format!("rendezvous: resolving MASTER_ADDR {host}"))?
+        .next()
+        .with_context(|| format!("rendezvous: {host} has no address"))?;
     let mut stream = loop {
         // Rank 0 may not be listening yet: retry until the deadline.
         match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
             Ok(s) => break s,
             Err(e) if Instant::now() > deadline => {
-                return Err(e).with_context(|| format!("rendezvous: rank {rank} of {world_size} could not reach rank 0 at {host}:{port} within {:.0} s", timeout.as_secs_f64()))
+                return Err(e).with_context(|| {
+                    format!(
+                    "rendezvous: rank {rank} of {world_size} could not reach rank 0 at {host}:{port} within {:.0} s",
+                    timeout.as_secs_f64()
+                )
+                })
             }
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
@@ -97,7 +115,17 @@ mod tests {
         let world = 4;
         let handles: Vec<_> = (0..world)
             .rev() // the others start before rank 0 listens
-            .map(|r| std::thread::spawn(move || share(("127.0.0.1", port), r, world, (r == 0).then_some(&b"nccl-id-bytes"[..]), Duration::from_secs(20))))
+            .map(|r| {
+                std::thread::spawn(move || {
+                    share(
+                        ("127.0.0.1", port),
+                        r,
+                        world,
+                        (r == 0).then_some(&b"nccl-id-bytes"[..]),
+                        Duration::from_secs(20),
+                    )
+                })
+            })
             .collect();
         for h in handles {
             assert_eq!(h.join().unwrap().unwrap(), b"nccl-id-bytes");

@@ -3,8 +3,8 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use llama_cpt::backend::Backend;
-use llama_cpt::device::{on_device, OnBackend};
 use llama_cpt::data::tokenizer::TextTokenizer;
+use llama_cpt::device::{on_device, OnBackend};
 use llama_cpt::eval::{mc, ppl};
 use llama_cpt::model::Llama;
 use std::path::PathBuf;
@@ -76,7 +76,10 @@ fn run<B: Backend>(backend: &B, a: &Args) -> Result<()> {
             eprintln!("{name}: skipped {}:{}: {:?} {}", i.file.display(), i.line.unwrap_or(0), i.kind, i.detail);
         }
         let s = ppl::score_texts(&model, backend, &tok, &texts, max_tokens, a.batch_tokens)?;
-        println!("text {name}: {} documents, {} tokens, {} chars: perplexity {:.3}, {:.4} bits/token, {:.4} bits/char", s.documents, s.tokens, s.chars, s.perplexity, s.bits_per_token, s.bits_per_char);
+        println!(
+            "text {name}: {} documents, {} tokens, {} chars: perplexity {:.3}, {:.4} bits/token, {:.4} bits/char",
+            s.documents, s.tokens, s.chars, s.perplexity, s.bits_per_token, s.bits_per_char
+        );
         insert_unique(&mut results, format!("text:{name}"), path, serde_json::to_value(&s)?);
     }
     for (run, spec) in a.mcs.iter().enumerate() {
@@ -84,7 +87,8 @@ fn run<B: Backend>(backend: &B, a: &Args) -> Result<()> {
         let format: mc::Format = fmt.parse()?;
         let mut issues = Vec::new();
         let subjects = mc::load(format, dir.as_ref(), &mut issues)?;
-        let r = mc::evaluate(&model, backend, &tok, format, style, &subjects, a.shots, max_tokens, a.batch_tokens, issues)?;
+        let r =
+            mc::evaluate(&model, backend, &tok, format, style, &subjects, a.shots, max_tokens, a.batch_tokens, issues)?;
         for i in &r.issues {
             eprintln!("{fmt}: skipped {i}");
         }
@@ -93,21 +97,31 @@ fn run<B: Backend>(backend: &B, a: &Args) -> Result<()> {
             let dir = root.join(format!("{}-{}", run + 1, fmt.to_ascii_lowercase()));
             for q in &r.per_question {
                 let path = dir.join(&q.subject).join(format!("{}.txt", file_safe(&q.id)));
-                std::fs::create_dir_all(path.parent().unwrap()).with_context(|| format!("--dump-prompts: creating {}", path.parent().unwrap().display()))?;
-                llama_cpt::fsutil::write_atomic(&path, q.prompt.as_bytes()).with_context(|| format!("--dump-prompts: writing {}", path.display()))?;
+                std::fs::create_dir_all(path.parent().unwrap())
+                    .with_context(|| format!("--dump-prompts: creating {}", path.parent().unwrap().display()))?;
+                llama_cpt::fsutil::write_atomic(&path, q.prompt.as_bytes())
+                    .with_context(|| format!("--dump-prompts: writing {}", path.display()))?;
             }
         }
         insert_unique(&mut results, format!("mc:{fmt}"), dir, serde_json::to_value(&r)?);
     }
     if let Some(p) = &a.json {
-        llama_cpt::fsutil::write_atomic(p, serde_json::to_string_pretty(&serde_json::Value::Object(results))?.as_bytes())?;
+        llama_cpt::fsutil::write_atomic(
+            p,
+            serde_json::to_string_pretty(&serde_json::Value::Object(results))?.as_bytes(),
+        )?;
     }
     Ok(())
 }
 
 /// Keeps every run: the first of a key as `key`, the next ones as `key#2`, `key#3`, …, each with
 /// the `path` it read.
-fn insert_unique(results: &mut serde_json::Map<String, serde_json::Value>, key: String, path: &str, mut value: serde_json::Value) {
+fn insert_unique(
+    results: &mut serde_json::Map<String, serde_json::Value>,
+    key: String,
+    path: &str,
+    mut value: serde_json::Value,
+) {
     if let Some(fields) = value.as_object_mut() {
         fields.insert("path".into(), path.into());
     }

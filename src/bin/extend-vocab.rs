@@ -13,7 +13,10 @@ use anyhow::{bail, Result};
 use clap::Parser;
 use llama_cpt::data::corpus::CorpusOptions;
 use llama_cpt::data::report::{load_texts, measure, to_markdown};
-use llama_cpt::vocab::{extend_model, read_pieces, unchanged_outside_kept_scripts, ExtendOptions, PieceSource, Script, ScriptFilter, REPORT_FILE};
+use llama_cpt::vocab::{
+    extend_model, read_pieces, unchanged_outside_kept_scripts, ExtendOptions, PieceSource, Script, ScriptFilter,
+    REPORT_FILE,
+};
 
 #[derive(Parser, Debug)]
 #[command(about = "Extend a LLaMA model's vocabulary: tokenizer.json pieces + merges, grown embeddings")]
@@ -62,12 +65,21 @@ fn main() -> Result<()> {
             for i in &issues {
                 eprintln!("skipped: {i}");
             }
-            let keep = if a.keep_script.is_empty() { None } else { Some(a.keep_script.iter().map(|s| Script::parse(s)).collect::<Result<Vec<_>>>()?) };
+            let keep = if a.keep_script.is_empty() {
+                None
+            } else {
+                Some(a.keep_script.iter().map(|s| Script::parse(s)).collect::<Result<Vec<_>>>()?)
+            };
             PieceSource::Corpus { texts, target_size: a.target_size.unwrap(), keep }
         }
         _ => bail!("give either --pieces FILE or --corpus PATH with --target-size N"),
     };
-    let report = extend_model(&a.base, &a.out, &source, &ExtendOptions { pad_to_multiple: a.pad_to_multiple, overwrite: a.overwrite })?;
+    let report = extend_model(
+        &a.base,
+        &a.out,
+        &source,
+        &ExtendOptions { pad_to_multiple: a.pad_to_multiple, overwrite: a.overwrite },
+    )?;
     println!(
         "{:?} tokenizer: {} → {} ids ({} pieces, {} intermediates; {} already present, {} duplicates, {} rejected); embedding rows {} → {}",
         report.kind.unwrap(),
@@ -82,8 +94,16 @@ fn main() -> Result<()> {
         report.new_model_vocab
     );
     if !report.kept_scripts.is_empty() {
-        let costs: Vec<String> = report.script_costs.iter().map(|c| format!("{} {:.3} ({} letters)", c.script, c.tokens_per_char, c.chars)).collect();
-        println!("kept scripts: {}; base tokens per letter on the corpus: {}", ScriptFilter::new(report.kept_scripts.clone()).names(), costs.join(", "));
+        let costs: Vec<String> = report
+            .script_costs
+            .iter()
+            .map(|c| format!("{} {:.3} ({} letters)", c.script, c.tokens_per_char, c.chars))
+            .collect();
+        println!(
+            "kept scripts: {}; base tokens per letter on the corpus: {}",
+            ScriptFilter::new(report.kept_scripts.clone()).names(),
+            costs.join(", ")
+        );
     }
     for r in report.rejected.iter().take(20) {
         println!("rejected {:?}: {}", r.piece, r.reason);
@@ -94,9 +114,14 @@ fn main() -> Result<()> {
     if report.word_start_merges > 0 {
         println!("{} pieces merge with the prepended ▁ when encoded alone at the start of a text (they are whole inside text)", report.word_start_merges);
     }
-    println!("every new token checked with the tokenizers crate: {} failures; details in {}", report.failures.len(), a.out.join(REPORT_FILE).display());
+    println!(
+        "every new token checked with the tokenizers crate: {} failures; details in {}",
+        report.failures.len(),
+        a.out.join(REPORT_FILE).display()
+    );
     if !a.measure.is_empty() {
-        let old = tokenizers::Tokenizer::from_file(a.base.join("tokenizer.json")).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let old =
+            tokenizers::Tokenizer::from_file(a.base.join("tokenizer.json")).map_err(|e| anyhow::anyhow!("{e}"))?;
         let new = tokenizers::Tokenizer::from_file(a.out.join("tokenizer.json")).map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut rows = Vec::new();
         for m in &a.measure {
@@ -108,7 +133,10 @@ fn main() -> Result<()> {
             if !report.kept_scripts.is_empty() {
                 let filter = ScriptFilter::new(report.kept_scripts.clone());
                 let (untouched, changed, _) = unchanged_outside_kept_scripts(&old, &new, &filter, &texts)?;
-                println!("{lang}: {changed} of {untouched} documents without {} characters changed ids", filter.names());
+                println!(
+                    "{lang}: {changed} of {untouched} documents without {} characters changed ids",
+                    filter.names()
+                );
             }
         }
         print!("{}", to_markdown(&rows));

@@ -3,8 +3,8 @@
 use anyhow::Result;
 use clap::Parser;
 use llama_cpt::backend::Backend;
-use llama_cpt::device::{on_device, OnBackend};
 use llama_cpt::data::tokenizer::TextTokenizer;
+use llama_cpt::device::{on_device, OnBackend};
 use llama_cpt::generate::{generate, Sampling};
 use llama_cpt::model::Llama;
 use std::io::Write;
@@ -63,7 +63,11 @@ fn run<B: Backend>(backend: &B, a: &Args) -> Result<()> {
         prompt.extend(tok.bos);
     }
     prompt.extend(tok.encode_text(&a.prompt)?);
-    let stop: Vec<u32> = if model.config.eos_token_ids.is_empty() { tok.eos.into_iter().collect() } else { model.config.eos_token_ids.clone() };
+    let stop: Vec<u32> = if model.config.eos_token_ids.is_empty() {
+        tok.eos.into_iter().collect()
+    } else {
+        model.config.eos_token_ids.clone()
+    };
     // Padding rows of a grown vocabulary are never produced.
     let limit = Some(llama_cpt::vocab::real_vocab_size(&model.config));
     let sampling = Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
@@ -88,7 +92,10 @@ fn run<B: Backend>(backend: &B, a: &Args) -> Result<()> {
     })?;
     let secs = t0.elapsed().as_secs_f64();
     if a.ids {
-        println!("{}", serde_json::json!({"prompt_ids": prompt, "ids": ids, "seconds": secs, "tokens_per_s": ids.len() as f64 / secs}));
+        println!(
+            "{}",
+            serde_json::json!({"prompt_ids": prompt, "ids": ids, "seconds": secs, "tokens_per_s": ids.len() as f64 / secs})
+        );
     } else {
         let text = tok.inner().decode(&produced, true).unwrap_or_default();
         println!("{}", &text[shown.len().min(text.len())..]);

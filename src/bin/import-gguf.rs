@@ -28,7 +28,13 @@ fn main() -> Result<()> {
         let g = GgufFile::open(&a.gguf)?;
         let name = g.get("general.name").and_then(|v| v.as_str()).unwrap_or("?");
         let arch = g.get("general.architecture").and_then(|v| v.as_str()).unwrap_or("?");
-        println!("{}: GGUF v{}, {arch} \"{name}\", {} tensors, {} metadata keys", a.gguf.display(), g.version, g.tensors.len(), g.metadata.len());
+        println!(
+            "{}: GGUF v{}, {arch} \"{name}\", {} tensors, {} metadata keys",
+            a.gguf.display(),
+            g.version,
+            g.tensors.len(),
+            g.metadata.len()
+        );
     }
     let bar = ProgressBar::new(0);
     bar.set_style(ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg}").unwrap().progress_chars("=> "));

@@ -63,10 +63,22 @@ fn main() -> Result<()> {
     if let Some(t) = a.threads {
         rayon::ThreadPoolBuilder::new().num_threads(t).build_global().context("building the thread pool")?;
     }
-    let tri = |yes: bool, no: bool| if yes { Some(true) } else if no { Some(false) } else { None };
+    let tri = |yes: bool, no: bool| {
+        if yes {
+            Some(true)
+        } else if no {
+            Some(false)
+        } else {
+            None
+        }
+    };
     let tok = TextTokenizer::load(
         &a.tokenizer,
-        &SpecialTokenOptions { model_config: a.model_config.clone(), add_bos: tri(a.bos, a.no_bos), add_eos: tri(a.eos, a.no_eos) },
+        &SpecialTokenOptions {
+            model_config: a.model_config.clone(),
+            add_bos: tri(a.bos, a.no_bos),
+            add_eos: tri(a.eos, a.no_eos),
+        },
     )?;
     eprintln!(
         "tokenizer {}: vocab {}, bos {:?} (add: {}), eos {:?} (add: {})",
@@ -93,7 +105,8 @@ fn main() -> Result<()> {
             strict: a.strict,
             progress: !a.no_progress,
         };
-        let (m, st) = prepare_subset(&tok, &cfg).with_context(|| format!("preparing sub-dataset {name} from {path}"))?;
+        let (m, st) =
+            prepare_subset(&tok, &cfg).with_context(|| format!("preparing sub-dataset {name} from {path}"))?;
         for s in m.skipped.iter().take(20) {
             eprintln!("  skipped: {s}");
         }

@@ -9,8 +9,8 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use llama_cpt::backend::Backend;
 use llama_cpt::device::{on_device_index, OnBackend, Precision};
-use llama_cpt_parallel::launch::Launch;
 use llama_cpt::train::{self, config::TrainConfig, default_run};
+use llama_cpt_parallel::launch::Launch;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -57,14 +57,21 @@ fn main() -> Result<()> {
         eprintln!("interrupt: writing a checkpoint after this step…");
     })?;
     let launch = Launch::from_env()?;
-    let outcome = on_device_index(&args.device, launch.local_rank, args.precision, Train { args: &args, launch: &launch, interrupt: &interrupt })?;
+    let outcome = on_device_index(
+        &args.device,
+        launch.local_rank,
+        args.precision,
+        Train { args: &args, launch: &launch, interrupt: &interrupt },
+    )?;
     if launch.rank != 0 {
         return Ok(());
     }
     match (&outcome.final_model, outcome.interrupted) {
         (_, true) => eprintln!("interrupted at step {}; run the same command to resume", outcome.global_step),
         (Some(dir), false) => match outcome.last_loss {
-            Some(l) => eprintln!("done after {} steps (last loss {l:.4}); final model: {}", outcome.global_step, dir.display()),
+            Some(l) => {
+                eprintln!("done after {} steps (last loss {l:.4}); final model: {}", outcome.global_step, dir.display())
+            }
             None => eprintln!("done after {} steps; final model: {}", outcome.global_step, dir.display()),
         },
         (None, false) => eprintln!("done after {} steps", outcome.global_step),
@@ -90,7 +97,8 @@ impl OnBackend for Train<'_> {
         }
         // The config's own timeout is not known yet: the communicator is needed to read it
         // consistently (rank 0 writes the embedded default's data). Take it from the overrides.
-        let timeout = overrides.iter().rev().find_map(|o| o.strip_prefix("parallel.timeout_s=")?.parse().ok()).unwrap_or(600);
+        let timeout =
+            overrides.iter().rev().find_map(|o| o.strip_prefix("parallel.timeout_s=")?.parse().ok()).unwrap_or(600);
         let comm = backend.communicator(self.launch, std::time::Duration::from_secs(timeout))?;
         let leader = comm.rank() == 0;
         let cfg = match &args.config {
@@ -98,7 +106,10 @@ impl OnBackend for Train<'_> {
             None => {
                 let out = args.out.clone().unwrap_or_else(default_run::default_out_dir);
                 if leader {
-                    eprintln!("no --config: running the embedded default (tiny LLaMA, generated corpus) into {}", out.display());
+                    eprintln!(
+                        "no --config: running the embedded default (tiny LLaMA, generated corpus) into {}",
+                        out.display()
+                    );
                     default_run::prepare(&out, &overrides)?;
                 }
                 // The other ranks read what rank 0 generated.
@@ -107,7 +118,10 @@ impl OnBackend for Train<'_> {
             }
         };
         if args.resume && train::checkpoint::complete_checkpoints(&cfg.run.out_dir)?.is_empty() {
-            anyhow::bail!("--resume: no complete checkpoint in {}", train::checkpoint::checkpoints_dir(&cfg.run.out_dir).display());
+            anyhow::bail!(
+                "--resume: no complete checkpoint in {}",
+                train::checkpoint::checkpoints_dir(&cfg.run.out_dir).display()
+            );
         }
         train::run_parallel(backend, comm.as_ref(), &cfg, self.interrupt)
     }

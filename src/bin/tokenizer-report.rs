@@ -38,7 +38,11 @@ fn pairs(v: &[String], what: &str) -> Result<Vec<(String, PathBuf)>> {
 
 fn main() -> Result<()> {
     let a = Args::parse();
-    let (rows, issues) = report(&pairs(&a.tokenizers, "tokenizer")?, &pairs(&a.sets, "set")?, &CorpusOptions { txt_split: a.txt_split })?;
+    let (rows, issues) = report(
+        &pairs(&a.tokenizers, "tokenizer")?,
+        &pairs(&a.sets, "set")?,
+        &CorpusOptions { txt_split: a.txt_split },
+    )?;
     for i in &issues {
         eprintln!("skipped: {i}");
     }

@@ -47,7 +47,11 @@ pub(crate) fn size_class(bytes: usize) -> usize {
 
 impl Pool {
     /// A block of at least `bytes`; the caller holds the context current and the stream.
-    pub(crate) fn alloc(&mut self, bytes: usize, stream: sys::CUstream) -> Result<(sys::CUdeviceptr, usize), result::DriverError> {
+    pub(crate) fn alloc(
+        &mut self,
+        bytes: usize,
+        stream: sys::CUstream,
+    ) -> Result<(sys::CUdeviceptr, usize), result::DriverError> {
         let class = size_class(bytes);
         let ptr = if let Some(p) = self.free.get_mut(&class).and_then(|v| v.pop()) {
             self.stats.cache_hits += 1;
@@ -186,7 +190,8 @@ impl Clone for CudaBuf {
     fn clone(&self) -> Self {
         let out = CudaBuf::alloc(&self.home, self.len, self.dtype);
         if self.len > 0 {
-            unsafe { result::memcpy_dtod_async(out.ptr, self.ptr, self.bytes(), self.home.stream.cu_stream()) }.expect("device copy");
+            unsafe { result::memcpy_dtod_async(out.ptr, self.ptr, self.bytes(), self.home.stream.cu_stream()) }
+                .expect("device copy");
         }
         out
     }

@@ -171,7 +171,9 @@ impl Gemm {
             .map_err(err)?;
             let heur = lt::get_matmul_algo_heuristic(self.handle, desc, a, b, c, c, pref);
             let _ = lt::destroy_matmul_pref(pref);
-            let heur = heur.map_err(|e| anyhow::anyhow!("cuBLASLt found no algorithm for {m}x{n}x{k} ({prec:?}, {types:?}): {e:?}"))?;
+            let heur = heur.map_err(|e| {
+                anyhow::anyhow!("cuBLASLt found no algorithm for {m}x{n}x{k} ({prec:?}, {types:?}): {e:?}")
+            })?;
             Ok(Plan { desc, a, b, c, algo: heur.algo })
         }
     }

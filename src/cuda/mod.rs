@@ -283,7 +283,11 @@ impl Cuda {
     }
     /// An NCCL communicator of this device for the ranks of `launch` (also at world size 1, to
     /// test the NCCL path on one GPU).
-    pub fn nccl(&self, launch: &llama_cpt_parallel::launch::Launch, timeout: std::time::Duration) -> Result<nccl::Nccl> {
+    pub fn nccl(
+        &self,
+        launch: &llama_cpt_parallel::launch::Launch,
+        timeout: std::time::Duration,
+    ) -> Result<nccl::Nccl> {
         nccl::Nccl::new(self.inner.home.clone(), launch, timeout)
     }
     /// Waits for all queued work; surfaces asynchronous kernel errors.
@@ -356,7 +360,8 @@ impl Cuda {
         unsafe { result::launch_kernel(f, grid, block, smem, self.stream(), args) }
             .unwrap_or_else(|e| panic!("launching {name} grid {grid:?} block {block:?} smem {smem}: {e}"));
         if self.inner.sync_each_launch.load(Ordering::Relaxed) {
-            unsafe { result::stream::synchronize(self.stream()) }.unwrap_or_else(|e| panic!("kernel {name} failed: {e}"));
+            unsafe { result::stream::synchronize(self.stream()) }
+                .unwrap_or_else(|e| panic!("kernel {name} failed: {e}"));
         }
     }
 
@@ -427,13 +432,42 @@ impl Cuda {
 
     /// `C = op(A)·op(B) (+ C)` for row-major operands, through cuBLASLt.
     #[allow(clippy::too_many_arguments)]
-    fn gemm_colmajor(&self, mnk: (usize, usize, usize), a: &CudaBuf, ta: bool, lda: usize, b: &CudaBuf, tb: bool, ldb: usize, c: &CudaBuf, ldc: usize, beta: f32) {
+    fn gemm_colmajor(
+        &self,
+        mnk: (usize, usize, usize),
+        a: &CudaBuf,
+        ta: bool,
+        lda: usize,
+        b: &CudaBuf,
+        tb: bool,
+        ldb: usize,
+        c: &CudaBuf,
+        ldc: usize,
+        beta: f32,
+    ) {
         let prec = self.gemm_precision();
         let types = (a.dtype, b.dtype, c.dtype);
-        unsafe { self.inner.gemm.matmul_colmajor(self.stream(), prec, mnk, a.ptr, ta, lda, b.ptr, tb, ldb, c.ptr, ldc, beta, types) }
-            .unwrap_or_else(|e| panic!("GEMM {mnk:?}: {e}"));
+        unsafe {
+            self.inner.gemm.matmul_colmajor(
+                self.stream(),
+                prec,
+                mnk,
+                a.ptr,
+                ta,
+                lda,
+                b.ptr,
+                tb,
+                ldb,
+                c.ptr,
+                ldc,
+                beta,
+                types,
+            )
+        }
+        .unwrap_or_else(|e| panic!("GEMM {mnk:?}: {e}"));
         if self.inner.sync_each_launch.load(Ordering::Relaxed) {
-            unsafe { result::stream::synchronize(self.stream()) }.unwrap_or_else(|e| panic!("GEMM {mnk:?} failed: {e}"));
+            unsafe { result::stream::synchronize(self.stream()) }
+                .unwrap_or_else(|e| panic!("GEMM {mnk:?} failed: {e}"));
         }
     }
 
@@ -489,8 +523,15 @@ impl Backend for Cuda {
     type Buf = CudaBuf;
 
     fn name(&self) -> String {
-        let arithmetic = if self.mixed_precision() { "bf16 mixed precision".to_string() } else { format!("f32, gemm {:?}", self.gemm_precision()) };
-        format!("cuda:{} ({}, sm_{}{}, {arithmetic})", self.inner.ordinal, self.inner.device_name, self.inner.cc.0, self.inner.cc.1)
+        let arithmetic = if self.mixed_precision() {
+            "bf16 mixed precision".to_string()
+        } else {
+            format!("f32, gemm {:?}", self.gemm_precision())
+        };
+        format!(
+            "cuda:{} ({}, sm_{}{}, {arithmetic})",
+            self.inner.ordinal, self.inner.device_name, self.inner.cc.0, self.inner.cc.1
+        )
     }
 
     /// Dense tensor-core peak of the GEMM compute type in use, for the cards we know.
@@ -518,7 +559,11 @@ impl Backend for Cuda {
     }
 
     /// NCCL between processes (one GPU each, the local rank's).
-    fn communicator(&self, launch: &llama_cpt_parallel::launch::Launch, timeout: std::time::Duration) -> Result<Box<dyn llama_cpt_parallel::Communicator<CudaBuf>>> {
+    fn communicator(
+        &self,
+        launch: &llama_cpt_parallel::launch::Launch,
+        timeout: std::time::Duration,
+    ) -> Result<Box<dyn llama_cpt_parallel::Communicator<CudaBuf>>> {
         if launch.world_size == 1 {
             return Ok(Box::new(llama_cpt_parallel::SingleProcess::default()));
         }
@@ -537,7 +582,8 @@ impl Backend for Cuda {
         let out = self.alloc_as(len, buf.dtype);
         let es = buf.dtype.size();
         if len > 0 {
-            unsafe { result::memcpy_dtod_async(out.ptr, buf.ptr + (es * start) as u64, es * len, self.stream()) }.expect("device copy");
+            unsafe { result::memcpy_dtod_async(out.ptr, buf.ptr + (es * start) as u64, es * len, self.stream()) }
+                .expect("device copy");
         }
         out
     }
@@ -547,7 +593,8 @@ impl Backend for Cuda {
         let src = self.as_type(src, dst.dtype);
         let es = dst.dtype.size();
         if src.len > 0 {
-            unsafe { result::memcpy_dtod_async(dst.ptr + (es * start) as u64, src.ptr, es * src.len, self.stream()) }.expect("device copy");
+            unsafe { result::memcpy_dtod_async(dst.ptr + (es * start) as u64, src.ptr, es * src.len, self.stream()) }
+                .expect("device copy");
         }
     }
     fn upload(&self, data: &[f32]) -> CudaBuf {
@@ -609,7 +656,16 @@ impl Backend for Cuda {
         y
     }
 
-    fn linear_backward(&self, dy: &CudaBuf, x: &CudaBuf, w: &CudaBuf, dw: &mut CudaBuf, m: usize, k: usize, n: usize) -> CudaBuf {
+    fn linear_backward(
+        &self,
+        dy: &CudaBuf,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        dw: &mut CudaBuf,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> CudaBuf {
         assert_eq!(dy.len, m * n);
         assert_eq!(x.len, m * k);
         assert_eq!(w.len, n * k);
@@ -641,7 +697,13 @@ impl Backend for Cuda {
         let out = self.alloc_act(ids.len() * dim);
         let dids = self.upload_cached(ids);
         let (o, t, i, d) = (out.ptr, table.ptr, dids.ptr, dim as i32);
-        self.launch(&Self::typed("embedding_fwd", out.dtype), (ids.len() as u32, div_ceil(dim, 256) as u32, 1), (256, 1, 1), 0, args![o, t, i, d]);
+        self.launch(
+            &Self::typed("embedding_fwd", out.dtype),
+            (ids.len() as u32, div_ceil(dim, 256) as u32, 1),
+            (256, 1, 1),
+            0,
+            args![o, t, i, d],
+        );
         out
     }
 
@@ -669,7 +731,13 @@ impl Backend for Cuda {
         let segs = seg_ids.len();
         let (o, s, i) = (self.upload_cached(&order), self.upload_cached(&seg_start), self.upload_cached(&seg_ids));
         let (dt, dy, op, sp, ip, d) = (dtable.ptr, dout.ptr, o.ptr, s.ptr, i.ptr, dim as i32);
-        self.launch(&Self::typed("embedding_bwd", dout.dtype), (segs as u32, div_ceil(dim, 256) as u32, 1), (256, 1, 1), 0, args![dt, dy, op, sp, ip, d]);
+        self.launch(
+            &Self::typed("embedding_bwd", dout.dtype),
+            (segs as u32, div_ceil(dim, 256) as u32, 1),
+            (256, 1, 1),
+            0,
+            args![dt, dy, op, sp, ip, d],
+        );
     }
 
     fn rmsnorm(&self, x: &CudaBuf, w: &CudaBuf, dim: usize, eps: f64) -> (CudaBuf, CudaBuf) {
@@ -679,8 +747,15 @@ impl Backend for Cuda {
         self.bind();
         let (x, w) = (self.act(x), self.act(w));
         let (y, rstd) = (self.alloc_act(x.len), self.alloc(rows));
-        let (yp, rp, xp, wp, d, e, inv) = (y.ptr, rstd.ptr, x.ptr, w.ptr, dim as i32, eps as f32, (1.0 / dim as f64) as f32);
-        self.launch(&Self::typed("rmsnorm_fwd", y.dtype), (rows as u32, 1, 1), (256, 1, 1), 0, args![yp, rp, xp, wp, d, e, inv]);
+        let (yp, rp, xp, wp, d, e, inv) =
+            (y.ptr, rstd.ptr, x.ptr, w.ptr, dim as i32, eps as f32, (1.0 / dim as f64) as f32);
+        self.launch(
+            &Self::typed("rmsnorm_fwd", y.dtype),
+            (rows as u32, 1, 1),
+            (256, 1, 1),
+            0,
+            args![yp, rp, xp, wp, d, e, inv],
+        );
         (y, rstd)
     }
 
@@ -690,12 +765,27 @@ impl Backend for Cuda {
         self.bind();
         let (x, r, w) = (self.act(x), self.act(r), self.act(w));
         let (h, y, rstd) = (self.alloc_act(x.len), self.alloc_act(x.len), self.alloc(rows));
-        let (hp, yp, rsp, xp, rp, wp, d, e, inv) = (h.ptr, y.ptr, rstd.ptr, x.ptr, r.ptr, w.ptr, dim as i32, eps as f32, (1.0 / dim as f64) as f32);
-        self.launch(&Self::typed("add_rmsnorm_fwd", h.dtype), (rows as u32, 1, 1), (256, 1, 1), 0, args![hp, yp, rsp, xp, rp, wp, d, e, inv]);
+        let (hp, yp, rsp, xp, rp, wp, d, e, inv) =
+            (h.ptr, y.ptr, rstd.ptr, x.ptr, r.ptr, w.ptr, dim as i32, eps as f32, (1.0 / dim as f64) as f32);
+        self.launch(
+            &Self::typed("add_rmsnorm_fwd", h.dtype),
+            (rows as u32, 1, 1),
+            (256, 1, 1),
+            0,
+            args![hp, yp, rsp, xp, rp, wp, d, e, inv],
+        );
         (h, y, rstd)
     }
 
-    fn rmsnorm_backward(&self, dy: &CudaBuf, x: &CudaBuf, w: &CudaBuf, rstd: &CudaBuf, dim: usize, dw: &mut CudaBuf) -> CudaBuf {
+    fn rmsnorm_backward(
+        &self,
+        dy: &CudaBuf,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        rstd: &CudaBuf,
+        dim: usize,
+        dw: &mut CudaBuf,
+    ) -> CudaBuf {
         let rows = x.len / dim;
         assert!(dy.len == x.len && w.len == dim && rstd.len == rows && dw.len == dim);
         assert!(rstd.dtype == DType::F32 && dw.dtype == DType::F32, "rmsnorm: rstd and dw are f32");
@@ -706,20 +796,41 @@ impl Backend for Cuda {
         if rows == 0 {
             return dx;
         }
-        let (dxp, dyp, xp, wp, rp, d, inv) = (dx.ptr, dy.ptr, x.ptr, w.ptr, rstd.ptr, dim as i32, (1.0 / dim as f64) as f32);
-        self.launch(&Self::typed("rmsnorm_bwd_dx", t), (rows as u32, 1, 1), (256, 1, 1), 0, args![dxp, dyp, xp, wp, rp, d, inv]);
+        let (dxp, dyp, xp, wp, rp, d, inv) =
+            (dx.ptr, dy.ptr, x.ptr, w.ptr, rstd.ptr, dim as i32, (1.0 / dim as f64) as f32);
+        self.launch(
+            &Self::typed("rmsnorm_bwd_dx", t),
+            (rows as u32, 1, 1),
+            (256, 1, 1),
+            0,
+            args![dxp, dyp, xp, wp, rp, d, inv],
+        );
         let rows_per_chunk = div_ceil(rows, 128).max(16).min(rows);
         let chunks = div_ceil(rows, rows_per_chunk);
         let partial = self.alloc(chunks * dim);
         let (pp, nrows, rpc, nch) = (partial.ptr, rows as u64, rows_per_chunk as i32, chunks as i32);
         let cols = div_ceil(dim, 256) as u32;
-        self.launch(&Self::typed("rmsnorm_bwd_dw_partial", t), (cols, chunks as u32, 1), (256, 1, 1), 0, args![pp, dyp, xp, rp, nrows, d, rpc]);
+        self.launch(
+            &Self::typed("rmsnorm_bwd_dw_partial", t),
+            (cols, chunks as u32, 1),
+            (256, 1, 1),
+            0,
+            args![pp, dyp, xp, rp, nrows, d, rpc],
+        );
         let dwp = dw.ptr;
         self.launch("rmsnorm_bwd_dw_reduce", (cols, 1, 1), (256, 1, 1), 0, args![dwp, pp, nch, d]);
         dx
     }
 
-    fn rope(&self, x: &CudaBuf, positions: &[u32], heads: usize, head_dim: usize, theta: f64, inverse: bool) -> CudaBuf {
+    fn rope(
+        &self,
+        x: &CudaBuf,
+        positions: &[u32],
+        heads: usize,
+        head_dim: usize,
+        theta: f64,
+        inverse: bool,
+    ) -> CudaBuf {
         assert!(head_dim.is_multiple_of(2), "rope: head_dim {head_dim} must be even");
         let tokens = positions.len();
         assert_eq!(x.len, tokens * heads * head_dim, "rope: x does not match the positions");
@@ -732,12 +843,20 @@ impl Backend for Cuda {
         let inv_freq: Vec<u32> =
             (0..head_dim / 2).map(|i| (1.0f32 / base.powf((2 * i) as f32 / head_dim as f32)).to_bits()).collect();
         let freqs = self.upload_cached(&inv_freq);
-        let (yp, xp, pp, fp, t, h, d, inv) = (y.ptr, x.ptr, pos.ptr, freqs.ptr, tokens as u64, heads as i32, head_dim as i32, inverse as i32);
+        let (yp, xp, pp, fp, t, h, d, inv) =
+            (y.ptr, x.ptr, pos.ptr, freqs.ptr, tokens as u64, heads as i32, head_dim as i32, inverse as i32);
         self.elementwise(&Self::typed("rope_fwd", y.dtype), x.len / 2, args![yp, xp, pp, fp, t, h, d, inv]);
         y
     }
 
-    fn attention(&self, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, cu_seqlens: &[u32], shape: AttnShape) -> (CudaBuf, CudaBuf) {
+    fn attention(
+        &self,
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        cu_seqlens: &[u32],
+        shape: AttnShape,
+    ) -> (CudaBuf, CudaBuf) {
         let tokens = Self::check_attn(shape, q, k, v);
         let AttnShape { heads, kv_heads, head_dim: d } = shape;
         self.bind();
@@ -750,12 +869,24 @@ impl Backend for Cuda {
             let (tiles, n) = self.doc_tiles(cu_seqlens, tokens, ATTN_BM);
             let (tp, sl2) = (tiles.ptr, scale * std::f32::consts::LOG2_E);
             let name = Self::typed(if d == 64 { "attn_fwd_d64" } else { "attn_fwd_d128" }, t);
-            self.launch(&name, (n as u32, heads as u32, 1), (128, 1, 1), attn_smem("fwd", d) as u32, args![op, lp, qp, kp, vp, tp, h, kvh, sl2]);
+            self.launch(
+                &name,
+                (n as u32, heads as u32, 1),
+                (128, 1, 1),
+                attn_smem("fwd", d) as u32,
+                args![op, lp, qp, kp, vp, tp, h, kvh, sl2],
+            );
         } else {
             let (start, _) = self.doc_bounds(cu_seqlens, tokens);
             let (sp, nt, dd) = (start.ptr, tokens as u64, d as i32);
             let warps = tokens * heads;
-            self.launch(&Self::typed("attn_fwd_simple", t), (div_ceil(warps * 32, 256) as u32, 1, 1), (256, 1, 1), 0, args![op, lp, qp, kp, vp, sp, nt, h, kvh, dd, scale]);
+            self.launch(
+                &Self::typed("attn_fwd_simple", t),
+                (div_ceil(warps * 32, 256) as u32, 1, 1),
+                (256, 1, 1),
+                0,
+                args![op, lp, qp, kp, vp, sp, nt, h, kvh, dd, scale],
+            );
         }
         (out, lse)
     }
@@ -781,14 +912,31 @@ impl Backend for Cuda {
         let delta = self.alloc(tokens * heads);
         let rows = tokens * heads;
         let (delp, dop, outp, nrows, dd) = (delta.ptr, dout.ptr, out.ptr, rows as u64, d as i32);
-        self.launch(&Self::typed("attn_delta", t), (div_ceil(rows * 32, 256) as u32, 1, 1), (256, 1, 1), 0, args![delp, dop, outp, nrows, dd]);
+        self.launch(
+            &Self::typed("attn_delta", t),
+            (div_ceil(rows * 32, 256) as u32, 1, 1),
+            (256, 1, 1),
+            0,
+            args![delp, dop, outp, nrows, dd],
+        );
         let scale = (1.0 / (d as f64).sqrt()) as f32;
-        let (dqp, dkp, dvp, qp, kp, vp, lp, h, kvh) = (dq.ptr, dk.ptr, dv.ptr, q.ptr, k.ptr, v.ptr, lse.ptr, heads as i32, kv_heads as i32);
+        let (dqp, dkp, dvp, qp, kp, vp, lp, h, kvh) =
+            (dq.ptr, dk.ptr, dv.ptr, q.ptr, k.ptr, v.ptr, lse.ptr, heads as i32, kv_heads as i32);
         if self.use_mma(shape) {
             let (tiles, n) = self.doc_tiles(cu_seqlens, tokens, ATTN_BM);
             let (tp, sl2) = (tiles.ptr, scale * std::f32::consts::LOG2_E);
-            let (dq_name, dkdv_name) = if d == 64 { ("attn_bwd_dq_d64", "attn_bwd_dkdv_d64") } else { ("attn_bwd_dq_d128", "attn_bwd_dkdv_d128") };
-            self.launch(&Self::typed(dq_name, t), (n as u32, heads as u32, 1), (128, 1, 1), attn_smem("dq", d) as u32, args![dqp, qp, kp, vp, dop, lp, delp, tp, h, kvh, scale, sl2]);
+            let (dq_name, dkdv_name) = if d == 64 {
+                ("attn_bwd_dq_d64", "attn_bwd_dkdv_d64")
+            } else {
+                ("attn_bwd_dq_d128", "attn_bwd_dkdv_d128")
+            };
+            self.launch(
+                &Self::typed(dq_name, t),
+                (n as u32, heads as u32, 1),
+                (128, 1, 1),
+                attn_smem("dq", d) as u32,
+                args![dqp, qp, kp, vp, dop, lp, delp, tp, h, kvh, scale, sl2],
+            );
             // Key tiles are the same 64-token cuts of each document (ATTN_BN == ATTN_BM).
             self.launch(
                 &Self::typed(dkdv_name, t),
@@ -847,7 +995,13 @@ impl Backend for Cuda {
         let loss = self.alloc(rows);
         let t = self.upload_cached(bytemuck::cast_slice(targets));
         let (lp, lsp, xp, tp, v) = (lse.ptr, loss.ptr, logits.ptr, t.ptr, vocab as i32);
-        self.launch(&Self::typed("cross_entropy_fwd", logits.dtype), (rows as u32, 1, 1), (512, 1, 1), 0, args![lp, lsp, xp, tp, v]);
+        self.launch(
+            &Self::typed("cross_entropy_fwd", logits.dtype),
+            (rows as u32, 1, 1),
+            (512, 1, 1),
+            0,
+            args![lp, lsp, xp, tp, v],
+        );
         let losses: Vec<f32> = self.download_raw(loss.ptr, rows);
         let n = llama_cpt_ops::cross_entropy::count_valid(targets);
         if let Some(r) = losses.iter().position(|l| l.is_nan()) {
@@ -859,7 +1013,14 @@ impl Backend for Cuda {
         (if n == 0 { 0.0 } else { total / n as f64 }, lse)
     }
 
-    fn cross_entropy_backward(&self, logits: &CudaBuf, lse: &CudaBuf, targets: &[i32], vocab: usize, dloss: f64) -> CudaBuf {
+    fn cross_entropy_backward(
+        &self,
+        logits: &CudaBuf,
+        lse: &CudaBuf,
+        targets: &[i32],
+        vocab: usize,
+        dloss: f64,
+    ) -> CudaBuf {
         let rows = targets.len();
         assert!(logits.len == rows * vocab && lse.len == rows && lse.dtype == DType::F32);
         self.bind();
@@ -869,7 +1030,13 @@ impl Backend for Cuda {
         let scale = if n == 0 { 0.0f32 } else { (dloss / n as f64) as f32 };
         let t = self.upload_cached(bytemuck::cast_slice(targets));
         let (dp, xp, lp, tp, v) = (d.ptr, logits.ptr, lse.ptr, t.ptr, vocab as i32);
-        self.launch(&Self::typed("cross_entropy_bwd", d.dtype), (rows as u32, 1, 1), (512, 1, 1), 0, args![dp, xp, lp, tp, v, scale]);
+        self.launch(
+            &Self::typed("cross_entropy_bwd", d.dtype),
+            (rows as u32, 1, 1),
+            (512, 1, 1),
+            0,
+            args![dp, xp, lp, tp, v, scale],
+        );
         d
     }
 
@@ -881,11 +1048,29 @@ impl Backend for Cuda {
         let blocks = div_ceil(x.len, 4096).clamp(1, 1024);
         let partial = self.alloc(blocks * 2);
         let (pp, xp, n) = (partial.ptr, x.ptr, x.len as u64);
-        self.launch(&Self::typed("sum_squares_partial", x.dtype), (blocks as u32, 1, 1), (256, 1, 1), 0, args![pp, xp, n]);
+        self.launch(
+            &Self::typed("sum_squares_partial", x.dtype),
+            (blocks as u32, 1, 1),
+            (256, 1, 1),
+            0,
+            args![pp, xp, n],
+        );
         self.download_raw::<f64>(partial.ptr, blocks).iter().sum()
     }
 
-    fn adamw_step(&self, param: &mut CudaBuf, grad: &CudaBuf, m: &mut CudaBuf, v: &mut CudaBuf, cfg: &AdamWConfig, lr: f64, step: u64, decay: bool, grad_scale: f32, working: Option<&mut CudaBuf>) {
+    fn adamw_step(
+        &self,
+        param: &mut CudaBuf,
+        grad: &CudaBuf,
+        m: &mut CudaBuf,
+        v: &mut CudaBuf,
+        cfg: &AdamWConfig,
+        lr: f64,
+        step: u64,
+        decay: bool,
+        grad_scale: f32,
+        working: Option<&mut CudaBuf>,
+    ) {
         self.adamw_steps(&mut [AdamWTensor { param, grad, m, v, working, decay }], cfg, lr, step, grad_scale);
     }
 
@@ -893,7 +1078,14 @@ impl Backend for Cuda {
     /// of `{param, bf16 copy or null, grad, m, v, n, decay_factor}` (cuda/adamw.cu
     /// `AdamWTensorDesc`, 56 bytes each). A working copy that is not bf16 is copied from the
     /// updated values after the launch.
-    fn adamw_steps(&self, tensors: &mut [AdamWTensor<'_, CudaBuf>], cfg: &AdamWConfig, lr: f64, step: u64, grad_scale: f32) {
+    fn adamw_steps(
+        &self,
+        tensors: &mut [AdamWTensor<'_, CudaBuf>],
+        cfg: &AdamWConfig,
+        lr: f64,
+        step: u64,
+        grad_scale: f32,
+    ) {
         self.bind();
         // Gradients of another type are cast first; the casts live until the launch.
         let mut casts = Vec::new();
@@ -901,7 +1093,10 @@ impl Backend for Cuda {
         let mut max_n = 0usize;
         for t in tensors.iter() {
             assert!(t.param.len == t.grad.len && t.m.len == t.grad.len && t.v.len == t.grad.len);
-            assert!(t.param.dtype == DType::F32 && t.m.dtype == DType::F32 && t.v.dtype == DType::F32, "adamw: parameters (masters) and moments are f32");
+            assert!(
+                t.param.dtype == DType::F32 && t.m.dtype == DType::F32 && t.v.dtype == DType::F32,
+                "adamw: parameters (masters) and moments are f32"
+            );
             if t.param.len == 0 {
                 continue;
             }
@@ -921,17 +1116,32 @@ impl Backend for Cuda {
                 _ => 0,
             };
             let decay_factor = llama_cpt_ops::adamw::AdamWScalars::new(cfg, lr, step, t.decay).decay_factor;
-            table.extend_from_slice(&[t.param.ptr, working, grad, t.m.ptr, t.v.ptr, t.param.len as u64, decay_factor.to_bits() as u64]);
+            table.extend_from_slice(&[
+                t.param.ptr,
+                working,
+                grad,
+                t.m.ptr,
+                t.v.ptr,
+                t.param.len as u64,
+                decay_factor.to_bits() as u64,
+            ]);
             max_n = max_n.max(t.param.len);
         }
         // The same scalars as the ops reference; all but the decay factor are shared by every tensor.
-        let llama_cpt_ops::adamw::AdamWScalars { beta1: b1, beta2: b2, eps, step_size, bc2_sqrt, .. } = llama_cpt_ops::adamw::AdamWScalars::new(cfg, lr, step, false);
+        let llama_cpt_ops::adamw::AdamWScalars { beta1: b1, beta2: b2, eps, step_size, bc2_sqrt, .. } =
+            llama_cpt_ops::adamw::AdamWScalars::new(cfg, lr, step, false);
         const PER_TENSOR: usize = 7;
         for chunk in table.chunks(PER_TENSOR * 65_535) {
             let count = chunk.len() / PER_TENSOR;
             let desc = self.upload_raw::<u32>(bytemuck::cast_slice(chunk));
             let (dp, gs) = (desc.ptr, grad_scale);
-            self.launch("adamw_multi", (self.blocks_for(max_n, 256), count as u32, 1), (256, 1, 1), 0, args![dp, b1, b2, eps, step_size, bc2_sqrt, gs]);
+            self.launch(
+                "adamw_multi",
+                (self.blocks_for(max_n, 256), count as u32, 1),
+                (256, 1, 1),
+                0,
+                args![dp, b1, b2, eps, step_size, bc2_sqrt, gs],
+            );
         }
         drop(casts);
         for t in tensors.iter_mut() {
@@ -967,7 +1177,8 @@ mod tests {
             eprintln!("no kernels were compiled (no nvcc at build time): nothing to check");
             return;
         }
-        let report = std::fs::read_to_string(concat!(env!("OUT_DIR"), "/ptxas-report.txt")).expect("build.rs writes the ptxas report with the fatbin");
+        let report = std::fs::read_to_string(concat!(env!("OUT_DIR"), "/ptxas-report.txt"))
+            .expect("build.rs writes the ptxas report with the fatbin");
         let mut compiled: std::collections::BTreeMap<String, usize> = Default::default();
         for line in report.lines() {
             if let Some(rest) = line.split("Compiling entry function '").nth(1) {
@@ -978,7 +1189,12 @@ mod tests {
         assert!(archs >= 2, "expected cubins for sm_80 and sm_90a: {compiled:?}");
         let wanted = super::kernel_names();
         for name in &wanted {
-            assert_eq!(compiled.get(name), Some(&archs), "kernel {name}: compiled for {:?} of {archs} architectures", compiled.get(name));
+            assert_eq!(
+                compiled.get(name),
+                Some(&archs),
+                "kernel {name}: compiled for {:?} of {archs} architectures",
+                compiled.get(name)
+            );
         }
         let unused: Vec<&String> = compiled.keys().filter(|k| !wanted.contains(k)).collect();
         assert!(unused.is_empty(), "compiled but never loaded: {unused:?}");

@@ -174,11 +174,24 @@ impl Nccl {
             bail!("libnccl.so not found on the library path (a symlink libnccl.so -> libnccl.so.2 may be needed)");
         }
         let (rank, world) = (launch.rank, launch.world_size);
-        let mut id = if rank == 0 { nccl::get_uniqueid().map_err(nccl_err("get unique id"))? } else { ncclsys::ncclUniqueId { internal: [0; 128] } };
+        let mut id = if rank == 0 {
+            nccl::get_uniqueid().map_err(nccl_err("get unique id"))?
+        } else {
+            ncclsys::ncclUniqueId { internal: [0; 128] }
+        };
         if world > 1 {
-            let (host, port) = launch.master.as_ref().context("a multi-GPU launch needs MASTER_ADDR and MASTER_PORT (rank 0 hands out the NCCL id there)")?;
+            let (host, port) = launch
+                .master
+                .as_ref()
+                .context("a multi-GPU launch needs MASTER_ADDR and MASTER_PORT (rank 0 hands out the NCCL id there)")?;
             let mine: Vec<u8> = id.internal.iter().map(|&c| c as u8).collect();
-            let shared = llama_cpt_parallel::rendezvous::share((host, *port), rank, world, (rank == 0).then_some(&mine[..]), timeout)?;
+            let shared = llama_cpt_parallel::rendezvous::share(
+                (host, *port),
+                rank,
+                world,
+                (rank == 0).then_some(&mine[..]),
+                timeout,
+            )?;
             if shared.len() != 128 {
                 bail!("rendezvous: the NCCL id has {} bytes, not 128", shared.len());
             }
@@ -204,7 +217,17 @@ impl Nccl {
                 bail!("starting the NCCL watchdog thread: {e}");
             }
         };
-        Ok(Nccl { comm, rank, world, home, comm_stream, issue: Mutex::new(0), traffic: Traffic::default(), watch, watchdog: Some(watchdog) })
+        Ok(Nccl {
+            comm,
+            rank,
+            world,
+            home,
+            comm_stream,
+            issue: Mutex::new(0),
+            traffic: Traffic::default(),
+            watch,
+            watchdog: Some(watchdog),
+        })
     }
 
     /// A non-blocking `ncclCommInitRankConfig`, polled until ready; aborted after `timeout`.
@@ -240,7 +263,13 @@ impl Nccl {
     /// Runs `op(input, output, stream)` on the communication stream after the compute stream's
     /// queued work; the result is usable on the compute stream once waited for.
     /// `kind` is counted in the traffic (scalar all-reduces are not: `None`).
-    fn launch(&self, kind: Option<Collective>, input: CudaBuf, out_len: usize, op: impl FnOnce(u64, u64, ncclsys::cudaStream_t) -> Result<()>) -> Pending<CudaBuf> {
+    fn launch(
+        &self,
+        kind: Option<Collective>,
+        input: CudaBuf,
+        out_len: usize,
+        op: impl FnOnce(u64, u64, ncclsys::cudaStream_t) -> Result<()>,
+    ) -> Pending<CudaBuf> {
         let dtype = input.dtype;
         if let Some(kind) = kind {
             let bytes = (dtype.size() * if kind == Collective::AllGather { out_len } else { input.len }) as u64;
@@ -252,7 +281,12 @@ impl Nccl {
             // After the watchdog aborted the communicator, no NCCL call may touch it.
             self.watch.check()?;
             *issued += 1;
-            let what = format!("{} #{} of {} bytes", kind.map_or("all-reduce of scalars", collective_name), *issued, dtype.size() * input.len);
+            let what = format!(
+                "{} #{} of {} bytes",
+                kind.map_or("all-reduce of scalars", collective_name),
+                *issued,
+                dtype.size() * input.len
+            );
             self.comm_stream.join(&self.home.stream).map_err(|e| anyhow!("{e}"))?;
             let started = self.comm_stream.record_event(None).map_err(|e| anyhow!("{e}"))?;
             if let Err(e) = op(input.ptr, output.ptr, self.comm_stream.cu_stream() as ncclsys::cudaStream_t) {
@@ -303,7 +337,11 @@ fn watchdog(watch: &Watch, comm: CommHandle) {
             // The error went to every caller, yet the process lives on (stuck somewhere no
             // error reaches): end it rather than hang.
             if t.elapsed() > watch.timeout {
-                eprintln!("{}; the process did not stop within another {:.0} s after that, so the NCCL watchdog ends it", state.failure.as_deref().unwrap_or_default(), watch.timeout.as_secs_f64());
+                eprintln!(
+                    "{}; the process did not stop within another {:.0} s after that, so the NCCL watchdog ends it",
+                    state.failure.as_deref().unwrap_or_default(),
+                    watch.timeout.as_secs_f64()
+                );
                 std::process::exit(1);
             }
             continue;
@@ -320,7 +358,11 @@ fn watchdog(watch: &Watch, comm: CommHandle) {
                 Ok(true) => drop(state.in_flight.pop_front()),
                 Ok(false) => {
                     if f.started_at.is_some_and(|t| now - t > watch.timeout) {
-                        reason = Some(format!("NCCL {} did not complete within {:.0} s; another rank has probably died or stalled", f.what, watch.timeout.as_secs_f64()));
+                        reason = Some(format!(
+                            "NCCL {} did not complete within {:.0} s; another rank has probably died or stalled",
+                            f.what,
+                            watch.timeout.as_secs_f64()
+                        ));
                     }
                     break;
                 }
@@ -382,7 +424,9 @@ impl Communicator<CudaBuf> for Nccl {
     fn all_reduce(&self, buf: CudaBuf) -> Pending<CudaBuf> {
         let (n, comm, ty) = (buf.len, self.comm.0, nccl_type(&buf));
         self.launch(Some(Collective::AllReduce), buf, n, move |src, dst, s| {
-            unsafe { nccl::all_reduce(src as _, dst as _, n, ty, ncclsys::ncclRedOp_t::ncclSum, comm, s) }.map(drop).map_err(nccl_err("all-reduce"))
+            unsafe { nccl::all_reduce(src as _, dst as _, n, ty, ncclsys::ncclRedOp_t::ncclSum, comm, s) }
+                .map(drop)
+                .map_err(nccl_err("all-reduce"))
         })
     }
     fn reduce_scatter(&self, buf: CudaBuf) -> Pending<CudaBuf> {
@@ -391,7 +435,9 @@ impl Communicator<CudaBuf> for Nccl {
             return Pending::new(move || bail!("reduce-scatter of {n} elements over {w} ranks: not a multiple"));
         }
         self.launch(Some(Collective::ReduceScatter), buf, n / w, move |src, dst, s| {
-            unsafe { nccl::reduce_scatter(src as _, dst as _, n / w, ty, ncclsys::ncclRedOp_t::ncclSum, comm, s) }.map(drop).map_err(nccl_err("reduce-scatter"))
+            unsafe { nccl::reduce_scatter(src as _, dst as _, n / w, ty, ncclsys::ncclRedOp_t::ncclSum, comm, s) }
+                .map(drop)
+                .map_err(nccl_err("reduce-scatter"))
         })
     }
     fn all_gather(&self, buf: CudaBuf) -> Pending<CudaBuf> {
@@ -403,7 +449,9 @@ impl Communicator<CudaBuf> for Nccl {
     fn broadcast(&self, buf: CudaBuf, root: usize) -> Pending<CudaBuf> {
         let (n, comm, ty) = (buf.len, self.comm.0, nccl_type(&buf));
         self.launch(Some(Collective::Broadcast), buf, n, move |src, dst, s| {
-            unsafe { nccl::broadcast(src as _, dst as _, n, ty, root as i32, comm, s) }.map(drop).map_err(nccl_err("broadcast"))
+            unsafe { nccl::broadcast(src as _, dst as _, n, ty, root as i32, comm, s) }
+                .map(drop)
+                .map_err(nccl_err("broadcast"))
         })
     }
     fn all_reduce_scalars(&self, values: &mut [f64]) -> Result<()> {
@@ -418,7 +466,19 @@ impl Communicator<CudaBuf> for Nccl {
         let comm = self.comm.0;
         let out = self
             .launch(None, buf, 2 * n, move |src, dst, s| {
-                unsafe { nccl::all_reduce(src as _, dst as _, n, ncclsys::ncclDataType_t::ncclFloat64, ncclsys::ncclRedOp_t::ncclSum, comm, s) }.map(drop).map_err(nccl_err("all-reduce of scalars"))
+                unsafe {
+                    nccl::all_reduce(
+                        src as _,
+                        dst as _,
+                        n,
+                        ncclsys::ncclDataType_t::ncclFloat64,
+                        ncclsys::ncclRedOp_t::ncclSum,
+                        comm,
+                        s,
+                    )
+                }
+                .map(drop)
+                .map_err(nccl_err("all-reduce of scalars"))
             })
             .wait()?;
         unsafe { result::memcpy_dtoh_async(values, out.ptr, stream) }.map_err(|e| anyhow!("{e}"))?;

@@ -162,11 +162,11 @@ pub fn read_file(
     let mut block_start = 0usize;
     let mut block_bad: Option<usize> = None;
     let flush_block = |block: &mut String,
-                           block_start: usize,
-                           block_bad: &mut Option<usize>,
-                           issues: &mut Vec<Issue>,
-                           sink: &mut dyn FnMut(Document) -> Result<()>,
-                           n_docs: &mut usize|
+                       block_start: usize,
+                       block_bad: &mut Option<usize>,
+                       issues: &mut Vec<Issue>,
+                       sink: &mut dyn FnMut(Document) -> Result<()>,
+                       n_docs: &mut usize|
      -> Result<()> {
         if let Some(bad) = block_bad.take() {
             issue(

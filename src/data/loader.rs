@@ -94,10 +94,16 @@ impl LoaderConfig {
 
     pub fn validate(&self) -> Result<()> {
         ensure!(self.seq_len > 0, "seq_len must be positive");
-        ensure!(self.world_size > 0 && self.rank < self.world_size, "rank {} outside world size {}", self.rank, self.world_size);
+        ensure!(
+            self.world_size > 0 && self.rank < self.world_size,
+            "rank {} outside world size {}",
+            self.rank,
+            self.world_size
+        );
         ensure!(self.micro_batch_rows > 0, "micro_batch_rows must be positive");
         ensure!(
-            self.global_batch_rows > 0 && self.global_batch_rows.is_multiple_of(self.world_size * self.micro_batch_rows),
+            self.global_batch_rows > 0
+                && self.global_batch_rows.is_multiple_of(self.world_size * self.micro_batch_rows),
             "global_batch_rows ({}) must be a positive multiple of world_size × micro_batch_rows ({} × {})",
             self.global_batch_rows,
             self.world_size,

@@ -78,11 +78,7 @@ impl Catalog {
                     m.vocab_size
                 ),
             }
-            ensure!(
-                !subsets.iter().any(|s: &Subset| s.name == m.name),
-                "two sub-datasets are named {:?}",
-                m.name
-            );
+            ensure!(!subsets.iter().any(|s: &Subset| s.name == m.name), "two sub-datasets are named {:?}", m.name);
             subsets.push(Subset { name: m.name, dir: dir.clone(), weight: *weight, shards });
         }
         Ok(Catalog { subsets })

@@ -78,7 +78,8 @@ pub struct PrepareStats {
 
 pub fn read_manifest(dir: &Path) -> Result<SubsetManifest> {
     let p = dir.join(MANIFEST);
-    let bytes = std::fs::read(&p).with_context(|| format!("reading {} (is {} a prepared sub-dataset?)", p.display(), dir.display()))?;
+    let bytes = std::fs::read(&p)
+        .with_context(|| format!("reading {} (is {} a prepared sub-dataset?)", p.display(), dir.display()))?;
     let m: SubsetManifest = serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", p.display()))?;
     ensure!(m.format == "llama-cpt-subset", "{}: not a llama-cpt sub-dataset manifest", p.display());
     Ok(m)
@@ -181,9 +182,11 @@ pub fn prepare_subset(tok: &TextTokenizer, cfg: &PrepareConfig) -> Result<(Subse
     let bar = if cfg.progress {
         let b = indicatif::ProgressBar::new(total_bytes);
         b.set_style(
-            indicatif::ProgressStyle::with_template("{prefix:>12} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                .unwrap()
-                .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template(
+                "{prefix:>12} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap()
+            .progress_chars("=> "),
         );
         b.set_prefix(cfg.name.clone());
         b
@@ -287,7 +290,8 @@ pub fn write_subset(
         Ok(())
     };
     for (ids, mask) in docs {
-        let wr = w.get_or_insert_with(|| ShardWriter::new(dir.join(format!("shard-{:05}.bin", shards.len())), vocab_size));
+        let wr =
+            w.get_or_insert_with(|| ShardWriter::new(dir.join(format!("shard-{:05}.bin", shards.len())), vocab_size));
         wr.push_doc(&ids, &mask)?;
         n_docs += 1;
         n_tokens += ids.len() as u64;

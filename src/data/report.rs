@@ -56,7 +56,11 @@ pub fn measure(tok: &tokenizers::Tokenizer, name: &str, language: &str, texts: &
 }
 
 /// The full report: every tokenizer on every language set.
-pub fn report(tokenizers: &[(String, PathBuf)], sets: &[(String, PathBuf)], opts: &CorpusOptions) -> Result<(Vec<ReportRow>, Vec<Issue>)> {
+pub fn report(
+    tokenizers: &[(String, PathBuf)],
+    sets: &[(String, PathBuf)],
+    opts: &CorpusOptions,
+) -> Result<(Vec<ReportRow>, Vec<Issue>)> {
     let mut issues = Vec::new();
     let mut texts = Vec::new();
     for (lang, p) in sets {

@@ -284,7 +284,10 @@ impl ShardReader {
             dtype == TokenDtype::for_vocab(vocab_size),
             "shard {p}: dtype {dtype:?} inconsistent with vocab size {vocab_size}"
         );
-        ensure!(n_tokens < 1 << 40 && n_docs <= n_tokens, "shard {p}: implausible counts ({n_tokens} tokens, {n_docs} documents)");
+        ensure!(
+            n_tokens < 1 << 40 && n_docs <= n_tokens,
+            "shard {p}: implausible counts ({n_tokens} tokens, {n_docs} documents)"
+        );
         let (_, mask_off, docs_off, end) = layout(dtype, n_tokens as usize, n_docs as usize);
         ensure!(
             payload_len == (end - HEADER_LEN) as u64,

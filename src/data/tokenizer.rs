@@ -63,24 +63,28 @@ fn first_id(v: Option<&serde_json::Value>) -> Option<u32> {
 
 impl TextTokenizer {
     pub fn load(tokenizer_json: &Path, opts: &SpecialTokenOptions) -> Result<TextTokenizer> {
-        let bytes = std::fs::read(tokenizer_json)
-            .with_context(|| format!("reading tokenizer {}", tokenizer_json.display()))?;
+        let bytes =
+            std::fs::read(tokenizer_json).with_context(|| format!("reading tokenizer {}", tokenizer_json.display()))?;
         let tok = Tokenizer::from_bytes(&bytes)
             .map_err(|e| anyhow!("loading tokenizer {}: {e}", tokenizer_json.display()))?;
         let checksum = super::hash::xxh64(&bytes, 0);
 
         let model_cfg: Option<serde_json::Value> = match &opts.model_config {
             Some(p) => Some(
-                serde_json::from_slice(&std::fs::read(p).with_context(|| format!("reading model config {}", p.display()))?)
-                    .with_context(|| format!("parsing model config {}", p.display()))?,
+                serde_json::from_slice(
+                    &std::fs::read(p).with_context(|| format!("reading model config {}", p.display()))?,
+                )
+                .with_context(|| format!("parsing model config {}", p.display()))?,
             ),
             None => None,
         };
         let tc_path = tokenizer_json.with_file_name("tokenizer_config.json");
         let tok_cfg: Option<serde_json::Value> = if tc_path.exists() {
             Some(
-                serde_json::from_slice(&std::fs::read(&tc_path).with_context(|| format!("reading {}", tc_path.display()))?)
-                    .with_context(|| format!("parsing {}", tc_path.display()))?,
+                serde_json::from_slice(
+                    &std::fs::read(&tc_path).with_context(|| format!("reading {}", tc_path.display()))?,
+                )
+                .with_context(|| format!("parsing {}", tc_path.display()))?,
             )
         } else {
             None
@@ -133,16 +137,7 @@ impl TextTokenizer {
             }
             None => tok_vocab,
         };
-        Ok(TextTokenizer {
-            tok,
-            path: tokenizer_json.to_path_buf(),
-            bos,
-            eos,
-            add_bos,
-            add_eos,
-            vocab_size,
-            checksum,
-        })
+        Ok(TextTokenizer { tok, path: tokenizer_json.to_path_buf(), bos, eos, add_bos, add_eos, vocab_size, checksum })
     }
 
     /// The tokenizer of a model directory for inference (evaluation, generation): `tokenizer`
@@ -155,7 +150,8 @@ impl TextTokenizer {
     /// As [`TextTokenizer::for_model`] with the two files named (the trainer's validation, before
     /// any model directory exists).
     pub fn for_inference(tokenizer_json: &Path, model_config: &Path) -> Result<TextTokenizer> {
-        let opts = SpecialTokenOptions { model_config: Some(model_config.to_path_buf()), add_bos: None, add_eos: Some(false) };
+        let opts =
+            SpecialTokenOptions { model_config: Some(model_config.to_path_buf()), add_bos: None, add_eos: Some(false) };
         Self::load(tokenizer_json, &opts)
     }
 

@@ -148,20 +148,54 @@ const CMMLU_SUBJECTS: &[(&str, &str)] = &[
 ];
 
 /// AGIEval's English and Chinese single-answer tasks (`english_qa_datasets`, `chinese_qa_datasets`).
-const AGIEVAL_ENGLISH: &[&str] = &["lsat-ar", "lsat-lr", "lsat-rc", "logiqa-en", "sat-math", "sat-en", "aqua-rat", "sat-en-without-passage", "gaokao-english"];
-const AGIEVAL_CHINESE: &[&str] = &["logiqa-zh", "jec-qa-kd", "jec-qa-ca", "gaokao-chinese", "gaokao-geography", "gaokao-history", "gaokao-biology", "gaokao-chemistry", "gaokao-physics", "gaokao-mathqa"];
+const AGIEVAL_ENGLISH: &[&str] = &[
+    "lsat-ar",
+    "lsat-lr",
+    "lsat-rc",
+    "logiqa-en",
+    "sat-math",
+    "sat-en",
+    "aqua-rat",
+    "sat-en-without-passage",
+    "gaokao-english",
+];
+const AGIEVAL_CHINESE: &[&str] = &[
+    "logiqa-zh",
+    "jec-qa-kd",
+    "jec-qa-ca",
+    "gaokao-chinese",
+    "gaokao-geography",
+    "gaokao-history",
+    "gaokao-biology",
+    "gaokao-chemistry",
+    "gaokao-physics",
+    "gaokao-mathqa",
+];
 
 /// Tasks whose answers may be several letters: ColossalEval scores them by generation only, never
 /// by first-token letter logits (`multi_choice_datasets` of agieval.py and gaokaobench.py).
 const AGIEVAL_MULTI_ANSWER: &[&str] = &["jec-qa-kd", "jec-qa-ca", "gaokao-physics", "gaokao-mathqa"];
-const GAOKAO_MULTI_ANSWER: &[&str] = &["Chinese Lang and Usage MCQs", "Chinese Modern Lit", "English Fill in Blanks", "English Reading Comp", "Geography MCQs", "Physics MCQs", "English Cloze Test"];
+const GAOKAO_MULTI_ANSWER: &[&str] = &[
+    "Chinese Lang and Usage MCQs",
+    "Chinese Modern Lit",
+    "English Fill in Blanks",
+    "English Reading Comp",
+    "Geography MCQs",
+    "Physics MCQs",
+    "English Cloze Test",
+];
 
 /// The subject's name in ColossalEval's prompts and reports, or `None` when its table lacks it.
 pub fn subject_title(format: Format, stem: &str) -> Option<String> {
     let table = |t: &[(&str, &str)]| t.iter().find(|(k, _)| *k == stem).map(|(_, v)| v.to_string());
     match format {
         // `" ".join(word.title() if word != "us" else "US")` over the `_`-separated words.
-        Format::Mmlu => Some(stem.split('_').map(|w| if w == "us" { "US".to_string() } else { python_title(w) }).collect::<Vec<_>>().join(" ")),
+        Format::Mmlu => Some(
+            stem.split('_')
+                .map(|w| if w == "us" { "US".to_string() } else { python_title(w) })
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
         Format::Cmmlu => table(CMMLU_SUBJECTS),
         Format::Ceval => table(CEVAL_SUBJECTS),
         Format::Agieval => Some(stem.to_string()),
@@ -219,7 +253,11 @@ pub fn csv_query(format: Format, question: &str, choices: &[&str]) -> String {
 /// spaces; a passage goes first, followed by a blank line.
 pub fn agieval_query(chinese: bool, passage: &str, question: &str, options: &[&str]) -> String {
     let options = options.join(" ");
-    let query = if chinese { format!("问题：{question} 从以下选项中选择：{options}\n答案：") } else { format!("Question: {question} Choose from the following options: {options}\nAnswer: ") };
+    let query = if chinese {
+        format!("问题：{question} 从以下选项中选择：{options}\n答案：")
+    } else {
+        format!("Question: {question} Choose from the following options: {options}\nAnswer: ")
+    };
     if passage.is_empty() {
         query
     } else {
@@ -235,7 +273,9 @@ pub fn gaokao_query(question: &str) -> String {
 /// The zero-shot instruction before a CSV record's query (AGIEval and GAOKAO have none).
 fn instruction(format: Format, title: &str) -> Option<String> {
     match format {
-        Format::Mmlu => Some(format!("The following is a single-choice question on {title}. Answer the question by replying A, B, C or D.")),
+        Format::Mmlu => Some(format!(
+            "The following is a single-choice question on {title}. Answer the question by replying A, B, C or D."
+        )),
         Format::Cmmlu => Some(format!("以下是关于{title}的单项选择题，请直接给出正确答案的选项。")),
         Format::Ceval => Some(format!("以下是中国关于{title}考试的单项选择题，请选出其中的正确答案。")),
         Format::Agieval | Format::Gaokao => None,
@@ -253,7 +293,14 @@ fn few_shot_header(format: Format, title: &str) -> Option<String> {
 }
 
 /// The prompt of `q` for a base model of `model_max_length` tokens, with up to `shots` dev records.
-pub fn prompt(tok: &TextTokenizer, format: Format, subject: &Subject, q: &Question, shots: usize, model_max_length: usize) -> Result<Prompt> {
+pub fn prompt(
+    tok: &TextTokenizer,
+    format: Format,
+    subject: &Subject,
+    q: &Question,
+    shots: usize,
+    model_max_length: usize,
+) -> Result<Prompt> {
     let dev = &subject.dev[..shots.min(subject.dev.len())];
     let header = few_shot_header(format, &subject.title).filter(|_| !dev.is_empty());
     let (text, shots_used) = match header {
@@ -266,7 +313,8 @@ pub fn prompt(tok: &TextTokenizer, format: Format, subject: &Subject, q: &Questi
         }
         Some(header) => {
             // Room for the shots: what the query and its answer leave of the model length.
-            let budget = model_max_length as i64 - encode_prompt(tok, &format!("{}{}", q.colossal_query, q.colossal_target))?.len() as i64;
+            let budget = model_max_length as i64
+                - encode_prompt(tok, &format!("{}{}", q.colossal_query, q.colossal_target))?.len() as i64;
             let mut prefix = format!("{header}\n\n");
             let mut fitting: Option<(String, usize)> = None;
             for (i, ex) in dev.iter().enumerate() {
@@ -290,7 +338,9 @@ pub fn prompt(tok: &TextTokenizer, format: Format, subject: &Subject, q: &Questi
         // The middle goes: the first and last `limit / 2` tokens are decoded, joined and encoded
         // again, then cut to `limit` at the end (the tokenizer's right truncation).
         let half = limit / 2;
-        let decode = |part: &[u32]| tok.inner().decode(part, true).map_err(|e| anyhow!("{}: decoding a truncated prompt: {e}", q.origin));
+        let decode = |part: &[u32]| {
+            tok.inner().decode(part, true).map_err(|e| anyhow!("{}: decoding a truncated prompt: {e}", q.origin))
+        };
         text = format!("{}{}", decode(&ids[..half])?, decode(&ids[ids.len() - half..])?);
         ids = encode_prompt(tok, &text)?;
         ids.truncate(limit);
@@ -305,7 +355,10 @@ pub fn letter_ids(tok: &TextTokenizer) -> Result<Vec<Vec<u32>>> {
         .map(|l| {
             let mut ids = Vec::new();
             for context in [format!("Answer: {l}"), format!("答案：{l}")] {
-                let id = *tok.encode_text(&context)?.last().ok_or_else(|| anyhow!("the tokenizer encodes {context:?} as nothing"))?;
+                let id = *tok
+                    .encode_text(&context)?
+                    .last()
+                    .ok_or_else(|| anyhow!("the tokenizer encodes {context:?} as nothing"))?;
                 if !ids.contains(&id) {
                     ids.push(id);
                 }

@@ -110,7 +110,11 @@ fn has_cjk(s: &str) -> bool {
 /// `dev` tells whether the answer belongs in ColossalEval's shot text for C-Eval.
 fn read_csv(path: &Path, format: Format, dev: bool, issues: &mut Vec<String>) -> Result<Vec<Question>> {
     let (header, skip_cols) = if format == Format::Mmlu { (false, 0) } else { (true, 1) };
-    let mut rdr = csv::ReaderBuilder::new().has_headers(header).flexible(true).from_path(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(header)
+        .flexible(true)
+        .from_path(path)
+        .with_context(|| format!("reading {}", path.display()))?;
     let mut out = Vec::new();
     for (index, rec) in rdr.records().enumerate() {
         let rec = match rec {
@@ -123,7 +127,11 @@ fn read_csv(path: &Path, format: Format, dev: bool, issues: &mut Vec<String>) ->
         let line = rec.position().map_or(0, |p| p.line());
         let origin = format!("{}:{line}", path.display());
         if rec.len() < skip_cols + 6 {
-            issues.push(format!("{origin}: expected {} columns (question, A, B, C, D, answer), found {}", skip_cols + 6, rec.len()));
+            issues.push(format!(
+                "{origin}: expected {} columns (question, A, B, C, D, answer), found {}",
+                skip_cols + 6,
+                rec.len()
+            ));
             continue;
         }
         let f = |i: usize| rec[skip_cols + i].trim().to_string();
@@ -140,7 +148,15 @@ fn read_csv(path: &Path, format: Format, dev: bool, issues: &mut Vec<String>) ->
         let colossal_query = super::colossal::csv_query(format, raw(0), &[raw(1), raw(2), raw(3), raw(4)]);
         let colossal_target = if format == Format::Ceval && !dev { String::new() } else { raw(5).to_string() };
         let id = if skip_cols > 0 && !rec[0].trim().is_empty() { rec[0].trim().to_string() } else { index.to_string() };
-        out.push(Question { question: f(0), choices: (1..5).map(f).collect(), answer, origin, id, colossal_query, colossal_target });
+        out.push(Question {
+            question: f(0),
+            choices: (1..5).map(f).collect(),
+            answer,
+            origin,
+            id,
+            colossal_query,
+            colossal_target,
+        });
     }
     Ok(out)
 }
@@ -174,7 +190,10 @@ pub fn load(format: Format, dir: &Path, issues: &mut Vec<String>) -> Result<Vec<
             }
         }
         Format::Agieval => {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|e| e == "jsonl")).collect();
+            let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+                .collect();
             files.sort();
             for file in files {
                 let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
@@ -193,40 +212,86 @@ pub fn load(format: Format, dir: &Path, issues: &mut Vec<String>) -> Result<Vec<
                             continue;
                         }
                     };
-                    let raw_opts: Vec<&str> = v["options"].as_array().map(|a| a.iter().filter_map(|o| o.as_str()).collect()).unwrap_or_default();
-                    let opts: Vec<String> = raw_opts.iter().map(|o| o.trim_start_matches(|c| c == '(' || ('A'..='E').contains(&c) || c == ')').trim().to_string()).collect();
-                    let label = v["label"].as_str().or_else(|| v["label"].as_array().and_then(|a| a.first()).and_then(|x| x.as_str())).unwrap_or("");
+                    let raw_opts: Vec<&str> = v["options"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(|o| o.as_str()).collect())
+                        .unwrap_or_default();
+                    let opts: Vec<String> = raw_opts
+                        .iter()
+                        .map(|o| {
+                            o.trim_start_matches(|c| c == '(' || ('A'..='E').contains(&c) || c == ')')
+                                .trim()
+                                .to_string()
+                        })
+                        .collect();
+                    let label = v["label"]
+                        .as_str()
+                        .or_else(|| v["label"].as_array().and_then(|a| a.first()).and_then(|x| x.as_str()))
+                        .unwrap_or("");
                     let (Some(answer), 4) = (letter_index(label), opts.len()) else {
-                        issues.push(format!("{origin}: needs 4 options and a label in A–D (found {} options, label {label:?})", opts.len()));
+                        issues.push(format!(
+                            "{origin}: needs 4 options and a label in A–D (found {} options, label {label:?})",
+                            opts.len()
+                        ));
                         continue;
                     };
                     let passage = v["passage"].as_str().unwrap_or("");
                     let q = v["question"].as_str().unwrap_or("");
                     let question = if passage.is_empty() { q.to_string() } else { format!("{passage}\n{q}") };
-                    let colossal_query = super::colossal::agieval_query(chinese_task.unwrap_or_else(|| has_cjk(q)), passage, q, &raw_opts);
-                    test.push(Question { question, choices: opts, answer, origin, id: i.to_string(), colossal_query, colossal_target: label.to_string() });
+                    let colossal_query = super::colossal::agieval_query(
+                        chinese_task.unwrap_or_else(|| has_cjk(q)),
+                        passage,
+                        q,
+                        &raw_opts,
+                    );
+                    test.push(Question {
+                        question,
+                        choices: opts,
+                        answer,
+                        origin,
+                        id: i.to_string(),
+                        colossal_query,
+                        colossal_target: label.to_string(),
+                    });
                 }
                 let title = titled(format, &name, &file, issues);
                 subjects.push(Subject { name, title, dev: vec![], test });
             }
         }
         Format::Gaokao => {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|e| e == "json")).collect();
+            let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "json"))
+                .collect();
             files.sort();
             for file in files {
                 let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-                let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", file.display()))?;
+                let v: serde_json::Value =
+                    serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", file.display()))?;
                 let mut test = Vec::new();
                 for (i, ex) in v["example"].as_array().map(|a| a.as_slice()).unwrap_or(&[]).iter().enumerate() {
                     let origin = format!("{}:example[{i}]", file.display());
-                    let ans = ex["answer"].as_array().and_then(|a| a.first()).and_then(|x| x.as_str()).or_else(|| ex["answer"].as_str()).unwrap_or("");
+                    let ans = ex["answer"]
+                        .as_array()
+                        .and_then(|a| a.first())
+                        .and_then(|x| x.as_str())
+                        .or_else(|| ex["answer"].as_str())
+                        .unwrap_or("");
                     let Some(answer) = letter_index(ans) else {
                         issues.push(format!("{origin}: answer {ans:?} is not one of A, B, C, D"));
                         continue;
                     };
                     let raw = ex["question"].as_str().unwrap_or("");
                     let id = ex["index"].as_u64().map_or(i.to_string(), |n| n.to_string());
-                    test.push(Question { question: raw.trim().to_string(), choices: vec![], answer, origin, id, colossal_query: super::colossal::gaokao_query(raw), colossal_target: LETTERS[answer].to_string() });
+                    test.push(Question {
+                        question: raw.trim().to_string(),
+                        choices: vec![],
+                        answer,
+                        origin,
+                        id,
+                        colossal_query: super::colossal::gaokao_query(raw),
+                        colossal_target: LETTERS[answer].to_string(),
+                    });
                 }
                 let name: String = file.file_stem().unwrap().to_string_lossy().into();
                 let title = titled(format, &name, &file, issues);
@@ -286,7 +351,15 @@ fn render(q: &Question, chinese: bool, answer: Option<usize>) -> String {
 }
 
 /// The prompt of `q` in `style` with up to `shots` dev examples, within `max_tokens`.
-pub fn prompt(tok: &TextTokenizer, style: PromptStyle, format: Format, subject: &Subject, q: &Question, shots: usize, max_tokens: usize) -> Result<Prompt> {
+pub fn prompt(
+    tok: &TextTokenizer,
+    style: PromptStyle,
+    format: Format,
+    subject: &Subject,
+    q: &Question,
+    shots: usize,
+    max_tokens: usize,
+) -> Result<Prompt> {
     match style {
         PromptStyle::Colossal => super::colossal::prompt(tok, format, subject, q, shots, max_tokens),
         PromptStyle::Original => original_prompt(tok, subject, q, shots, max_tokens),
@@ -294,10 +367,20 @@ pub fn prompt(tok: &TextTokenizer, style: PromptStyle, format: Format, subject: 
 }
 
 /// The benchmark's own layout, dropping shots until the prompt fits `max_tokens`.
-fn original_prompt(tok: &TextTokenizer, subject: &Subject, q: &Question, shots: usize, max_tokens: usize) -> Result<Prompt> {
+fn original_prompt(
+    tok: &TextTokenizer,
+    subject: &Subject,
+    q: &Question,
+    shots: usize,
+    max_tokens: usize,
+) -> Result<Prompt> {
     let chinese = has_cjk(&q.question) || has_cjk(&subject.name);
     let name = subject.name.replace('_', " ");
-    let header = if chinese { format!("以下是关于{name}的单项选择题，请直接给出正确答案的选项。\n\n") } else { format!("The following are multiple choice questions (with answers) about {name}.\n\n") };
+    let header = if chinese {
+        format!("以下是关于{name}的单项选择题，请直接给出正确答案的选项。\n\n")
+    } else {
+        format!("The following are multiple choice questions (with answers) about {name}.\n\n")
+    };
     let mut k = shots.min(subject.dev.len());
     loop {
         let mut text = header.clone();
@@ -340,7 +423,8 @@ pub fn letter_ids(tok: &TextTokenizer, style: PromptStyle) -> Result<Vec<Vec<u32
 
 /// Per letter, the max logit over its ids; then the argmax letter.
 pub fn choose(logits: &[f32], letters: &[Vec<u32>]) -> (usize, Vec<f32>) {
-    let per: Vec<f32> = letters.iter().map(|ids| ids.iter().map(|&i| logits[i as usize]).fold(f32::NEG_INFINITY, f32::max)).collect();
+    let per: Vec<f32> =
+        letters.iter().map(|ids| ids.iter().map(|&i| logits[i as usize]).fold(f32::NEG_INFINITY, f32::max)).collect();
     (crate::generate::argmax(&per), per)
 }
 
@@ -393,13 +477,35 @@ pub struct McReport {
 /// Scores every subject. Prompts are packed as separate documents into batches of about
 /// `batch_tokens` tokens; only the last position of each runs the LM head.
 #[allow(clippy::too_many_arguments)]
-pub fn evaluate<B: Backend>(model: &Llama<B>, backend: &B, tok: &TextTokenizer, format: Format, style: PromptStyle, subjects: &[Subject], shots: usize, max_tokens: usize, batch_tokens: usize, issues: Vec<String>) -> Result<McReport> {
+pub fn evaluate<B: Backend>(
+    model: &Llama<B>,
+    backend: &B,
+    tok: &TextTokenizer,
+    format: Format,
+    style: PromptStyle,
+    subjects: &[Subject],
+    shots: usize,
+    max_tokens: usize,
+    batch_tokens: usize,
+    issues: Vec<String>,
+) -> Result<McReport> {
     let letters = letter_ids(tok, style)?;
     let combined = matches!(format, Format::Agieval | Format::Gaokao);
-    let mut report = McReport { format, style, subjects: vec![], questions: 0, correct: 0, accuracy: 0.0, combined_accuracy: None, issues, per_question: vec![] };
+    let mut report = McReport {
+        format,
+        style,
+        subjects: vec![],
+        questions: 0,
+        correct: 0,
+        accuracy: 0.0,
+        combined_accuracy: None,
+        issues,
+        per_question: vec![],
+    };
     let mut combined_total = 0;
     for s in subjects {
-        if let Some(why) = super::colossal::not_first_token_scored(format, s).filter(|_| style == PromptStyle::Colossal) {
+        if let Some(why) = super::colossal::not_first_token_scored(format, s).filter(|_| style == PromptStyle::Colossal)
+        {
             report.issues.push(why);
             continue;
         }
@@ -435,9 +541,19 @@ pub fn evaluate<B: Backend>(model: &Llama<B>, backend: &B, tok: &TextTokenizer, 
                 let ok = pick == q.answer;
                 correct += ok as usize;
                 if combined {
-                    let gen = generate(model, backend, &p.ids, 8, &Sampling::GREEDY, &tok.eos.into_iter().collect::<Vec<_>>(), None, |_| {})?;
+                    let gen = generate(
+                        model,
+                        backend,
+                        &p.ids,
+                        8,
+                        &Sampling::GREEDY,
+                        &tok.eos.into_iter().collect::<Vec<_>>(),
+                        None,
+                        |_| {},
+                    )?;
                     let text = tok.inner().decode(&gen, true).unwrap_or_default();
-                    let first = text.chars().find(|c| c.is_ascii_uppercase()).and_then(|c| letter_index(&c.to_string()));
+                    let first =
+                        text.chars().find(|c| c.is_ascii_uppercase()).and_then(|c| letter_index(&c.to_string()));
                     comb += (ok || first == Some(q.answer)) as usize;
                 }
                 report.per_question.push(QuestionResult {
@@ -495,7 +611,13 @@ pub fn table(r: &McReport) -> String {
     for x in &r.subjects {
         s.push_str(&format!("| {} | {} | {:.1}% |\n", x.subject, x.questions, 100.0 * x.accuracy));
     }
-    s.push_str(&format!("| **total ({:?}, {:?} prompts)** | {} | {:.1}% |\n", r.format, r.style, r.questions, 100.0 * r.accuracy));
+    s.push_str(&format!(
+        "| **total ({:?}, {:?} prompts)** | {} | {:.1}% |\n",
+        r.format,
+        r.style,
+        r.questions,
+        100.0 * r.accuracy
+    ));
     if let Some(c) = r.combined_accuracy {
         s.push_str(&format!("combined (first-token or greedy first capital): {:.1}%\n", 100.0 * c));
     }

@@ -7,9 +7,9 @@ use crate::data::corpus::{read_corpus, CorpusOptions, Issue};
 use crate::data::tokenizer::TextTokenizer;
 use crate::model::Llama;
 use anyhow::Result;
-use std::path::Path;
 use llama_cpt_ops::IGNORE_INDEX;
 use serde::Serialize;
+use std::path::Path;
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct TextScore {
@@ -37,7 +37,14 @@ pub fn read_texts(path: &Path) -> Result<(Vec<String>, Vec<Issue>)> {
 /// Scores `texts`: each document is tokenized (with BOS if the tokenizer adds one), cut into
 /// windows of at most `max_len` tokens, and windows are packed as separate documents into batches
 /// of about `batch_tokens` tokens.
-pub fn score_texts<B: Backend>(model: &Llama<B>, backend: &B, tok: &TextTokenizer, texts: &[String], max_len: usize, batch_tokens: usize) -> Result<TextScore> {
+pub fn score_texts<B: Backend>(
+    model: &Llama<B>,
+    backend: &B,
+    tok: &TextTokenizer,
+    texts: &[String],
+    max_len: usize,
+    batch_tokens: usize,
+) -> Result<TextScore> {
     let mut windows: Vec<Vec<u32>> = Vec::new();
     let mut chars = 0;
     for t in texts {

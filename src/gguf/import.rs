@@ -27,17 +27,22 @@ fn meta<'a>(g: &'a GgufFile, key: &str) -> Result<&'a Value> {
 
 fn meta_u64(g: &GgufFile, key: &str) -> Result<u64> {
     let v = meta(g, key)?;
-    v.as_u64().with_context(|| format!("{}: metadata `{key}` must be a non-negative integer, found {} {v:?}", g.path.display(), v.type_name()))
+    v.as_u64().with_context(|| {
+        format!("{}: metadata `{key}` must be a non-negative integer, found {} {v:?}", g.path.display(), v.type_name())
+    })
 }
 
 fn meta_f64(g: &GgufFile, key: &str) -> Result<f64> {
     let v = meta(g, key)?;
-    v.as_f64().with_context(|| format!("{}: metadata `{key}` must be a number, found {} {v:?}", g.path.display(), v.type_name()))
+    v.as_f64().with_context(|| {
+        format!("{}: metadata `{key}` must be a number, found {} {v:?}", g.path.display(), v.type_name())
+    })
 }
 
 fn meta_str<'a>(g: &'a GgufFile, key: &str) -> Result<&'a str> {
     let v = meta(g, key)?;
-    v.as_str().with_context(|| format!("{}: metadata `{key}` must be a string, found {}", g.path.display(), v.type_name()))
+    v.as_str()
+        .with_context(|| format!("{}: metadata `{key}` must be a string, found {}", g.path.display(), v.type_name()))
 }
 
 fn opt_u64(g: &GgufFile, key: &str) -> Result<Option<u64>> {
@@ -47,11 +52,17 @@ fn opt_u64(g: &GgufFile, key: &str) -> Result<Option<u64>> {
 /// An array of strings (`tokenizer.ggml.tokens`, `.merges`).
 fn meta_strings<'a>(g: &'a GgufFile, key: &str) -> Result<Vec<&'a str>> {
     let v = meta(g, key)?;
-    let items = v.as_array().with_context(|| format!("{}: metadata `{key}` must be an array, found {}", g.path.display(), v.type_name()))?;
+    let items = v
+        .as_array()
+        .with_context(|| format!("{}: metadata `{key}` must be an array, found {}", g.path.display(), v.type_name()))?;
     items
         .iter()
         .enumerate()
-        .map(|(i, x)| x.as_str().with_context(|| format!("{}: metadata `{key}[{i}]` must be a string, found {}", g.path.display(), x.type_name())))
+        .map(|(i, x)| {
+            x.as_str().with_context(|| {
+                format!("{}: metadata `{key}[{i}]` must be a string, found {}", g.path.display(), x.type_name())
+            })
+        })
         .collect()
 }
 
@@ -70,7 +81,9 @@ pub fn llama_config(g: &GgufFile) -> Result<LlamaConfig> {
     }
     let k = |s: &str| format!("llama.{s}");
     if opt_u64(g, &k("expert_count"))?.unwrap_or(0) > 0 {
-        bail!("{origin}: metadata `llama.expert_count` is set: a mixture-of-experts model, which llama-cpt does not run");
+        bail!(
+            "{origin}: metadata `llama.expert_count` is set: a mixture-of-experts model, which llama-cpt does not run"
+        );
     }
     if let Some(v) = g.get(&k("rope.scaling.type")) {
         if v.as_str() != Some("none") {
@@ -101,7 +114,8 @@ pub fn llama_config(g: &GgufFile) -> Result<LlamaConfig> {
             bail!("{origin}: metadata `llama.rope.dimension_count` ({r}) is not the head size ({head_dim}); partial rotary embeddings are not supported");
         }
     }
-    let embd = g.tensor("token_embd.weight").with_context(|| format!("{origin}: tensor `token_embd.weight` is missing"))?;
+    let embd =
+        g.tensor("token_embd.weight").with_context(|| format!("{origin}: tensor `token_embd.weight` is missing"))?;
     if embd.dims.len() != 2 || embd.dims[0] != hidden {
         bail!("{origin}: tensor `token_embd.weight` has dimensions {:?}; expected [{hidden}, vocab]", embd.dims);
     }
@@ -137,7 +151,9 @@ pub fn llama_config(g: &GgufFile) -> Result<LlamaConfig> {
         "initializer_range": 0.02,
         "dtype": "float32",
     });
-    for (field, key) in [("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("pad_token_id", "padding_token_id")] {
+    for (field, key) in
+        [("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("pad_token_id", "padding_token_id")]
+    {
         if let Some(v) = id(key)? {
             cfg[field] = v.into();
         }
@@ -195,7 +211,11 @@ pub fn unpermute_rows(w: &[f32], n_head: usize, cols: usize) -> Vec<f32> {
 /// Every parameter of `config`, in [`param_specs`] order, decoded from the GGUF (Q and K rows
 /// unpermuted). `on_tensor(i, n, name)` is called before each one. GGUF tensors the model has no
 /// place for are an error (they would be silently dropped).
-pub fn convert_tensors(g: &GgufFile, config: &LlamaConfig, on_tensor: &mut dyn FnMut(usize, usize, &str)) -> Result<Vec<Vec<f32>>> {
+pub fn convert_tensors(
+    g: &GgufFile,
+    config: &LlamaConfig,
+    on_tensor: &mut dyn FnMut(usize, usize, &str),
+) -> Result<Vec<Vec<f32>>> {
     let origin = g.path.display();
     let specs = param_specs(config);
     let mut used = std::collections::HashSet::new();
@@ -205,7 +225,11 @@ pub fn convert_tensors(g: &GgufFile, config: &LlamaConfig, on_tensor: &mut dyn F
         on_tensor(i, specs.len(), &name);
         let t: &TensorInfo = g.tensor(&name).with_context(|| format!("{origin}: tensor `{name}` ({hf}) is missing"))?;
         if &t.shape() != shape {
-            bail!("{origin}: tensor `{name}` has shape {:?} (GGUF dims {:?}); the config needs {shape:?} for {hf}", t.shape(), t.dims);
+            bail!(
+                "{origin}: tensor `{name}` has shape {:?} (GGUF dims {:?}); the config needs {shape:?} for {hf}",
+                t.shape(),
+                t.dims
+            );
         }
         let mut w = g.dequantize(t)?;
         if name.ends_with("attn_q.weight") {
@@ -230,12 +254,14 @@ fn gpt2_split() -> PreTokenizerWrapper {
 
 /// A regex split before a ByteLevel that only maps bytes.
 fn regex_split(pattern: &str) -> Result<PreTokenizerWrapper> {
-    let split = Split::new(SplitPattern::Regex(pattern.into()), SplitDelimiterBehavior::Isolated, false).map_err(|e| anyhow!("split regex: {e}"))?;
+    let split = Split::new(SplitPattern::Regex(pattern.into()), SplitDelimiterBehavior::Isolated, false)
+        .map_err(|e| anyhow!("split regex: {e}"))?;
     Ok(Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into())
 }
 
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// The pre-tokenizer llama.cpp uses for a `tokenizer.ggml.pre` name (llama-vocab.cpp), and
 /// whether BPE takes a word that is itself a token whole (llama.cpp's `ignore_merges`, LLaMA-3).
@@ -290,19 +316,30 @@ pub fn build_tokenizer(g: &GgufFile) -> Result<GgufTokenizer> {
             "gpt2".into()
         }
     };
-    let (pre_tok, ignore_merges) = pre_tokenizer(&pre).with_context(|| format!("{origin}: metadata `tokenizer.ggml.pre`"))?;
+    let (pre_tok, ignore_merges) =
+        pre_tokenizer(&pre).with_context(|| format!("{origin}: metadata `tokenizer.ggml.pre`"))?;
 
     let tokens = meta_strings(g, "tokenizer.ggml.tokens")?;
     let types: Vec<i64> = match g.get("tokenizer.ggml.token_type") {
         None => vec![1; tokens.len()],
         Some(v) => {
-            let a = v.as_array().with_context(|| format!("{origin}: metadata `tokenizer.ggml.token_type` must be an array"))?;
+            let a = v
+                .as_array()
+                .with_context(|| format!("{origin}: metadata `tokenizer.ggml.token_type` must be an array"))?;
             if a.len() != tokens.len() {
-                bail!("{origin}: metadata `tokenizer.ggml.token_type` has {} entries for {} tokens", a.len(), tokens.len());
+                bail!(
+                    "{origin}: metadata `tokenizer.ggml.token_type` has {} entries for {} tokens",
+                    a.len(),
+                    tokens.len()
+                );
             }
             a.iter()
                 .enumerate()
-                .map(|(i, x)| x.as_i64().with_context(|| format!("{origin}: metadata `tokenizer.ggml.token_type[{i}]` must be an integer")))
+                .map(|(i, x)| {
+                    x.as_i64().with_context(|| {
+                        format!("{origin}: metadata `tokenizer.ggml.token_type[{i}]` must be an integer")
+                    })
+                })
                 .collect::<Result<_>>()?
         }
     };
@@ -319,9 +356,11 @@ pub fn build_tokenizer(g: &GgufFile) -> Result<GgufTokenizer> {
         .iter()
         .enumerate()
         .map(|(i, m)| {
-            m.split_once(' ')
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .with_context(|| format!("{origin}: metadata `tokenizer.ggml.merges[{i}]` ({m:?}) is not two tokens separated by a space"))
+            m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).with_context(|| {
+                format!(
+                    "{origin}: metadata `tokenizer.ggml.merges[{i}]` ({m:?}) is not two tokens separated by a space"
+                )
+            })
         })
         .collect::<Result<_>>()?;
     let n_merges = merges.len();
@@ -337,18 +376,29 @@ pub fn build_tokenizer(g: &GgufFile) -> Result<GgufTokenizer> {
     let id = |key: &str| -> Result<Option<u32>> {
         let Some(v) = opt_u64(g, &format!("tokenizer.ggml.{key}"))? else { return Ok(None) };
         if v as usize >= tokens.len() {
-            bail!("{origin}: metadata `tokenizer.ggml.{key}` ({v}) is outside the vocabulary ({} tokens)", tokens.len());
+            bail!(
+                "{origin}: metadata `tokenizer.ggml.{key}` ({v}) is outside the vocabulary ({} tokens)",
+                tokens.len()
+            );
         }
         Ok(Some(v as u32))
     };
     let flag = |key: &str| g.get(&format!("tokenizer.ggml.{key}")).and_then(Value::as_bool).unwrap_or(false);
-    let (bos, eos, pad, unk) = (id("bos_token_id")?, id("eos_token_id")?, id("padding_token_id")?, id("unknown_token_id")?);
+    let (bos, eos, pad, unk) =
+        (id("bos_token_id")?, id("eos_token_id")?, id("padding_token_id")?, id("unknown_token_id")?);
     let (add_bos, add_eos) = (flag("add_bos_token"), flag("add_eos_token"));
 
-    let special: Vec<String> = tokens.iter().zip(&types).filter(|(_, &t)| t == TOKEN_CONTROL).map(|(s, _)| s.to_string()).collect();
-    let user: Vec<AddedToken> =
-        tokens.iter().zip(&types).filter(|(_, &t)| t == TOKEN_USER_DEFINED).map(|(s, _)| AddedToken::from(s.to_string(), false).normalized(false)).collect();
-    tok.add_special_tokens(&special.iter().map(|s| AddedToken::from(s.clone(), true).normalized(false)).collect::<Vec<_>>());
+    let special: Vec<String> =
+        tokens.iter().zip(&types).filter(|(_, &t)| t == TOKEN_CONTROL).map(|(s, _)| s.to_string()).collect();
+    let user: Vec<AddedToken> = tokens
+        .iter()
+        .zip(&types)
+        .filter(|(_, &t)| t == TOKEN_USER_DEFINED)
+        .map(|(s, _)| AddedToken::from(s.to_string(), false).normalized(false))
+        .collect();
+    tok.add_special_tokens(
+        &special.iter().map(|s| AddedToken::from(s.clone(), true).normalized(false)).collect::<Vec<_>>(),
+    );
     tok.add_tokens(&user);
 
     let name = |i: Option<u32>| i.map(|i| tokens[i as usize].to_string());
@@ -385,7 +435,9 @@ pub fn build_tokenizer(g: &GgufFile) -> Result<GgufTokenizer> {
         "clean_up_tokenization_spaces": false,
         "model_max_length": opt_u64(g, "llama.context_length")?.unwrap_or(4096),
     });
-    for (field, v) in [("bos_token", name(bos)), ("eos_token", name(eos)), ("pad_token", name(pad)), ("unk_token", name(unk))] {
+    for (field, v) in
+        [("bos_token", name(bos)), ("eos_token", name(eos)), ("pad_token", name(pad)), ("unk_token", name(unk))]
+    {
         if let Some(v) = v {
             config[field] = v.into();
         }
@@ -393,7 +445,15 @@ pub fn build_tokenizer(g: &GgufFile) -> Result<GgufTokenizer> {
     if let Some(t) = g.get("tokenizer.chat_template").and_then(Value::as_str) {
         config["chat_template"] = t.into();
     }
-    Ok(GgufTokenizer { tokenizer: tok, tokenizer_config: config, tokens: tokens.len(), merges: n_merges, special, pre, warnings })
+    Ok(GgufTokenizer {
+        tokenizer: tok,
+        tokenizer_config: config,
+        tokens: tokens.len(),
+        merges: n_merges,
+        special,
+        pre,
+        warnings,
+    })
 }
 
 /// What an import produced.
@@ -425,7 +485,12 @@ impl Drop for TempDir {
 /// beside `out` and renamed into place at the end, so a failure leaves no half-written model.
 /// An existing `out` is an error unless `force` (then it is replaced only once the new one is
 /// complete). `on_tensor(i, n, name)` reports progress.
-pub fn import(src: &Path, out: &Path, force: bool, on_tensor: &mut dyn FnMut(usize, usize, &str)) -> Result<ImportSummary> {
+pub fn import(
+    src: &Path,
+    out: &Path,
+    force: bool,
+    on_tensor: &mut dyn FnMut(usize, usize, &str),
+) -> Result<ImportSummary> {
     if out.exists() && !force {
         bail!("{}: already exists (remove it, or pass --force to replace it)", out.display());
     }
@@ -434,7 +499,11 @@ pub fn import(src: &Path, out: &Path, force: bool, on_tensor: &mut dyn FnMut(usi
     let tok = build_tokenizer(&g)?;
     let tok_size = tok.tokenizer.get_vocab_size(true);
     if tok_size > config.vocab_size {
-        bail!("{}: the tokenizer has {tok_size} tokens but the embedding only {} rows", src.display(), config.vocab_size);
+        bail!(
+            "{}: the tokenizer has {tok_size} tokens but the embedding only {} rows",
+            src.display(),
+            config.vocab_size
+        );
     }
     let tensors = convert_tensors(&g, &config, on_tensor)?;
     let mut tensor_types = BTreeMap::new();
@@ -455,7 +524,10 @@ pub fn import(src: &Path, out: &Path, force: bool, on_tensor: &mut dyn FnMut(usi
     drop(model);
     let tok_json = tok.tokenizer.to_string(true).map_err(|e| anyhow!("serialising tokenizer.json: {e}"))?;
     crate::fsutil::write_atomic(&tmp.join("tokenizer.json"), tok_json.as_bytes())?;
-    crate::fsutil::write_atomic(&tmp.join("tokenizer_config.json"), serde_json::to_string_pretty(&tok.tokenizer_config)?.as_bytes())?;
+    crate::fsutil::write_atomic(
+        &tmp.join("tokenizer_config.json"),
+        serde_json::to_string_pretty(&tok.tokenizer_config)?.as_bytes(),
+    )?;
     let mut gen = json!({});
     for key in ["bos_token_id", "eos_token_id", "pad_token_id"] {
         if let Some(v) = config.raw.get(key) {
@@ -522,7 +594,10 @@ mod tests {
     #[test]
     fn gguf_names() {
         assert_eq!(gguf_name("model.layers.12.self_attn.o_proj.weight").as_deref(), Some("blk.12.attn_output.weight"));
-        assert_eq!(gguf_name("model.layers.0.post_attention_layernorm.weight").as_deref(), Some("blk.0.ffn_norm.weight"));
+        assert_eq!(
+            gguf_name("model.layers.0.post_attention_layernorm.weight").as_deref(),
+            Some("blk.0.ffn_norm.weight")
+        );
         assert_eq!(gguf_name("lm_head.weight").as_deref(), Some("output.weight"));
         assert_eq!(gguf_name("model.layers.0.mlp.experts.weight"), None);
     }

@@ -9,8 +9,8 @@
 //! ZeRO stage (a shared filesystem is assumed across nodes).
 use crate::backend::Backend;
 use crate::data::LoaderState;
-use crate::model::Llama;
 use crate::dist::{DataParallel, Piece, ZeroStage};
+use crate::model::Llama;
 use crate::weights::StoreDtype;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -38,7 +38,16 @@ pub struct TrainerState {
 
 impl TrainerState {
     pub fn fresh() -> Self {
-        TrainerState { stage: 0, stage_step: 0, global_step: 0, optimizer_updates: 0, tokens_seen: 0, skipped_steps: 0, consecutive_skips: 0, loader: None }
+        TrainerState {
+            stage: 0,
+            stage_step: 0,
+            global_step: 0,
+            optimizer_updates: 0,
+            tokens_seen: 0,
+            skipped_steps: 0,
+            consecutive_skips: 0,
+            loader: None,
+        }
     }
 }
 
@@ -59,8 +68,11 @@ fn sync_tree(dir: &Path) -> Result<()> {
 }
 
 fn write_tensors(path: &Path, tensors: Vec<(String, Vec<f32>)>) -> Result<()> {
-    let bytes: Vec<(String, usize, Vec<u8>)> = tensors.into_iter().map(|(n, v)| (n, v.len(), bytemuck::cast_slice(&v).to_vec())).collect();
-    let views = bytes.iter().map(|(n, len, b)| (n.as_str(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![*len], b).expect("sizes match")));
+    let bytes: Vec<(String, usize, Vec<u8>)> =
+        tensors.into_iter().map(|(n, v)| (n, v.len(), bytemuck::cast_slice(&v).to_vec())).collect();
+    let views = bytes.iter().map(|(n, len, b)| {
+        (n.as_str(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![*len], b).expect("sizes match"))
+    });
     let data = safetensors::serialize(views, None)?;
     crate::fsutil::write_atomic(path, &data)
 }
@@ -106,7 +118,10 @@ fn manifest<B: Backend>(model: &Llama<B>, dp: &DataParallel<B>) -> OptimizerMani
             let pieces = if sharded { dp.layout.shard_pieces(r) } else { dp.layout.whole_pieces(&sizes) };
             // Masters are stored wherever the optimizer keeps them (ZeRO-1/2, mixed precision).
             let master = sharded || dp.opt.segments.iter().any(|s| s.master.is_some());
-            let pieces = pieces.iter().map(|p| StoredPiece { param: model.params[p.param].name.clone(), start: p.start, len: p.len, master }).collect();
+            let pieces = pieces
+                .iter()
+                .map(|p| StoredPiece { param: model.params[p.param].name.clone(), start: p.start, len: p.len, master })
+                .collect();
             ShardFile { file: shard_file_name(r), pieces }
         })
         .collect();
@@ -126,7 +141,15 @@ fn agree<B: Backend>(dp: &DataParallel<B>, part: Result<()>) -> Result<()> {
 
 /// Writes a checkpoint for `state.global_step` (every rank calls this) and prunes old ones. On any
 /// error the partial folder is removed and the earlier checkpoints are untouched.
-pub fn save<B: Backend>(out: &Path, keep: usize, backend: &B, model: &Llama<B>, dp: &DataParallel<B>, state: &TrainerState, tokenizer: Option<&Path>) -> Result<PathBuf> {
+pub fn save<B: Backend>(
+    out: &Path,
+    keep: usize,
+    backend: &B,
+    model: &Llama<B>,
+    dp: &DataParallel<B>,
+    state: &TrainerState,
+    tokenizer: Option<&Path>,
+) -> Result<PathBuf> {
     let root = checkpoints_dir(out);
     let name = format!("step-{:08}", state.global_step);
     let tmp = root.join(format!(".{name}.tmp"));
@@ -141,10 +164,17 @@ pub fn save<B: Backend>(out: &Path, keep: usize, backend: &B, model: &Llama<B>, 
                     let _ = std::fs::remove_dir_all(&tmp);
                     std::fs::create_dir_all(&tmp)?;
                     model.save(backend, &tmp, StoreDtype::F32, None)?;
-                    crate::fsutil::write_atomic(&tmp.join("optimizer.json"), serde_json::to_string_pretty(&manifest(model, dp))?.as_bytes())?;
-                    crate::fsutil::write_atomic(&tmp.join("trainer_state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
+                    crate::fsutil::write_atomic(
+                        &tmp.join("optimizer.json"),
+                        serde_json::to_string_pretty(&manifest(model, dp))?.as_bytes(),
+                    )?;
+                    crate::fsutil::write_atomic(
+                        &tmp.join("trainer_state.json"),
+                        serde_json::to_string_pretty(state)?.as_bytes(),
+                    )?;
                     if let Some(t) = tokenizer {
-                        std::fs::copy(t, tmp.join("tokenizer.json")).with_context(|| format!("copying {}", t.display()))?;
+                        std::fs::copy(t, tmp.join("tokenizer.json"))
+                            .with_context(|| format!("copying {}", t.display()))?;
                     }
                 }
                 Ok(())
@@ -217,7 +247,9 @@ pub fn complete_checkpoints(out: &Path) -> Result<Vec<PathBuf>> {
     }
     let mut found: Vec<PathBuf> = std::fs::read_dir(&root)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("step-")) && p.join(MARKER).exists())
+        .filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("step-")) && p.join(MARKER).exists()
+        })
         .collect();
     found.sort();
     Ok(found)
@@ -225,7 +257,12 @@ pub fn complete_checkpoints(out: &Path) -> Result<Vec<PathBuf>> {
 
 /// Restores the model, this rank's optimizer pieces and the trainer state from checkpoint folder
 /// `dir`, whatever world size and ZeRO stage wrote it.
-pub fn load<B: Backend>(dir: &Path, backend: &B, model: &mut Llama<B>, dp: &mut DataParallel<B>) -> Result<TrainerState> {
+pub fn load<B: Backend>(
+    dir: &Path,
+    backend: &B,
+    model: &mut Llama<B>,
+    dp: &mut DataParallel<B>,
+) -> Result<TrainerState> {
     if !dir.join(MARKER).exists() {
         bail!("{}: not a complete checkpoint (no {MARKER} marker)", dir.display());
     }
@@ -236,7 +273,8 @@ pub fn load<B: Backend>(dir: &Path, backend: &B, model: &mut Llama<B>, dp: &mut 
     model.params = loaded.params;
     let mpath = dir.join("optimizer.json");
     let text = std::fs::read_to_string(&mpath).with_context(|| format!("reading {}", mpath.display()))?;
-    let manifest: OptimizerManifest = serde_json::from_str(&text).with_context(|| format!("{}: invalid optimizer manifest", mpath.display()))?;
+    let manifest: OptimizerManifest =
+        serde_json::from_str(&text).with_context(|| format!("{}: invalid optimizer manifest", mpath.display()))?;
     let mut files: Vec<Option<memmap2::Mmap>> = (0..manifest.files.len()).map(|_| None).collect();
     let pieces: Vec<Piece> = dp.pieces.clone();
     for (p, seg) in pieces.iter().zip(dp.opt.segments.iter_mut()) {
@@ -259,12 +297,16 @@ pub fn load<B: Backend>(dir: &Path, backend: &B, model: &mut Llama<B>, dp: &mut 
                 if files[fi].is_none() {
                     let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
                     // SAFETY: checkpoint files are never modified after they are complete.
-                    files[fi] = Some(unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?);
+                    files[fi] = Some(
+                        unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?,
+                    );
                 }
-                let st = safetensors::SafeTensors::deserialize(files[fi].as_ref().unwrap()).map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
+                let st = safetensors::SafeTensors::deserialize(files[fi].as_ref().unwrap())
+                    .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
                 let copy = |what: &str, dst: &mut [f32]| -> Result<()> {
                     let name = tensor_name(&pname, sp.start, what);
-                    let t = st.tensor(&name).map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {e}", path.display()))?;
+                    let t =
+                        st.tensor(&name).map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {e}", path.display()))?;
                     if t.dtype() != safetensors::Dtype::F32 || t.shape() != [sp.len] {
                         bail!("{}: tensor `{name}` is not F32 [{}]", path.display(), sp.len);
                     }
@@ -283,7 +325,13 @@ pub fn load<B: Backend>(dir: &Path, backend: &B, model: &mut Llama<B>, dp: &mut 
             }
         }
         if covered != p.len {
-            bail!("{}: optimizer state for `{pname}`[{}..{}] is incomplete ({covered} of {} elements)", mpath.display(), p.start, p.start + p.len, p.len);
+            bail!(
+                "{}: optimizer state for `{pname}`[{}..{}] is incomplete ({covered} of {} elements)",
+                mpath.display(),
+                p.start,
+                p.start + p.len,
+                p.len
+            );
         }
         seg.m = backend.upload(&m);
         seg.v = backend.upload(&v);

@@ -85,7 +85,14 @@ pub struct DataConfig {
 
 impl Default for DataConfig {
     fn default() -> Self {
-        DataConfig { seq_len: 4096, micro_batch_rows: 1, seed: 42, ordering: "bucket".into(), bins: 8, packing: Packing::Concat }
+        DataConfig {
+            seq_len: 4096,
+            micro_batch_rows: 1,
+            seed: 42,
+            ordering: "bucket".into(),
+            bins: 8,
+            packing: Packing::Concat,
+        }
     }
 }
 
@@ -192,7 +199,12 @@ fn default_eval_batches() -> usize {
 impl RunConfig {
     /// `eval_texts` with their names (file stem, or folder name).
     pub fn eval_text_sets(&self) -> Vec<(String, PathBuf)> {
-        self.eval_texts.iter().map(|p| (p.file_stem().map_or_else(|| p.display().to_string(), |s| s.to_string_lossy().into_owned()), p.clone())).collect()
+        self.eval_texts
+            .iter()
+            .map(|p| {
+                (p.file_stem().map_or_else(|| p.display().to_string(), |s| s.to_string_lossy().into_owned()), p.clone())
+            })
+            .collect()
     }
 }
 
@@ -217,7 +229,8 @@ impl Default for RunConfig {
 /// Sets `path` (dot-separated keys, numbers index arrays: `stages.1.lr`) to `value`, parsed as a
 /// TOML value when it is one (`3`, `1e-4`, `true`, `"x"`, `[1, 2]`), else taken as a string.
 pub fn apply_override(root: &mut toml::Value, assignment: &str) -> Result<()> {
-    let (path, raw) = assignment.split_once('=').with_context(|| format!("override `{assignment}`: expected key.path=value"))?;
+    let (path, raw) =
+        assignment.split_once('=').with_context(|| format!("override `{assignment}`: expected key.path=value"))?;
     let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
         .ok()
         .and_then(|mut t| t.remove("v"))
@@ -237,7 +250,8 @@ pub fn apply_override(root: &mut toml::Value, assignment: &str) -> Result<()> {
             toml::Value::Array(a) => {
                 let idx: usize = key.parse().with_context(|| format!("override `{path}`: `{key}` must be an index"))?;
                 let len = a.len();
-                let slot = a.get_mut(idx).with_context(|| format!("override `{path}`: index {idx} beyond {len} items"))?;
+                let slot =
+                    a.get_mut(idx).with_context(|| format!("override `{path}`: index {idx} beyond {len} items"))?;
                 if last {
                     *slot = value;
                     return Ok(());
@@ -319,7 +333,11 @@ impl TrainConfig {
             need(format!("run.eval_texts[{j}]"), p, "the text set");
         }
         if !missing.is_empty() {
-            bail!("{} input(s) missing (paths in a config file are relative to its folder):\n  {}", missing.len(), missing.join("\n  "));
+            bail!(
+                "{} input(s) missing (paths in a config file are relative to its folder):\n  {}",
+                missing.len(),
+                missing.join("\n  ")
+            );
         }
         Ok(())
     }
@@ -327,7 +345,9 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         match (&self.model.from, &self.model.config) {
             (Some(_), Some(_)) => bail!("key `model`: give `from` (a checkpoint) or `config` (random init), not both"),
-            (None, None) => bail!("key `model`: give `from` (a checkpoint directory) or `config` (a config.json for random init)"),
+            (None, None) => {
+                bail!("key `model`: give `from` (a checkpoint directory) or `config` (a config.json for random init)")
+            }
             _ => {}
         }
         let d = &self.data;
@@ -352,7 +372,12 @@ impl TrainConfig {
                 bail!("{}: the stage must be longer than 0", at("steps"));
             }
             if s.global_batch_rows == 0 || s.global_batch_rows % d.micro_batch_rows != 0 {
-                bail!("{}: {} must be a positive multiple of data.micro_batch_rows ({})", at("global_batch_rows"), s.global_batch_rows, d.micro_batch_rows);
+                bail!(
+                    "{}: {} must be a positive multiple of data.micro_batch_rows ({})",
+                    at("global_batch_rows"),
+                    s.global_batch_rows,
+                    d.micro_batch_rows
+                );
             }
             if !(s.lr > 0.0 && s.lr.is_finite()) {
                 bail!("{}: must be a positive number, found {}", at("lr"), s.lr);
@@ -441,7 +466,13 @@ mod tests {
 
     #[test]
     fn parses_resolves_and_overrides() {
-        let c = TrainConfig::parse(GOOD, "t.toml", Path::new("/base"), &["stages.1.lr=5e-5".into(), "run.out_dir=out".into()]).unwrap();
+        let c = TrainConfig::parse(
+            GOOD,
+            "t.toml",
+            Path::new("/base"),
+            &["stages.1.lr=5e-5".into(), "run.out_dir=out".into()],
+        )
+        .unwrap();
         assert_eq!(c.data.packing, Packing::Concat, "the default packing");
         assert_eq!(c.stages[1].lr, 5e-5);
         assert_eq!(c.run.out_dir, PathBuf::from("/base/out"));
@@ -458,18 +489,33 @@ mod tests {
         let bad_val = GOOD.replace("seq_len = 64", "seq_len = \"long\"");
         let e = format!("{:#}", TrainConfig::parse(&bad_val, "t.toml", Path::new("."), &[]).unwrap_err());
         assert!(e.contains("data.seq_len"), "{e}");
-        let e = format!("{:#}", TrainConfig::parse(GOOD, "t.toml", Path::new("."), &["data.packing=whole".into()]).unwrap_err());
+        let e = format!(
+            "{:#}",
+            TrainConfig::parse(GOOD, "t.toml", Path::new("."), &["data.packing=whole".into()]).unwrap_err()
+        );
         assert!(e.contains("data.packing") && e.contains("whole_docs"), "{e}");
         let c = TrainConfig::parse(GOOD, "t.toml", Path::new("."), &["data.packing=whole_docs".into()]).unwrap();
         assert_eq!(c.data.packing, Packing::WholeDocs);
         let texts = r#"run.eval_texts=["a/heldout.jsonl", "b/heldout"]"#.to_string();
-        let e = format!("{:#}", TrainConfig::parse(GOOD, "t.toml", Path::new("."), &[texts, "model.tokenizer=t.json".into()]).unwrap_err());
+        let e = format!(
+            "{:#}",
+            TrainConfig::parse(GOOD, "t.toml", Path::new("."), &[texts, "model.tokenizer=t.json".into()]).unwrap_err()
+        );
         assert!(e.contains("run.eval_texts[1]") && e.contains("\"heldout\""), "{e}");
-        let e = format!("{:#}", TrainConfig::parse(GOOD, "t.toml", Path::new("."), &[r#"run.eval_texts=["x.jsonl"]"#.into()]).unwrap_err());
+        let e = format!(
+            "{:#}",
+            TrainConfig::parse(GOOD, "t.toml", Path::new("."), &[r#"run.eval_texts=["x.jsonl"]"#.into()]).unwrap_err()
+        );
         assert!(e.contains("run.eval_texts") && e.contains("model.tokenizer"), "{e}");
-        let e = format!("{:#}", TrainConfig::parse(GOOD, "t.toml", Path::new("."), &["stages.0.lr=-1".into()]).unwrap_err());
+        let e = format!(
+            "{:#}",
+            TrainConfig::parse(GOOD, "t.toml", Path::new("."), &["stages.0.lr=-1".into()]).unwrap_err()
+        );
         assert!(e.contains("stages[0].lr"), "{e}");
-        let e = format!("{:#}", TrainConfig::parse(GOOD, "t.toml", Path::new("."), &["stages.0.tokens=5".into()]).unwrap_err());
+        let e = format!(
+            "{:#}",
+            TrainConfig::parse(GOOD, "t.toml", Path::new("."), &["stages.0.tokens=5".into()]).unwrap_err()
+        );
         assert!(e.contains("exactly one of `steps` and `tokens`"), "{e}");
     }
 }

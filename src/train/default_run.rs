@@ -13,22 +13,48 @@ use std::path::{Path, PathBuf};
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::processors::{sequence::Sequence, template::TemplateProcessing};
-use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, TokenizerBuilder};
+use tokenizers::{
+    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, TokenizerBuilder,
+};
 
-const PEOPLE: [&str; 16] = ["Alda", "Boren", "Cima", "Dovik", "Elsa", "Farro", "Gint", "Hessa", "Ilo", "Jura", "Kesh", "Lumi", "Moro", "Nessa", "Orin", "Pavo"];
+const PEOPLE: [&str; 16] = [
+    "Alda", "Boren", "Cima", "Dovik", "Elsa", "Farro", "Gint", "Hessa", "Ilo", "Jura", "Kesh", "Lumi", "Moro", "Nessa",
+    "Orin", "Pavo",
+];
 const TOWNS: [&str; 8] = ["Pelmor", "Quist", "Rundle", "Sorra", "Tavel", "Umber", "Vesk", "Wyre"];
-const FOODS: [&str; 8] = ["plums", "barley bread", "goat cheese", "river fish", "honey cakes", "green beans", "salted nuts", "apple soup"];
-const PETS: [&str; 8] = ["a grey cat", "a green owl", "a small dog", "two hens", "a black goat", "a tame fox", "a blue parrot", "an old horse"];
+const FOODS: [&str; 8] =
+    ["plums", "barley bread", "goat cheese", "river fish", "honey cakes", "green beans", "salted nuts", "apple soup"];
+const PETS: [&str; 8] = [
+    "a grey cat",
+    "a green owl",
+    "a small dog",
+    "two hens",
+    "a black goat",
+    "a tame fox",
+    "a blue parrot",
+    "an old horse",
+];
 const PLACES: [&str; 6] = ["the market", "the mill", "the harbour", "the school", "the bakery", "the old bridge"];
 
 /// The invented world: person i lives in one town, likes one food, keeps one pet, works at a place.
 fn facts(i: usize) -> (&'static str, &'static str, &'static str, &'static str, &'static str) {
-    (PEOPLE[i], TOWNS[(i * 5 + 1) % TOWNS.len()], FOODS[(i * 3 + 2) % FOODS.len()], PETS[(i * 7 + 3) % PETS.len()], PLACES[(i * 11) % PLACES.len()])
+    (
+        PEOPLE[i],
+        TOWNS[(i * 5 + 1) % TOWNS.len()],
+        FOODS[(i * 3 + 2) % FOODS.len()],
+        PETS[(i * 7 + 3) % PETS.len()],
+        PLACES[(i * 11) % PLACES.len()],
+    )
 }
 
 fn fact_sentences(i: usize) -> Vec<String> {
     let (p, t, f, pet, w) = facts(i);
-    vec![format!("{p} lives in {t}."), format!("{p} likes {f}."), format!("{p} keeps {pet}."), format!("{p} works at {w} in {t}.")]
+    vec![
+        format!("{p} lives in {t}."),
+        format!("{p} likes {f}."),
+        format!("{p} keeps {pet}."),
+        format!("{p} works at {w} in {t}."),
+    ]
 }
 
 /// A plain-text paragraph about a few people.
@@ -99,14 +125,15 @@ pub fn train_bpe_tokenizer(path: &Path, texts: &[String], vocab_size: usize, pre
         .special_tokens(vec![AddedToken::from("<s>", true), AddedToken::from("</s>", true)])
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
-    let mut tok = TokenizerBuilder::<BPE, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>::new()
-        .with_model(BPE::default())
-        .with_normalizer(None)
-        .with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false).into()))
-        .with_post_processor(Some(ByteLevel::default().into()))
-        .with_decoder(Some(ByteLevel::default().into()))
-        .build()
-        .map_err(|e| anyhow!("building a tokenizer: {e}"))?;
+    let mut tok =
+        TokenizerBuilder::<BPE, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>::new()
+            .with_model(BPE::default())
+            .with_normalizer(None)
+            .with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false).into()))
+            .with_post_processor(Some(ByteLevel::default().into()))
+            .with_decoder(Some(ByteLevel::default().into()))
+            .build()
+            .map_err(|e| anyhow!("building a tokenizer: {e}"))?;
     tok.train(&mut trainer, texts.iter()).map_err(|e| anyhow!("training the tokenizer: {e}"))?;
     if prepend_bos {
         let bos = TemplateProcessing::builder()
@@ -141,7 +168,10 @@ pub fn prepare(out: &Path, overrides: &[String]) -> Result<TrainConfig> {
     let mut texts = stories.clone();
     texts.extend(qas.iter().map(|q| format!("{}{}", q["source"].as_str().unwrap(), q["target"].as_str().unwrap())));
     train_bpe_tokenizer(&tok_path, &texts, 448, true)?;
-    let tok = TextTokenizer::load(&tok_path, &SpecialTokenOptions { model_config: None, add_bos: Some(true), add_eos: Some(true) })?;
+    let tok = TextTokenizer::load(
+        &tok_path,
+        &SpecialTokenOptions { model_config: None, add_bos: Some(true), add_eos: Some(true) },
+    )?;
     let vocab = (tok.vocab_size as usize).div_ceil(64) * 64;
     for name in ["world", "qa", "heldout"] {
         let cfg = PrepareConfig {

@@ -14,16 +14,16 @@ use crate::batch::Batch;
 use crate::config::LlamaConfig;
 use crate::data::tokenizer::TextTokenizer;
 use crate::data::{Loader, LoaderConfig, Ordering, SubsetSpec};
+use crate::dist::DataParallel;
 use crate::eval;
 use crate::model::{Llama, StepOptions};
-use crate::dist::DataParallel;
-use llama_cpt_parallel::{Communicator, SingleProcess, TrafficCount};
 use crate::weights::StoreDtype;
 use anyhow::{bail, Context, Result};
 use checkpoint::TrainerState;
 use config::{DatasetRef, StageConfig, TrainConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 use llama_cpt_ops::cross_entropy::count_valid;
+use llama_cpt_parallel::{Communicator, SingleProcess, TrafficCount};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
@@ -96,12 +96,21 @@ impl Metrics {
             let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
             let kept: String = text
                 .lines()
-                .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= keep_through_step))
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v["step"].as_u64())
+                        .is_some_and(|s| s <= keep_through_step)
+                })
                 .map(|l| format!("{l}\n"))
                 .collect();
             crate::fsutil::write_atomic(&path, kept.as_bytes())?;
         }
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
         let events = tensorboard::EventWriter::create(&out.join("tensorboard"), keep_through_step + 1)?;
         Ok(Metrics { file, events })
     }
@@ -109,10 +118,11 @@ impl Metrics {
     fn log(&mut self, v: serde_json::Value) -> Result<()> {
         writeln!(self.file, "{v}").context("writing metrics.jsonl")?;
         let step = v["step"].as_u64().unwrap_or(0);
-        let mut scalars: Vec<(String, f64)> = ["loss", "lr", "grad_norm", "tokens_per_s", "flops_per_s", "val_loss", "skipped_steps"]
-            .iter()
-            .filter_map(|k| v[*k].as_f64().map(|x| (k.to_string(), x)))
-            .collect();
+        let mut scalars: Vec<(String, f64)> =
+            ["loss", "lr", "grad_norm", "tokens_per_s", "flops_per_s", "val_loss", "skipped_steps"]
+                .iter()
+                .filter_map(|k| v[*k].as_f64().map(|x| (k.to_string(), x)))
+                .collect();
         // One TensorBoard tag per text set: `val_bpc/NAME`.
         if let Some(sets) = v["val_bpc"].as_object() {
             scalars.extend(sets.iter().filter_map(|(name, x)| x.as_f64().map(|x| (format!("val_bpc/{name}"), x))));
@@ -124,12 +134,23 @@ impl Metrics {
 
 /// Mean loss over `eval_batches` global batches of held-out data (token-weighted), each rank
 /// scoring its rows.
-fn validate<B: Backend>(backend: &B, model: &Llama<B>, cfg: &TrainConfig, comm: &dyn Communicator<B::Buf>) -> Result<Option<f64>> {
+fn validate<B: Backend>(
+    backend: &B,
+    model: &Llama<B>,
+    cfg: &TrainConfig,
+    comm: &dyn Communicator<B::Buf>,
+) -> Result<Option<f64>> {
     if cfg.run.eval_datasets.is_empty() {
         return Ok(None);
     }
     let world = comm.world_size();
-    let lc = LoaderConfig { global_batch_rows: cfg.data.micro_batch_rows * world, max_epochs: Some(1), ordering: Ordering::Shuffle, seed: 0, ..loader_config(cfg, 0, comm.rank(), world) };
+    let lc = LoaderConfig {
+        global_batch_rows: cfg.data.micro_batch_rows * world,
+        max_epochs: Some(1),
+        ordering: Ordering::Shuffle,
+        seed: 0,
+        ..loader_config(cfg, 0, comm.rank(), world)
+    };
     let mut loader = Loader::new(&subsets(&cfg.run.eval_datasets), lc, None)?;
     let (mut sum, mut n) = (0.0, 0usize);
     for _ in 0..cfg.run.eval_batches {
@@ -159,12 +180,17 @@ impl TextSets {
             return Ok(None);
         }
         let tok_path = tokenizer.context("key `run.eval_texts`: no tokenizer (set `model.tokenizer`)")?;
-        let model_config = cfg.model.from.as_ref().map_or_else(|| cfg.model.config.clone().expect("validated"), |d| d.join("config.json"));
+        let model_config = cfg
+            .model
+            .from
+            .as_ref()
+            .map_or_else(|| cfg.model.config.clone().expect("validated"), |d| d.join("config.json"));
         // The `evaluate` binary's tokenizer for this model (BOS as tokenizer and config say).
         let tok = TextTokenizer::for_inference(tok_path, &model_config)?;
         let mut sets = Vec::new();
         for (name, path) in named {
-            let (texts, issues) = eval::ppl::read_texts(&path).with_context(|| format!("key `run.eval_texts`: reading {}", path.display()))?;
+            let (texts, issues) = eval::ppl::read_texts(&path)
+                .with_context(|| format!("key `run.eval_texts`: reading {}", path.display()))?;
             for i in &issues {
                 eprintln!("eval text set {name}: skipped {i}");
             }
@@ -175,7 +201,12 @@ impl TextSets {
     }
 
     /// Bits per character of each set, scored as `evaluate --text` does, windows of `seq_len`.
-    fn bits_per_char<B: Backend>(&self, backend: &B, model: &Llama<B>, cfg: &TrainConfig) -> Result<serde_json::Map<String, serde_json::Value>> {
+    fn bits_per_char<B: Backend>(
+        &self,
+        backend: &B,
+        model: &Llama<B>,
+        cfg: &TrainConfig,
+    ) -> Result<serde_json::Map<String, serde_json::Value>> {
         let (len, rows) = (cfg.data.seq_len, cfg.data.micro_batch_rows);
         let mut out = serde_json::Map::new();
         for (name, texts) in &self.sets {
@@ -213,14 +244,23 @@ fn traffic_delta(a: TrafficCount, b: TrafficCount) -> serde_json::Value {
 
 /// [`run`] as one rank of a data-parallel group: every rank calls it with the same config; rank 0
 /// logs, shows progress and writes the model files; every rank writes its optimizer shard.
-pub fn run_parallel<B: Backend>(backend: &B, comm: &dyn Communicator<B::Buf>, cfg: &TrainConfig, interrupt: &AtomicBool) -> Result<Outcome> {
+pub fn run_parallel<B: Backend>(
+    backend: &B,
+    comm: &dyn Communicator<B::Buf>,
+    cfg: &TrainConfig,
+    interrupt: &AtomicBool,
+) -> Result<Outcome> {
     let out = &cfg.run.out_dir;
     let (rank, world) = (comm.rank(), comm.world_size());
     let leader = rank == 0;
     cfg.check_inputs()?;
     for (i, s) in cfg.stages.iter().enumerate() {
         if s.global_batch_rows % (world * cfg.data.micro_batch_rows) != 0 {
-            bail!("key `stages[{i}].global_batch_rows`: {} is not a multiple of {world} ranks × data.micro_batch_rows {}", s.global_batch_rows, cfg.data.micro_batch_rows);
+            bail!(
+                "key `stages[{i}].global_batch_rows`: {} is not a multiple of {world} ranks × data.micro_batch_rows {}",
+                s.global_batch_rows,
+                cfg.data.micro_batch_rows
+            );
         }
     }
     if leader {
@@ -232,7 +272,11 @@ pub fn run_parallel<B: Backend>(backend: &B, comm: &dyn Communicator<B::Buf>, cf
         (None, Some(c)) => Llama::random(backend, LlamaConfig::from_file(c)?, cfg.model.seed),
         _ => unreachable!("validated"),
     };
-    let tokenizer = cfg.model.tokenizer.clone().or_else(|| cfg.model.from.as_ref().map(|d| d.join("tokenizer.json")).filter(|p| p.exists()));
+    let tokenizer = cfg
+        .model
+        .tokenizer
+        .clone()
+        .or_else(|| cfg.model.from.as_ref().map(|d| d.join("tokenizer.json")).filter(|p| p.exists()));
     // Clean up a checkpoint write that was cut off, then resume from the newest complete one.
     if leader {
         if let Ok(entries) = std::fs::read_dir(checkpoint::checkpoints_dir(out)) {
@@ -250,7 +294,15 @@ pub fn run_parallel<B: Backend>(backend: &B, comm: &dyn Communicator<B::Buf>, cf
     };
     let new_dp = |model: &Llama<B>, si: usize| {
         let stage = &cfg.stages[si];
-        DataParallel::new(backend, comm, &model.params, &trainable(model, stage), cfg.parallel.stage(), cfg.parallel.bucket_elems(), adamw_config(stage))
+        DataParallel::new(
+            backend,
+            comm,
+            &model.params,
+            &trainable(model, stage),
+            cfg.parallel.stage(),
+            cfg.parallel.bucket_elems(),
+            adamw_config(stage),
+        )
     };
     let mut dp = new_dp(&model, first_stage);
     let mut state = match resume {
@@ -271,9 +323,16 @@ pub fn run_parallel<B: Backend>(backend: &B, comm: &dyn Communicator<B::Buf>, cf
     let c = &model.config;
     let fpt = flops_per_token(c, cfg.data.seq_len);
     if leader {
-        eprintln!("data parallel: {} (rank {rank}), ZeRO-{}, {} gradient buckets, optimizer state {:.1} MiB on this rank", comm.name(), cfg.parallel.zero_stage, dp.layout.buckets.len(), dp.opt.state_bytes(backend) as f64 / (1 << 20) as f64);
+        eprintln!(
+            "data parallel: {} (rank {rank}), ZeRO-{}, {} gradient buckets, optimizer state {:.1} MiB on this rank",
+            comm.name(),
+            cfg.parallel.zero_stage,
+            dp.layout.buckets.len(),
+            dp.opt.state_bytes(backend) as f64 / (1 << 20) as f64
+        );
     }
-    if leader { eprintln!(
+    if leader {
+        eprintln!(
         "model: {} parameters ({} non-embedding), {} layers, hidden {}, vocab {}; {:.3} GFLOP per trained token; backend {}",
         model.num_params(),
         c.non_embedding_params(),
@@ -282,11 +341,14 @@ pub fn run_parallel<B: Backend>(backend: &B, comm: &dyn Communicator<B::Buf>, cf
         c.vocab_size,
         fpt / 1e9,
         backend.name()
-    ); }
+    );
+    }
     let step_opts = StepOptions { checkpoint_layers: cfg.model.checkpoint_layers };
     let mut final_model = None;
     let mut last_loss = None;
-    let save_ckpt = |model: &Llama<B>, dp: &DataParallel<B>, state: &TrainerState| checkpoint::save(out, cfg.run.keep_checkpoints, backend, model, dp, state, tokenizer.as_deref());
+    let save_ckpt = |model: &Llama<B>, dp: &DataParallel<B>, state: &TrainerState| {
+        checkpoint::save(out, cfg.run.keep_checkpoints, backend, model, dp, state, tokenizer.as_deref())
+    };
 
     while state.stage < cfg.stages.len() {
         let si = state.stage;
@@ -294,12 +356,29 @@ pub fn run_parallel<B: Backend>(backend: &B, comm: &dyn Communicator<B::Buf>, cf
         let total = cfg.stage_steps(si);
         let lc = loader_config(cfg, si, rank, world);
         let micro_steps = lc.micro_steps();
-        let mut loader = Loader::new(&subsets(&stage.datasets), lc, state.loader.clone()).with_context(|| format!("stage {:?}: opening its data", stage.name))?;
+        let mut loader = Loader::new(&subsets(&stage.datasets), lc, state.loader.clone())
+            .with_context(|| format!("stage {:?}: opening its data", stage.name))?;
         dp.opt.config = adamw_config(stage);
         let bar = if leader { ProgressBar::new(total) } else { ProgressBar::hidden() }.with_position(state.stage_step);
-        bar.set_style(ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}").unwrap().progress_chars("=> "));
+        bar.set_style(
+            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
+                .unwrap()
+                .progress_chars("=> "),
+        );
         bar.set_prefix(format!("stage {}/{} {}", si + 1, cfg.stages.len(), stage.name));
-        if leader { line(&bar, format!("stage {:?}: {total} steps of {} rows × {} tokens, lr {:e}{}", stage.name, stage.global_batch_rows, cfg.data.seq_len, stage.lr, if stage.freeze_non_embeddings { ", only embeddings and LM head train" } else { "" })); }
+        if leader {
+            line(
+                &bar,
+                format!(
+                    "stage {:?}: {total} steps of {} rows × {} tokens, lr {:e}{}",
+                    stage.name,
+                    stage.global_batch_rows,
+                    cfg.data.seq_len,
+                    stage.lr,
+                    if stage.freeze_non_embeddings { ", only embeddings and LM head train" } else { "" }
+                ),
+            );
+        }
 
         while state.stage_step < total {
             let t0 = Instant::now();
@@ -316,7 +395,9 @@ pub fn run_parallel<B: Backend>(backend: &B, comm: &dyn Communicator<B::Buf>, cf
             let poison = cfg.run.inject_nan_at_steps.contains(&(state.global_step + 1));
             let traffic_before = comm.traffic();
             // A failed collective names its step (the communicators know only their own counts).
-            let report = dp.step(backend, &mut model, &batches, step_opts, lr, clip, poison).with_context(|| format!("step {}", state.global_step + 1))?;
+            let report = dp
+                .step(backend, &mut model, &batches, step_opts, lr, clip, poison)
+                .with_context(|| format!("step {}", state.global_step + 1))?;
             let traffic = traffic_delta(traffic_before, comm.traffic());
             let loss = report.loss;
             state.stage_step += 1;
@@ -331,7 +412,13 @@ pub fn run_parallel<B: Backend>(backend: &B, comm: &dyn Communicator<B::Buf>, cf
                 state.skipped_steps += 1;
                 state.consecutive_skips += 1;
                 if leader {
-                    line(&bar, format!("step {}: loss {loss}, gradient norm {} — not finite, step skipped ({} in a row)", state.global_step, report.grad_norm, state.consecutive_skips));
+                    line(
+                        &bar,
+                        format!(
+                            "step {}: loss {loss}, gradient norm {} — not finite, step skipped ({} in a row)",
+                            state.global_step, report.grad_norm, state.consecutive_skips
+                        ),
+                    );
                 }
                 if state.consecutive_skips >= cfg.run.max_consecutive_skips {
                     let last = checkpoint::complete_checkpoints(out)?.pop();
@@ -347,7 +434,10 @@ pub fn run_parallel<B: Backend>(backend: &B, comm: &dyn Communicator<B::Buf>, cf
             let flops = fpt * tok_s;
             let mfu = backend.peak_flops().map(|p| flops / p);
             bar.set_position(state.stage_step);
-            bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {tok_s:.0} tok/s {}", mfu.map_or(format!("{:.1} GFLOP/s", flops / 1e9), |m| format!("MFU {:.1}%", 100.0 * m))));
+            bar.set_message(format!(
+                "loss {loss:.4} lr {lr:.2e} {tok_s:.0} tok/s {}",
+                mfu.map_or(format!("{:.1} GFLOP/s", flops / 1e9), |m| format!("MFU {:.1}%", 100.0 * m))
+            ));
             let mut record = serde_json::json!({
                 "step": state.global_step, "stage": stage.name, "stage_step": state.stage_step, "loss": loss,
                 "lr": lr, "grad_norm": report.grad_norm, "applied": report.applied, "tokens": state.tokens_seen,
@@ -355,7 +445,8 @@ pub fn run_parallel<B: Backend>(backend: &B, comm: &dyn Communicator<B::Buf>, cf
                 "skipped_rows": loader.skipped_rows(), "loader_wait_s": loader.stats().wait.as_secs_f64(),
                 "world_size": world, "comm_wait_s": report.comm_wait.as_secs_f64(), "comm_bytes": traffic,
             });
-            let evaluate = cfg.run.eval_every > 0 && (state.global_step % cfg.run.eval_every == 0 || state.stage_step == total);
+            let evaluate =
+                cfg.run.eval_every > 0 && (state.global_step % cfg.run.eval_every == 0 || state.stage_step == total);
             if evaluate {
                 if let Some(v) = validate(backend, &model, cfg, comm)? {
                     record["val_loss"] = v.into();
@@ -366,8 +457,12 @@ pub fn run_parallel<B: Backend>(backend: &B, comm: &dyn Communicator<B::Buf>, cf
                 // Rank 0 alone scores the text sets (no collectives inside).
                 if let Some(ts) = &text_sets {
                     let bpc = ts.bits_per_char(backend, &model, cfg)?;
-                    let shown: Vec<String> = bpc.iter().map(|(n, v)| format!("{n} {:.4}", v.as_f64().unwrap_or(f64::NAN))).collect();
-                    line(&bar, format!("step {}: validation bits per character: {}", state.global_step, shown.join(", ")));
+                    let shown: Vec<String> =
+                        bpc.iter().map(|(n, v)| format!("{n} {:.4}", v.as_f64().unwrap_or(f64::NAN))).collect();
+                    line(
+                        &bar,
+                        format!("step {}: validation bits per character: {}", state.global_step, shown.join(", ")),
+                    );
                     record["val_bpc"] = bpc.into();
                 }
             }
@@ -383,7 +478,10 @@ pub fn run_parallel<B: Backend>(backend: &B, comm: &dyn Communicator<B::Buf>, cf
             if let (Some(metrics), true) = (metrics.as_mut(), log_now) {
                 metrics.log(record)?;
                 if bar.is_hidden() {
-                    eprintln!("step {} stage {} loss {loss:.4} lr {lr:.2e} grad_norm {:.3} {tok_s:.0} tok/s", state.global_step, stage.name, report.grad_norm);
+                    eprintln!(
+                        "step {} stage {} loss {loss:.4} lr {lr:.2e} grad_norm {:.3} {tok_s:.0} tok/s",
+                        state.global_step, stage.name, report.grad_norm
+                    );
                 }
             }
             state.loader = Some(loader.state());
@@ -392,14 +490,20 @@ pub fn run_parallel<B: Backend>(backend: &B, comm: &dyn Communicator<B::Buf>, cf
             comm.all_reduce_scalars(&mut stop).with_context(|| format!("step {}", state.global_step))?;
             let stop_now = stop[0] > 0.0 || cfg.run.stop_after_steps.is_some_and(|s| state.global_step >= s);
             // No periodic checkpoint inside a run of skipped steps: the last one stays the last good one.
-            let periodic = cfg.run.checkpoint_every > 0 && state.global_step % cfg.run.checkpoint_every == 0 && state.consecutive_skips == 0;
+            let periodic = cfg.run.checkpoint_every > 0
+                && state.global_step % cfg.run.checkpoint_every == 0
+                && state.consecutive_skips == 0;
             if state.stage_step < total && (periodic || stop_now) {
                 let p = save_ckpt(&model, &dp, &state)?;
                 if stop_now {
                     bar.abandon();
                     if leader {
                         plot(out);
-                        eprintln!("stopped at step {}; checkpoint {} (run again to resume)", state.global_step, p.display());
+                        eprintln!(
+                            "stopped at step {}; checkpoint {} (run again to resume)",
+                            state.global_step,
+                            p.display()
+                        );
                     }
                     return Ok(Outcome { final_model, interrupted: true, global_step: state.global_step, last_loss });
                 }
@@ -411,7 +515,8 @@ pub fn run_parallel<B: Backend>(backend: &B, comm: &dyn Communicator<B::Buf>, cf
         if leader {
             model.save(backend, &stage_dir, StoreDtype::F32, None)?;
             if let Some(t) = &tokenizer {
-                std::fs::copy(t, stage_dir.join("tokenizer.json")).with_context(|| format!("copying {}", t.display()))?;
+                std::fs::copy(t, stage_dir.join("tokenizer.json"))
+                    .with_context(|| format!("copying {}", t.display()))?;
             }
             eprintln!("stage {:?} done: model written to {}", stage.name, stage_dir.display());
         }
@@ -429,7 +534,12 @@ pub fn run_parallel<B: Backend>(backend: &B, comm: &dyn Communicator<B::Buf>, cf
         dp.refresh_params(backend, &mut model.params)?;
         save_ckpt(&model, &dp, &state)?;
         if interrupt.load(AtomicOrdering::SeqCst) || cfg.run.stop_after_steps.is_some_and(|s| state.global_step >= s) {
-            return Ok(Outcome { final_model, interrupted: state.stage < cfg.stages.len(), global_step: state.global_step, last_loss });
+            return Ok(Outcome {
+                final_model,
+                interrupted: state.stage < cfg.stages.len(),
+                global_step: state.global_step,
+                last_loss,
+            });
         }
     }
     if final_model.is_none() {

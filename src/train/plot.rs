@@ -33,7 +33,8 @@ impl Curve {
         let text = std::fs::read_to_string(metrics).with_context(|| format!("reading {}", metrics.display()))?;
         let mut c = Curve::default();
         for (i, l) in text.lines().enumerate() {
-            let v: serde_json::Value = serde_json::from_str(l).with_context(|| format!("{}:{}: not JSON", metrics.display(), i + 1))?;
+            let v: serde_json::Value =
+                serde_json::from_str(l).with_context(|| format!("{}:{}: not JSON", metrics.display(), i + 1))?;
             let Some(step) = v["step"].as_u64() else { continue };
             let finite = |k: &str| v[k].as_f64().filter(|x| x.is_finite());
             c.train.extend(finite("loss").map(|x| (step, x)));
@@ -74,7 +75,9 @@ pub fn write_loss_png(out: &Path) -> Result<Option<PathBuf>> {
     let path = out.join(FILE);
     // The temporary name keeps the .png extension: plotters picks the encoder from it.
     let tmp = out.join(".loss-tmp.png");
-    draw(&tmp, &curve, have_font().then_some(title.as_str())).and_then(|()| crate::fsutil::commit(&tmp, &path)).with_context(|| format!("writing {}", path.display()))?;
+    draw(&tmp, &curve, have_font().then_some(title.as_str()))
+        .and_then(|()| crate::fsutil::commit(&tmp, &path))
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(Some(path))
 }
 
@@ -101,10 +104,16 @@ pub fn draw(path: &Path, curve: &Curve, title: Option<&str>) -> Result<()> {
         let (a, b) = (start as f64, *end as f64);
         chart.draw_series(std::iter::once(Rectangle::new([(a, y0), (b, y1)], BANDS[i % 2].filled()))).map_err(err)?;
         if i > 0 {
-            chart.draw_series(std::iter::once(PathElement::new(vec![(a, y0), (a, y1)], BLACK.mix(0.5)))).map_err(err)?;
+            chart
+                .draw_series(std::iter::once(PathElement::new(vec![(a, y0), (a, y1)], BLACK.mix(0.5))))
+                .map_err(err)?;
         }
         if text {
-            let label = Text::new(format!("stage {}: {name}", i + 1), (a + (b - a) * 0.02, y1 - (y1 - y0) * 0.02), ("sans-serif", 15).into_font().color(&BLACK.mix(0.7)));
+            let label = Text::new(
+                format!("stage {}: {name}", i + 1),
+                (a + (b - a) * 0.02, y1 - (y1 - y0) * 0.02),
+                ("sans-serif", 15).into_font().color(&BLACK.mix(0.7)),
+            );
             chart.draw_series(std::iter::once(label)).map_err(err)?;
         }
         start = *end;
@@ -112,12 +121,18 @@ pub fn draw(path: &Path, curve: &Curve, title: Option<&str>) -> Result<()> {
     let mut mesh = chart.configure_mesh();
     mesh.light_line_style(WHITE.mix(0.0));
     if text {
-        mesh.x_desc("step").y_desc("loss").x_label_formatter(&|x| format!("{x:.0}")).label_style(("sans-serif", 15)).axis_desc_style(("sans-serif", 16));
+        mesh.x_desc("step")
+            .y_desc("loss")
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .label_style(("sans-serif", 15))
+            .axis_desc_style(("sans-serif", 16));
     } else {
         mesh.x_labels(0).y_labels(0);
     }
     mesh.draw().map_err(err)?;
-    let train = chart.draw_series(LineSeries::new(curve.train.iter().map(|&(s, l)| (s as f64, l)), TRAIN.stroke_width(2))).map_err(err)?;
+    let train = chart
+        .draw_series(LineSeries::new(curve.train.iter().map(|&(s, l)| (s as f64, l)), TRAIN.stroke_width(2)))
+        .map_err(err)?;
     if text {
         train.label("train loss").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], TRAIN.stroke_width(2)));
     }
@@ -128,7 +143,14 @@ pub fn draw(path: &Path, curve: &Curve, title: Option<&str>) -> Result<()> {
         dots.label("validation loss").legend(|(x, y)| Circle::new((x + 10, y), 4, VAL.filled()));
     }
     if text {
-        chart.configure_series_labels().position(SeriesLabelPosition::MiddleRight).background_style(WHITE.mix(0.85)).border_style(BLACK.mix(0.4)).label_font(("sans-serif", 15)).draw().map_err(err)?;
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::MiddleRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK.mix(0.4))
+            .label_font(("sans-serif", 15))
+            .draw()
+            .map_err(err)?;
     }
     root.present().map_err(err)?;
     Ok(())
@@ -140,7 +162,11 @@ mod tests {
 
     fn curve() -> Curve {
         let train: Vec<(u64, f64)> = (1..=40).map(|s| (s, 5.0 * (-(s as f64) / 15.0).exp() + 0.5)).collect();
-        Curve { val: vec![(10, 3.0), (25, 1.5), (40, 1.0)], stages: vec![("injection".into(), 25), ("replay".into(), 40)], train }
+        Curve {
+            val: vec![(10, 3.0), (25, 1.5), (40, 1.0)],
+            stages: vec![("injection".into(), 25), ("replay".into(), 40)],
+            train,
+        }
     }
 
     #[test]
@@ -154,7 +180,14 @@ mod tests {
         ];
         std::fs::write(dir.join("m.jsonl"), lines.join("\n")).unwrap();
         let c = Curve::read(&dir.join("m.jsonl")).unwrap();
-        assert_eq!(c, Curve { train: vec![(1, 4.0), (3, 3.0)], val: vec![(3, 3.5)], stages: vec![("a".into(), 2), ("b".into(), 3)] });
+        assert_eq!(
+            c,
+            Curve {
+                train: vec![(1, 4.0), (3, 3.0)],
+                val: vec![(3, 3.5)],
+                stages: vec![("a".into(), 2), ("b".into(), 3)]
+            }
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -59,7 +59,12 @@ impl EventWriter {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         // TensorBoard reads the files in name order: the time to the nanosecond keeps a restart
         // (even one within the same second, in the same process) after the run it resumes.
-        let path = dir.join(format!("events.out.tfevents.{}.{:09}.llama-cpt.{}", now.as_secs(), now.subsec_nanos(), std::process::id()));
+        let path = dir.join(format!(
+            "events.out.tfevents.{}.{:09}.llama-cpt.{}",
+            now.as_secs(),
+            now.subsec_nanos(),
+            std::process::id()
+        ));
         let file = std::fs::File::create_new(&path).with_context(|| format!("creating {}", path.display()))?;
         let mut w = EventWriter { file };
         let first = event(now.as_secs_f64(), 0, |e| len_delimited(3, b"brain.Event:2", e));

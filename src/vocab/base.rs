@@ -44,7 +44,9 @@ pub fn byte_level_table() -> [char; 256] {
 
 fn json_has_type(v: &Value, ty: &str) -> bool {
     match v {
-        Value::Object(o) => o.get("type").and_then(Value::as_str) == Some(ty) || o.values().any(|x| json_has_type(x, ty)),
+        Value::Object(o) => {
+            o.get("type").and_then(Value::as_str) == Some(ty) || o.values().any(|x| json_has_type(x, ty))
+        }
         Value::Array(a) => a.iter().any(|x| json_has_type(x, ty)),
         _ => false,
     }
@@ -75,7 +77,8 @@ impl BaseTokenizer {
     pub fn load(path: &Path) -> Result<BaseTokenizer> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading tokenizer {}", path.display()))?;
         let json: Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
-        let tok = Tokenizer::from_bytes(text.as_bytes()).map_err(|e| anyhow!("loading tokenizer {}: {e}", path.display()))?;
+        let tok =
+            Tokenizer::from_bytes(text.as_bytes()).map_err(|e| anyhow!("loading tokenizer {}: {e}", path.display()))?;
         let ModelWrapper::BPE(bpe) = tok.get_model() else {
             bail!("{}: the tokenizer model is not BPE; vocabulary extension supports BPE tokenizer.json files (LLaMA-2/3 style)", path.display());
         };

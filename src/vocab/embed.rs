@@ -103,7 +103,12 @@ pub fn extend_model(base_dir: &Path, out: &Path, source: &PieceSource, opts: &Ex
     let config = LlamaConfig::from_file(&cfg_path)?;
     let base = BaseTokenizer::load(&tok_path)?;
     if base.size as usize > config.vocab_size {
-        bail!("{}: the tokenizer has {} ids but the model's vocab_size is {}", base_dir.display(), base.size, config.vocab_size);
+        bail!(
+            "{}: the tokenizer has {} ids but the model's vocab_size is {}",
+            base_dir.display(),
+            base.size,
+            config.vocab_size
+        );
     }
     let (tok, mut report) = extend_tokenizer(&base, source)?;
     let real = report.new_tokenizer_size as usize;
@@ -139,13 +144,15 @@ pub fn extend_model(base_dir: &Path, out: &Path, source: &PieceSource, opts: &Ex
         if skip || !path.is_file() {
             continue;
         }
-        std::fs::copy(&path, out.join(&name)).with_context(|| format!("copying {} to {}", path.display(), out.display()))?;
+        std::fs::copy(&path, out.join(&name))
+            .with_context(|| format!("copying {} to {}", path.display(), out.display()))?;
     }
-    let shard = if base_dir.join(crate::weights::INDEX_FILE).exists() && !base_dir.join(crate::weights::SINGLE_FILE).exists() {
-        Some(5_000_000_000)
-    } else {
-        None
-    };
+    let shard =
+        if base_dir.join(crate::weights::INDEX_FILE).exists() && !base_dir.join(crate::weights::SINGLE_FILE).exists() {
+            Some(5_000_000_000)
+        } else {
+            None
+        };
     model.save(&cpu, out, stored_dtype(base_dir), shard)?;
     let text = tok.to_string(true).map_err(|e| anyhow!("serialising the tokenizer: {e}"))?;
     crate::fsutil::write_atomic(&out.join("tokenizer.json"), text.as_bytes())?;

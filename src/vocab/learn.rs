@@ -16,7 +16,8 @@ use tokenizers::pre_tokenizers::punctuation::Punctuation;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{
-    AddedToken, Model, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer, TokenizerBuilder, TokenizerImpl,
+    AddedToken, DecoderWrapper, Model, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
+    SplitDelimiterBehavior, Tokenizer, TokenizerBuilder, TokenizerImpl,
 };
 
 use super::base::{BaseTokenizer, TokenizerKind};
@@ -41,7 +42,8 @@ pub(super) fn pre_tokenizer_for_training(base: &BaseTokenizer) -> PreTokenizerWr
 /// word with `▁` only at their start (split_by_whitespace), never cross punctuation, and hold one
 /// digit each when `split_digits` (LLaMA-2's split_digits).
 fn sentencepiece_training_pre_tokenizer(split_digits: bool) -> PreTokenizerWrapper {
-    let line_breaks = Split::new(SplitPattern::Regex(r"[^\S ]+".into()), SplitDelimiterBehavior::Removed, false).expect("a valid regex");
+    let line_breaks = Split::new(SplitPattern::Regex(r"[^\S ]+".into()), SplitDelimiterBehavior::Removed, false)
+        .expect("a valid regex");
     let mut steps: Vec<PreTokenizerWrapper> = vec![
         line_breaks.into(),
         Metaspace::new('▁', PrependScheme::First, true).into(),
@@ -146,7 +148,10 @@ pub(super) fn add_learnt_pieces(
     report: &mut ExtendReport,
 ) -> Result<()> {
     if (target_size as u64) < base.size as u64 {
-        bail!("target size {target_size} is smaller than the base tokenizer's {} ids; it must be at least that", base.size);
+        bail!(
+            "target size {target_size} is smaller than the base tokenizer's {} ids; it must be at least that",
+            base.size
+        );
     }
     if texts.is_empty() {
         bail!("the corpus to learn pieces from is empty");
@@ -170,7 +175,14 @@ pub(super) fn add_learnt_pieces(
     // goes on merging them); they rank last, as they save the fewest tokens.
     let mut min_frequency = 2;
     loop {
-        let (alpha, merges, freq) = learn_merges(pre_tokenizer_for_training(base), alphabet.clone(), texts, distinct_chars + 256 + n_merges, max_piece_chars, min_frequency)?;
+        let (alpha, merges, freq) = learn_merges(
+            pre_tokenizer_for_training(base),
+            alphabet.clone(),
+            texts,
+            distinct_chars + 256 + n_merges,
+            max_piece_chars,
+            min_frequency,
+        )?;
         let exhausted = merges.len() < n_merges || n_merges > 64 * (need + 256);
         // Most useful first: how many tokens each learnt piece saves where the trained
         // tokenizer uses it (occurrences × (old tokens − 1)); ties in merge order.
@@ -180,7 +192,9 @@ pub(super) fn add_learnt_pieces(
             .into_iter()
             .chain(alpha)
             .enumerate()
-            .filter(|(_, c)| !c.is_empty() && !ex.vocab.contains_key(c) && base.text(c).is_some_and(|t| filter.keeps_piece(&t)))
+            .filter(|(_, c)| {
+                !c.is_empty() && !ex.vocab.contains_key(c) && base.text(c).is_some_and(|t| filter.keeps_piece(&t))
+            })
             .map(|(i, c)| {
                 let old = base.tok.get_model().tokenize(&c).map(|t| t.len()).unwrap_or(1) as u64;
                 (freq.get(&c).copied().unwrap_or(0) * old.saturating_sub(1), i, c)
@@ -203,7 +217,10 @@ pub(super) fn add_learnt_pieces(
                 Outcome::Added if ex.next_id as usize <= target_size => {}
                 Outcome::Added => ex.rollback(m),
                 Outcome::Present => local.already_present += 1,
-                Outcome::Failed(got) => local.rejected.push(Rejected { piece: c.clone(), reason: format!("no merge plan yields one token (got {got:?})") }),
+                Outcome::Failed(got) => local.rejected.push(Rejected {
+                    piece: c.clone(),
+                    reason: format!("no merge plan yields one token (got {got:?})"),
+                }),
             }
         }
         if ex.next_id as usize >= target_size {
@@ -235,10 +252,19 @@ pub(super) fn add_learnt_pieces(
 /// pre-tokenization, `<s>`/`</s>`), or SentencePiece-style like LLaMA-2's tokenizer.json (BPE with
 /// byte fallback over `<0x00>`..`<0xFF>`, `<unk>`/`<s>`/`</s>` at ids 0..3, Metaspace `▁`
 /// prepended once, BOS added by the post-processor; at most `limit_alphabet` characters).
-pub fn train_base_tokenizer(kind: TokenizerKind, texts: &[String], vocab_size: usize, limit_alphabet: Option<usize>) -> Result<Tokenizer> {
+pub fn train_base_tokenizer(
+    kind: TokenizerKind,
+    texts: &[String],
+    vocab_size: usize,
+    limit_alphabet: Option<usize>,
+) -> Result<Tokenizer> {
     match kind {
         TokenizerKind::ByteLevel => {
-            let dir = std::env::temp_dir().join(format!("llama-cpt-bpe-{}-{:?}", std::process::id(), std::thread::current().id()));
+            let dir = std::env::temp_dir().join(format!(
+                "llama-cpt-bpe-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
             std::fs::create_dir_all(&dir)?;
             let p = dir.join("tokenizer.json");
             crate::train::default_run::train_bpe_tokenizer(&p, texts, vocab_size, false)?;
@@ -248,7 +274,8 @@ pub fn train_base_tokenizer(kind: TokenizerKind, texts: &[String], vocab_size: u
         }
         TokenizerKind::Metaspace => {
             let specials = ["<unk>", "<s>", "</s>"];
-            let mut builder = BpeTrainerBuilder::new().vocab_size(vocab_size - 256).min_frequency(2).show_progress(false);
+            let mut builder =
+                BpeTrainerBuilder::new().vocab_size(vocab_size - 256).min_frequency(2).show_progress(false);
             if let Some(l) = limit_alphabet {
                 builder = builder.limit_alphabet(l);
             }
@@ -263,7 +290,12 @@ pub fn train_base_tokenizer(kind: TokenizerKind, texts: &[String], vocab_size: u
                 .map_err(|e| anyhow!("{e}"))?;
             t.train(&mut trainer, texts.iter()).map_err(|e| anyhow!("training: {e}"))?;
             let json: Value = serde_json::from_str(&t.to_string(false).map_err(|e| anyhow!("{e}"))?)?;
-            let mut learnt: Vec<(String, u64)> = json["model"]["vocab"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap())).collect();
+            let mut learnt: Vec<(String, u64)> = json["model"]["vocab"]
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_u64().unwrap()))
+                .collect();
             learnt.sort_by_key(|x| x.1);
             let mut vocab: tokenizers::models::bpe::Vocab = Default::default();
             for s in specials {

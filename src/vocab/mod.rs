@@ -41,14 +41,13 @@ pub use base::{byte_level_table, BaseTokenizer, TokenizerKind};
 pub use check::{unchanged_outside_kept_scripts, verify};
 pub use embed::{extend_model, ExtendOptions};
 pub use learn::{train_base_tokenizer, SENTENCEPIECE_MAX_PIECE_CHARS};
-pub use script::{default_filter, script_costs, Script, ScriptCost, ScriptFilter, DEFAULT_MIN_SCRIPT_SHARE};
 use plan::{Extender, Outcome};
+pub use script::{default_filter, script_costs, Script, ScriptCost, ScriptFilter, DEFAULT_MIN_SCRIPT_SHARE};
 
 /// The config.json key holding the tokenizer's real size (ids at or above it are padding rows).
 pub const REAL_VOCAB_KEY: &str = "llama_cpt_real_vocab_size";
 /// The report written next to the extended model.
 pub const REPORT_FILE: &str = "vocab_extension.json";
-
 
 /// A token the extension added.
 #[derive(Clone, Debug, Serialize)]
@@ -124,7 +123,8 @@ pub fn read_pieces(path: &Path) -> Result<Vec<String>> {
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let piece = if line.trim_start().starts_with('{') {
-            let v: Value = serde_json::from_str(line).with_context(|| format!("{}:{}: not valid JSON", path.display(), n + 1))?;
+            let v: Value =
+                serde_json::from_str(line).with_context(|| format!("{}:{}: not valid JSON", path.display(), n + 1))?;
             v.get("piece")
                 .and_then(Value::as_str)
                 .with_context(|| format!("{}:{}: expected {{\"piece\": \"...\"}}", path.display(), n + 1))?
@@ -162,13 +162,19 @@ pub fn extend_tokenizer(base: &BaseTokenizer, source: &PieceSource) -> Result<(T
                 }
                 let n = base.pre_token_count(p)?;
                 if n != 1 {
-                    report.rejected.push(Rejected { piece: p.clone(), reason: format!("the pre-tokenizer splits it into {n} parts, so it can never be one token") });
+                    report.rejected.push(Rejected {
+                        piece: p.clone(),
+                        reason: format!("the pre-tokenizer splits it into {n} parts, so it can never be one token"),
+                    });
                     continue;
                 }
                 match ex.add_piece(&internal) {
                     Outcome::Added => {}
                     Outcome::Present => report.already_present += 1,
-                    Outcome::Failed(got) => report.rejected.push(Rejected { piece: p.clone(), reason: format!("no merge plan yields one token (got {got:?})") }),
+                    Outcome::Failed(got) => report.rejected.push(Rejected {
+                        piece: p.clone(),
+                        reason: format!("no merge plan yields one token (got {got:?})"),
+                    }),
                 }
             }
         }
@@ -183,7 +189,11 @@ pub fn extend_tokenizer(base: &BaseTokenizer, source: &PieceSource) -> Result<(T
     for (k, &v) in &ex.vocab {
         vocab.insert(k.clone(), v);
     }
-    let mut b = BPE::builder().vocab_and_merges(vocab, ex.merges.clone()).fuse_unk(bpe0.fuse_unk).byte_fallback(bpe0.byte_fallback).ignore_merges(bpe0.ignore_merges);
+    let mut b = BPE::builder()
+        .vocab_and_merges(vocab, ex.merges.clone())
+        .fuse_unk(bpe0.fuse_unk)
+        .byte_fallback(bpe0.byte_fallback)
+        .ignore_merges(bpe0.ignore_merges);
     if let Some(u) = &bpe0.unk_token {
         b = b.unk_token(u.clone());
     }
@@ -204,7 +214,8 @@ pub fn extend_tokenizer(base: &BaseTokenizer, source: &PieceSource) -> Result<(T
     };
     let old_unk = ex.unk;
     for (id, t, req) in &ex.new {
-        let mut old_ids: Vec<u32> = old_model.tokenize(t).map_err(|e| anyhow!("old tokenizer on {t:?}: {e}"))?.iter().map(|x| x.id).collect();
+        let mut old_ids: Vec<u32> =
+            old_model.tokenize(t).map_err(|e| anyhow!("old tokenizer on {t:?}: {e}"))?.iter().map(|x| x.id).collect();
         if old_ids.len() > 1 {
             old_ids.retain(|&i| Some(i) != old_unk && Some(i) != marker);
         }

@@ -182,7 +182,9 @@ pub fn script_costs(tok: &Tokenizer, texts: &[String]) -> Result<Vec<ScriptCost>
             for t in chunk {
                 let chars: Vec<char> = t.chars().collect();
                 let mut weight = vec![0f64; chars.len()];
-                let enc = tok.encode_char_offsets(t.as_str(), false).map_err(|e| anyhow!("encoding the corpus with the base tokenizer: {e}"))?;
+                let enc = tok
+                    .encode_char_offsets(t.as_str(), false)
+                    .map_err(|e| anyhow!("encoding the corpus with the base tokenizer: {e}"))?;
                 for &(a, b) in enc.get_offsets() {
                     let (a, b) = (a.min(chars.len()), b.min(chars.len()));
                     if b > a {
@@ -210,7 +212,10 @@ pub fn script_costs(tok: &Tokenizer, texts: &[String]) -> Result<Vec<ScriptCost>
             e.1 += w;
         }
     }
-    let mut out: Vec<ScriptCost> = total.into_iter().map(|(script, (chars, w))| ScriptCost { script, chars, tokens_per_char: w / chars.max(1) as f64 }).collect();
+    let mut out: Vec<ScriptCost> = total
+        .into_iter()
+        .map(|(script, (chars, w))| ScriptCost { script, chars, tokens_per_char: w / chars.max(1) as f64 })
+        .collect();
     out.sort_by_key(|c| c.script);
     Ok(out)
 }
@@ -230,7 +235,8 @@ pub fn default_filter(costs: &[ScriptCost]) -> Result<ScriptFilter> {
         .map(|c| c.script)
         .collect();
     if poor.is_empty() {
-        let seen = costs.iter().map(|c| format!("{} {:.3}", c.script, c.tokens_per_char)).collect::<Vec<_>>().join(", ");
+        let seen =
+            costs.iter().map(|c| format!("{} {:.3}", c.script, c.tokens_per_char)).collect::<Vec<_>>().join(", ");
         bail!(
             "the base tokenizer spends at most one token per letter on every script that holds {}% of the corpus's letters ({seen}); name the scripts to add pieces of with --keep-script",
             DEFAULT_MIN_SCRIPT_SHARE * 100.0

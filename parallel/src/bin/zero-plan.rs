@@ -9,7 +9,10 @@ use clap::Parser;
 use llama_cpt_parallel::plan::{self, Bottleneck, Card, ModelShape, Plan, PlanInput, Precision, ZeroStage, GIB};
 
 #[derive(Parser, Debug)]
-#[command(name = "zero-plan", about = "Per-rank memory, communication volume and time, and the exposed share of a ZeRO data-parallel step")]
+#[command(
+    name = "zero-plan",
+    about = "Per-rank memory, communication volume and time, and the exposed share of a ZeRO data-parallel step"
+)]
 struct Args {
     /// Model preset (llama2-7b, smollm2-135m) or "custom" (then give every shape flag).
     #[arg(long, default_value = "llama2-7b")]
@@ -152,7 +155,8 @@ fn model(a: &Args) -> Result<ModelShape> {
 
 fn inputs(a: &Args) -> Result<Vec<PlanInput>> {
     let model = model(a)?;
-    let mut card = Card::preset(&a.card).with_context(|| format!("unknown card {:?}: expected one of {:?}", a.card, Card::PRESETS))?;
+    let mut card = Card::preset(&a.card)
+        .with_context(|| format!("unknown card {:?}: expected one of {:?}", a.card, Card::PRESETS))?;
     if let Some(g) = a.mem_gib {
         card.mem_bytes = (g * GIB) as u64;
     }
@@ -172,7 +176,8 @@ fn inputs(a: &Args) -> Result<Vec<PlanInput>> {
     links.ib_hop_us = a.ib_hop_us;
     links.ib_per_gpu_share = a.ib_per_gpu_share;
     let precision: Precision = a.precision.parse()?;
-    let stages: Vec<ZeroStage> = if a.stage.eq_ignore_ascii_case("all") { ZeroStage::ALL.to_vec() } else { vec![a.stage.parse()?] };
+    let stages: Vec<ZeroStage> =
+        if a.stage.eq_ignore_ascii_case("all") { ZeroStage::ALL.to_vec() } else { vec![a.stage.parse()?] };
     let per_micro = a.world.max(1) * a.micro_batch.max(1) * a.seq;
     let global_batch_tokens = a.global_batch_tokens.unwrap_or_else(|| (512 * a.seq).div_ceil(per_micro) * per_micro);
     Ok(stages
@@ -253,7 +258,11 @@ fn print(p: &Plan) {
         int(p.non_embedding_params),
         t.model_flops_per_token / 1e9,
         int(i.seq),
-        if i.checkpoint_layers { format!("; {:.1} executed with recomputation", t.executed_flops_per_token / 1e9) } else { String::new() }
+        if i.checkpoint_layers {
+            format!("; {:.1} executed with recomputation", t.executed_flops_per_token / 1e9)
+        } else {
+            String::new()
+        }
     );
     println!(
         "{} on {} × {} ({} node{} × {}), {} {}, micro-batch {} × {}, {} micro-step{} (global batch {} tokens), checkpointing {}",
@@ -287,7 +296,11 @@ fn print(p: &Plan) {
     line("parameters", &format!("{prec}, {pb}{}", shard(1)), gib(mem.params));
     line("gradients", &format!("{prec}, {pb}{}", shard(grad_div)), gib(mem.grads));
     line("optimizer", &format!("{opt_what}, {sb}{}", shard(opt_div)), gib(mem.optimizer));
-    let act = if i.checkpoint_layers { format!("{} layer inputs + 1 layer, {rows_tok}", m.layers) } else { format!("{} layers, {rows_tok}", m.layers) };
+    let act = if i.checkpoint_layers {
+        format!("{} layer inputs + 1 layer, {rows_tok}", m.layers)
+    } else {
+        format!("{} layers, {rows_tok}", m.layers)
+    };
     line("activations", &act, gib(mem.activations));
     line("logits and head", &format!("logits + gradient, final norm, {rows_tok}"), gib(mem.head));
     line("gradient buckets", "2 in flight", gib(mem.buckets));
@@ -302,12 +315,33 @@ fn print(p: &Plan) {
         if mem.max_micro_batch == 0 { "none".to_string() } else { mem.max_micro_batch.to_string() }
     );
     println!();
-    println!("{:<34}{:>8}{:>10}{:>10}{:>10}{:>10}", "Per-step communication (one rank)", "calls", "payload", "wire", "time", "exposed");
+    println!(
+        "{:<34}{:>8}{:>10}{:>10}{:>10}{:>10}",
+        "Per-step communication (one rank)", "calls", "payload", "wire", "time", "exposed"
+    );
     for r in &p.comm.rows {
-        let (pay, wire) = if r.what == "scalars" { ("-".to_string(), "-".to_string()) } else { (gb(r.payload as f64), gb(r.wire)) };
-        println!("  {:<12}{:<20}{:>8}{:>10}{:>10}{:>10}{:>10}", r.what, r.kind, int(r.calls), pay, wire, time(r.time_s), time(r.exposed_s));
+        let (pay, wire) =
+            if r.what == "scalars" { ("-".to_string(), "-".to_string()) } else { (gb(r.payload as f64), gb(r.wire)) };
+        println!(
+            "  {:<12}{:<20}{:>8}{:>10}{:>10}{:>10}{:>10}",
+            r.what,
+            r.kind,
+            int(r.calls),
+            pay,
+            wire,
+            time(r.time_s),
+            time(r.exposed_s)
+        );
     }
-    println!("  {:<32}{:>8}{:>10}{:>10}{:>10}{:>10}", "total", "", "", "", time(p.comm.total_s), time(p.comm.exposed_s));
+    println!(
+        "  {:<32}{:>8}{:>10}{:>10}{:>10}{:>10}",
+        "total",
+        "",
+        "",
+        "",
+        time(p.comm.total_s),
+        time(p.comm.exposed_s)
+    );
     let l = &i.links;
     let bw = p.comm.bandwidth_bytes_per_s / 1e9;
     if n <= 1 {
@@ -329,9 +363,17 @@ fn print(p: &Plan) {
             if l.ib_per_gpu_share { format!(", ÷ {} GPUs (per-GPU share)", l.gpus_per_node) } else { String::new() },
             l.nvlink_gbs
         );
-        println!("  latency: {} µs + {} µs per NVLink ring step + {} µs per inter-node step", l.base_latency_us, l.nvlink_hop_us, l.ib_hop_us);
+        println!(
+            "  latency: {} µs + {} µs per NVLink ring step + {} µs per inter-node step",
+            l.base_latency_us, l.nvlink_hop_us, l.ib_hop_us
+        );
     }
-    println!("  {} buckets of ≥ {} elements; {} elements per reduction", p.comm.buckets, int(i.bucket_elems), int(p.comm.reduced_elems));
+    println!(
+        "  {} buckets of ≥ {} elements; {} elements per reduction",
+        p.comm.buckets,
+        int(i.bucket_elems),
+        int(p.comm.reduced_elems)
+    );
     println!();
     println!("Per-step time");
     let compute = format!(
@@ -369,7 +411,20 @@ fn summary(plans: &[Plan]) {
     println!("Summary (memory in GiB per rank; times per step)");
     println!(
         "{:<7}{:>7}{:>7}{:>7}{:>7}{:>7}{:>7}  {:<5}{:>6}{:>10}{:>10}{:>9}{:>9}{:>11}",
-        "stage", "params", "grads", "optim", "activ", "other", "peak", "fits", "max b", "comm", "exposed", "step", "exposed", "tok/s"
+        "stage",
+        "params",
+        "grads",
+        "optim",
+        "activ",
+        "other",
+        "peak",
+        "fits",
+        "max b",
+        "comm",
+        "exposed",
+        "step",
+        "exposed",
+        "tok/s"
     );
     for p in plans {
         let m = &p.memory;
@@ -397,7 +452,11 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let plans = inputs(&args)?.iter().map(plan::plan).collect::<Result<Vec<Plan>>>()?;
     if args.json {
-        let out = if plans.len() == 1 { serde_json::to_string_pretty(&plans[0])? } else { serde_json::to_string_pretty(&plans)? };
+        let out = if plans.len() == 1 {
+            serde_json::to_string_pretty(&plans[0])?
+        } else {
+            serde_json::to_string_pretty(&plans)?
+        };
         println!("{out}");
         return Ok(());
     }
