@@ -24,3 +24,43 @@ pub fn commit(tmp: &Path, path: &Path) -> Result<()> {
     }
     result.with_context(|| format!("moving {} to {}", tmp.display(), path.display()))
 }
+
+/// `base.join(path)` with `.` and `dir/..` removed lexically, so that the paths the tools print read
+/// as the user would write them (`runs/default`, not `runs/default/data/..`). Lexical on purpose: a
+/// config's relative paths are relative to its folder as written, the way the user reads them.
+pub fn join_normalized(base: &Path, path: &Path) -> std::path::PathBuf {
+    use std::path::Component;
+    let mut out = std::path::PathBuf::new();
+    for c in base.join(path).components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(out.components().next_back(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            Component::ParentDir if matches!(out.components().next_back(), Some(Component::RootDir)) => {}
+            other => out.push(other),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::join_normalized;
+    use std::path::Path;
+
+    #[test]
+    fn joined_paths_lose_dot_and_dot_dot() {
+        let j = |b: &str, p: &str| join_normalized(Path::new(b), Path::new(p)).display().to_string();
+        assert_eq!(j("runs/default/data", ".."), "runs/default");
+        assert_eq!(j("runs/default/data", "../stage-a/./x"), "runs/default/stage-a/x");
+        assert_eq!(j("data", "../.."), "..");
+        assert_eq!(j("/a/b", "../../.."), "/");
+        assert_eq!(j(".", "shards"), "shards");
+        assert_eq!(j("a", ".."), ".");
+        assert_eq!(j("x", "/abs/../y"), "/y");
+    }
+}

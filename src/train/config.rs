@@ -287,9 +287,7 @@ impl TrainConfig {
 
     fn resolve_paths(&mut self, base: &Path) {
         let fix = |p: &mut PathBuf| {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
+            *p = crate::fsutil::join_normalized(base, p);
         };
         for p in [&mut self.model.from, &mut self.model.config, &mut self.model.tokenizer].into_iter().flatten() {
             fix(p);
