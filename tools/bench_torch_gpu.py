@@ -74,11 +74,11 @@ def main():
     # Ceilings.
     src = torch.randn(COPY_ELEMS, device=dev)  # 1 GiB
     dst = torch.empty_like(src)
-    t = bench(lambda: dst.copy_(src))
+    t = bench(lambda dst=dst, src=src: dst.copy_(src))
     copy_bw = 2 * src.numel() * 4 / t
     a = torch.randn(MATMUL_N, MATMUL_N, device=dev, dtype=torch.bfloat16)
     b = torch.randn(MATMUL_N, MATMUL_N, device=dev, dtype=torch.bfloat16)
-    t = bench(lambda: a @ b, reps=10)
+    t = bench(lambda a=a, b=b: a @ b, reps=10)
     mm_rate = 2 * MATMUL_N**3 / t
     del src, dst, a, b
     print(f"measured copy bandwidth {copy_bw / 1e9:.0f} GB/s, bf16 matmul {mm_rate / 1e12:.0f} TFLOP/s")
@@ -86,34 +86,36 @@ def main():
     torch_t = {}
     x = torch.randn(ROWS, DIM, device=dev)
     w = torch.randn(DIM, device=dev)
-    torch_t["rmsnorm_fwd"] = bench(lambda: F.rms_norm(x, (DIM,), w, 1e-5))
+    torch_t["rmsnorm_fwd"] = bench(lambda x=x, w=w: F.rms_norm(x, (DIM,), w, 1e-5))
     g = torch.randn(ROWS, FF, device=dev)
     u = torch.randn(ROWS, FF, device=dev)
-    torch_t["swiglu_fwd"] = bench(lambda: F.silu(g) * u)
+    torch_t["swiglu_fwd"] = bench(lambda g=g, u=u: F.silu(g) * u)
     # Mixed precision (our `_bf16` rows): the same ops on bf16 tensors.
     xb, wb, gb16, ub = x.bfloat16(), w.bfloat16(), g.bfloat16(), u.bfloat16()
-    torch_t["rmsnorm_fwd_bf16"] = bench(lambda: F.rms_norm(xb, (DIM,), wb, 1e-5))
-    torch_t["swiglu_fwd_bf16"] = bench(lambda: F.silu(gb16) * ub)
+    torch_t["rmsnorm_fwd_bf16"] = bench(lambda xb=xb, wb=wb: F.rms_norm(xb, (DIM,), wb, 1e-5))
+    torch_t["swiglu_fwd_bf16"] = bench(lambda gb16=gb16, ub=ub: F.silu(gb16) * ub)
     del x, g, u, xb, wb, gb16, ub
     logits = torch.randn(ROWS, VOCAB, device=dev, requires_grad=True)
     tgt = torch.randint(0, VOCAB, (ROWS,), device=dev)
-    torch_t["cross_entropy_fwd"] = bench(lambda: F.cross_entropy(logits, tgt))
+    torch_t["cross_entropy_fwd"] = bench(lambda logits=logits: F.cross_entropy(logits, tgt))
     loss = F.cross_entropy(logits, tgt)
-    torch_t["cross_entropy_bwd"] = bench(lambda: torch.autograd.grad(loss, logits, retain_graph=True))
+    torch_t["cross_entropy_bwd"] = bench(lambda loss=loss, logits=logits: torch.autograd.grad(loss, logits, retain_graph=True))
     del logits, loss
     logits = torch.randn(ROWS, VOCAB, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    torch_t["cross_entropy_fwd_bf16"] = bench(lambda: F.cross_entropy(logits, tgt))
+    torch_t["cross_entropy_fwd_bf16"] = bench(lambda logits=logits: F.cross_entropy(logits, tgt))
     loss = F.cross_entropy(logits, tgt)
-    torch_t["cross_entropy_bwd_bf16"] = bench(lambda: torch.autograd.grad(loss, logits, retain_graph=True))
+    torch_t["cross_entropy_bwd_bf16"] = bench(lambda loss=loss, logits=logits: torch.autograd.grad(loss, logits, retain_graph=True))
     del logits, loss
     q = torch.randn(1, HQ, SEQ, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(1, HK, SEQ, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(1, HK, SEQ, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    def sdpa(q=q, k=k, v=v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
     torch_t["attention_fwd"] = bench(sdpa)
     o = sdpa()
     do = torch.randn_like(o)
-    torch_t["attention_bwd"] = bench(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True))
+    torch_t["attention_bwd"] = bench(lambda o=o, q=q, k=k, v=v, do=do: torch.autograd.grad(o, (q, k, v), do, retain_graph=True))
     # SDPA runs in bf16 for both of our rows (ours reads f32 or bf16 and computes on bf16 tiles).
     torch_t["attention_fwd_bf16"], torch_t["attention_bwd_bf16"] = torch_t["attention_fwd"], torch_t["attention_bwd"]
     del q, k, v, o, do
@@ -123,7 +125,7 @@ def main():
     torch_t["adamw"] = bench(opt.step)
     # torch's fused AdamW keeps no fp32 master of a bf16 parameter: the f32 step is the peer.
     torch_t["adamw_bf16"] = torch_t["adamw"]
-    torch_t["sum_squares"] = bench(lambda: torch.linalg.vector_norm(p.grad, dtype=torch.float64))
+    torch_t["sum_squares"] = bench(lambda p=p: torch.linalg.vector_norm(p.grad, dtype=torch.float64))
     del p, opt
     ga = torch.randn(GEMM, GEMM, device=dev)
     gb = torch.randn(GEMM, GEMM, device=dev)

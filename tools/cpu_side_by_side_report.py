@@ -15,7 +15,10 @@ def fma_peak(threads, cpuinfo_path="/proc/cpuinfo"):
     """(GFLOP/s, how) for f32 FMAs on `threads` cores, from the CPU flags, vendor, family and the
     clock /proc/cpuinfo reports (the highest `cpu MHz`; a turbo clock above it reads as > 100%)."""
     text = open(cpuinfo_path).read()
-    field = lambda name: re.search(rf"^{name}\s*:\s*(.*)$", text, re.M)
+
+    def field(name):
+        return re.search(rf"^{name}\s*:\s*(.*)$", text, re.M)
+
     flags = set(field("flags").group(1).split()) if field("flags") else set()
     vendor = field("vendor_id").group(1).strip() if field("vendor_id") else "?"
     family = int(field("cpu family").group(1)) if field("cpu family") else 0

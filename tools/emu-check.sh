@@ -17,7 +17,7 @@
 #
 # Usage: tools/emu-check.sh [--quick]   (--quick: skip the mpirun and sanitizer rows)
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 quick=0
 [ "${1:-}" = "--quick" ] && quick=1
 OUT=${EMU_CHECK_OUT:-target/emu-check}
@@ -32,6 +32,7 @@ row() {
     [ "$2" = PASS ] || status=1
     printf '== %s: %s (%s) [%ds]\n' "$1" "$2" "$3" "$(( $(date +%s) - start ))"
 }
+# shellcheck disable=SC2054  # "cuda,mpi" is one cargo argument, the comma is meant
 FEATURES=(--release --features cuda,mpi)
 
 echo "== build (emulator, binaries, CUDA test binary)"

@@ -10,7 +10,7 @@
 #   it); logs go to LOGDIR. Prints one tab-separated line per check: name, PASS|FAIL, figure.
 #   Exits non-zero if a check failed.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 libdir=$(realpath "${1:?usage: $0 LIBDIR LOGDIR}")
 logdir=${2:?usage: $0 LIBDIR LOGDIR}
 mkdir -p "$logdir"

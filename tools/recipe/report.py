@@ -7,7 +7,12 @@ Reads OUT/eval/{base,extended,result}.json (evaluate --json), OUT/eval/tokenizer
 (tokenizer-report --json), OUT/eval/gen-*.txt (generate), OUT/train/metrics.jsonl,
 OUT/data/split.json, OUT/settings.json and OUT/.steps/*.seconds.
 """
-import datetime, json, math, os, platform, subprocess, sys
+import datetime
+import json
+import math
+import os
+import platform
+import sys
 
 out = sys.argv[1]
 ev = os.path.join(out, "eval")

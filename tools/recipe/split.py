@@ -13,7 +13,9 @@ Writes OUT_DIR/{zh-train,en-train,zh-heldout,en-heldout}.jsonl, the evaluation s
 eval-zh.jsonl / eval-en.jsonl (EVAL_*_DOCS evenly spaced held-out entries; 0 = all),
 grass.jsonl (the 离离原上草 poem, a training document) and split.json (counts and characters).
 """
-import json, os, sys
+import json
+import os
+import sys
 
 corpora, out, eval_zh, eval_en = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 GRASS = "离离原上草"
