@@ -149,6 +149,7 @@ mod gpu {
             Inputs { be, mixed, working, x, w, gate, up: upb, logits, lse_ce, q, k, v, o, lse, p, g, m, vv, a, bm }
         }
 
+        #[allow(clippy::type_complexity)] // one annotated tuple re-borrows every buffer the cases share
         pub fn cases(&mut self) -> Vec<Case<'_>> {
             #[allow(non_snake_case)]
             let Sizes { ROWS, DIM, FF, VOCAB, SEQ, ATTN, ADAM_N, GEMM } = sizes();

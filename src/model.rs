@@ -397,6 +397,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::needless_range_loop)] // pi indexes the parameters and their gradients alike
     fn whole_model_gradient_matches_finite_differences() {
         // Directional derivative of the f32 loss along a random direction of each tensor, by
         // central differences: a coarse end-to-end check that the tape wires every backward.

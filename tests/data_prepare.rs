@@ -103,6 +103,7 @@ fn same_input_same_shard_bytes_at_any_thread_count() {
 }
 
 #[test]
+#[allow(clippy::needless_range_loop)] // document i of the shard is line i of the source
 fn documents_get_bos_eos_and_source_tokens_no_loss() {
     let d = tempdir("prep-mask");
     let texts = corpus(&d.join("in"));
@@ -204,7 +205,8 @@ fn corrupted_shards_are_rejected_naming_the_shard() {
     let d = tempdir("prep-corrupt");
     let texts = corpus(&d.join("in"));
     let tok = tokenizer(&d, &texts);
-    let cases: [(&str, Box<dyn Fn(&mut Vec<u8>)>, &str); 4] = [
+    type Corrupt = Box<dyn Fn(&mut Vec<u8>)>;
+    let cases: [(&str, Corrupt, &str); 4] = [
         ("flip", Box::new(|b: &mut Vec<u8>| b[100] ^= 0x40), "checksum mismatch"),
         ("trunc", Box::new(|b: &mut Vec<u8>| b.truncate(b.len() - 9)), "truncated"),
         ("magic", Box::new(|b: &mut Vec<u8>| b[0] = b'X'), "bad magic"),

@@ -127,9 +127,7 @@ mod tests {
             for r in 0..world {
                 for p in l.shard_pieces(r) {
                     assert!(p.shard_offset + p.len <= l.buckets[p.bucket].padded / world);
-                    for e in p.start..p.start + p.len {
-                        covered[p.param][e] += 1;
-                    }
+                    covered[p.param][p.start..p.start + p.len].iter_mut().for_each(|c| *c += 1);
                 }
             }
             for (p, c) in covered.iter().enumerate() {

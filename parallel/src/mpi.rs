@@ -12,6 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+/// The worker's answers to one submitted collective: f64 results, f32 results.
+type Replies = (std::sync::mpsc::Receiver<Vec<f64>>, std::sync::mpsc::Receiver<Vec<f32>>);
+
 enum Op {
     Vector(Collective, Vec<f32>, usize),
     Scalars(Vec<f64>),
@@ -98,7 +101,7 @@ impl Mpi {
         })
     }
 
-    fn submit(&self, op: Op) -> Result<(std::sync::mpsc::Receiver<Vec<f64>>, std::sync::mpsc::Receiver<Vec<f32>>)> {
+    fn submit(&self, op: Op) -> Result<Replies> {
         let (reply, rx) = channel();
         let (reply_f32, rx_f32) = channel();
         let jobs = self.jobs.lock().unwrap();

@@ -146,6 +146,7 @@ impl<'a> Extender<'a> {
 
     /// Split points of a merge tree over `parts` (strategy 0: fewest new intermediates; 1:
     /// balanced; 2: left chain; 3: right chain). `split[i][j]` = where span i..j splits.
+    #[allow(clippy::needless_range_loop)] // the split table is triangular: [i][j] reads clearer than iterators
     fn plan(&self, parts: &[String], strategy: usize) -> Vec<Vec<usize>> {
         let n = parts.len();
         let mut split = vec![vec![0usize; n + 1]; n + 1];
