@@ -4,7 +4,7 @@ mod common;
 use llama_cpt::config::LlamaConfig;
 use llama_cpt::cpu::Cpu;
 use llama_cpt::data::tokenizer::{SpecialTokenOptions, TextTokenizer};
-use llama_cpt::eval::{mc, ppl};
+use llama_cpt::eval::{load, mc, ppl, prompt, questions};
 use llama_cpt::generate::{generate, Sampling};
 use llama_cpt::model::Llama;
 use llama_cpt::train::default_run;
@@ -60,18 +60,18 @@ fn choice_logits_answers_and_greedy_generation_agree_with_transformers() {
     let dir = model_dir();
     let model = Llama::load(&Cpu, dir).unwrap();
     let tok = tokenizer();
-    let style = mc::PromptStyle::Colossal;
-    let letters = mc::letter_ids(&tok, style).unwrap();
+    let style = prompt::PromptStyle::Colossal;
+    let letters = prompt::letter_ids(&tok, style).unwrap();
     let mut prompts = Vec::new();
     let mut ours = Vec::new();
-    for (format, sub) in [(mc::Format::Mmlu, "mmlu"), (mc::Format::Cmmlu, "cmmlu")] {
+    for (format, sub) in [(questions::Format::Mmlu, "mmlu"), (questions::Format::Cmmlu, "cmmlu")] {
         let mut issues = vec![];
-        let subjects = mc::load(format, &fixtures().join(sub), &mut issues).unwrap();
+        let subjects = load::load(format, &fixtures().join(sub), &mut issues).unwrap();
         assert!(issues.is_empty(), "{issues:?}");
         let r = mc::evaluate(&model, &Cpu, &tok, format, style, &subjects, 5, 2048, 700, vec![]).unwrap();
         for s in &subjects {
             for q in &s.test {
-                prompts.push(mc::prompt(&tok, style, format, s, q, 5, 2048).unwrap().ids);
+                prompts.push(prompt::prompt(&tok, style, format, s, q, 5, 2048).unwrap().ids);
             }
         }
         ours.extend(r.per_question);
@@ -94,7 +94,7 @@ fn choice_logits_answers_and_greedy_generation_agree_with_transformers() {
     let mut worst = 0.0f64;
     for (q, theirs) in ours.iter().zip(resp["letter_logits"].as_array().unwrap()) {
         let (origin, per) = (&q.origin, &q.letter_logits);
-        let pick = mc::LETTERS.iter().position(|l| *l == q.pick).unwrap();
+        let pick = questions::LETTERS.iter().position(|l| *l == q.pick).unwrap();
         let theirs: Vec<f64> = theirs.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
         let scale = theirs.iter().fold(0f64, |m, x| m.max(x.abs()));
         for (a, b) in per.iter().zip(&theirs) {
@@ -122,20 +122,20 @@ fn choice_logits_answers_and_greedy_generation_agree_with_transformers() {
 #[test]
 fn every_published_layout_loads_from_the_samples() {
     let counts = [
-        ("mmlu", mc::Format::Mmlu, 7),
-        ("cmmlu", mc::Format::Cmmlu, 4),
-        ("ceval", mc::Format::Ceval, 3),
-        ("agieval", mc::Format::Agieval, 5),
-        ("gaokao", mc::Format::Gaokao, 2),
+        ("mmlu", questions::Format::Mmlu, 7),
+        ("cmmlu", questions::Format::Cmmlu, 4),
+        ("ceval", questions::Format::Ceval, 3),
+        ("agieval", questions::Format::Agieval, 5),
+        ("gaokao", questions::Format::Gaokao, 2),
     ];
     for (dir, format, n) in counts {
         let mut issues = vec![];
-        let subjects = mc::load(format, &fixtures().join(dir), &mut issues).unwrap();
+        let subjects = load::load(format, &fixtures().join(dir), &mut issues).unwrap();
         assert!(issues.is_empty(), "{dir}: {issues:?}");
         assert_eq!(subjects.iter().map(|s| s.test.len()).sum::<usize>(), n, "{dir}");
     }
     let mut issues = vec![];
-    let s = mc::load(mc::Format::Ceval, &fixtures().join("ceval"), &mut issues).unwrap();
+    let s = load::load(questions::Format::Ceval, &fixtures().join("ceval"), &mut issues).unwrap();
     assert_eq!(
         (s[0].name.as_str(), s[0].title.as_str(), s[0].dev.len(), s[0].test[1].answer, s[0].test[1].id.as_str()),
         ("high_school_geography", "高中地理", 2, 1, "1")
@@ -145,7 +145,7 @@ fn every_published_layout_loads_from_the_samples() {
 #[test]
 fn bad_rows_are_reported_with_file_and_line_and_the_rest_scored() {
     let mut issues = vec![];
-    let subjects = mc::load(mc::Format::Mmlu, &fixtures().join("bad"), &mut issues).unwrap();
+    let subjects = load::load(questions::Format::Mmlu, &fixtures().join("bad"), &mut issues).unwrap();
     assert_eq!(subjects.len(), 1);
     assert_eq!(subjects[0].test.len(), 2);
     let joined = issues.join("\n");
@@ -157,8 +157,8 @@ fn bad_rows_are_reported_with_file_and_line_and_the_rest_scored() {
         &model,
         &Cpu,
         &tokenizer(),
-        mc::Format::Mmlu,
-        mc::PromptStyle::Colossal,
+        questions::Format::Mmlu,
+        prompt::PromptStyle::Colossal,
         &subjects,
         5,
         2048,
@@ -186,22 +186,30 @@ fn bits_per_character_counts_every_token_once() {
     assert!((whole.bits_per_char - whole.nll_nats / std::f64::consts::LN_2 / whole.chars as f64).abs() < 1e-12);
 }
 
-fn load(format: mc::Format, dir: &str) -> Vec<mc::Subject> {
+fn load(format: questions::Format, dir: &str) -> Vec<questions::Subject> {
     let mut issues = vec![];
-    let subjects = mc::load(format, &fixtures().join(dir), &mut issues).unwrap();
+    let subjects = load::load(format, &fixtures().join(dir), &mut issues).unwrap();
     assert!(issues.is_empty(), "{dir}: {issues:?}");
     subjects
 }
 
 fn colossal_prompt(
-    format: mc::Format,
-    subject: &mc::Subject,
+    format: questions::Format,
+    subject: &questions::Subject,
     question: usize,
     shots: usize,
     max_tokens: usize,
-) -> mc::Prompt {
-    mc::prompt(&tokenizer(), mc::PromptStyle::Colossal, format, subject, &subject.test[question], shots, max_tokens)
-        .unwrap()
+) -> questions::Prompt {
+    prompt::prompt(
+        &tokenizer(),
+        prompt::PromptStyle::Colossal,
+        format,
+        subject,
+        &subject.test[question],
+        shots,
+        max_tokens,
+    )
+    .unwrap()
 }
 
 /// The expected strings were written by hand from ColossalEval's source (hpcaitech/ColossalAI,
@@ -220,8 +228,8 @@ fn colossal_prompt(
 ///   template (`conv_plain`: no system text, messages concatenated).
 #[test]
 fn colossal_prompts_are_colossal_eval_s_byte_for_byte() {
-    let mmlu = load(mc::Format::Mmlu, "mmlu");
-    let five_shot = colossal_prompt(mc::Format::Mmlu, &mmlu[0], 0, 5, 2048);
+    let mmlu = load(questions::Format::Mmlu, "mmlu");
+    let five_shot = colossal_prompt(questions::Format::Mmlu, &mmlu[0], 0, 5, 2048);
     assert_eq!(
         five_shot.text,
         "The following are multiple choice questions (with answers) about Astronomy.\n\n\
@@ -234,51 +242,51 @@ fn colossal_prompts_are_colossal_eval_s_byte_for_byte() {
     );
     assert_eq!(five_shot.shots, 5);
     let tok = tokenizer();
-    assert_eq!(five_shot.ids, mc::encode_prompt(&tok, &five_shot.text).unwrap());
+    assert_eq!(five_shot.ids, questions::encode_prompt(&tok, &five_shot.text).unwrap());
     assert_eq!(
         five_shot.ids[0],
         tok.bos.unwrap(),
         "the prompt starts with BOS, as transformers' tokenizer(prompt) does for LLaMA"
     );
     assert_eq!(
-        colossal_prompt(mc::Format::Mmlu, &mmlu[1], 2, 0, 2048).text,
+        colossal_prompt(questions::Format::Mmlu, &mmlu[1], 2, 0, 2048).text,
         "The following is a single-choice question on Cooking. Answer the question by replying A, B, C or D.\n\n\
          Question: Which utensil is used to flip pancakes?\nA. A spatula\nB. A whisk\nC. A sieve\nD. A funnel\nAnswer: "
     );
-    let cmmlu = load(mc::Format::Cmmlu, "cmmlu");
+    let cmmlu = load(questions::Format::Cmmlu, "cmmlu");
     assert_eq!(
-        colossal_prompt(mc::Format::Cmmlu, &cmmlu[0], 1, 1, 2048).text,
+        colossal_prompt(questions::Format::Cmmlu, &cmmlu[0], 1, 1, 2048).text,
         "以下是关于中国文学的单项选择题，请直接给出正确答案的选项。\n\n\
          题目：“床前明月光”的下一句是？\nA. 疑是地上霜\nB. 举头望明月\nC. 低头思故乡\nD. 春眠不觉晓\n答案：A\n\n\
          题目：《登鹳雀楼》的作者是？\nA. 王之涣\nB. 王昌龄\nC. 李白\nD. 杜甫\n答案："
     );
     assert_eq!(
-        colossal_prompt(mc::Format::Cmmlu, &cmmlu[0], 3, 0, 2048).text,
+        colossal_prompt(questions::Format::Cmmlu, &cmmlu[0], 3, 0, 2048).text,
         "以下是关于中国文学的单项选择题，请直接给出正确答案的选项。\n\n题目：“举头望明月”的下一句是？\nA. 低头思故乡\nB. 疑是地上霜\nC. 床前明月光\nD. 夜来风雨声\n答案："
     );
-    let ceval = load(mc::Format::Ceval, "ceval");
+    let ceval = load(questions::Format::Ceval, "ceval");
     assert_eq!(
-        colossal_prompt(mc::Format::Ceval, &ceval[0], 0, 5, 2048).text,
+        colossal_prompt(questions::Format::Ceval, &ceval[0], 0, 5, 2048).text,
         "以下是中国关于高中地理考试的单项选择题，请选出其中的正确答案。\n\n\
          题目：世界上面积最大的大洋是？\nA. 大西洋\nB. 印度洋\nC. 太平洋\nD. 北冰洋\n答案：C\n\n\
          题目：长江注入哪个海？\nA. 东海\nB. 黄海\nC. 南海\nD. 渤海\n答案：A\n\n\
          题目：中国最长的河流是？\nA. 黄河\nB. 长江\nC. 珠江\nD. 淮河\n答案："
     );
-    let agieval = load(mc::Format::Agieval, "agieval");
+    let agieval = load(questions::Format::Agieval, "agieval");
     assert_eq!(
-        colossal_prompt(mc::Format::Agieval, &agieval[0], 0, 5, 2048).text,
+        colossal_prompt(questions::Format::Agieval, &agieval[0], 0, 5, 2048).text,
         "Tom has three apples. He gives one to Anna and buys two more.\n\n\
          Question: How many apples does Tom have now? Choose from the following options: (A)2 (B)3 (C)4 (D)5\nAnswer: "
     );
-    assert_eq!(colossal_prompt(mc::Format::Agieval, &agieval[0], 2, 5, 2048).text, "Question: If all cats are animals and Mia is a cat, then Mia is Choose from the following options: (A)an animal (B)a dog (C)a plant (D)nothing\nAnswer: ");
+    assert_eq!(colossal_prompt(questions::Format::Agieval, &agieval[0], 2, 5, 2048).text, "Question: If all cats are animals and Mia is a cat, then Mia is Choose from the following options: (A)an animal (B)a dog (C)a plant (D)nothing\nAnswer: ");
     assert_eq!(
-        colossal_prompt(mc::Format::Agieval, &agieval[1], 1, 5, 2048).text,
+        colossal_prompt(questions::Format::Agieval, &agieval[1], 1, 5, 2048).text,
         "问题：下列哪个数是偶数？ 从以下选项中选择：(A)3 (B)7 (C)8 (D)11\n答案："
     );
-    let gaokao = load(mc::Format::Gaokao, "gaokao");
+    let gaokao = load(questions::Format::Gaokao, "gaokao");
     assert_eq!(gaokao[0].title, "Sample Chinese MCQs");
     assert_eq!(
-        colossal_prompt(mc::Format::Gaokao, &gaokao[0], 0, 5, 2048).text,
+        colossal_prompt(questions::Format::Gaokao, &gaokao[0], 0, 5, 2048).text,
         "下列词语中，书写完全正确的一项是（　）\nA．再接再厉\nB．迫不急待\nC．一愁莫展\nD．谈笑风声\n答案："
     );
 }
@@ -290,13 +298,14 @@ fn colossal_prompts_are_colossal_eval_s_byte_for_byte() {
 #[test]
 fn colossal_few_shot_budget_and_middle_truncation_follow_colossal_eval() {
     let tok = tokenizer();
-    let mmlu = load(mc::Format::Mmlu, "mmlu");
-    let full = colossal_prompt(mc::Format::Mmlu, &mmlu[0], 0, 5, 2048);
-    let query_and_answer = mc::encode_prompt(&tok, &format!("{}B", mmlu[0].test[0].colossal_query)).unwrap().len();
+    let mmlu = load(questions::Format::Mmlu, "mmlu");
+    let full = colossal_prompt(questions::Format::Mmlu, &mmlu[0], 0, 5, 2048);
+    let query_and_answer =
+        questions::encode_prompt(&tok, &format!("{}B", mmlu[0].test[0].colossal_query)).unwrap().len();
     // The prefix with two shots: the header line and the first two shots, as in the full prompt.
     let two_shots: String = full.text.split_inclusive("\n\n").take(3).collect();
-    let budget_for_two = mc::encode_prompt(&tok, &two_shots).unwrap().len();
-    let p = colossal_prompt(mc::Format::Mmlu, &mmlu[0], 0, 5, query_and_answer + budget_for_two);
+    let budget_for_two = questions::encode_prompt(&tok, &two_shots).unwrap().len();
+    let p = colossal_prompt(questions::Format::Mmlu, &mmlu[0], 0, 5, query_and_answer + budget_for_two);
     assert_eq!(p.shots, 2);
     // That prompt is longer than the length minus 32: the middle went (decoded halves encoded again
     // may merge a token or two), the length is within the limit.
@@ -305,11 +314,11 @@ fn colossal_few_shot_budget_and_middle_truncation_follow_colossal_eval() {
     assert!(p.text.starts_with("The following are multiple choice questions"), "{}", p.text);
     // One token short of the first shot: ColossalEval still keeps it.
     let one_shot: String = full.text.split_inclusive("\n\n").take(2).collect();
-    let budget_for_one = mc::encode_prompt(&tok, &one_shot).unwrap().len();
-    let p = colossal_prompt(mc::Format::Mmlu, &mmlu[0], 0, 5, query_and_answer + budget_for_one - 1);
+    let budget_for_one = questions::encode_prompt(&tok, &one_shot).unwrap().len();
+    let p = colossal_prompt(questions::Format::Mmlu, &mmlu[0], 0, 5, query_and_answer + budget_for_one - 1);
     assert_eq!(p.shots, 1);
     // Room enough: every shot, nothing cut.
-    assert_eq!((full.shots, full.ids.len()), (5, mc::encode_prompt(&tok, &full.text).unwrap().len()));
+    assert_eq!((full.shots, full.ids.len()), (5, questions::encode_prompt(&tok, &full.text).unwrap().len()));
 }
 
 /// `_get_choices_indices` (models/huggingface.py): per letter the last token of `Answer: X` and
@@ -317,8 +326,8 @@ fn colossal_few_shot_budget_and_middle_truncation_follow_colossal_eval() {
 #[test]
 fn colossal_letter_ids_are_the_tokens_after_answer() {
     let tok = tokenizer();
-    let ids = mc::letter_ids(&tok, mc::PromptStyle::Colossal).unwrap();
-    for (letter, ids) in mc::LETTERS.iter().zip(&ids) {
+    let ids = prompt::letter_ids(&tok, prompt::PromptStyle::Colossal).unwrap();
+    for (letter, ids) in questions::LETTERS.iter().zip(&ids) {
         let en = *tok.encode_text(&format!("Answer: {letter}")).unwrap().last().unwrap();
         let zh = *tok.encode_text(&format!("答案：{letter}")).unwrap().last().unwrap();
         assert!(ids.contains(&en) && ids.contains(&zh) && ids.len() <= 2, "{letter}: {ids:?} vs {en} {zh}");
@@ -363,12 +372,12 @@ fn evaluate_json_keeps_every_run_and_every_question_and_dumps_prompts() {
     let correct = per.iter().filter(|q| q["pick"] == q["answer"]).count();
     assert_eq!(correct as u64, first["correct"].as_u64().unwrap());
     let text = std::fs::read_to_string(out.join("prompts/1-mmlu/astronomy/0.txt")).unwrap();
-    let subjects = load(mc::Format::Mmlu, "mmlu");
-    let expected = colossal_prompt(mc::Format::Mmlu, &subjects[0], 0, 2, 2048);
+    let subjects = load(questions::Format::Mmlu, "mmlu");
+    let expected = colossal_prompt(questions::Format::Mmlu, &subjects[0], 0, 2, 2048);
     assert_eq!(text, expected.text);
     // Counted with the tokenizer `evaluate` loads (the model directory's own settings).
     let tok = TextTokenizer::for_model(model_dir(), None).unwrap();
-    assert_eq!(q["prompt_tokens"].as_u64(), Some(mc::encode_prompt(&tok, &text).unwrap().len() as u64));
+    assert_eq!(q["prompt_tokens"].as_u64(), Some(questions::encode_prompt(&tok, &text).unwrap().len() as u64));
     // Ids are row indices in the file: the broken rows 1 and 2 keep their numbers.
     assert!(out.join("prompts/2-mmlu/broken/0.txt").exists() && out.join("prompts/2-mmlu/broken/3.txt").exists());
 }

@@ -3,7 +3,7 @@
 //!
 //! The facts are the invented world of the embedded default run (16 people × home town, food,
 //! pet, workplace = 64 questions). Training (`train::run`): stage 1 the world's stories; stage 2
-//! the 64 questions as multiple-choice records — `mc::prompt`'s zero-shot MMLU-style prompt as a
+//! the 64 questions as multiple-choice records — `prompt::prompt`'s zero-shot MMLU-style prompt as a
 //! masked `source`, the answer letter as `target`, four choices (the answer and three others of
 //! its kind) in a random order — packed `whole_docs` so that no record loses its prompt. Scoring:
 //! the same 64 questions through `mc::evaluate`, with the trained model directory's own tokenizer
@@ -23,7 +23,8 @@ use llama_cpt::config::LlamaConfig;
 use llama_cpt::cpu::Cpu;
 use llama_cpt::data::prepare::{prepare_subset, PrepareConfig};
 use llama_cpt::data::tokenizer::TextTokenizer;
-use llama_cpt::eval::mc::{self, Question, Subject, LETTERS};
+use llama_cpt::eval::questions::{Question, Subject, LETTERS};
+use llama_cpt::eval::{mc, prompt, questions};
 use llama_cpt::model::Llama;
 use llama_cpt::train::default_run::{self, WorldQuestion};
 use llama_cpt::train::{self, config::TrainConfig};
@@ -87,8 +88,17 @@ fn a_model_trained_on_facts_answers_multiple_choice_questions_better_than_chance
     let items: Vec<Question> = questions.iter().map(|q| arrangement(q, &mut rng)).collect();
     let mut lines = String::new();
     for item in &items {
-        let ids =
-            mc::prompt(&tok, mc::PromptStyle::Original, mc::Format::Mmlu, &subject(vec![]), item, 0, 512).unwrap().ids;
+        let ids = prompt::prompt(
+            &tok,
+            prompt::PromptStyle::Original,
+            questions::Format::Mmlu,
+            &subject(vec![]),
+            item,
+            0,
+            512,
+        )
+        .unwrap()
+        .ids;
         let prompt = tok.inner().decode(&ids, true).unwrap();
         assert_eq!(
             tok.encode_text(&prompt).unwrap(),
@@ -147,8 +157,8 @@ fn a_model_trained_on_facts_answers_multiple_choice_questions_better_than_chance
             model,
             &Cpu,
             tok,
-            mc::Format::Mmlu,
-            mc::PromptStyle::Original,
+            questions::Format::Mmlu,
+            prompt::PromptStyle::Original,
             &[subject(items.clone())],
             0,
             512,

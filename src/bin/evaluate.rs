@@ -5,7 +5,7 @@ use clap::Parser;
 use llama_cpt::backend::Backend;
 use llama_cpt::data::tokenizer::TextTokenizer;
 use llama_cpt::device::{on_device, OnBackend};
-use llama_cpt::eval::{mc, ppl};
+use llama_cpt::eval::{load, mc, ppl, prompt, questions};
 use llama_cpt::model::Llama;
 use std::path::PathBuf;
 
@@ -67,7 +67,7 @@ fn run<B: Backend>(backend: &B, a: &Args) -> Result<()> {
     let model = Llama::load(backend, &a.model)?;
     let tok = TextTokenizer::for_model(&a.model, a.tokenizer.as_deref())?;
     let max_tokens = a.max_tokens.unwrap_or(model.config.max_position_embeddings);
-    let style: mc::PromptStyle = a.prompt_style.parse().context("--prompt-style")?;
+    let style: prompt::PromptStyle = a.prompt_style.parse().context("--prompt-style")?;
     let mut results = serde_json::Map::new();
     for spec in &a.texts {
         let (name, path) = spec.split_once('=').with_context(|| format!("--text {spec}: expected NAME=PATH"))?;
@@ -84,9 +84,9 @@ fn run<B: Backend>(backend: &B, a: &Args) -> Result<()> {
     }
     for (run, spec) in a.mcs.iter().enumerate() {
         let (fmt, dir) = spec.split_once('=').with_context(|| format!("--mc {spec}: expected FORMAT=DIR"))?;
-        let format: mc::Format = fmt.parse()?;
+        let format: questions::Format = fmt.parse()?;
         let mut issues = Vec::new();
-        let subjects = mc::load(format, dir.as_ref(), &mut issues)?;
+        let subjects = load::load(format, dir.as_ref(), &mut issues)?;
         let r =
             mc::evaluate(&model, backend, &tok, format, style, &subjects, a.shots, max_tokens, a.batch_tokens, issues)?;
         for i in &r.issues {

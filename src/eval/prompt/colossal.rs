@@ -12,8 +12,8 @@
 //! - the few-shot budget (the model length minus the query-plus-answer tokens), and the middle cut
 //!   of a prompt longer than the model length minus 32 new tokens (`models/huggingface.py`);
 //! - the choice token ids: the last token of `Answer: X` and of `答案：X`, the larger logit of the two.
-use super::mc::{encode_prompt, Format, Prompt, Question, Subject, LETTERS};
 use crate::data::tokenizer::TextTokenizer;
+use crate::eval::questions::{encode_prompt, Format, Prompt, Question, Subject, LETTERS};
 use anyhow::{anyhow, Result};
 
 /// ColossalEval generates up to 32 tokens (`max_new_tokens` of every dataset here) and keeps the
