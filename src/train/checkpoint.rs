@@ -11,6 +11,7 @@ use crate::backend::Backend;
 use crate::data::LoaderState;
 use crate::dist::{DataParallel, Piece, ZeroStage};
 use crate::model::Llama;
+use crate::optim::Segment;
 use crate::weights::StoreDtype;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -155,65 +156,15 @@ pub fn save<B: Backend>(
     let tmp = root.join(format!(".{name}.tmp"));
     let dst = root.join(&name);
     let rank = dp.rank();
-    let result = (|| -> Result<()> {
-        agree(
-            dp,
-            (|| {
-                if rank == 0 {
-                    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-                    let _ = std::fs::remove_dir_all(&tmp);
-                    std::fs::create_dir_all(&tmp)?;
-                    model.save(backend, &tmp, StoreDtype::F32, None)?;
-                    crate::fsutil::write_atomic(
-                        &tmp.join("optimizer.json"),
-                        serde_json::to_string_pretty(&manifest(model, dp))?.as_bytes(),
-                    )?;
-                    crate::fsutil::write_atomic(
-                        &tmp.join("trainer_state.json"),
-                        serde_json::to_string_pretty(state)?.as_bytes(),
-                    )?;
-                    if let Some(t) = tokenizer {
-                        std::fs::copy(t, tmp.join("tokenizer.json"))
-                            .with_context(|| format!("copying {}", t.display()))?;
-                    }
-                }
-                Ok(())
-            })(),
-        )?;
-        agree(
-            dp,
-            (|| {
-                if rank == 0 || dp.stage != ZeroStage::Zero0 {
-                    let mut tensors = Vec::new();
-                    for (p, s) in dp.pieces.iter().zip(&dp.opt.segments) {
-                        let pname = &model.params[p.param].name;
-                        tensors.push((tensor_name(pname, p.start, "m"), backend.download(&s.m)));
-                        tensors.push((tensor_name(pname, p.start, "v"), backend.download(&s.v)));
-                        if let Some(master) = &s.master {
-                            tensors.push((tensor_name(pname, p.start, "master"), backend.download(master)));
-                        }
-                    }
-                    write_tensors(&tmp.join(shard_file_name(rank)), tensors)?;
-                }
-                Ok(())
-            })(),
-        )?;
-        agree(
-            dp,
-            (|| {
-                if rank == 0 {
-                    crate::fsutil::write_atomic(&tmp.join(MARKER), b"")?;
-                    sync_tree(&tmp)?;
-                    if dst.exists() {
-                        discard(&dst)?;
-                    }
-                    std::fs::rename(&tmp, &dst)?;
-                    sync_dir(&root)?;
-                }
-                Ok(())
-            })(),
-        )
-    })();
+    let result = agree(
+        dp,
+        if rank == 0 { write_model_files(&root, &tmp, backend, model, dp, state, tokenizer) } else { Ok(()) },
+    )
+    .and_then(|()| {
+        let writes_shard = rank == 0 || dp.stage != ZeroStage::Zero0;
+        agree(dp, if writes_shard { write_optimizer_shard(&tmp, backend, model, dp) } else { Ok(()) })
+    })
+    .and_then(|()| agree(dp, if rank == 0 { publish(&tmp, &dst, &root) } else { Ok(()) }));
     if let Err(e) = result {
         if rank == 0 {
             let _ = std::fs::remove_dir_all(&tmp);
@@ -227,6 +178,57 @@ pub fn save<B: Backend>(
         }
     }
     Ok(dst)
+}
+
+/// Rank 0's part: the model (HF safetensors, f32), the optimizer manifest, the trainer state and
+/// the tokenizer, into the temporary folder `tmp`.
+fn write_model_files<B: Backend>(
+    root: &Path,
+    tmp: &Path,
+    backend: &B,
+    model: &Llama<B>,
+    dp: &DataParallel<B>,
+    state: &TrainerState,
+    tokenizer: Option<&Path>,
+) -> Result<()> {
+    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    let _ = std::fs::remove_dir_all(tmp);
+    std::fs::create_dir_all(tmp)?;
+    model.save(backend, tmp, StoreDtype::F32, None)?;
+    crate::fsutil::write_atomic(
+        &tmp.join("optimizer.json"),
+        serde_json::to_string_pretty(&manifest(model, dp))?.as_bytes(),
+    )?;
+    crate::fsutil::write_atomic(&tmp.join("trainer_state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
+    if let Some(t) = tokenizer {
+        std::fs::copy(t, tmp.join("tokenizer.json")).with_context(|| format!("copying {}", t.display()))?;
+    }
+    Ok(())
+}
+
+/// This rank's optimizer pieces (moments, and masters where it keeps them) as its shard file.
+fn write_optimizer_shard<B: Backend>(tmp: &Path, backend: &B, model: &Llama<B>, dp: &DataParallel<B>) -> Result<()> {
+    let mut tensors = Vec::new();
+    for (p, s) in dp.pieces.iter().zip(&dp.opt.segments) {
+        let pname = &model.params[p.param].name;
+        tensors.push((tensor_name(pname, p.start, "m"), backend.download(&s.m)));
+        tensors.push((tensor_name(pname, p.start, "v"), backend.download(&s.v)));
+        if let Some(master) = &s.master {
+            tensors.push((tensor_name(pname, p.start, "master"), backend.download(master)));
+        }
+    }
+    write_tensors(&tmp.join(shard_file_name(dp.rank())), tensors)
+}
+
+/// Rank 0, once every part is written: marks `tmp` complete, syncs it and renames it to `dst`.
+fn publish(tmp: &Path, dst: &Path, root: &Path) -> Result<()> {
+    crate::fsutil::write_atomic(&tmp.join(MARKER), b"")?;
+    sync_tree(tmp)?;
+    if dst.exists() {
+        discard(dst)?;
+    }
+    std::fs::rename(tmp, dst)?;
+    sync_dir(root)
 }
 
 /// Removes a checkpoint without ever leaving a half-deleted folder that still looks complete: it
@@ -271,80 +273,114 @@ pub fn load<B: Backend>(
         bail!("{}: the checkpoint's model does not match the configured one", dir.display());
     }
     model.params = loaded.params;
-    let mpath = dir.join("optimizer.json");
-    let text = std::fs::read_to_string(&mpath).with_context(|| format!("reading {}", mpath.display()))?;
-    let manifest: OptimizerManifest =
-        serde_json::from_str(&text).with_context(|| format!("{}: invalid optimizer manifest", mpath.display()))?;
-    let mut files: Vec<Option<memmap2::Mmap>> = (0..manifest.files.len()).map(|_| None).collect();
+    let mut shards = Shards::open(dir)?;
     let pieces: Vec<Piece> = dp.pieces.clone();
     for (p, seg) in pieces.iter().zip(dp.opt.segments.iter_mut()) {
-        let pname = model.params[p.param].name.clone();
-        let mut m = vec![f32::NAN; p.len];
-        let mut v = vec![f32::NAN; p.len];
-        // Without a master of its own (f32, ZeRO-0) a piece still takes stored masters, when the
-        // checkpoint has them (it was written in mixed precision), as its parameter values.
-        let keeps_master = seg.master.is_some();
-        let current = || backend.download(&backend.slice(&model.params[p.param].value.buf, p.start, p.len));
-        let mut master = keeps_master.then(current);
-        let mut covered = 0;
-        for (fi, f) in manifest.files.iter().enumerate() {
-            for sp in f.pieces.iter().filter(|sp| sp.param == pname) {
-                let (lo, hi) = (sp.start.max(p.start), (sp.start + sp.len).min(p.start + p.len));
-                if lo >= hi {
-                    continue;
-                }
-                let path = dir.join(&f.file);
-                if files[fi].is_none() {
-                    let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-                    // SAFETY: checkpoint files are never modified after they are complete.
-                    files[fi] = Some(
-                        unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?,
-                    );
-                }
-                let st = safetensors::SafeTensors::deserialize(files[fi].as_ref().unwrap())
-                    .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
-                let copy = |what: &str, dst: &mut [f32]| -> Result<()> {
-                    let name = tensor_name(&pname, sp.start, what);
-                    let t =
-                        st.tensor(&name).map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {e}", path.display()))?;
-                    if t.dtype() != safetensors::Dtype::F32 || t.shape() != [sp.len] {
-                        bail!("{}: tensor `{name}` is not F32 [{}]", path.display(), sp.len);
-                    }
-                    let src = &t.data()[4 * (lo - sp.start)..4 * (hi - sp.start)];
-                    for (d, b) in dst[lo - p.start..hi - p.start].iter_mut().zip(src.chunks_exact(4)) {
-                        *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                    }
-                    Ok(())
-                };
-                copy("m", &mut m)?;
-                copy("v", &mut v)?;
-                if sp.master {
-                    copy("master", master.get_or_insert_with(current))?;
-                }
-                covered += hi - lo;
-            }
-        }
-        if covered != p.len {
-            bail!(
-                "{}: optimizer state for `{pname}`[{}..{}] is incomplete ({covered} of {} elements)",
-                mpath.display(),
-                p.start,
-                p.start + p.len,
-                p.len
-            );
-        }
-        seg.m = backend.upload(&m);
-        seg.v = backend.upload(&v);
-        let master = master.map(|h| backend.upload(&h));
-        if keeps_master {
-            seg.master = master;
-        } else if let Some(values) = master {
-            backend.write_slice(model.params[p.param].value.buf_mut(), p.start, &values);
-        }
+        restore_piece(backend, model, p, seg, &mut shards)?;
     }
     let state = read_state(dir)?;
     dp.opt.step = state.optimizer_updates;
     Ok(state)
+}
+
+/// A checkpoint's optimizer manifest and its shard files, each mapped when first read.
+struct Shards<'a> {
+    dir: &'a Path,
+    manifest_path: PathBuf,
+    manifest: OptimizerManifest,
+    maps: Vec<Option<memmap2::Mmap>>,
+}
+
+impl<'a> Shards<'a> {
+    fn open(dir: &'a Path) -> Result<Self> {
+        let manifest_path = dir.join("optimizer.json");
+        let text =
+            std::fs::read_to_string(&manifest_path).with_context(|| format!("reading {}", manifest_path.display()))?;
+        let manifest: OptimizerManifest = serde_json::from_str(&text)
+            .with_context(|| format!("{}: invalid optimizer manifest", manifest_path.display()))?;
+        let maps = (0..manifest.files.len()).map(|_| None).collect();
+        Ok(Shards { dir, manifest_path, manifest, maps })
+    }
+
+    /// The bytes of shard file `fi`, mapped on first use.
+    fn bytes(&mut self, fi: usize) -> Result<&[u8]> {
+        if self.maps[fi].is_none() {
+            let path = self.dir.join(&self.manifest.files[fi].file);
+            let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+            // SAFETY: checkpoint files are never modified after they are complete.
+            self.maps[fi] =
+                Some(unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?);
+        }
+        Ok(self.maps[fi].as_ref().unwrap())
+    }
+}
+
+/// Piece `p`'s moments (and master, or parameter values) from whichever stored pieces overlap it.
+fn restore_piece<B: Backend>(
+    backend: &B,
+    model: &mut Llama<B>,
+    p: &Piece,
+    seg: &mut Segment<B>,
+    shards: &mut Shards,
+) -> Result<()> {
+    let pname = model.params[p.param].name.clone();
+    let mut m = vec![f32::NAN; p.len];
+    let mut v = vec![f32::NAN; p.len];
+    // Without a master of its own (f32, ZeRO-0) a piece still takes stored masters, when the
+    // checkpoint has them (it was written in mixed precision), as its parameter values.
+    let keeps_master = seg.master.is_some();
+    let current = || backend.download(&backend.slice(&model.params[p.param].value.buf, p.start, p.len));
+    let mut master = keeps_master.then(current);
+    let mut covered = 0;
+    for fi in 0..shards.manifest.files.len() {
+        let stored: Vec<StoredPiece> =
+            shards.manifest.files[fi].pieces.iter().filter(|sp| sp.param == pname).cloned().collect();
+        for sp in stored {
+            let (lo, hi) = (sp.start.max(p.start), (sp.start + sp.len).min(p.start + p.len));
+            if lo >= hi {
+                continue;
+            }
+            let path = shards.dir.join(&shards.manifest.files[fi].file);
+            let st = safetensors::SafeTensors::deserialize(shards.bytes(fi)?)
+                .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
+            let copy = |what: &str, dst: &mut [f32]| -> Result<()> {
+                let name = tensor_name(&pname, sp.start, what);
+                let t = st.tensor(&name).map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {e}", path.display()))?;
+                if t.dtype() != safetensors::Dtype::F32 || t.shape() != [sp.len] {
+                    bail!("{}: tensor `{name}` is not F32 [{}]", path.display(), sp.len);
+                }
+                let src = &t.data()[4 * (lo - sp.start)..4 * (hi - sp.start)];
+                for (d, b) in dst[lo - p.start..hi - p.start].iter_mut().zip(src.chunks_exact(4)) {
+                    *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+                Ok(())
+            };
+            copy("m", &mut m)?;
+            copy("v", &mut v)?;
+            if sp.master {
+                copy("master", master.get_or_insert_with(current))?;
+            }
+            covered += hi - lo;
+        }
+    }
+    if covered != p.len {
+        bail!(
+            "{}: optimizer state for `{pname}`[{}..{}] is incomplete ({covered} of {} elements)",
+            shards.manifest_path.display(),
+            p.start,
+            p.start + p.len,
+            p.len
+        );
+    }
+    seg.m = backend.upload(&m);
+    seg.v = backend.upload(&v);
+    let master = master.map(|h| backend.upload(&h));
+    if keeps_master {
+        seg.master = master;
+    } else if let Some(values) = master {
+        backend.write_slice(model.params[p.param].value.buf_mut(), p.start, &values);
+    }
+    Ok(())
 }
 
 /// The trainer state of checkpoint folder `dir`.
