@@ -1,7 +1,7 @@
 //! Streams and events: each stream runs its work in order on its own worker thread (the shared
 //! interface every other module of the emulator enqueues through).
 //!
-//! Contract (used by driver.rs, blaslt.rs, nccl.rs):
+//! Contract (used by driver/, blaslt/, nccl/):
 //! - `enqueue(stream, job)`: queue `job` behind everything already queued on `stream` and return
 //!   at once. A job returns `Ok(())` or the `CUresult` it failed with; the first failure is sticky
 //!   (later jobs of that stream are skipped and `synchronize` returns it), as a CUDA context
