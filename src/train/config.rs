@@ -362,43 +362,9 @@ impl TrainConfig {
             bail!("key `stages`: at least one stage is needed");
         }
         for (i, s) in self.stages.iter().enumerate() {
-            let at = |k: &str| format!("key `stages[{i}].{k}`");
-            if s.steps.is_some() == s.tokens.is_some() {
-                bail!("{}: give exactly one of `steps` and `tokens`", at("steps"));
-            }
-            if s.steps == Some(0) || s.tokens == Some(0) {
-                bail!("{}: the stage must be longer than 0", at("steps"));
-            }
-            if s.global_batch_rows == 0 || s.global_batch_rows % d.micro_batch_rows != 0 {
-                bail!(
-                    "{}: {} must be a positive multiple of data.micro_batch_rows ({})",
-                    at("global_batch_rows"),
-                    s.global_batch_rows,
-                    d.micro_batch_rows
-                );
-            }
-            if !(s.lr > 0.0 && s.lr.is_finite()) {
-                bail!("{}: must be a positive number, found {}", at("lr"), s.lr);
-            }
-            if !(0.0..=1.0).contains(&s.min_lr_ratio) {
-                bail!("{}: must lie in [0, 1], found {}", at("min_lr_ratio"), s.min_lr_ratio);
-            }
-            if !(0.0..1.0).contains(&s.beta1) || !(0.0..1.0).contains(&s.beta2) {
-                bail!("{}: betas must lie in [0, 1)", at("beta1"));
-            }
-            if s.weight_decay < 0.0 || s.max_grad_norm < 0.0 || s.eps <= 0.0 {
-                bail!("{}: weight_decay and max_grad_norm must be ≥ 0 and eps > 0", at("weight_decay"));
-            }
-            if s.datasets.is_empty() {
-                bail!("{}: at least one dataset is needed", at("datasets"));
-            }
-            for (j, ds) in s.datasets.iter().enumerate() {
-                if !(ds.weight > 0.0 && ds.weight.is_finite()) {
-                    bail!("{}: must be positive, found {}", at(&format!("datasets[{j}].weight")), ds.weight);
-                }
-            }
+            s.validate(i, d.micro_batch_rows)?;
             if self.stages[..i].iter().any(|o| o.name == s.name) {
-                bail!("{}: {:?} names two stages", at("name"), s.name);
+                bail!("key `stages[{i}].name`: {:?} names two stages", s.name);
             }
         }
         if self.run.log_every == 0 {
@@ -432,6 +398,48 @@ impl TrainConfig {
             let per_step = (s.global_batch_rows * self.data.seq_len) as u64;
             s.tokens.unwrap().div_ceil(per_step)
         })
+    }
+}
+
+impl StageConfig {
+    /// The checks of one stage, `stages[i]` of the config.
+    fn validate(&self, i: usize, micro_batch_rows: usize) -> Result<()> {
+        let at = |k: &str| format!("key `stages[{i}].{k}`");
+        if self.steps.is_some() == self.tokens.is_some() {
+            bail!("{}: give exactly one of `steps` and `tokens`", at("steps"));
+        }
+        if self.steps == Some(0) || self.tokens == Some(0) {
+            bail!("{}: the stage must be longer than 0", at("steps"));
+        }
+        if self.global_batch_rows == 0 || self.global_batch_rows % micro_batch_rows != 0 {
+            bail!(
+                "{}: {} must be a positive multiple of data.micro_batch_rows ({})",
+                at("global_batch_rows"),
+                self.global_batch_rows,
+                micro_batch_rows
+            );
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            bail!("{}: must be a positive number, found {}", at("lr"), self.lr);
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            bail!("{}: must lie in [0, 1], found {}", at("min_lr_ratio"), self.min_lr_ratio);
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            bail!("{}: betas must lie in [0, 1)", at("beta1"));
+        }
+        if self.weight_decay < 0.0 || self.max_grad_norm < 0.0 || self.eps <= 0.0 {
+            bail!("{}: weight_decay and max_grad_norm must be ≥ 0 and eps > 0", at("weight_decay"));
+        }
+        if self.datasets.is_empty() {
+            bail!("{}: at least one dataset is needed", at("datasets"));
+        }
+        for (j, ds) in self.datasets.iter().enumerate() {
+            if !(ds.weight > 0.0 && ds.weight.is_finite()) {
+                bail!("{}: must be positive, found {}", at(&format!("datasets[{j}].weight")), ds.weight);
+            }
+        }
+        Ok(())
     }
 }
 

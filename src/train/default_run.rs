@@ -154,25 +154,9 @@ pub fn train_bpe_tokenizer(path: &Path, texts: &[String], vocab_size: usize, pre
 pub fn prepare(out: &Path, overrides: &[String]) -> Result<TrainConfig> {
     let data = out.join("data");
     std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
-    let mut rng = StdRng::seed_from_u64(20231);
-    let stories: Vec<String> = (0..2400).map(|_| story(&mut rng)).collect();
-    let heldout: Vec<String> = (0..200).map(|_| story(&mut rng)).collect();
-    let qas: Vec<serde_json::Value> = (0..1200).map(|_| qa(&mut rng)).collect();
-    write_jsonl(&data.join("raw/world/stories.jsonl"), stories.iter().map(|s| serde_json::json!({"text": s})))?;
-    write_jsonl(&data.join("raw/heldout/stories.jsonl"), heldout.iter().map(|s| serde_json::json!({"text": s})))?;
-    // A few of the held-out stories as text, scored for bits per character during training.
-    write_jsonl(&data.join("heldout-text.jsonl"), heldout[..32].iter().map(|s| serde_json::json!({"text": s})))?;
-    write_jsonl(&data.join("raw/qa/qa.jsonl"), qas.iter().cloned())?;
-
+    let (stories, qas) = write_raw_corpora(&data)?;
     let tok_path = data.join("tokenizer.json");
-    let mut texts = stories.clone();
-    texts.extend(qas.iter().map(|q| format!("{}{}", q["source"].as_str().unwrap(), q["target"].as_str().unwrap())));
-    train_bpe_tokenizer(&tok_path, &texts, 448, true)?;
-    let tok = TextTokenizer::load(
-        &tok_path,
-        &SpecialTokenOptions { model_config: None, add_bos: Some(true), add_eos: Some(true) },
-    )?;
-    let vocab = (tok.vocab_size as usize).div_ceil(64) * 64;
+    let tok = train_default_tokenizer(&tok_path, &stories, &qas)?;
     for name in ["world", "qa", "heldout"] {
         let cfg = PrepareConfig {
             name: name.into(),
@@ -185,6 +169,38 @@ pub fn prepare(out: &Path, overrides: &[String]) -> Result<TrainConfig> {
         };
         prepare_subset(&tok, &cfg).with_context(|| format!("preparing the default {name} data"))?;
     }
+    write_model_config(&data, &tok)?;
+    let text = config_text(tok_path.strip_prefix(&data).unwrap_or(&tok_path));
+    crate::fsutil::write_atomic(&config_path(out), text.as_bytes())?;
+    TrainConfig::parse(&text, &config_path(out).display().to_string(), &data, overrides)
+}
+
+/// The invented world's stories, held-out stories (some also as a text set) and QA records, as
+/// JSON lines under `data/raw/`; returns the stories and the QA records.
+fn write_raw_corpora(data: &Path) -> Result<(Vec<String>, Vec<serde_json::Value>)> {
+    let mut rng = StdRng::seed_from_u64(20231);
+    let stories: Vec<String> = (0..2400).map(|_| story(&mut rng)).collect();
+    let heldout: Vec<String> = (0..200).map(|_| story(&mut rng)).collect();
+    let qas: Vec<serde_json::Value> = (0..1200).map(|_| qa(&mut rng)).collect();
+    write_jsonl(&data.join("raw/world/stories.jsonl"), stories.iter().map(|s| serde_json::json!({"text": s})))?;
+    write_jsonl(&data.join("raw/heldout/stories.jsonl"), heldout.iter().map(|s| serde_json::json!({"text": s})))?;
+    // A few of the held-out stories as text, scored for bits per character during training.
+    write_jsonl(&data.join("heldout-text.jsonl"), heldout[..32].iter().map(|s| serde_json::json!({"text": s})))?;
+    write_jsonl(&data.join("raw/qa/qa.jsonl"), qas.iter().cloned())?;
+    Ok((stories, qas))
+}
+
+/// A 448-piece byte-level BPE learnt on the stories and QA texts, BOS and EOS added.
+fn train_default_tokenizer(tok_path: &Path, stories: &[String], qas: &[serde_json::Value]) -> Result<TextTokenizer> {
+    let mut texts = stories.to_vec();
+    texts.extend(qas.iter().map(|q| format!("{}{}", q["source"].as_str().unwrap(), q["target"].as_str().unwrap())));
+    train_bpe_tokenizer(tok_path, &texts, 448, true)?;
+    TextTokenizer::load(tok_path, &SpecialTokenOptions { model_config: None, add_bos: Some(true), add_eos: Some(true) })
+}
+
+/// The tiny LLaMA's HF `config.json` (GQA, tied embeddings; vocabulary padded to a multiple of 64).
+fn write_model_config(data: &Path, tok: &TextTokenizer) -> Result<()> {
+    let vocab = (tok.vocab_size as usize).div_ceil(64) * 64;
     let model_config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": vocab, "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4,
@@ -192,8 +208,12 @@ pub fn prepare(out: &Path, overrides: &[String]) -> Result<TrainConfig> {
         "max_position_embeddings": 1024, "tie_word_embeddings": true, "bos_token_id": tok.bos, "eos_token_id": tok.eos,
         "hidden_act": "silu",
     });
-    crate::fsutil::write_atomic(&data.join("config.json"), serde_json::to_string_pretty(&model_config)?.as_bytes())?;
-    let text = format!(
+    crate::fsutil::write_atomic(&data.join("config.json"), serde_json::to_string_pretty(&model_config)?.as_bytes())
+}
+
+/// The default run's TOML, its paths relative to the data folder (`tok`: the tokenizer's).
+fn config_text(tok: &Path) -> String {
+    format!(
         r#"
 [model]
 config = "{cfg}"
@@ -237,16 +257,14 @@ eval_every = 30
 eval_batches = 4
 "#,
         cfg = "config.json",
-        tok = tok_path.strip_prefix(&data).unwrap_or(&tok_path).display(),
+        tok = tok.display(),
         world = "shards/world",
         qa = "shards/qa",
         heldout = "shards/heldout",
         heldout_text = "heldout-text.jsonl",
         // The run writes next to its data folder.
         out = "..",
-    );
-    crate::fsutil::write_atomic(&config_path(out), text.as_bytes())?;
-    TrainConfig::parse(&text, &config_path(out).display().to_string(), &data, overrides)
+    )
 }
 
 /// Where [`prepare`] writes the default run's config.
