@@ -411,7 +411,7 @@ impl StageConfig {
         if self.steps == Some(0) || self.tokens == Some(0) {
             bail!("{}: the stage must be longer than 0", at("steps"));
         }
-        if self.global_batch_rows == 0 || self.global_batch_rows % micro_batch_rows != 0 {
+        if self.global_batch_rows == 0 || !self.global_batch_rows.is_multiple_of(micro_batch_rows) {
             bail!(
                 "{}: {} must be a positive multiple of data.micro_batch_rows ({})",
                 at("global_batch_rows"),

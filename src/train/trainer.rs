@@ -320,7 +320,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         bar: &ProgressBar,
     ) -> Result<()> {
         let state = &self.state;
-        if !(evaluated || state.global_step % self.cfg.run.log_every == 0 || state.stage_step == total) {
+        if !(evaluated || state.global_step.is_multiple_of(self.cfg.run.log_every) || state.stage_step == total) {
             return Ok(());
         }
         // Measured optimizer-state bytes of every rank (one slot each, summed).
