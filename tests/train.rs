@@ -307,6 +307,53 @@ fn replay_stage_trains_only_on_answers() {
     assert!(batches > 10 && counted > 1000);
 }
 
+/// A checkpoint proves itself before a resume reads it: a flipped byte or a truncated file is
+/// named, and the run falls back to the previous complete checkpoint; with none intact it stops
+/// rather than start again from scratch. The resumed run ends bit-identical to the uninterrupted one.
+#[test]
+fn a_corrupt_or_truncated_checkpoint_is_named_and_the_previous_one_resumed() {
+    let want_losses = losses(reference());
+    let want = weights(&reference().join("stage-knowledge-replay"));
+    let out = fresh("corrupt-checkpoint");
+    let keep = ["run.checkpoint_every=3", "run.keep_checkpoints=5"];
+    let o =
+        train::run(&Cpu, &config(&out, &[&keep[..], &["run.stop_after_steps=8"]].concat()), &AtomicBool::new(false))
+            .unwrap();
+    assert!(o.interrupted && o.global_step == 8);
+    let ckpt = |step: u64| out.join(format!("checkpoints/step-{step:08}"));
+    assert_eq!(checkpoint::complete_checkpoints(&out).unwrap(), vec![ckpt(3), ckpt(6), ckpt(8)]);
+    for step in [3, 6, 8] {
+        checkpoint::verify(&ckpt(step)).unwrap();
+    }
+    // Step 8: one flipped byte in the optimizer shard. Step 6: the model file cut short.
+    let shard = ckpt(8).join("optimizer-rank00000.safetensors");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x10;
+    std::fs::write(&shard, &bytes).unwrap();
+    let model = ckpt(6).join("model.safetensors");
+    let full = std::fs::read(&model).unwrap();
+    std::fs::write(&model, &full[..full.len() - 100]).unwrap();
+    let e8 = format!("{:#}", checkpoint::verify(&ckpt(8)).unwrap_err());
+    assert!(e8.contains("optimizer-rank00000.safetensors") && e8.contains("corrupt"), "{e8}");
+    let e6 = format!("{:#}", checkpoint::verify(&ckpt(6)).unwrap_err());
+    assert!(e6.contains("model.safetensors") && e6.contains("truncated"), "{e6}");
+    // Step 3 damaged as well: no intact checkpoint, and the run refuses to start from scratch.
+    let state = ckpt(3).join("trainer_state.json");
+    let good_state = std::fs::read(&state).unwrap();
+    std::fs::write(&state, b"{}").unwrap();
+    let err = format!("{:#}", train::run(&Cpu, &config(&out, &keep), &AtomicBool::new(false)).unwrap_err());
+    assert!(err.contains("no intact checkpoint") && err.contains("trainer_state.json"), "{err}");
+    // Step 3 mended: the run resumes there and ends as the uninterrupted run did.
+    std::fs::write(&state, good_state).unwrap();
+    let o = train::run(&Cpu, &config(&out, &keep), &AtomicBool::new(false)).unwrap();
+    assert!(!o.interrupted && o.global_step == 10);
+    let resumed: Vec<(u64, u64)> = losses(&out);
+    assert_eq!(resumed.iter().map(|x| x.0).collect::<Vec<_>>(), (1..=10).collect::<Vec<u64>>());
+    assert_eq!(resumed, want_losses, "per-step losses differ from the uninterrupted run");
+    assert_eq!(weights(&out.join("stage-knowledge-replay")), want, "final weights differ");
+}
+
 #[test]
 fn a_failed_checkpoint_write_leaves_the_previous_one_intact() {
     let out = fresh("failed-save");

@@ -3,8 +3,10 @@
 //! `optimizer-rankNNNNN.safetensors` file holds: under ZeRO-1/2 every rank writes its own shard,
 //! under ZeRO-0 rank 0 writes everything), the trainer state (`trainer_state.json`: stage, steps,
 //! loader state, counters) and the tokenizer. Rank 0 writes into a temporary folder, every rank
-//! adds its shard, rank 0 syncs, marks it `COMPLETE` and renames it into place; a folder without
-//! the marker is never read. Only the newest `keep` complete checkpoints are kept. Loading reads the
+//! adds its shard, rank 0 lists every file's size and XXH64 (`checksums.json`), syncs, marks it
+//! `COMPLETE` and renames it into place; a folder without the marker is never read, and a resume
+//! first verifies the files (rank 0, its choice shared): a damaged checkpoint is named and the
+//! previous complete one is used. Only the newest `keep` complete checkpoints are kept. Loading reads the
 //! pieces a rank needs from whichever files hold them, so a run resumes at any world size and
 //! ZeRO stage (a shared filesystem is assumed across nodes).
 use crate::backend::Backend;
@@ -18,6 +20,17 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 pub const MARKER: &str = "COMPLETE";
+
+/// Every other file of a checkpoint with its size and XXH64, written last before the marker and
+/// checked before a resume reads anything.
+pub const CHECKSUMS: &str = "checksums.json";
+
+/// One file's entry in [`CHECKSUMS`].
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct FileSum {
+    bytes: u64,
+    xxh64: String,
+}
 
 /// Everything besides tensors that a resume needs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -222,6 +235,8 @@ fn write_optimizer_shard<B: Backend>(tmp: &Path, backend: &B, model: &Llama<B>, 
 
 /// Rank 0, once every part is written: marks `tmp` complete, syncs it and renames it to `dst`.
 fn publish(tmp: &Path, dst: &Path, root: &Path) -> Result<()> {
+    let sums = checksums(tmp)?;
+    crate::fsutil::write_atomic(&tmp.join(CHECKSUMS), serde_json::to_string_pretty(&sums)?.as_bytes())?;
     crate::fsutil::write_atomic(&tmp.join(MARKER), b"")?;
     sync_tree(tmp)?;
     if dst.exists() {
@@ -229,6 +244,91 @@ fn publish(tmp: &Path, dst: &Path, root: &Path) -> Result<()> {
     }
     std::fs::rename(tmp, dst)?;
     sync_dir(root)
+}
+
+/// Size and XXH64 of every file in checkpoint folder `dir` but the marker and the sums themselves.
+fn checksums(dir: &Path) -> Result<std::collections::BTreeMap<String, FileSum>> {
+    let mut sums = std::collections::BTreeMap::new();
+    for e in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = e?.path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if name != MARKER && name != CHECKSUMS {
+            let (bytes, hash) = file_sum(&path)?;
+            sums.insert(name, FileSum { bytes, xxh64: format!("{hash:016x}") });
+        }
+    }
+    Ok(sums)
+}
+
+/// The length and XXH64 of one file, read in 8 MiB pieces.
+fn file_sum(path: &Path) -> Result<(u64, u64)> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut hash = crate::data::hash::Xxh64::new(0);
+    let mut buf = vec![0u8; 8 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = file.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            return Ok((bytes, hash.digest()));
+        }
+        hash.update(&buf[..n]);
+        bytes += n as u64;
+    }
+}
+
+/// Checks every file of checkpoint folder `dir` against its [`CHECKSUMS`]: a missing, truncated
+/// or altered file is named. A checkpoint written before checksums existed passes, with a warning.
+pub fn verify(dir: &Path) -> Result<()> {
+    let path = dir.join(CHECKSUMS);
+    if !path.exists() {
+        eprintln!(
+            "warning: {} has no {CHECKSUMS} (written by an older version): its files are not verified",
+            dir.display()
+        );
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let want: std::collections::BTreeMap<String, FileSum> =
+        serde_json::from_str(&text).with_context(|| format!("{}: not a valid checksum list", path.display()))?;
+    for (name, sum) in &want {
+        let file = dir.join(name);
+        if !file.exists() {
+            bail!("{}: missing (listed in {CHECKSUMS})", file.display());
+        }
+        let (bytes, hash) = file_sum(&file)?;
+        if bytes != sum.bytes {
+            bail!("{}: {bytes} bytes where {} were written (truncated or overwritten)", file.display(), sum.bytes);
+        }
+        if format!("{hash:016x}") != sum.xxh64 {
+            bail!("{}: checksum {hash:016x} where {} was written (the file is corrupt)", file.display(), sum.xxh64);
+        }
+    }
+    Ok(())
+}
+
+/// The newest of `candidates` (complete checkpoints, oldest first) whose files verify, as an index;
+/// each one passed over is named with what is wrong. An error when there are checkpoints and none
+/// verifies: a run never silently starts again from scratch.
+pub fn newest_intact(candidates: &[PathBuf]) -> Result<Option<usize>> {
+    let mut rejected = Vec::new();
+    for (i, dir) in candidates.iter().enumerate().rev() {
+        match verify(dir) {
+            Ok(()) => return Ok(Some(i)),
+            Err(e) => {
+                eprintln!("checkpoint {} is damaged ({e:#}); falling back to the previous complete one", dir.display());
+                rejected.push(format!("{e:#}"));
+            }
+        }
+    }
+    if rejected.is_empty() {
+        return Ok(None);
+    }
+    bail!(
+        "no intact checkpoint to resume from ({} damaged: {}); move them away to start from scratch",
+        rejected.len(),
+        rejected.join("; ")
+    )
 }
 
 /// Removes a checkpoint without ever leaving a half-deleted folder that still looks complete: it

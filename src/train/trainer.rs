@@ -88,7 +88,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         if leader {
             remove_unfinished_checkpoints(out);
         }
-        let resume = checkpoint::complete_checkpoints(out)?.pop();
+        let resume = agreed_resume(out, comm)?;
         let first_stage = match &resume {
             Some(dir) => checkpoint::read_state(dir)?.stage.min(cfg.stages.len() - 1),
             None => 0,
@@ -489,4 +489,24 @@ fn global_batch(loader: &mut Loader, micro_steps: usize, stage: &StageConfig, st
         }
     }
     Ok(batches)
+}
+
+/// The checkpoint every rank resumes from: rank 0 verifies the newest complete ones and its choice
+/// is shared (one sum of scalars), so that no rank reads a checkpoint the others passed over.
+fn agreed_resume<Buf>(out: &Path, comm: &dyn Communicator<Buf>) -> Result<Option<PathBuf>> {
+    let all = checkpoint::complete_checkpoints(out)?;
+    let chosen = if comm.rank() == 0 { checkpoint::newest_intact(&all) } else { Ok(None) };
+    // Rank 0's index + 1 (0: none), or -1 where it found none intact; the others add 0.
+    let mut pick = [match &chosen {
+        Ok(Some(i)) => (*i + 1) as f64,
+        Ok(None) => 0.0,
+        Err(_) => -1.0,
+    }];
+    comm.all_reduce_scalars(&mut pick)?;
+    chosen?;
+    if pick[0] < 0.0 {
+        bail!("rank 0 found no intact checkpoint in {} (see its log)", checkpoint::checkpoints_dir(out).display());
+    }
+    let index = pick[0] as usize;
+    Ok((index > 0).then(|| all[index - 1].clone()))
 }
