@@ -354,6 +354,47 @@ fn a_corrupt_or_truncated_checkpoint_is_named_and_the_previous_one_resumed() {
     assert_eq!(weights(&out.join("stage-knowledge-replay")), want, "final weights differ");
 }
 
+/// A disk that fills up during a save (a 14 MiB tmpfs: room for one 9 MiB checkpoint, not two)
+/// fails that save with the system's error, removes its partial folder and keeps the earlier
+/// checkpoint whole. Mounting needs root: elsewhere the test says it was skipped.
+#[test]
+fn a_full_disk_fails_the_save_and_keeps_the_earlier_checkpoint() {
+    let out = fresh("full-disk");
+    std::fs::create_dir_all(&out).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=14m", "tmpfs"])
+        .arg(&out)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs at {} (needs root)", out.display());
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(out.clone());
+    let o = train::run(&Cpu, &config(&out, &["run.stop_after_steps=2"]), &AtomicBool::new(false)).unwrap();
+    assert!(o.interrupted && o.global_step == 2);
+    let good = out.join("checkpoints/step-00000002");
+    checkpoint::verify(&good).unwrap();
+    let err = train::run(&Cpu, &config(&out, &["run.stop_after_steps=4"]), &AtomicBool::new(false)).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("step-00000004") && msg.contains("earlier checkpoints are intact"), "{msg}");
+    assert!(msg.contains("No space left on device"), "{msg}");
+    assert_eq!(checkpoint::complete_checkpoints(&out).unwrap(), vec![good.clone()]);
+    let left: Vec<String> = std::fs::read_dir(out.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(left, ["step-00000002"], "the partial folder is removed");
+    checkpoint::verify(&good).unwrap();
+}
+
 #[test]
 fn a_failed_checkpoint_write_leaves_the_previous_one_intact() {
     let out = fresh("failed-save");
