@@ -61,6 +61,51 @@ fn token_ids(v: Option<&Value>, key: &str, origin: &str) -> Result<Vec<u32>> {
     }
 }
 
+/// RoPE θ: transformers ≥ 5 nests rope settings in `rope_parameters`; earlier versions use
+/// `rope_theta` and `rope_scaling`. Only plain (unscaled) RoPE is implemented.
+fn rope_theta(obj: &Map<String, Value>, origin: &str) -> Result<f64> {
+    Ok(match obj.get("rope_parameters") {
+        Some(Value::Object(rp)) => {
+            if let Some(t) = rp.get("rope_type").and_then(Value::as_str) {
+                if t != "default" {
+                    bail!("{origin}: field `rope_parameters.rope_type` is {t:?}; only \"default\" RoPE is supported");
+                }
+            }
+            number(
+                field(rp, "rope_theta", origin).context("in `rope_parameters`")?,
+                "rope_parameters.rope_theta",
+                origin,
+            )?
+        }
+        Some(Value::Null) | None => match obj.get("rope_theta") {
+            Some(v) => number(v, "rope_theta", origin)?,
+            None => 10_000.0,
+        },
+        Some(v) => bail!("{origin}: field `rope_parameters` must be an object, found {v}"),
+    })
+}
+
+/// Fields that would make a model other than plain LLaMA: scaled RoPE, biases, an activation
+/// other than SiLU.
+fn check_unsupported_features(obj: &Map<String, Value>, origin: &str) -> Result<()> {
+    if let Some(v) = obj.get("rope_scaling") {
+        if !v.is_null() {
+            bail!("{origin}: field `rope_scaling` is set ({v}); scaled RoPE is not supported");
+        }
+    }
+    for key in ["attention_bias", "mlp_bias"] {
+        if obj.get(key).and_then(Value::as_bool) == Some(true) {
+            bail!("{origin}: field `{key}` is true; llama-cpt's LLaMA has no biases");
+        }
+    }
+    if let Some(act) = obj.get("hidden_act") {
+        if act.as_str() != Some("silu") {
+            bail!("{origin}: field `hidden_act` is {act}; only \"silu\" (SwiGLU) is supported");
+        }
+    }
+    Ok(())
+}
+
 impl LlamaConfig {
     /// Reads and checks `config.json`; errors name the file and the field.
     pub fn from_file(path: &Path) -> Result<LlamaConfig> {
@@ -96,44 +141,8 @@ impl LlamaConfig {
             bail!("{origin}: field `head_dim` ({head_dim}) must be even for rotary embeddings");
         }
         let rms_norm_eps = number(field(&obj, "rms_norm_eps", origin)?, "rms_norm_eps", origin)?;
-        // transformers ≥ 5 nests rope settings in `rope_parameters`; earlier versions use
-        // `rope_theta` and `rope_scaling`. Only plain (unscaled) RoPE is implemented.
-        let rope_theta = match obj.get("rope_parameters") {
-            Some(Value::Object(rp)) => {
-                if let Some(t) = rp.get("rope_type").and_then(Value::as_str) {
-                    if t != "default" {
-                        bail!(
-                            "{origin}: field `rope_parameters.rope_type` is {t:?}; only \"default\" RoPE is supported"
-                        );
-                    }
-                }
-                number(
-                    field(rp, "rope_theta", origin).context("in `rope_parameters`")?,
-                    "rope_parameters.rope_theta",
-                    origin,
-                )?
-            }
-            Some(Value::Null) | None => match obj.get("rope_theta") {
-                Some(v) => number(v, "rope_theta", origin)?,
-                None => 10_000.0,
-            },
-            Some(v) => bail!("{origin}: field `rope_parameters` must be an object, found {v}"),
-        };
-        if let Some(v) = obj.get("rope_scaling") {
-            if !v.is_null() {
-                bail!("{origin}: field `rope_scaling` is set ({v}); scaled RoPE is not supported");
-            }
-        }
-        for key in ["attention_bias", "mlp_bias"] {
-            if obj.get(key).and_then(Value::as_bool) == Some(true) {
-                bail!("{origin}: field `{key}` is true; llama-cpt's LLaMA has no biases");
-            }
-        }
-        if let Some(act) = obj.get("hidden_act") {
-            if act.as_str() != Some("silu") {
-                bail!("{origin}: field `hidden_act` is {act}; only \"silu\" (SwiGLU) is supported");
-            }
-        }
+        let rope_theta = rope_theta(&obj, origin)?;
+        check_unsupported_features(&obj, origin)?;
         let max_position_embeddings = opt_positive(&obj, "max_position_embeddings", origin)?.unwrap_or(4096);
         let tie_word_embeddings = match obj.get("tie_word_embeddings") {
             None | Some(Value::Null) => false,
