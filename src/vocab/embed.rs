@@ -80,26 +80,8 @@ fn grow(old: &[f32], rows: usize, h: usize, new_rows: usize, real_old: usize, ne
 /// The whole extension: reads the base model directory, writes the extended one, returns the report
 /// (also written to `out/vocab_extension.json`).
 pub fn extend_model(base_dir: &Path, out: &Path, source: &PieceSource, opts: &ExtendOptions) -> Result<ExtendReport> {
-    if opts.pad_to_multiple == 0 {
-        bail!("--pad-to-multiple must be at least 1");
-    }
-    if !base_dir.is_dir() {
-        bail!("base model directory {} does not exist", base_dir.display());
-    }
-    let tok_path = base_dir.join("tokenizer.json");
-    if !tok_path.exists() {
-        bail!("{}: no tokenizer.json in the base model directory (extend-vocab needs the fast-tokenizer file; convert a tokenizer.model with transformers first)", base_dir.display());
-    }
-    let cfg_path = base_dir.join("config.json");
-    if !cfg_path.exists() {
-        bail!("{}: no config.json in the base model directory", base_dir.display());
-    }
-    if out.exists() && std::fs::read_dir(out)?.next().is_some() && !opts.overwrite {
-        bail!("output directory {} exists and is not empty (pass --overwrite to write into it)", out.display());
-    }
-    if out.exists() && base_dir.canonicalize()? == out.canonicalize()? {
-        bail!("the output directory must differ from the base directory");
-    }
+    check_directories(base_dir, out, opts)?;
+    let (tok_path, cfg_path) = (base_dir.join("tokenizer.json"), base_dir.join("config.json"));
     let config = LlamaConfig::from_file(&cfg_path)?;
     let base = BaseTokenizer::load(&tok_path)?;
     if base.size as usize > config.vocab_size {
@@ -132,21 +114,7 @@ pub fn extend_model(base_dir: &Path, out: &Path, source: &PieceSource, opts: &Ex
     model.config.raw.insert(REAL_VOCAB_KEY.into(), real.into());
 
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    // Everything else of the base directory is copied (not weights, config or tokenizer; not a
-    // SentencePiece tokenizer.model, which would still hold the old vocabulary).
-    for entry in std::fs::read_dir(base_dir)? {
-        let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("").to_string();
-        let skip = matches!(name.as_str(), "config.json" | "tokenizer.json" | "tokenizer.model" | REPORT_FILE)
-            || name == crate::weights::SINGLE_FILE
-            || name == crate::weights::INDEX_FILE
-            || (name.starts_with("model-") && name.ends_with(".safetensors"));
-        if skip || !path.is_file() {
-            continue;
-        }
-        std::fs::copy(&path, out.join(&name))
-            .with_context(|| format!("copying {} to {}", path.display(), out.display()))?;
-    }
+    copy_other_files(base_dir, out)?;
     let shard =
         if base_dir.join(crate::weights::INDEX_FILE).exists() && !base_dir.join(crate::weights::SINGLE_FILE).exists() {
             Some(5_000_000_000)
@@ -163,4 +131,48 @@ pub fn extend_model(base_dir: &Path, out: &Path, source: &PieceSource, opts: &Ex
     }
     crate::fsutil::write_atomic(&out.join(REPORT_FILE), serde_json::to_string_pretty(&report)?.as_bytes())?;
     Ok(report)
+}
+
+/// The inputs and the output folder are usable before any work starts.
+fn check_directories(base_dir: &Path, out: &Path, opts: &ExtendOptions) -> Result<()> {
+    if opts.pad_to_multiple == 0 {
+        bail!("--pad-to-multiple must be at least 1");
+    }
+    if !base_dir.is_dir() {
+        bail!("base model directory {} does not exist", base_dir.display());
+    }
+    let tok_path = base_dir.join("tokenizer.json");
+    if !tok_path.exists() {
+        bail!("{}: no tokenizer.json in the base model directory (extend-vocab needs the fast-tokenizer file; convert a tokenizer.model with transformers first)", base_dir.display());
+    }
+    let cfg_path = base_dir.join("config.json");
+    if !cfg_path.exists() {
+        bail!("{}: no config.json in the base model directory", base_dir.display());
+    }
+    if out.exists() && std::fs::read_dir(out)?.next().is_some() && !opts.overwrite {
+        bail!("output directory {} exists and is not empty (pass --overwrite to write into it)", out.display());
+    }
+    if out.exists() && base_dir.canonicalize()? == out.canonicalize()? {
+        bail!("the output directory must differ from the base directory");
+    }
+    Ok(())
+}
+
+/// Everything else of the base directory is copied: not weights, config or tokenizer, and not a
+/// SentencePiece tokenizer.model, which would still hold the old vocabulary.
+fn copy_other_files(base_dir: &Path, out: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(base_dir)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("").to_string();
+        let skip = matches!(name.as_str(), "config.json" | "tokenizer.json" | "tokenizer.model" | REPORT_FILE)
+            || name == crate::weights::SINGLE_FILE
+            || name == crate::weights::INDEX_FILE
+            || (name.starts_with("model-") && name.ends_with(".safetensors"));
+        if skip || !path.is_file() {
+            continue;
+        }
+        std::fs::copy(&path, out.join(&name))
+            .with_context(|| format!("copying {} to {}", path.display(), out.display()))?;
+    }
+    Ok(())
 }
