@@ -7,15 +7,15 @@
 //! extend-vocab --base MODEL --out NEW --corpus data/corpora/zh --target-size 40000 [--keep-script Han]
 //!              [--pad-to-multiple 64] [--measure zh=data/corpora/zh --measure en=data/corpora/en]
 //! ```
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use clap::Parser;
 use llama_cpt::data::corpus::CorpusOptions;
 use llama_cpt::data::report::{load_texts, measure, to_markdown};
 use llama_cpt::vocab::{
-    extend_model, read_pieces, unchanged_outside_kept_scripts, ExtendOptions, PieceSource, Script, ScriptFilter,
-    REPORT_FILE,
+    extend_model, read_pieces, unchanged_outside_kept_scripts, ExtendOptions, ExtendReport, PieceSource, Script,
+    ScriptFilter, REPORT_FILE,
 };
 
 #[derive(Parser, Debug)]
@@ -54,13 +54,32 @@ struct Args {
 fn main() -> Result<()> {
     let a = Args::parse();
     let copts = CorpusOptions::default();
-    let source = match (&a.pieces, a.corpus.is_empty()) {
+    let source = piece_source(&a, &copts)?;
+    let report = extend_model(
+        &a.base,
+        &a.out,
+        &source,
+        &ExtendOptions { pad_to_multiple: a.pad_to_multiple, overwrite: a.overwrite },
+    )?;
+    print_report(&report, &a.out);
+    if !a.measure.is_empty() {
+        measure_before_after(&a, &report, &copts)?;
+    }
+    if !report.failures.is_empty() {
+        std::process::exit(2);
+    }
+    Ok(())
+}
+
+/// Where the new pieces come from: a list, or corpora to learn them on.
+fn piece_source(a: &Args, copts: &CorpusOptions) -> Result<PieceSource> {
+    Ok(match (&a.pieces, a.corpus.is_empty()) {
         (Some(p), true) => PieceSource::Pieces(read_pieces(p)?),
         (None, false) => {
             let mut issues = Vec::new();
             let mut texts = Vec::new();
             for c in &a.corpus {
-                texts.extend(load_texts(c, &copts, &mut issues)?);
+                texts.extend(load_texts(c, copts, &mut issues)?);
             }
             for i in &issues {
                 eprintln!("skipped: {i}");
@@ -73,13 +92,11 @@ fn main() -> Result<()> {
             PieceSource::Corpus { texts, target_size: a.target_size.unwrap(), keep }
         }
         _ => bail!("give either --pieces FILE or --corpus PATH with --target-size N"),
-    };
-    let report = extend_model(
-        &a.base,
-        &a.out,
-        &source,
-        &ExtendOptions { pad_to_multiple: a.pad_to_multiple, overwrite: a.overwrite },
-    )?;
+    })
+}
+
+/// What the extension did, one line per finding.
+fn print_report(report: &ExtendReport, out: &Path) {
     println!(
         "{:?} tokenizer: {} → {} ids ({} pieces, {} intermediates; {} already present, {} duplicates, {} rejected); embedding rows {} → {}",
         report.kind.unwrap(),
@@ -117,32 +134,28 @@ fn main() -> Result<()> {
     println!(
         "every new token checked with the tokenizers crate: {} failures; details in {}",
         report.failures.len(),
-        a.out.join(REPORT_FILE).display()
+        out.join(REPORT_FILE).display()
     );
-    if !a.measure.is_empty() {
-        let old =
-            tokenizers::Tokenizer::from_file(a.base.join("tokenizer.json")).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let new = tokenizers::Tokenizer::from_file(a.out.join("tokenizer.json")).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let mut rows = Vec::new();
-        for m in &a.measure {
-            let Some((lang, path)) = m.split_once('=') else { bail!("--measure must be LANGUAGE=PATH, got {m:?}") };
-            let texts = load_texts(path.as_ref(), &copts, &mut Vec::new())?;
-            rows.push(measure(&old, "before", lang, &texts)?);
-            rows.push(measure(&new, "after", lang, &texts)?);
-            // The promise: text without a character of the kept scripts tokenizes exactly as before.
-            if !report.kept_scripts.is_empty() {
-                let filter = ScriptFilter::new(report.kept_scripts.clone());
-                let (untouched, changed, _) = unchanged_outside_kept_scripts(&old, &new, &filter, &texts)?;
-                println!(
-                    "{lang}: {changed} of {untouched} documents without {} characters changed ids",
-                    filter.names()
-                );
-            }
+}
+
+/// Tokens per character before and after on each `--measure` set, and whether text outside the
+/// kept scripts still tokenizes as before.
+fn measure_before_after(a: &Args, report: &ExtendReport, copts: &CorpusOptions) -> Result<()> {
+    let old = tokenizers::Tokenizer::from_file(a.base.join("tokenizer.json")).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let new = tokenizers::Tokenizer::from_file(a.out.join("tokenizer.json")).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut rows = Vec::new();
+    for m in &a.measure {
+        let Some((lang, path)) = m.split_once('=') else { bail!("--measure must be LANGUAGE=PATH, got {m:?}") };
+        let texts = load_texts(path.as_ref(), copts, &mut Vec::new())?;
+        rows.push(measure(&old, "before", lang, &texts)?);
+        rows.push(measure(&new, "after", lang, &texts)?);
+        // The promise: text without a character of the kept scripts tokenizes exactly as before.
+        if !report.kept_scripts.is_empty() {
+            let filter = ScriptFilter::new(report.kept_scripts.clone());
+            let (untouched, changed, _) = unchanged_outside_kept_scripts(&old, &new, &filter, &texts)?;
+            println!("{lang}: {changed} of {untouched} documents without {} characters changed ids", filter.names());
         }
-        print!("{}", to_markdown(&rows));
     }
-    if !report.failures.is_empty() {
-        std::process::exit(2);
-    }
+    print!("{}", to_markdown(&rows));
     Ok(())
 }
