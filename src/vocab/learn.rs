@@ -184,45 +184,9 @@ pub(super) fn add_learnt_pieces(
             min_frequency,
         )?;
         let exhausted = merges.len() < n_merges || n_merges > 64 * (need + 256);
-        // Most useful first: how many tokens each learnt piece saves where the trained
-        // tokenizer uses it (occurrences × (old tokens − 1)); ties in merge order.
-        // Characters the base lacks count too (a SentencePiece-style base spells them in
-        // byte-fallback tokens). Only pieces of the kept scripts are candidates.
-        let mut scored: Vec<(u64, usize, String)> = merges
-            .into_iter()
-            .chain(alpha)
-            .enumerate()
-            .filter(|(_, c)| {
-                !c.is_empty() && !ex.vocab.contains_key(c) && base.text(c).is_some_and(|t| filter.keeps_piece(&t))
-            })
-            .map(|(i, c)| {
-                let old = base.tok.get_model().tokenize(&c).map(|t| t.len()).unwrap_or(1) as u64;
-                (freq.get(&c).copied().unwrap_or(0) * old.saturating_sub(1), i, c)
-            })
-            .collect();
-        scored.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        let candidates: Vec<String> = scored.into_iter().map(|x| x.2).collect();
+        let candidates = ranked_candidates(ex, base, &filter, merges, alpha, &freq);
         let start = ex.mark();
-        let mut local = ExtendReport::default();
-        for c in &candidates {
-            if ex.next_id as usize >= target_size {
-                break;
-            }
-            if !seen.insert(c.clone()) {
-                local.duplicates += 1;
-                continue;
-            }
-            let m = ex.mark();
-            match ex.add_piece(c) {
-                Outcome::Added if ex.next_id as usize <= target_size => {}
-                Outcome::Added => ex.rollback(m),
-                Outcome::Present => local.already_present += 1,
-                Outcome::Failed(got) => local.rejected.push(Rejected {
-                    piece: c.clone(),
-                    reason: format!("no merge plan yields one token (got {got:?})"),
-                }),
-            }
-        }
+        let local = add_candidates(ex, &candidates, target_size, seen);
         if ex.next_id as usize >= target_size {
             report.candidates = candidates.len();
             report.already_present = local.already_present;
@@ -248,6 +212,63 @@ pub(super) fn add_learnt_pieces(
     }
 }
 
+/// The learnt pieces of the kept scripts not yet in the vocabulary, most useful first: how many
+/// tokens each saves where the trained tokenizer uses it (occurrences × (old tokens − 1)); ties in
+/// merge order. Characters the base lacks count too (a SentencePiece-style base spells them in
+/// byte-fallback tokens).
+fn ranked_candidates(
+    ex: &Extender,
+    base: &BaseTokenizer,
+    filter: &ScriptFilter,
+    merges: Vec<String>,
+    alpha: Vec<String>,
+    freq: &HashMap<String, u64>,
+) -> Vec<String> {
+    let mut scored: Vec<(u64, usize, String)> = merges
+        .into_iter()
+        .chain(alpha)
+        .enumerate()
+        .filter(|(_, c)| {
+            !c.is_empty() && !ex.vocab.contains_key(c) && base.text(c).is_some_and(|t| filter.keeps_piece(&t))
+        })
+        .map(|(i, c)| {
+            let old = base.tok.get_model().tokenize(&c).map(|t| t.len()).unwrap_or(1) as u64;
+            (freq.get(&c).copied().unwrap_or(0) * old.saturating_sub(1), i, c)
+        })
+        .collect();
+    scored.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    scored.into_iter().map(|x| x.2).collect()
+}
+
+/// Adds `candidates` in order until the tokenizer has `target_size` ids; counts what was passed over.
+fn add_candidates(
+    ex: &mut Extender,
+    candidates: &[String],
+    target_size: usize,
+    seen: &mut HashSet<String>,
+) -> ExtendReport {
+    let mut local = ExtendReport::default();
+    for c in candidates {
+        if ex.next_id as usize >= target_size {
+            break;
+        }
+        if !seen.insert(c.clone()) {
+            local.duplicates += 1;
+            continue;
+        }
+        let m = ex.mark();
+        match ex.add_piece(c) {
+            Outcome::Added if ex.next_id as usize <= target_size => {}
+            Outcome::Added => ex.rollback(m),
+            Outcome::Present => local.already_present += 1,
+            Outcome::Failed(got) => local
+                .rejected
+                .push(Rejected { piece: c.clone(), reason: format!("no merge plan yields one token (got {got:?})") }),
+        }
+    }
+    local
+}
+
 /// Trains a small base tokenizer of either kind (tests and experiments): byte-level BPE (GPT-2
 /// pre-tokenization, `<s>`/`</s>`), or SentencePiece-style like LLaMA-2's tokenizer.json (BPE with
 /// byte fallback over `<0x00>`..`<0xFF>`, `<unk>`/`<s>`/`</s>` at ids 0..3, Metaspace `▁`
@@ -259,99 +280,113 @@ pub fn train_base_tokenizer(
     limit_alphabet: Option<usize>,
 ) -> Result<Tokenizer> {
     match kind {
-        TokenizerKind::ByteLevel => {
-            let dir = std::env::temp_dir().join(format!(
-                "llama-cpt-bpe-{}-{:?}",
-                std::process::id(),
-                std::thread::current().id()
-            ));
-            std::fs::create_dir_all(&dir)?;
-            let p = dir.join("tokenizer.json");
-            crate::train::default_run::train_bpe_tokenizer(&p, texts, vocab_size, false)?;
-            let t = Tokenizer::from_file(&p).map_err(|e| anyhow!("{e}"))?;
-            let _ = std::fs::remove_dir_all(&dir);
-            Ok(t)
-        }
-        TokenizerKind::Metaspace => {
-            let specials = ["<unk>", "<s>", "</s>"];
-            let mut builder =
-                BpeTrainerBuilder::new().vocab_size(vocab_size - 256).min_frequency(2).show_progress(false);
-            if let Some(l) = limit_alphabet {
-                builder = builder.limit_alphabet(l);
-            }
-            let mut trainer = builder.build();
-            let mut t: TrainTok = TokenizerBuilder::new()
-                .with_model(BPE::default())
-                .with_normalizer(None)
-                .with_pre_tokenizer(Some(sentencepiece_training_pre_tokenizer(true)))
-                .with_post_processor(None)
-                .with_decoder(None)
-                .build()
-                .map_err(|e| anyhow!("{e}"))?;
-            t.train(&mut trainer, texts.iter()).map_err(|e| anyhow!("training: {e}"))?;
-            let json: Value = serde_json::from_str(&t.to_string(false).map_err(|e| anyhow!("{e}"))?)?;
-            let mut learnt: Vec<(String, u64)> = json["model"]["vocab"]
-                .as_object()
-                .unwrap()
-                .iter()
-                .map(|(k, v)| (k.clone(), v.as_u64().unwrap()))
-                .collect();
-            learnt.sort_by_key(|x| x.1);
-            let mut vocab: tokenizers::models::bpe::Vocab = Default::default();
-            for s in specials {
-                let n = vocab.len() as u32;
-                vocab.insert(s.to_string(), n);
-            }
-            for b in 0..256 {
-                let n = vocab.len() as u32;
-                vocab.insert(format!("<0x{b:02X}>"), n);
-            }
-            for (k, _) in learnt {
-                let n = vocab.len() as u32;
-                vocab.entry(k).or_insert(n);
-            }
-            let merges: Vec<(String, String)> = json["model"]["merges"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|m| match m {
-                    Value::Array(p) => (p[0].as_str().unwrap().to_string(), p[1].as_str().unwrap().to_string()),
-                    Value::String(s) => {
-                        let (a, b) = s.split_once(' ').unwrap();
-                        (a.to_string(), b.to_string())
-                    }
-                    _ => unreachable!(),
-                })
-                .collect();
-            let bpe = BPE::builder()
-                .vocab_and_merges(vocab, merges)
-                .unk_token("<unk>".into())
-                .fuse_unk(true)
-                .byte_fallback(true)
-                .build()
-                .map_err(|e| anyhow!("{e}"))?;
-            let decoder: DecoderWrapper = tokenizers::decoders::sequence::Sequence::new(vec![
-                tokenizers::normalizers::replace::Replace::new("▁", " ").map_err(|e| anyhow!("{e}"))?.into(),
-                tokenizers::decoders::byte_fallback::ByteFallback::default().into(),
-                tokenizers::decoders::fuse::Fuse::default().into(),
-                tokenizers::decoders::strip::Strip::new(' ', 1, 0).into(),
-            ])
-            .into();
-            let post = tokenizers::processors::template::TemplateProcessing::builder()
-                .try_single("<s> $A")
-                .map_err(|e| anyhow!("{e}"))?
-                .try_pair("<s> $A <s> $B")
-                .map_err(|e| anyhow!("{e}"))?
-                .special_tokens(vec![("<s>".to_string(), 1u32)])
-                .build()
-                .map_err(|e| anyhow!("{e}"))?;
-            let mut tok = Tokenizer::new(bpe);
-            tok.with_pre_tokenizer(Some(Metaspace::new('▁', PrependScheme::First, false)));
-            tok.with_decoder(Some(decoder));
-            tok.with_post_processor(Some(post));
-            tok.add_special_tokens(&specials.map(|s| AddedToken::from(s, true)));
-            Ok(tok)
-        }
+        TokenizerKind::ByteLevel => train_byte_level_base(texts, vocab_size),
+        TokenizerKind::Metaspace => train_sentencepiece_base(texts, vocab_size, limit_alphabet),
         TokenizerKind::Plain => bail!("train_base_tokenizer: choose ByteLevel or Metaspace"),
     }
+}
+
+/// Byte-level BPE as the default run trains it, read back from a scratch file.
+fn train_byte_level_base(texts: &[String], vocab_size: usize) -> Result<Tokenizer> {
+    let dir =
+        std::env::temp_dir().join(format!("llama-cpt-bpe-{}-{:?}", std::process::id(), std::thread::current().id()));
+    std::fs::create_dir_all(&dir)?;
+    let p = dir.join("tokenizer.json");
+    crate::train::default_run::train_bpe_tokenizer(&p, texts, vocab_size, false)?;
+    let t = Tokenizer::from_file(&p).map_err(|e| anyhow!("{e}"))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(t)
+}
+
+/// SentencePiece-style BPE: byte fallback, `<unk>`/`<s>`/`</s>`, Metaspace prepended once.
+fn train_sentencepiece_base(texts: &[String], vocab_size: usize, limit_alphabet: Option<usize>) -> Result<Tokenizer> {
+    let specials = ["<unk>", "<s>", "</s>"];
+    let mut builder = BpeTrainerBuilder::new().vocab_size(vocab_size - 256).min_frequency(2).show_progress(false);
+    if let Some(l) = limit_alphabet {
+        builder = builder.limit_alphabet(l);
+    }
+    let mut trainer = builder.build();
+    let mut t: TrainTok = TokenizerBuilder::new()
+        .with_model(BPE::default())
+        .with_normalizer(None)
+        .with_pre_tokenizer(Some(sentencepiece_training_pre_tokenizer(true)))
+        .with_post_processor(None)
+        .with_decoder(None)
+        .build()
+        .map_err(|e| anyhow!("{e}"))?;
+    t.train(&mut trainer, texts.iter()).map_err(|e| anyhow!("training: {e}"))?;
+    let (vocab, merges) = sentencepiece_vocab_and_merges(&t, &specials)?;
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .unk_token("<unk>".into())
+        .fuse_unk(true)
+        .byte_fallback(true)
+        .build()
+        .map_err(|e| anyhow!("{e}"))?;
+    let (decoder, post) = sentencepiece_decoder_and_post_processor()?;
+    let mut tok = Tokenizer::new(bpe);
+    tok.with_pre_tokenizer(Some(Metaspace::new('▁', PrependScheme::First, false)));
+    tok.with_decoder(Some(decoder));
+    tok.with_post_processor(Some(post));
+    tok.add_special_tokens(&specials.map(|s| AddedToken::from(s, true)));
+    Ok(tok)
+}
+
+/// The trained model's vocabulary after the specials and the 256 byte tokens, and its merges.
+fn sentencepiece_vocab_and_merges(
+    t: &TrainTok,
+    specials: &[&str],
+) -> Result<(tokenizers::models::bpe::Vocab, Vec<(String, String)>)> {
+    let json: Value = serde_json::from_str(&t.to_string(false).map_err(|e| anyhow!("{e}"))?)?;
+    let mut learnt: Vec<(String, u64)> =
+        json["model"]["vocab"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap())).collect();
+    learnt.sort_by_key(|x| x.1);
+    let mut vocab: tokenizers::models::bpe::Vocab = Default::default();
+    for s in specials {
+        let n = vocab.len() as u32;
+        vocab.insert(s.to_string(), n);
+    }
+    for b in 0..256 {
+        let n = vocab.len() as u32;
+        vocab.insert(format!("<0x{b:02X}>"), n);
+    }
+    for (k, _) in learnt {
+        let n = vocab.len() as u32;
+        vocab.entry(k).or_insert(n);
+    }
+    let merges: Vec<(String, String)> = json["model"]["merges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| match m {
+            Value::Array(p) => (p[0].as_str().unwrap().to_string(), p[1].as_str().unwrap().to_string()),
+            Value::String(s) => {
+                let (a, b) = s.split_once(' ').unwrap();
+                (a.to_string(), b.to_string())
+            }
+            _ => unreachable!(),
+        })
+        .collect();
+    Ok((vocab, merges))
+}
+
+/// LLaMA-2's decoder (▁ → space, byte fallback, fuse, strip one leading space) and its BOS template.
+fn sentencepiece_decoder_and_post_processor(
+) -> Result<(DecoderWrapper, tokenizers::processors::template::TemplateProcessing)> {
+    let decoder: DecoderWrapper = tokenizers::decoders::sequence::Sequence::new(vec![
+        tokenizers::normalizers::replace::Replace::new("▁", " ").map_err(|e| anyhow!("{e}"))?.into(),
+        tokenizers::decoders::byte_fallback::ByteFallback::default().into(),
+        tokenizers::decoders::fuse::Fuse::default().into(),
+        tokenizers::decoders::strip::Strip::new(' ', 1, 0).into(),
+    ])
+    .into();
+    let post = tokenizers::processors::template::TemplateProcessing::builder()
+        .try_single("<s> $A")
+        .map_err(|e| anyhow!("{e}"))?
+        .try_pair("<s> $A <s> $B")
+        .map_err(|e| anyhow!("{e}"))?
+        .special_tokens(vec![("<s>".to_string(), 1u32)])
+        .build()
+        .map_err(|e| anyhow!("{e}"))?;
+    Ok((decoder, post))
 }
