@@ -9,6 +9,7 @@
 //! first, u32 GGML type, u64 offset), padding to `general.alignment` (default 32), then the tensor
 //! data, each tensor at its offset from the start of that data section.
 pub mod import;
+mod tokenizer;
 
 use anyhow::{bail, Context, Result};
 use half::{bf16, f16};
