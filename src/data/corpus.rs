@@ -148,126 +148,15 @@ pub fn read_file(
         issues.push(Issue { file: path.into(), line: None, kind: IssueKind::EmptyFile, detail: "empty file".into() });
         return Ok(());
     }
-    let file = std::sync::Arc::new(path.to_path_buf());
     let mut r = BufReader::with_capacity(1 << 20, f);
-    let mut buf = Vec::new();
-    let mut line_no = 0usize;
     let n_issues = issues.len();
-    let mut n_docs = 0usize;
-    let issue = |issues: &mut Vec<Issue>, line: usize, kind, detail: String| {
-        issues.push(Issue { file: path.into(), line: Some(line), kind, detail })
-    };
-    // Plain-text state: the current block and where it started.
-    let mut block = String::new();
-    let mut block_start = 0usize;
-    let mut block_bad: Option<usize> = None;
-    let flush_block = |block: &mut String,
-                       block_start: usize,
-                       block_bad: &mut Option<usize>,
-                       issues: &mut Vec<Issue>,
-                       sink: &mut dyn FnMut(Document) -> Result<()>,
-                       n_docs: &mut usize|
-     -> Result<()> {
-        if let Some(bad) = block_bad.take() {
-            issue(
-                issues,
-                bad,
-                IssueKind::NotUtf8,
-                format!("invalid UTF-8; the document starting at line {block_start} is skipped"),
-            );
-        } else if !block.trim().is_empty() {
-            let text = std::mem::take(block);
-            let text = text.trim_end_matches(['\n', '\r']).to_string();
-            sink(Document { source: String::new(), target: text, file: file.clone(), line: block_start })?;
-            *n_docs += 1;
-        }
-        block.clear();
-        Ok(())
-    };
-    loop {
-        buf.clear();
-        let n = r.read_until(b'\n', &mut buf).with_context(|| format!("reading {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        line_no += 1;
-        if is_txt {
-            match std::str::from_utf8(&buf) {
-                Ok(line) if opts.txt_split == TxtSplit::BlankLine && line.trim().is_empty() => {
-                    flush_block(&mut block, block_start, &mut block_bad, issues, sink, &mut n_docs)?;
-                    block_start = 0;
-                }
-                Ok(line) => {
-                    if block_start == 0 {
-                        block_start = line_no;
-                    }
-                    block.push_str(line);
-                }
-                Err(_) => {
-                    if block_start == 0 {
-                        block_start = line_no;
-                    }
-                    block_bad.get_or_insert(line_no);
-                }
-            }
-            continue;
-        }
-        // JSONL
-        let bytes = trim_eol(&buf);
-        if bytes.iter().all(|b| b.is_ascii_whitespace()) {
-            continue; // blank line between records
-        }
-        let line = match std::str::from_utf8(bytes) {
-            Ok(s) => s,
-            Err(e) => {
-                issue(issues, line_no, IssueKind::NotUtf8, format!("invalid UTF-8 at byte {}", e.valid_up_to()));
-                continue;
-            }
-        };
-        let v: serde_json::Value = match serde_json::from_str(line) {
-            Ok(v) => v,
-            Err(e) => {
-                issue(issues, line_no, IssueKind::InvalidJson, e.to_string());
-                continue;
-            }
-        };
-        let (source, target) = if let Some(t) = v.get("text") {
-            match t.as_str() {
-                Some(t) => (String::new(), t.to_string()),
-                None => {
-                    issue(issues, line_no, IssueKind::MissingField, "\"text\" is not a string".into());
-                    continue;
-                }
-            }
-        } else {
-            match (v.get("source").map(|s| s.as_str()), v.get("target").map(|s| s.as_str())) {
-                (Some(Some(s)), Some(Some(t))) => (s.to_string(), t.to_string()),
-                (None, _) | (_, None) => {
-                    issue(
-                        issues,
-                        line_no,
-                        IssueKind::MissingField,
-                        "needs \"text\", or \"source\" and \"target\"".into(),
-                    );
-                    continue;
-                }
-                _ => {
-                    issue(issues, line_no, IssueKind::MissingField, "\"source\"/\"target\" is not a string".into());
-                    continue;
-                }
-            }
-        };
-        if target.trim().is_empty() {
-            let what = if source.is_empty() { "empty document" } else { "empty target (no token would carry loss)" };
-            issue(issues, line_no, IssueKind::EmptyDocument, what.into());
-            continue;
-        }
-        sink(Document { source, target, file: file.clone(), line: line_no })?;
-        n_docs += 1;
-    }
+    let mut reader = FileReader { path, file: std::sync::Arc::new(path.to_path_buf()), issues, sink, n_docs: 0 };
     if is_txt {
-        flush_block(&mut block, block_start, &mut block_bad, issues, sink, &mut n_docs)?;
+        reader.read_txt(&mut r, opts.txt_split)?;
+    } else {
+        reader.read_jsonl(&mut r)?;
     }
+    let n_docs = reader.n_docs;
     if n_docs == 0 && issues.len() == n_issues {
         issues.push(Issue {
             file: path.into(),
@@ -277,6 +166,144 @@ pub fn read_file(
         });
     }
     Ok(())
+}
+
+/// Calls `f(line_no, bytes)` for each line of `r` (1-based, the line ending included), so that
+/// a line that is not UTF-8 can be reported rather than fail the read.
+fn for_each_line(r: &mut impl BufRead, path: &Path, mut f: impl FnMut(usize, &[u8]) -> Result<()>) -> Result<()> {
+    let mut buf = Vec::new();
+    let mut line_no = 0usize;
+    loop {
+        buf.clear();
+        let n = r.read_until(b'\n', &mut buf).with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            return Ok(());
+        }
+        line_no += 1;
+        f(line_no, &buf)?;
+    }
+}
+
+/// One corpus file being read: where its documents go, and what was skipped.
+struct FileReader<'a> {
+    path: &'a Path,
+    file: std::sync::Arc<PathBuf>,
+    issues: &'a mut Vec<Issue>,
+    sink: &'a mut dyn FnMut(Document) -> Result<()>,
+    n_docs: usize,
+}
+
+/// A plain-text document being collected, line by line.
+#[derive(Default)]
+struct TxtBlock {
+    text: String,
+    /// Its first line (1-based); 0 before it starts.
+    start: usize,
+    /// Its first line that is not UTF-8.
+    bad: Option<usize>,
+}
+
+impl FileReader<'_> {
+    /// Records something skipped at `line`.
+    fn issue(&mut self, line: usize, kind: IssueKind, detail: String) {
+        self.issues.push(Issue { file: self.path.into(), line: Some(line), kind, detail })
+    }
+
+    /// Hands one document to the sink.
+    fn emit(&mut self, source: String, target: String, line: usize) -> Result<()> {
+        (self.sink)(Document { source, target, file: self.file.clone(), line })?;
+        self.n_docs += 1;
+        Ok(())
+    }
+
+    /// A `.txt` file: the whole file, or each blank-line-separated block, is one document.
+    fn read_txt(&mut self, r: &mut impl BufRead, split: TxtSplit) -> Result<()> {
+        // Plain-text state: the current block and where it started.
+        let mut block = TxtBlock::default();
+        for_each_line(r, self.path, |line_no, buf| {
+            match std::str::from_utf8(buf) {
+                Ok(line) if split == TxtSplit::BlankLine && line.trim().is_empty() => {
+                    self.flush_block(&mut block)?;
+                    block.start = 0;
+                }
+                Ok(line) => {
+                    if block.start == 0 {
+                        block.start = line_no;
+                    }
+                    block.text.push_str(line);
+                }
+                Err(_) => {
+                    if block.start == 0 {
+                        block.start = line_no;
+                    }
+                    block.bad.get_or_insert(line_no);
+                }
+            }
+            Ok(())
+        })?;
+        self.flush_block(&mut block)
+    }
+
+    /// Ends the current block: a document unless it is blank or has a line that is not UTF-8.
+    fn flush_block(&mut self, block: &mut TxtBlock) -> Result<()> {
+        if let Some(bad) = block.bad.take() {
+            let start = block.start;
+            self.issue(
+                bad,
+                IssueKind::NotUtf8,
+                format!("invalid UTF-8; the document starting at line {start} is skipped"),
+            );
+        } else if !block.text.trim().is_empty() {
+            let text = std::mem::take(&mut block.text);
+            let text = text.trim_end_matches(['\n', '\r']).to_string();
+            self.emit(String::new(), text, block.start)?;
+        }
+        block.text.clear();
+        Ok(())
+    }
+
+    /// A JSONL file: one record a line; records that cannot be used are recorded and skipped.
+    fn read_jsonl(&mut self, r: &mut impl BufRead) -> Result<()> {
+        for_each_line(r, self.path, |line_no, buf| {
+            let bytes = trim_eol(buf);
+            if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+                return Ok(()); // blank line between records
+            }
+            match parse_record(bytes) {
+                Ok((source, target)) => self.emit(source, target, line_no),
+                Err((kind, detail)) => {
+                    self.issue(line_no, kind, detail);
+                    Ok(())
+                }
+            }
+        })
+    }
+}
+
+/// One JSONL record as (source, target), or why it is skipped.
+fn parse_record(bytes: &[u8]) -> std::result::Result<(String, String), (IssueKind, String)> {
+    let line = std::str::from_utf8(bytes)
+        .map_err(|e| (IssueKind::NotUtf8, format!("invalid UTF-8 at byte {}", e.valid_up_to())))?;
+    let v: serde_json::Value = serde_json::from_str(line).map_err(|e| (IssueKind::InvalidJson, e.to_string()))?;
+    let (source, target) = if let Some(t) = v.get("text") {
+        match t.as_str() {
+            Some(t) => (String::new(), t.to_string()),
+            None => return Err((IssueKind::MissingField, "\"text\" is not a string".into())),
+        }
+    } else {
+        match (v.get("source").map(|s| s.as_str()), v.get("target").map(|s| s.as_str())) {
+            (Some(Some(s)), Some(Some(t))) => (s.to_string(), t.to_string()),
+            (None, _) | (_, None) => {
+                return Err((IssueKind::MissingField, "needs \"text\", or \"source\" and \"target\"".into()))
+            }
+            _ => return Err((IssueKind::MissingField, "\"source\"/\"target\" is not a string".into())),
+        }
+    };
+    if target.trim().is_empty() {
+        let what = if source.is_empty() { "empty document" } else { "empty target (no token would carry loss)" };
+        return Err((IssueKind::EmptyDocument, what.into()));
+    }
+    Ok((source, target))
 }
 
 #[cfg(test)]

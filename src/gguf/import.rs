@@ -11,14 +11,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
-use tokenizers::models::bpe::{Vocab, BPE};
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::pre_tokenizers::digits::Digits;
-use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::processors::template::TemplateProcessing;
-use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
+
+pub use super::tokenizer::{build_tokenizer, pre_tokenizer, GgufTokenizer};
 
 /// The metadata value of `key`, or an error naming the file and the key.
 fn meta<'a>(g: &'a GgufFile, key: &str) -> Result<&'a Value> {
@@ -39,18 +33,18 @@ fn meta_f64(g: &GgufFile, key: &str) -> Result<f64> {
     })
 }
 
-fn meta_str<'a>(g: &'a GgufFile, key: &str) -> Result<&'a str> {
+pub(super) fn meta_str<'a>(g: &'a GgufFile, key: &str) -> Result<&'a str> {
     let v = meta(g, key)?;
     v.as_str()
         .with_context(|| format!("{}: metadata `{key}` must be a string, found {}", g.path.display(), v.type_name()))
 }
 
-fn opt_u64(g: &GgufFile, key: &str) -> Result<Option<u64>> {
+pub(super) fn opt_u64(g: &GgufFile, key: &str) -> Result<Option<u64>> {
     g.get(key).map(|_| meta_u64(g, key)).transpose()
 }
 
 /// An array of strings (`tokenizer.ggml.tokens`, `.merges`).
-fn meta_strings<'a>(g: &'a GgufFile, key: &str) -> Result<Vec<&'a str>> {
+pub(super) fn meta_strings<'a>(g: &'a GgufFile, key: &str) -> Result<Vec<&'a str>> {
     let v = meta(g, key)?;
     let items = v
         .as_array()
@@ -75,57 +69,12 @@ fn tidy_f32(x: f64) -> f64 {
 /// rotary head) is accepted; errors name the file and the metadata key.
 pub fn llama_config(g: &GgufFile) -> Result<LlamaConfig> {
     let origin = g.path.display().to_string();
-    let arch = meta_str(g, "general.architecture")?;
-    if arch != "llama" {
-        bail!("{origin}: metadata `general.architecture` is {arch:?}; import-gguf converts \"llama\" models only");
-    }
-    let k = |s: &str| format!("llama.{s}");
-    if opt_u64(g, &k("expert_count"))?.unwrap_or(0) > 0 {
-        bail!(
-            "{origin}: metadata `llama.expert_count` is set: a mixture-of-experts model, which llama-cpt does not run"
-        );
-    }
-    if let Some(v) = g.get(&k("rope.scaling.type")) {
-        if v.as_str() != Some("none") {
-            bail!("{origin}: metadata `llama.rope.scaling.type` is {v:?}; scaled RoPE is not supported");
-        }
-    }
-    if g.tensor("rope_freqs.weight").is_some() {
-        bail!("{origin}: tensor `rope_freqs.weight` (LLaMA-3.1 RoPE frequency scaling) is not supported");
-    }
-    let hidden = meta_u64(g, &k("embedding_length"))?;
-    let heads = meta_u64(g, &k("attention.head_count"))?;
-    let kv_heads = opt_u64(g, &k("attention.head_count_kv"))?.unwrap_or(heads);
-    if heads == 0 {
-        bail!("{origin}: metadata `llama.attention.head_count` is 0");
-    }
-    let head_dim = match opt_u64(g, &k("attention.key_length"))? {
-        Some(d) => d,
-        None if hidden % heads == 0 => hidden / heads,
-        None => bail!("{origin}: metadata `llama.embedding_length` ({hidden}) is not a multiple of `llama.attention.head_count` ({heads})"),
-    };
-    if let Some(v) = opt_u64(g, &k("attention.value_length"))? {
-        if v != head_dim {
-            bail!("{origin}: metadata `llama.attention.value_length` ({v}) differs from the key length ({head_dim})");
-        }
-    }
-    if let Some(r) = opt_u64(g, &k("rope.dimension_count"))? {
-        if r != head_dim {
-            bail!("{origin}: metadata `llama.rope.dimension_count` ({r}) is not the head size ({head_dim}); partial rotary embeddings are not supported");
-        }
-    }
-    let embd =
-        g.tensor("token_embd.weight").with_context(|| format!("{origin}: tensor `token_embd.weight` is missing"))?;
-    if embd.dims.len() != 2 || embd.dims[0] != hidden {
-        bail!("{origin}: tensor `token_embd.weight` has dimensions {:?}; expected [{hidden}, vocab]", embd.dims);
-    }
-    let vocab = embd.dims[1];
-    if let Some(v) = opt_u64(g, &k("vocab_size"))? {
-        if v != vocab {
-            bail!("{origin}: metadata `llama.vocab_size` ({v}) differs from the rows of `token_embd.weight` ({vocab})");
-        }
-    }
+    check_plain_llama(g, &origin)?;
+    let hidden = meta_u64(g, &llama_key("embedding_length"))?;
+    let (heads, kv_heads, head_dim) = attention_shape(g, &origin, hidden)?;
+    let vocab = vocab_rows(g, &origin, hidden)?;
     let tie = g.tensor("output.weight").is_none();
+    let k = llama_key;
     let rope_theta = match g.get(&k("rope.freq_base")) {
         Some(_) => tidy_f32(meta_f64(g, &k("rope.freq_base"))?),
         None => 10_000.0, // llama.cpp's default
@@ -162,6 +111,76 @@ pub fn llama_config(g: &GgufFile) -> Result<LlamaConfig> {
         cfg["llama_cpt_imported_from"] = json!({"gguf": g.path.file_name().map(|n| n.to_string_lossy()), "name": name});
     }
     LlamaConfig::from_json(cfg, &format!("{origin} (as config.json)"))
+}
+
+/// The metadata key `llama.<s>`.
+fn llama_key(s: &str) -> String {
+    format!("llama.{s}")
+}
+
+/// Refuses what llama-cpt does not run: another architecture, experts, scaled RoPE.
+fn check_plain_llama(g: &GgufFile, origin: &str) -> Result<()> {
+    let k = llama_key;
+    let arch = meta_str(g, "general.architecture")?;
+    if arch != "llama" {
+        bail!("{origin}: metadata `general.architecture` is {arch:?}; import-gguf converts \"llama\" models only");
+    }
+    if opt_u64(g, &k("expert_count"))?.unwrap_or(0) > 0 {
+        bail!(
+            "{origin}: metadata `llama.expert_count` is set: a mixture-of-experts model, which llama-cpt does not run"
+        );
+    }
+    if let Some(v) = g.get(&k("rope.scaling.type")) {
+        if v.as_str() != Some("none") {
+            bail!("{origin}: metadata `llama.rope.scaling.type` is {v:?}; scaled RoPE is not supported");
+        }
+    }
+    if g.tensor("rope_freqs.weight").is_some() {
+        bail!("{origin}: tensor `rope_freqs.weight` (LLaMA-3.1 RoPE frequency scaling) is not supported");
+    }
+    Ok(())
+}
+
+/// (heads, KV heads, head size), checked against each other and the full rotary head.
+fn attention_shape(g: &GgufFile, origin: &str, hidden: u64) -> Result<(u64, u64, u64)> {
+    let k = llama_key;
+    let heads = meta_u64(g, &k("attention.head_count"))?;
+    let kv_heads = opt_u64(g, &k("attention.head_count_kv"))?.unwrap_or(heads);
+    if heads == 0 {
+        bail!("{origin}: metadata `llama.attention.head_count` is 0");
+    }
+    let head_dim = match opt_u64(g, &k("attention.key_length"))? {
+        Some(d) => d,
+        None if hidden % heads == 0 => hidden / heads,
+        None => bail!("{origin}: metadata `llama.embedding_length` ({hidden}) is not a multiple of `llama.attention.head_count` ({heads})"),
+    };
+    if let Some(v) = opt_u64(g, &k("attention.value_length"))? {
+        if v != head_dim {
+            bail!("{origin}: metadata `llama.attention.value_length` ({v}) differs from the key length ({head_dim})");
+        }
+    }
+    if let Some(r) = opt_u64(g, &k("rope.dimension_count"))? {
+        if r != head_dim {
+            bail!("{origin}: metadata `llama.rope.dimension_count` ({r}) is not the head size ({head_dim}); partial rotary embeddings are not supported");
+        }
+    }
+    Ok((heads, kv_heads, head_dim))
+}
+
+/// The vocabulary size: the rows of `token_embd.weight`, which `llama.vocab_size` must match.
+fn vocab_rows(g: &GgufFile, origin: &str, hidden: u64) -> Result<u64> {
+    let embd =
+        g.tensor("token_embd.weight").with_context(|| format!("{origin}: tensor `token_embd.weight` is missing"))?;
+    if embd.dims.len() != 2 || embd.dims[0] != hidden {
+        bail!("{origin}: tensor `token_embd.weight` has dimensions {:?}; expected [{hidden}, vocab]", embd.dims);
+    }
+    let vocab = embd.dims[1];
+    if let Some(v) = opt_u64(g, &llama_key("vocab_size"))? {
+        if v != vocab {
+            bail!("{origin}: metadata `llama.vocab_size` ({v}) differs from the rows of `token_embd.weight` ({vocab})");
+        }
+    }
+    Ok(vocab)
 }
 
 /// The GGUF name of a transformers parameter (llama.cpp's `tensor_mapping.py`, for LLaMA).
@@ -245,215 +264,6 @@ pub fn convert_tensors(
         bail!("{origin}: tensors a LLaMA model has no place for: {extra:?}");
     }
     Ok(out)
-}
-
-/// GPT-2's split (the `tokenizers` ByteLevel pre-tokenizer's own regex).
-fn gpt2_split() -> PreTokenizerWrapper {
-    ByteLevel::new(false, true, true).into()
-}
-
-/// A regex split before a ByteLevel that only maps bytes.
-fn regex_split(pattern: &str) -> Result<PreTokenizerWrapper> {
-    let split = Split::new(SplitPattern::Regex(pattern.into()), SplitDelimiterBehavior::Isolated, false)
-        .map_err(|e| anyhow!("split regex: {e}"))?;
-    Ok(Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into())
-}
-
-const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_SPLIT: &str =
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-
-/// The pre-tokenizer llama.cpp uses for a `tokenizer.ggml.pre` name (llama-vocab.cpp), and
-/// whether BPE takes a word that is itself a token whole (llama.cpp's `ignore_merges`, LLaMA-3).
-pub fn pre_tokenizer(pre: &str) -> Result<(PreTokenizerWrapper, bool)> {
-    Ok(match pre {
-        "gpt2" | "mpt" | "olmo" | "jais" | "trillion" => (gpt2_split(), false),
-        // Every digit on its own, then GPT-2's split.
-        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva" => {
-            (Sequence::new(vec![Digits::new(true).into(), gpt2_split()]).into(), false)
-        }
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" => (regex_split(LLAMA3_SPLIT)?, true),
-        "qwen2" | "deepseek-r1-qwen" => (regex_split(QWEN2_SPLIT)?, false),
-        other => bail!(
-            "pre-tokenizer {other:?} is not supported (supported: gpt2, mpt, olmo, jais, trillion, smollm, starcoder, refact, command-r, \
-             codeshell, exaone, minerva, llama3, llama-v3, llama-bpe, falcon3, qwen2, deepseek-r1-qwen)"
-        ),
-    })
-}
-
-/// llama.cpp's token types.
-const TOKEN_CONTROL: i64 = 3;
-const TOKEN_USER_DEFINED: i64 = 4;
-
-/// A tokenizer rebuilt from GGUF metadata.
-pub struct GgufTokenizer {
-    pub tokenizer: Tokenizer,
-    /// `tokenizer_config.json`: special tokens, BOS/EOS flags, chat template.
-    pub tokenizer_config: serde_json::Value,
-    pub tokens: usize,
-    pub merges: usize,
-    /// Control tokens (added as special tokens).
-    pub special: Vec<String>,
-    /// `tokenizer.ggml.pre`.
-    pub pre: String,
-    pub warnings: Vec<String>,
-}
-
-/// The byte-level BPE tokenizer (`tokenizer.ggml.model` "gpt2") the GGUF describes: its tokens
-/// (already in the byte-to-character spelling) and merges, the split of its `tokenizer.ggml.pre`,
-/// control tokens as added special tokens, BOS/EOS added as `tokenizer.ggml.add_*_token` say.
-pub fn build_tokenizer(g: &GgufFile) -> Result<GgufTokenizer> {
-    let origin = g.path.display().to_string();
-    let model = meta_str(g, "tokenizer.ggml.model")?;
-    if model != "gpt2" {
-        bail!("{origin}: metadata `tokenizer.ggml.model` is {model:?}; import-gguf builds byte-level BPE tokenizers (\"gpt2\") only");
-    }
-    let mut warnings = vec![];
-    let pre = match g.get("tokenizer.ggml.pre") {
-        Some(_) => meta_str(g, "tokenizer.ggml.pre")?.to_string(),
-        None => {
-            warnings.push("no `tokenizer.ggml.pre` (a GGUF from before May 2024): using GPT-2's pre-tokenizer".into());
-            "gpt2".into()
-        }
-    };
-    let (pre_tok, ignore_merges) =
-        pre_tokenizer(&pre).with_context(|| format!("{origin}: metadata `tokenizer.ggml.pre`"))?;
-
-    let tokens = meta_strings(g, "tokenizer.ggml.tokens")?;
-    let types: Vec<i64> = match g.get("tokenizer.ggml.token_type") {
-        None => vec![1; tokens.len()],
-        Some(v) => {
-            let a = v
-                .as_array()
-                .with_context(|| format!("{origin}: metadata `tokenizer.ggml.token_type` must be an array"))?;
-            if a.len() != tokens.len() {
-                bail!(
-                    "{origin}: metadata `tokenizer.ggml.token_type` has {} entries for {} tokens",
-                    a.len(),
-                    tokens.len()
-                );
-            }
-            a.iter()
-                .enumerate()
-                .map(|(i, x)| {
-                    x.as_i64().with_context(|| {
-                        format!("{origin}: metadata `tokenizer.ggml.token_type[{i}]` must be an integer")
-                    })
-                })
-                .collect::<Result<_>>()?
-        }
-    };
-    let mut vocab = Vocab::with_capacity(tokens.len());
-    for (i, t) in tokens.iter().enumerate() {
-        if let Some(first) = vocab.get(*t) {
-            warnings.push(format!("token {t:?} appears twice (ids {first} and {i}); the first id is kept"));
-        } else {
-            vocab.insert(t.to_string(), i as u32);
-        }
-    }
-    let merges_raw = meta_strings(g, "tokenizer.ggml.merges")?;
-    let merges: Vec<(String, String)> = merges_raw
-        .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).with_context(|| {
-                format!(
-                    "{origin}: metadata `tokenizer.ggml.merges[{i}]` ({m:?}) is not two tokens separated by a space"
-                )
-            })
-        })
-        .collect::<Result<_>>()?;
-    let n_merges = merges.len();
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .ignore_merges(ignore_merges)
-        .build()
-        .map_err(|e| anyhow!("{origin}: building the BPE model from `tokenizer.ggml.tokens` and `.merges`: {e}"))?;
-    let mut tok = Tokenizer::new(bpe);
-    tok.with_pre_tokenizer(Some(pre_tok));
-    tok.with_decoder(Some(ByteLevelDecoder::default()));
-
-    let id = |key: &str| -> Result<Option<u32>> {
-        let Some(v) = opt_u64(g, &format!("tokenizer.ggml.{key}"))? else { return Ok(None) };
-        if v as usize >= tokens.len() {
-            bail!(
-                "{origin}: metadata `tokenizer.ggml.{key}` ({v}) is outside the vocabulary ({} tokens)",
-                tokens.len()
-            );
-        }
-        Ok(Some(v as u32))
-    };
-    let flag = |key: &str| g.get(&format!("tokenizer.ggml.{key}")).and_then(Value::as_bool).unwrap_or(false);
-    let (bos, eos, pad, unk) =
-        (id("bos_token_id")?, id("eos_token_id")?, id("padding_token_id")?, id("unknown_token_id")?);
-    let (add_bos, add_eos) = (flag("add_bos_token"), flag("add_eos_token"));
-
-    let special: Vec<String> =
-        tokens.iter().zip(&types).filter(|(_, &t)| t == TOKEN_CONTROL).map(|(s, _)| s.to_string()).collect();
-    let user: Vec<AddedToken> = tokens
-        .iter()
-        .zip(&types)
-        .filter(|(_, &t)| t == TOKEN_USER_DEFINED)
-        .map(|(s, _)| AddedToken::from(s.to_string(), false).normalized(false))
-        .collect();
-    tok.add_special_tokens(
-        &special.iter().map(|s| AddedToken::from(s.clone(), true).normalized(false)).collect::<Vec<_>>(),
-    );
-    tok.add_tokens(&user);
-
-    let name = |i: Option<u32>| i.map(|i| tokens[i as usize].to_string());
-    if (add_bos && bos.is_none()) || (add_eos && eos.is_none()) {
-        bail!("{origin}: `tokenizer.ggml.add_bos_token`/`add_eos_token` is set but the matching token id is missing");
-    }
-    // The tokens the template adds, as (text, id).
-    let added = |on: bool, id: Option<u32>| id.filter(|_| on).map(|i| (tokens[i as usize].to_string(), i));
-    let (b, e) = (added(add_bos, bos), added(add_eos, eos));
-    if b.is_some() || e.is_some() {
-        let wrap = |seq: &str, type_id: u32| {
-            let mut parts: Vec<String> = b.iter().map(|(t, _)| format!("{t}:{type_id}")).collect();
-            parts.push(format!("${seq}:{type_id}"));
-            parts.extend(e.iter().map(|(t, _)| format!("{t}:{type_id}")));
-            parts.join(" ")
-        };
-        let post = TemplateProcessing::builder()
-            .try_single(wrap("A", 0))
-            .and_then(|t| t.try_pair(format!("{} {}", wrap("A", 0), wrap("B", 1))))
-            .map_err(|err| anyhow!("{origin}: BOS/EOS template: {err}"))?
-            .special_tokens(b.iter().chain(&e).cloned().collect::<Vec<_>>())
-            .build()
-            .map_err(|err| anyhow!("{origin}: BOS/EOS template: {err}"))?;
-        tok.with_post_processor(Some(post));
-    } else {
-        // GPT-2's own post-processor: leaves ids alone.
-        tok.with_post_processor(Some(ByteLevel::new(true, false, true)));
-    }
-
-    let mut config = json!({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": add_bos,
-        "add_eos_token": add_eos,
-        "clean_up_tokenization_spaces": false,
-        "model_max_length": opt_u64(g, "llama.context_length")?.unwrap_or(4096),
-    });
-    for (field, v) in
-        [("bos_token", name(bos)), ("eos_token", name(eos)), ("pad_token", name(pad)), ("unk_token", name(unk))]
-    {
-        if let Some(v) = v {
-            config[field] = v.into();
-        }
-    }
-    if let Some(t) = g.get("tokenizer.chat_template").and_then(Value::as_str) {
-        config["chat_template"] = t.into();
-    }
-    Ok(GgufTokenizer {
-        tokenizer: tok,
-        tokenizer_config: config,
-        tokens: tokens.len(),
-        merges: n_merges,
-        special,
-        pre,
-        warnings,
-    })
 }
 
 /// What an import produced.
@@ -600,22 +410,5 @@ mod tests {
         );
         assert_eq!(gguf_name("lm_head.weight").as_deref(), Some("output.weight"));
         assert_eq!(gguf_name("model.layers.0.mlp.experts.weight"), None);
-    }
-
-    #[test]
-    fn pre_tokenizers_split_as_llama_cpp() {
-        use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
-        let split = |pre: &str, text: &str| -> Vec<String> {
-            let (p, _) = pre_tokenizer(pre).unwrap();
-            let mut s = PreTokenizedString::from(text);
-            p.pre_tokenize(&mut s).unwrap();
-            s.get_splits(OffsetReferential::Original, OffsetType::Byte).iter().map(|(s, _, _)| s.to_string()).collect()
-        };
-        // Byte-level spelling: Ġ is a space.
-        assert_eq!(split("gpt2", "in 2024 we're"), ["in", "Ġ2024", "Ġwe", "'re"]);
-        assert_eq!(split("smollm", "in 2024"), ["in", "Ġ", "2", "0", "2", "4"]);
-        assert_eq!(split("llama-bpe", "in 12345"), ["in", "Ġ", "123", "45"]);
-        assert_eq!(split("qwen2", "x 12"), ["x", "Ġ", "1", "2"]);
-        assert!(pre_tokenizer("unknown-pre").unwrap_err().to_string().contains("\"unknown-pre\""));
     }
 }

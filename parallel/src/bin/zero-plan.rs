@@ -229,17 +229,47 @@ fn time(s: f64) -> String {
     }
 }
 
+/// The plan of one stage as a report: the setup, then memory, communication and time per step.
 fn print(p: &Plan) {
-    let i = &p.input;
-    let m = &i.model;
-    let mem = &p.memory;
-    let t = &p.timing;
-    let n = i.world;
-    let (pb, sb) = (i.precision.param_bytes(), i.precision.optimizer_bytes(i.stage));
-    let prec = match i.precision {
+    print_setup(p);
+    println!();
+    print_memory(p);
+    println!();
+    print_comm(p);
+    print_ring(p);
+    println!();
+    print_time(p);
+    println!();
+    let (mem, t) = (&p.memory, &p.timing);
+    println!(
+        "Verdict: {} ({} of {} GiB at micro-batch {}); communication leaves {:.2}% of the step exposed.",
+        if mem.fits { "fits" } else { "does NOT fit" },
+        gib(mem.peak),
+        gib(mem.card),
+        p.input.micro_batch,
+        t.exposed_share * 100.0
+    );
+}
+
+/// "bf16" or "fp32", as the report names the precision.
+fn precision_label(p: Precision) -> &'static str {
+    match p {
         Precision::Bf16 => "bf16",
         Precision::Fp32 => "fp32",
-    };
+    }
+}
+
+/// One row of the memory and time tables: what (and how), and a right-aligned value.
+fn line(what: &str, how: &str, value: String) {
+    println!("  {what:<18}{how:<56}{value:>10}");
+}
+
+/// The model's shape and size, and the stage, cluster and batch it runs with.
+fn print_setup(p: &Plan) {
+    let i = &p.input;
+    let m = &i.model;
+    let t = &p.timing;
+    let n = i.world;
     println!(
         "{}: hidden {}, {} layers, {} heads ({} KV, head dim {}), FFN {}, vocab {}, {} embeddings",
         m.name,
@@ -272,7 +302,7 @@ fn print(p: &Plan) {
         i.links.nodes(n),
         if i.links.nodes(n) == 1 { "" } else { "s" },
         i.links.gpus_per_node.min(n),
-        prec,
+        precision_label(i.precision),
         if i.precision == Precision::Bf16 { "mixed precision" } else { "throughout" },
         i.micro_batch,
         int(i.seq),
@@ -281,7 +311,16 @@ fn print(p: &Plan) {
         int(i.global_batch_tokens),
         if i.checkpoint_layers { "on" } else { "off" }
     );
-    println!();
+}
+
+/// Per-rank memory by kind, the peaks, and whether (and up to which micro-batch) it fits.
+fn print_memory(p: &Plan) {
+    let i = &p.input;
+    let m = &i.model;
+    let mem = &p.memory;
+    let n = i.world;
+    let prec = precision_label(i.precision);
+    let (pb, sb) = (i.precision.param_bytes(), i.precision.optimizer_bytes(i.stage));
     let shard = |k: u64| if k == 1 { "Ψ".to_string() } else { format!("Ψ/{n}") };
     let grad_div = if i.stage.shards_gradients() { n } else { 1 };
     let opt_div = if i.stage.shards_optimizer() { n } else { 1 };
@@ -290,8 +329,6 @@ fn print(p: &Plan) {
         _ => "fp32 master+m+v",
     };
     let rows_tok = format!("{} × {}", i.micro_batch, int(i.seq));
-    // Two columns: what (and how), and a right-aligned value.
-    let line = |what: &str, how: &str, value: String| println!("  {what:<18}{how:<56}{value:>10}");
     println!("{:<76}{:>10}", "Per-rank memory", "GiB");
     line("parameters", &format!("{prec}, {pb}{}", shard(1)), gib(mem.params));
     line("gradients", &format!("{prec}, {pb}{}", shard(grad_div)), gib(mem.grads));
@@ -314,7 +351,10 @@ fn print(p: &Plan) {
         if mem.fits { "fits" } else { "does NOT fit" },
         if mem.max_micro_batch == 0 { "none".to_string() } else { mem.max_micro_batch.to_string() }
     );
-    println!();
+}
+
+/// One rank's collectives per step: calls, bytes, time and the exposed part, and their total.
+fn print_comm(p: &Plan) {
     println!(
         "{:<34}{:>8}{:>10}{:>10}{:>10}{:>10}",
         "Per-step communication (one rank)", "calls", "payload", "wire", "time", "exposed"
@@ -342,6 +382,12 @@ fn print(p: &Plan) {
         time(p.comm.total_s),
         time(p.comm.exposed_s)
     );
+}
+
+/// What bounds the ring (NVLink or InfiniBand), its latency model, and the bucketing.
+fn print_ring(p: &Plan) {
+    let i = &p.input;
+    let n = i.world;
     let l = &i.links;
     let bw = p.comm.bandwidth_bytes_per_s / 1e9;
     if n <= 1 {
@@ -374,7 +420,12 @@ fn print(p: &Plan) {
         int(i.bucket_elems),
         int(p.comm.reduced_elems)
     );
-    println!();
+}
+
+/// The step's time by part (compute, update, exposed communication) and its throughput.
+fn print_time(p: &Plan) {
+    let i = &p.input;
+    let t = &p.timing;
     println!("Per-step time");
     let compute = format!(
         "{} × (fwd {} + bwd {}) at {:.0}% of {:.0} TFLOP/s",
@@ -385,7 +436,7 @@ fn print(p: &Plan) {
         i.card.peak_flops / 1e12
     );
     line("compute", &compute, time(t.compute_s));
-    let updated = if i.stage.shards_optimizer() { p.comm.reduced_elems / n.max(1) } else { p.total_params };
+    let updated = if i.stage.shards_optimizer() { p.comm.reduced_elems / i.world.max(1) } else { p.total_params };
     line("optimizer", &format!("AdamW over {} parameters, HBM-bound", int(updated)), time(t.optimizer_s));
     line("communication", &format!("exposed, of {} in total", time(p.comm.total_s)), time(t.exposed_comm_s));
     line("step", "", time(t.step_s));
@@ -393,15 +444,6 @@ fn print(p: &Plan) {
         "  → {} tokens/s per GPU, MFU {:.1}%, exposed communication {:.2}% of the step",
         int(t.tokens_per_s_per_gpu.round() as u64),
         t.mfu * 100.0,
-        t.exposed_share * 100.0
-    );
-    println!();
-    println!(
-        "Verdict: {} ({} of {} GiB at micro-batch {}); communication leaves {:.2}% of the step exposed.",
-        if mem.fits { "fits" } else { "does NOT fit" },
-        gib(mem.peak),
-        gib(mem.card),
-        i.micro_batch,
         t.exposed_share * 100.0
     );
 }

@@ -273,80 +273,69 @@ pub fn plan(input: &PlanInput) -> Result<Plan> {
     ensure!(input.mfu > 0.0 && input.mfu <= 1.0, "the MFU must be in (0, 1], got {}", input.mfu);
     ensure!(input.links.gpus_per_node >= 1, "gpus per node must be at least 1");
     let m = &input.model;
+    let compute = Compute::new(input, micro_steps);
+    let comm = comm(input, micro_steps, &compute);
+    let optimizer_s = optimizer_time(input, comm.reduced_elems);
+    let timing = timing(input, micro_steps, &compute, optimizer_s, comm.exposed_s);
+    Ok(Plan {
+        input: input.clone(),
+        total_params: m.total_params(),
+        non_embedding_params: m.non_embedding_params(),
+        memory: memory(input, input.micro_batch),
+        comm,
+        timing,
+    })
+}
+
+/// One micro-step's compute at the executed rate, which the communication has to hide behind.
+struct Compute {
+    model_fpt: f64,
+    executed_fpt: f64,
+    forward_s: f64,
+    /// When each parameter's gradient is final in the backward ([`backward_ready_times`]).
+    ready: Vec<f64>,
+    backward_s: f64,
+    /// All micro-steps of the optimizer step.
+    compute_s: f64,
+}
+
+impl Compute {
+    /// The forward and backward of one micro-step at `input.mfu` of the card's peak.
+    fn new(input: &PlanInput, micro_steps: u64) -> Self {
+        let m = &input.model;
+        let rate = input.mfu * input.card.peak_flops;
+        let tokens = input.micro_batch * input.seq;
+        let model_fpt = m.model_flops_per_token(input.seq);
+        let executed_fpt =
+            model_fpt + if input.checkpoint_layers { m.recompute_flops_per_token(input.seq) } else { 0.0 };
+        let forward_flops = tokens as f64
+            * (2.0 * m.non_embedding_params() as f64
+                + 4.0 * (m.layers * m.q_dim() * input.seq) as f64
+                + 2.0 * (m.hidden * m.vocab) as f64);
+        let forward_s = forward_flops / rate;
+        let (ready, backward_s) = backward_ready_times(m, tokens, input.seq, input.checkpoint_layers, rate);
+        let compute_s = micro_steps as f64 * (forward_s + backward_s);
+        Compute { model_fpt, executed_fpt, forward_s, ready, backward_s, compute_s }
+    }
+}
+
+/// One rank's collectives per step, and how much of them the backward does not hide.
+fn comm(input: &PlanInput, micro_steps: u64, compute: &Compute) -> Comm {
     let p = input.precision;
     let n = input.world;
-    let rate = input.mfu * input.card.peak_flops;
-    let tokens = input.micro_batch * input.seq;
-
-    // Compute.
-    let model_fpt = m.model_flops_per_token(input.seq);
-    let executed_fpt = model_fpt + if input.checkpoint_layers { m.recompute_flops_per_token(input.seq) } else { 0.0 };
-    let forward_flops = tokens as f64
-        * (2.0 * m.non_embedding_params() as f64
-            + 4.0 * (m.layers * m.q_dim() * input.seq) as f64
-            + 2.0 * (m.hidden * m.vocab) as f64);
-    let forward_s = forward_flops / rate;
-    let (ready, backward_s) = backward_ready_times(m, tokens, input.seq, input.checkpoint_layers, rate);
-    let compute_s = micro_steps as f64 * (forward_s + backward_s);
-
-    // Communication.
-    let buckets = bucket_layout(&m.param_sizes(), input.bucket_elems, n);
+    let buckets = bucket_layout(&input.model.param_sizes(), input.bucket_elems, n);
     let reduced_elems: u64 = buckets.iter().map(|b| b.padded as u64).sum();
     let payload = step_payload(input.stage, reduced_elems, n, micro_steps, p.grad_bytes(), p.param_bytes());
-    let links = &input.links;
-    let grad_kind = if input.stage.shards_optimizer() { Collective::ReduceScatter } else { Collective::AllReduce };
-    let schedule: Vec<(f64, f64)> = buckets
-        .iter()
-        .map(|b| {
-            let r = b.params.iter().map(|&i| ready[i]).fold(0.0, f64::max);
-            (r, links.collective_time(grad_kind, ((b.padded as u64) * p.grad_bytes()) as f64, n))
-        })
-        .collect();
-    let per_reduction: f64 = schedule.iter().map(|s| s.1).sum();
-    let (_, tail) = overlap_tail(&schedule, backward_s);
-    let reductions = if input.stage.shards_gradients() { micro_steps } else { 1 };
-    let mut rows = vec![CommRow {
-        what: "gradients".into(),
-        kind: if grad_kind == Collective::AllReduce { "all-reduce" } else { "reduce-scatter" }.into(),
-        calls: reductions * buckets.len() as u64,
-        payload: payload.all_reduce + payload.reduce_scatter,
-        wire: reductions as f64 * ring_wire_bytes(grad_kind, (reduced_elems * p.grad_bytes()) as f64, n),
-        time_s: reductions as f64 * per_reduction,
-        // The engine waits for a reduction's buckets at the end of its micro-step.
-        exposed_s: reductions as f64 * tail,
-    }];
+    let mut rows =
+        vec![gradient_row(input, micro_steps, compute, &buckets, payload.all_reduce + payload.reduce_scatter)];
     if input.stage.shards_optimizer() {
-        let time: f64 = buckets
-            .iter()
-            .map(|b| links.collective_time(Collective::AllGather, ((b.padded as u64) * p.param_bytes()) as f64, n))
-            .sum();
-        rows.push(CommRow {
-            what: "parameters".into(),
-            kind: "all-gather".into(),
-            calls: buckets.len() as u64,
-            payload: payload.all_gather,
-            wire: ring_wire_bytes(Collective::AllGather, payload.all_gather as f64, n),
-            time_s: time,
-            // Issued after the update and waited for before the next forward: nothing to hide it.
-            exposed_s: time,
-        });
+        rows.push(parameter_row(input, &buckets, payload.all_gather));
     }
-    // Target-token count and loss sum (and the squared gradient norm when sharded): blocking.
-    let scalar_calls = if input.stage.shards_optimizer() { 3 } else { 2 };
-    let scalar_time = scalar_calls as f64 * links.collective_time(Collective::AllReduce, 8.0, n);
-    rows.push(CommRow {
-        what: "scalars".into(),
-        kind: "all-reduce".into(),
-        calls: scalar_calls,
-        payload: 0,
-        wire: 0.0,
-        time_s: scalar_time,
-        exposed_s: scalar_time,
-    });
+    rows.push(scalar_row(input));
     let total_s: f64 = rows.iter().map(|r| r.time_s).sum();
     let exposed_s: f64 = rows.iter().map(|r| r.exposed_s).sum();
-    let (bandwidth, bottleneck) = links.ring_bandwidth(n);
-    let comm = Comm {
+    let (bandwidth, bottleneck) = input.links.ring_bandwidth(n);
+    Comm {
         reduced_elems,
         buckets: buckets.len() as u64,
         largest_bucket: buckets.iter().map(|b| b.padded as u64).max().unwrap_or(0),
@@ -356,37 +345,112 @@ pub fn plan(input: &PlanInput) -> Result<Plan> {
         rows,
         total_s,
         exposed_s,
-    };
+    }
+}
 
+/// The gradient reductions: each bucket launched once its gradients are final in the backward.
+fn gradient_row(
+    input: &PlanInput,
+    micro_steps: u64,
+    compute: &Compute,
+    buckets: &[crate::buckets::Bucket],
+    payload: u64,
+) -> CommRow {
+    let p = input.precision;
+    let n = input.world;
+    let reduced_elems: u64 = buckets.iter().map(|b| b.padded as u64).sum();
+    let grad_kind = if input.stage.shards_optimizer() { Collective::ReduceScatter } else { Collective::AllReduce };
+    let schedule: Vec<(f64, f64)> = buckets
+        .iter()
+        .map(|b| {
+            let r = b.params.iter().map(|&i| compute.ready[i]).fold(0.0, f64::max);
+            (r, input.links.collective_time(grad_kind, ((b.padded as u64) * p.grad_bytes()) as f64, n))
+        })
+        .collect();
+    let per_reduction: f64 = schedule.iter().map(|s| s.1).sum();
+    let (_, tail) = overlap_tail(&schedule, compute.backward_s);
+    let reductions = if input.stage.shards_gradients() { micro_steps } else { 1 };
+    CommRow {
+        what: "gradients".into(),
+        kind: if grad_kind == Collective::AllReduce { "all-reduce" } else { "reduce-scatter" }.into(),
+        calls: reductions * buckets.len() as u64,
+        payload,
+        wire: reductions as f64 * ring_wire_bytes(grad_kind, (reduced_elems * p.grad_bytes()) as f64, n),
+        time_s: reductions as f64 * per_reduction,
+        // The engine waits for a reduction's buckets at the end of its micro-step.
+        exposed_s: reductions as f64 * tail,
+    }
+}
+
+/// The all-gather of the updated parameters after a sharded update (ZeRO-1/2).
+fn parameter_row(input: &PlanInput, buckets: &[crate::buckets::Bucket], payload: u64) -> CommRow {
+    let n = input.world;
+    let time: f64 = buckets
+        .iter()
+        .map(|b| {
+            input.links.collective_time(
+                Collective::AllGather,
+                ((b.padded as u64) * input.precision.param_bytes()) as f64,
+                n,
+            )
+        })
+        .sum();
+    CommRow {
+        what: "parameters".into(),
+        kind: "all-gather".into(),
+        calls: buckets.len() as u64,
+        payload,
+        wire: ring_wire_bytes(Collective::AllGather, payload as f64, n),
+        time_s: time,
+        // Issued after the update and waited for before the next forward: nothing to hide it.
+        exposed_s: time,
+    }
+}
+
+/// The blocking scalar all-reduces of a step.
+fn scalar_row(input: &PlanInput) -> CommRow {
+    // Target-token count and loss sum (and the squared gradient norm when sharded): blocking.
+    let scalar_calls = if input.stage.shards_optimizer() { 3 } else { 2 };
+    let scalar_time = scalar_calls as f64 * input.links.collective_time(Collective::AllReduce, 8.0, input.world);
+    CommRow {
+        what: "scalars".into(),
+        kind: "all-reduce".into(),
+        calls: scalar_calls,
+        payload: 0,
+        wire: 0.0,
+        time_s: scalar_time,
+        exposed_s: scalar_time,
+    }
+}
+
+/// The AdamW update's time: memory-bound, so bytes moved over the achievable HBM bandwidth.
+fn optimizer_time(input: &PlanInput, reduced_elems: u64) -> f64 {
+    let p = input.precision;
     // The update: AdamW over this rank's part, HBM-bound: read the gradient twice (norm, update),
     // read and write master and moments, write the working parameter.
-    let updated = if input.stage.shards_optimizer() { reduced_elems / n.max(1) } else { m.total_params() };
-    let optimizer_s = (updated * (2 * p.grad_bytes() + 24 + p.param_bytes())) as f64
-        / (OPTIMIZER_HBM_EFFICIENCY * input.card.hbm_bytes_per_s);
+    let updated =
+        if input.stage.shards_optimizer() { reduced_elems / input.world.max(1) } else { input.model.total_params() };
+    (updated * (2 * p.grad_bytes() + 24 + p.param_bytes())) as f64
+        / (OPTIMIZER_HBM_EFFICIENCY * input.card.hbm_bytes_per_s)
+}
 
-    let step_s = compute_s + optimizer_s + exposed_s;
-    let tokens_per_rank = micro_steps * tokens;
-    let timing = Timing {
+/// The step's time and throughput from its compute, update and exposed communication.
+fn timing(input: &PlanInput, micro_steps: u64, compute: &Compute, optimizer_s: f64, exposed_s: f64) -> Timing {
+    let step_s = compute.compute_s + optimizer_s + exposed_s;
+    let tokens_per_rank = micro_steps * (input.micro_batch * input.seq);
+    Timing {
         micro_steps,
         tokens_per_rank,
-        model_flops_per_token: model_fpt,
-        executed_flops_per_token: executed_fpt,
-        forward_s,
-        backward_s,
-        compute_s,
+        model_flops_per_token: compute.model_fpt,
+        executed_flops_per_token: compute.executed_fpt,
+        forward_s: compute.forward_s,
+        backward_s: compute.backward_s,
+        compute_s: compute.compute_s,
         optimizer_s,
         exposed_comm_s: exposed_s,
         step_s,
         exposed_share: exposed_s / step_s,
         tokens_per_s_per_gpu: tokens_per_rank as f64 / step_s,
-        mfu: tokens_per_rank as f64 * model_fpt / step_s / input.card.peak_flops,
-    };
-    Ok(Plan {
-        input: input.clone(),
-        total_params: m.total_params(),
-        non_embedding_params: m.non_embedding_params(),
-        memory: memory(input, input.micro_batch),
-        comm,
-        timing,
-    })
+        mfu: tokens_per_rank as f64 * compute.model_fpt / step_s / input.card.peak_flops,
+    }
 }
