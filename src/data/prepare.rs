@@ -149,6 +149,29 @@ impl Sink<'_> {
         }
         Ok(())
     }
+
+    /// The sub-dataset's manifest once every shard is written.
+    fn manifest(&self, cfg: &PrepareConfig, issues: &[Issue]) -> SubsetManifest {
+        let tok = self.tok;
+        SubsetManifest {
+            format: "llama-cpt-subset".into(),
+            version: 1,
+            name: cfg.name.clone(),
+            vocab_size: tok.vocab_size,
+            dtype: TokenDtype::for_vocab(tok.vocab_size),
+            bos: tok.bos,
+            eos: tok.eos,
+            add_bos: tok.add_bos,
+            add_eos: tok.add_eos,
+            tokenizer_checksum: format!("{:016x}", tok.checksum),
+            n_docs: self.stats.n_docs,
+            n_tokens: self.stats.n_tokens,
+            n_loss_tokens: self.n_loss,
+            shards: self.shards.clone(),
+            n_skipped: issues.len() as u64,
+            skipped: issues.iter().map(|i| i.to_string()).collect(),
+        }
+    }
 }
 
 /// Tokenizes one corpus into `cfg.output/cfg.name/`.
@@ -161,17 +184,57 @@ pub fn prepare_subset(tok: &TextTokenizer, cfg: &PrepareConfig) -> Result<(Subse
     );
     ensure!(cfg.shard_tokens > 0, "shard_tokens must be positive");
     let dir = cfg.output.join(&cfg.name);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    clear_output_dir(&dir)?;
+    let bar = progress_bar(cfg)?;
+    let mut sink = Sink {
+        tok,
+        dir: dir.clone(),
+        shard_tokens: cfg.shard_tokens,
+        writer: None,
+        shards: Vec::new(),
+        n_loss: 0,
+        strict: cfg.strict,
+        stats: PrepareStats { threads: rayon::current_num_threads(), ..Default::default() },
+    };
+    let issues = read_and_tokenize(cfg, &mut sink, &bar)?;
+    if cfg.strict {
+        if let Some(i) = issues.first() {
+            anyhow::bail!("{} input problem(s) in {} (strict mode); first: {i}", issues.len(), cfg.input.display());
+        }
+    }
+    ensure!(
+        sink.stats.n_docs > 0,
+        "{}: no usable document in {} ({} skipped)",
+        cfg.name,
+        cfg.input.display(),
+        issues.len()
+    );
+    let manifest = sink.manifest(cfg, &issues);
+    let mp = dir.join(MANIFEST);
+    let mut json = serde_json::to_string_pretty(&manifest)?;
+    json.push('\n');
+    std::fs::write(&mp, json).with_context(|| format!("writing {}", mp.display()))?;
+    let mut stats = sink.stats;
+    stats.total_secs = start.elapsed().as_secs_f64();
+    Ok((manifest, stats))
+}
+
+/// Creates the sub-dataset folder, emptied of an earlier run's shards and manifest.
+fn clear_output_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     // Remove shards of an earlier run so the folder holds exactly this run's output.
-    for e in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+    for e in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
         let p = e?.path();
         let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
         if (n.starts_with("shard-") && (n.ends_with(".bin") || n.ends_with(".tmp"))) || n == MANIFEST {
             std::fs::remove_file(&p).with_context(|| format!("removing stale {}", p.display()))?;
         }
     }
+    Ok(())
+}
 
-    let mut issues: Vec<Issue> = Vec::new();
+/// A progress bar over the corpus's bytes (hidden unless `cfg.progress`).
+fn progress_bar(cfg: &PrepareConfig) -> Result<indicatif::ProgressBar> {
     let total_bytes: u64 = {
         let mut tmp = Vec::new();
         super::corpus::list_files(&cfg.input, &mut tmp)?
@@ -179,7 +242,7 @@ pub fn prepare_subset(tok: &TextTokenizer, cfg: &PrepareConfig) -> Result<(Subse
             .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
             .sum()
     };
-    let bar = if cfg.progress {
+    Ok(if cfg.progress {
         let b = indicatif::ProgressBar::new(total_bytes);
         b.set_style(
             indicatif::ProgressStyle::with_template(
@@ -192,20 +255,15 @@ pub fn prepare_subset(tok: &TextTokenizer, cfg: &PrepareConfig) -> Result<(Subse
         b
     } else {
         indicatif::ProgressBar::hidden()
-    };
+    })
+}
 
-    let mut sink = Sink {
-        tok,
-        dir: dir.clone(),
-        shard_tokens: cfg.shard_tokens,
-        writer: None,
-        shards: Vec::new(),
-        n_loss: 0,
-        strict: cfg.strict,
-        stats: PrepareStats { threads: rayon::current_num_threads(), ..Default::default() },
-    };
+/// Reads the corpus into `sink` in chunks (tokenized in parallel, written in order); returns
+/// everything skipped, in file/line order.
+fn read_and_tokenize(cfg: &PrepareConfig, sink: &mut Sink<'_>, bar: &indicatif::ProgressBar) -> Result<Vec<Issue>> {
     const CHUNK_DOCS: usize = 8192;
     const CHUNK_BYTES: usize = 16 << 20;
+    let mut issues: Vec<Issue> = Vec::new();
     let mut chunk: Vec<Document> = Vec::new();
     let mut chunk_bytes = 0usize;
     let mut chunk_issues: Vec<Issue> = Vec::new();
@@ -225,43 +283,7 @@ pub fn prepare_subset(tok: &TextTokenizer, cfg: &PrepareConfig) -> Result<(Subse
     issues.extend(chunk_issues);
     // Corpus-reading issues and tokenization issues, in file/line order.
     issues.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
-    if cfg.strict {
-        if let Some(i) = issues.first() {
-            anyhow::bail!("{} input problem(s) in {} (strict mode); first: {i}", issues.len(), cfg.input.display());
-        }
-    }
-    ensure!(
-        sink.stats.n_docs > 0,
-        "{}: no usable document in {} ({} skipped)",
-        cfg.name,
-        cfg.input.display(),
-        issues.len()
-    );
-    let manifest = SubsetManifest {
-        format: "llama-cpt-subset".into(),
-        version: 1,
-        name: cfg.name.clone(),
-        vocab_size: tok.vocab_size,
-        dtype: TokenDtype::for_vocab(tok.vocab_size),
-        bos: tok.bos,
-        eos: tok.eos,
-        add_bos: tok.add_bos,
-        add_eos: tok.add_eos,
-        tokenizer_checksum: format!("{:016x}", tok.checksum),
-        n_docs: sink.stats.n_docs,
-        n_tokens: sink.stats.n_tokens,
-        n_loss_tokens: sink.n_loss,
-        shards: sink.shards.clone(),
-        n_skipped: issues.len() as u64,
-        skipped: issues.iter().map(|i| i.to_string()).collect(),
-    };
-    let mp = dir.join(MANIFEST);
-    let mut json = serde_json::to_string_pretty(&manifest)?;
-    json.push('\n');
-    std::fs::write(&mp, json).with_context(|| format!("writing {}", mp.display()))?;
-    let mut stats = sink.stats;
-    stats.total_secs = start.elapsed().as_secs_f64();
-    Ok((manifest, stats))
+    Ok(issues)
 }
 
 /// Writes already tokenized documents as sub-dataset `output/name/` (shards + manifest), without
