@@ -1,5 +1,6 @@
 //! `evaluate`: perplexity / bits per character on text sets, and multiple-choice benchmarks
 //! (MMLU, CMMLU, C-Eval, AGIEval, GAOKAO-Bench layouts) scored by first-token logits.
+#![warn(clippy::too_many_lines)] // no function over 80 code lines (clippy.toml)
 use anyhow::{Context, Result};
 use clap::Parser;
 use llama_cpt::backend::Backend;

@@ -1,5 +1,6 @@
 //! `generate`: continue a prompt with a model directory (HF layout + tokenizer.json), streaming
 //! tokens as they come. KV-cached; greedy by default, or temperature / top-k / top-p sampling.
+#![warn(clippy::too_many_lines)] // no function over 80 code lines (clippy.toml)
 use anyhow::Result;
 use clap::Parser;
 use llama_cpt::backend::Backend;

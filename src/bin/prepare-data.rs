@@ -7,6 +7,7 @@
 //!     [--bos|--no-bos] [--eos|--no-eos] [--strict] [--no-progress]
 //! ```
 //! Each `--input NAME=PATH` becomes the sub-dataset `OUT/NAME/` (shards + manifest.json).
+#![warn(clippy::too_many_lines)] // no function over 80 code lines (clippy.toml)
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};

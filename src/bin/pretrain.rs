@@ -5,6 +5,7 @@
 //!
 //! Launched by `mpirun`/`srun` (or with torchrun-style `RANK`/`WORLD_SIZE`), every process is one
 //! data-parallel rank: rank 0 logs and writes the model, every rank writes its optimizer shard.
+#![warn(clippy::too_many_lines)] // no function over 80 code lines (clippy.toml)
 use anyhow::{Context, Result};
 use clap::Parser;
 use llama_cpt::backend::Backend;

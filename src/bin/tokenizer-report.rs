@@ -4,6 +4,7 @@
 //! tokenizer-report --tokenizer llama2=a/tokenizer.json --tokenizer colossal=b/tokenizer.json \
 //!     --set zh=data/corpora/zh --set en=data/corpora/en [--json]
 //! ```
+#![warn(clippy::too_many_lines)] // no function over 80 code lines (clippy.toml)
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};

@@ -151,7 +151,7 @@ fn attention_shape(g: &GgufFile, origin: &str, hidden: u64) -> Result<(u64, u64,
     }
     let head_dim = match opt_u64(g, &k("attention.key_length"))? {
         Some(d) => d,
-        None if hidden % heads == 0 => hidden / heads,
+        None if hidden.is_multiple_of(heads) => hidden / heads,
         None => bail!("{origin}: metadata `llama.embedding_length` ({hidden}) is not a multiple of `llama.attention.head_count` ({heads})"),
     };
     if let Some(v) = opt_u64(g, &k("attention.value_length"))? {

@@ -4,6 +4,7 @@
 //!
 //!     zero-plan --model llama2-7b --vocab 69104 --world 64 --gpus-per-node 8 --stage 1 \
 //!         --micro-batch 1 --seq 4096 --card a800 [--nics-per-node 8] [--checkpoint-layers] [--json]
+#![warn(clippy::too_many_lines)] // no function over 80 code lines (clippy.toml)
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use llama_cpt_parallel::plan::{self, Bottleneck, Card, ModelShape, Plan, PlanInput, Precision, ZeroStage, GIB};
