@@ -1,59 +1,16 @@
 //! Evaluation and generation: agreement with transformers on choice logits, chosen answers and
 //! greedy generations; the published layouts read from the sample sets; bad rows reported.
 mod common;
-use llama_cpt::config::LlamaConfig;
+#[path = "common/eval_model.rs"]
+mod eval_model;
+use eval_model::{fixtures, model_dir, tokenizer};
 use llama_cpt::cpu::Cpu;
-use llama_cpt::data::tokenizer::{SpecialTokenOptions, TextTokenizer};
+use llama_cpt::data::tokenizer::TextTokenizer;
 use llama_cpt::eval::{load, mc, ppl, prompt, questions};
 use llama_cpt::generate::{generate, Sampling};
 use llama_cpt::model::Llama;
-use llama_cpt::train::default_run;
-use llama_cpt::weights::StoreDtype;
 use std::path::PathBuf;
-use std::sync::OnceLock;
 use std::time::Instant;
-
-fn fixtures() -> PathBuf {
-    common::repo_root().join("tests/fixtures/eval")
-}
-
-/// A random model (weights ×5 so that logits are well separated) with a byte-level BPE tokenizer
-/// trained on English and Chinese text, saved as an HF directory.
-fn model_dir() -> &'static PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("eval-model");
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut texts: Vec<String> = Vec::new();
-        for f in ["mmlu/dev/astronomy_dev.csv", "mmlu/test/astronomy_test.csv", "cmmlu/dev/chinese_literature.csv", "cmmlu/test/chinese_literature.csv"] {
-            texts.extend(std::fs::read_to_string(fixtures().join(f)).unwrap().lines().map(String::from));
-        }
-        texts.push("The following are multiple choice questions (with answers) about astronomy. Answer: A B C D 以下是关于的单项选择题，请直接给出正确答案的选项。答案：".into());
-        default_run::train_bpe_tokenizer(&dir.join("tokenizer.json"), &texts, 600, false).unwrap();
-        let tok = TextTokenizer::load(&dir.join("tokenizer.json"), &SpecialTokenOptions::default()).unwrap();
-        let vocab = (tok.vocab_size as usize).div_ceil(64) * 64;
-        let mut config = LlamaConfig::small(vocab, 64, 128, 2, 4, 2, false);
-        config.bos_token_id = Some(0);
-        config.eos_token_ids = vec![1];
-        config.max_position_embeddings = 2048;
-        let mut m = Llama::random(&Cpu, config, 11);
-        for p in m.params.iter_mut().filter(|p| p.decay) {
-            p.value.buf_mut().iter_mut().for_each(|x| *x *= 5.0);
-        }
-        m.save(&Cpu, &dir, StoreDtype::F32, None).unwrap();
-        dir
-    })
-}
-
-fn tokenizer() -> TextTokenizer {
-    let d = model_dir();
-    TextTokenizer::load(
-        &d.join("tokenizer.json"),
-        &SpecialTokenOptions { model_config: Some(d.join("config.json")), add_bos: Some(true), add_eos: Some(false) },
-    )
-    .unwrap()
-}
 
 #[test]
 fn choice_logits_answers_and_greedy_generation_agree_with_transformers() {
@@ -61,12 +18,12 @@ fn choice_logits_answers_and_greedy_generation_agree_with_transformers() {
     let model = Llama::load(&Cpu, dir).unwrap();
     let tok = tokenizer();
     let style = prompt::PromptStyle::Colossal;
-    let letters = prompt::letter_ids(&tok, style).unwrap();
+    let letters = prompt::letter_ids(&tok, style, 4).unwrap();
     let mut prompts = Vec::new();
     let mut ours = Vec::new();
     for (format, sub) in [(questions::Format::Mmlu, "mmlu"), (questions::Format::Cmmlu, "cmmlu")] {
         let mut issues = vec![];
-        let subjects = load::load(format, &fixtures().join(sub), &mut issues).unwrap();
+        let subjects = load::load(format, &fixtures().join(sub), 5, &mut issues).unwrap();
         assert!(issues.is_empty(), "{issues:?}");
         let r = mc::evaluate(&model, &Cpu, &tok, format, style, &subjects, 5, 2048, 700, vec![]).unwrap();
         for s in &subjects {
@@ -130,12 +87,12 @@ fn every_published_layout_loads_from_the_samples() {
     ];
     for (dir, format, n) in counts {
         let mut issues = vec![];
-        let subjects = load::load(format, &fixtures().join(dir), &mut issues).unwrap();
+        let subjects = load::load(format, &fixtures().join(dir), 0, &mut issues).unwrap();
         assert!(issues.is_empty(), "{dir}: {issues:?}");
         assert_eq!(subjects.iter().map(|s| s.test.len()).sum::<usize>(), n, "{dir}");
     }
     let mut issues = vec![];
-    let s = load::load(questions::Format::Ceval, &fixtures().join("ceval"), &mut issues).unwrap();
+    let s = load::load(questions::Format::Ceval, &fixtures().join("ceval"), 5, &mut issues).unwrap();
     assert_eq!(
         (s[0].name.as_str(), s[0].title.as_str(), s[0].dev.len(), s[0].test[1].answer, s[0].test[1].id.as_str()),
         ("high_school_geography", "高中地理", 2, 1, "1")
@@ -145,11 +102,14 @@ fn every_published_layout_loads_from_the_samples() {
 #[test]
 fn bad_rows_are_reported_with_file_and_line_and_the_rest_scored() {
     let mut issues = vec![];
-    let subjects = load::load(questions::Format::Mmlu, &fixtures().join("bad"), &mut issues).unwrap();
+    let subjects = load::load(questions::Format::Mmlu, &fixtures().join("bad"), 5, &mut issues).unwrap();
     assert_eq!(subjects.len(), 1);
     assert_eq!(subjects[0].test.len(), 2);
     let joined = issues.join("\n");
-    assert!(joined.contains("broken_test.csv:2") && joined.contains("expected 6 columns"), "{joined}");
+    assert!(
+        joined.contains("broken_test.csv:2") && joined.contains("5 columns where ColossalEval's loader asserts 6"),
+        "{joined}"
+    );
     assert!(joined.contains("broken_test.csv:3") && joined.contains("\"E\" is not one of"), "{joined}");
     assert!(joined.contains("\"empty\" has no usable questions"), "{joined}");
     let model = Llama::load(&Cpu, model_dir()).unwrap();
@@ -186,9 +146,11 @@ fn bits_per_character_counts_every_token_once() {
     assert!((whole.bits_per_char - whole.nll_nats / std::f64::consts::LN_2 / whole.chars as f64).abs() < 1e-12);
 }
 
-fn load(format: questions::Format, dir: &str) -> Vec<questions::Subject> {
+/// Loads a fixture folder that should hold no problems (`shots`: 0 to leave AGIEval's few-shot
+/// file out).
+fn load(format: questions::Format, dir: &str, shots: usize) -> Vec<questions::Subject> {
     let mut issues = vec![];
-    let subjects = load::load(format, &fixtures().join(dir), &mut issues).unwrap();
+    let subjects = load::load(format, &fixtures().join(dir), shots, &mut issues).unwrap();
     assert!(issues.is_empty(), "{dir}: {issues:?}");
     subjects
 }
@@ -228,7 +190,7 @@ fn colossal_prompt(
 ///   template (`conv_plain`: no system text, messages concatenated).
 #[test]
 fn colossal_prompts_are_colossal_eval_s_byte_for_byte() {
-    let mmlu = load(questions::Format::Mmlu, "mmlu");
+    let mmlu = load(questions::Format::Mmlu, "mmlu", 5);
     let five_shot = colossal_prompt(questions::Format::Mmlu, &mmlu[0], 0, 5, 2048);
     assert_eq!(
         five_shot.text,
@@ -253,7 +215,7 @@ fn colossal_prompts_are_colossal_eval_s_byte_for_byte() {
         "The following is a single-choice question on Cooking. Answer the question by replying A, B, C or D.\n\n\
          Question: Which utensil is used to flip pancakes?\nA. A spatula\nB. A whisk\nC. A sieve\nD. A funnel\nAnswer: "
     );
-    let cmmlu = load(questions::Format::Cmmlu, "cmmlu");
+    let cmmlu = load(questions::Format::Cmmlu, "cmmlu", 5);
     assert_eq!(
         colossal_prompt(questions::Format::Cmmlu, &cmmlu[0], 1, 1, 2048).text,
         "以下是关于中国文学的单项选择题，请直接给出正确答案的选项。\n\n\
@@ -264,7 +226,7 @@ fn colossal_prompts_are_colossal_eval_s_byte_for_byte() {
         colossal_prompt(questions::Format::Cmmlu, &cmmlu[0], 3, 0, 2048).text,
         "以下是关于中国文学的单项选择题，请直接给出正确答案的选项。\n\n题目：“举头望明月”的下一句是？\nA. 低头思故乡\nB. 疑是地上霜\nC. 床前明月光\nD. 夜来风雨声\n答案："
     );
-    let ceval = load(questions::Format::Ceval, "ceval");
+    let ceval = load(questions::Format::Ceval, "ceval", 5);
     assert_eq!(
         colossal_prompt(questions::Format::Ceval, &ceval[0], 0, 5, 2048).text,
         "以下是中国关于高中地理考试的单项选择题，请选出其中的正确答案。\n\n\
@@ -272,7 +234,7 @@ fn colossal_prompts_are_colossal_eval_s_byte_for_byte() {
          题目：长江注入哪个海？\nA. 东海\nB. 黄海\nC. 南海\nD. 渤海\n答案：A\n\n\
          题目：中国最长的河流是？\nA. 黄河\nB. 长江\nC. 珠江\nD. 淮河\n答案："
     );
-    let agieval = load(questions::Format::Agieval, "agieval");
+    let agieval = load(questions::Format::Agieval, "agieval", 0);
     assert_eq!(
         colossal_prompt(questions::Format::Agieval, &agieval[0], 0, 5, 2048).text,
         "Tom has three apples. He gives one to Anna and buys two more.\n\n\
@@ -283,7 +245,7 @@ fn colossal_prompts_are_colossal_eval_s_byte_for_byte() {
         colossal_prompt(questions::Format::Agieval, &agieval[1], 1, 5, 2048).text,
         "问题：下列哪个数是偶数？ 从以下选项中选择：(A)3 (B)7 (C)8 (D)11\n答案："
     );
-    let gaokao = load(questions::Format::Gaokao, "gaokao");
+    let gaokao = load(questions::Format::Gaokao, "gaokao", 5);
     assert_eq!(gaokao[0].title, "Sample Chinese MCQs");
     assert_eq!(
         colossal_prompt(questions::Format::Gaokao, &gaokao[0], 0, 5, 2048).text,
@@ -298,7 +260,7 @@ fn colossal_prompts_are_colossal_eval_s_byte_for_byte() {
 #[test]
 fn colossal_few_shot_budget_and_middle_truncation_follow_colossal_eval() {
     let tok = tokenizer();
-    let mmlu = load(questions::Format::Mmlu, "mmlu");
+    let mmlu = load(questions::Format::Mmlu, "mmlu", 5);
     let full = colossal_prompt(questions::Format::Mmlu, &mmlu[0], 0, 5, 2048);
     let query_and_answer =
         questions::encode_prompt(&tok, &format!("{}B", mmlu[0].test[0].colossal_query)).unwrap().len();
@@ -326,7 +288,7 @@ fn colossal_few_shot_budget_and_middle_truncation_follow_colossal_eval() {
 #[test]
 fn colossal_letter_ids_are_the_tokens_after_answer() {
     let tok = tokenizer();
-    let ids = prompt::letter_ids(&tok, prompt::PromptStyle::Colossal).unwrap();
+    let ids = prompt::letter_ids(&tok, prompt::PromptStyle::Colossal, 4).unwrap();
     for (letter, ids) in questions::LETTERS.iter().zip(&ids) {
         let en = *tok.encode_text(&format!("Answer: {letter}")).unwrap().last().unwrap();
         let zh = *tok.encode_text(&format!("答案：{letter}")).unwrap().last().unwrap();
@@ -372,7 +334,7 @@ fn evaluate_json_keeps_every_run_and_every_question_and_dumps_prompts() {
     let correct = per.iter().filter(|q| q["pick"] == q["answer"]).count();
     assert_eq!(correct as u64, first["correct"].as_u64().unwrap());
     let text = std::fs::read_to_string(out.join("prompts/1-mmlu/astronomy/0.txt")).unwrap();
-    let subjects = load(questions::Format::Mmlu, "mmlu");
+    let subjects = load(questions::Format::Mmlu, "mmlu", 5);
     let expected = colossal_prompt(questions::Format::Mmlu, &subjects[0], 0, 2, 2048);
     assert_eq!(text, expected.text);
     // Counted with the tokenizer `evaluate` loads (the model directory's own settings).

@@ -87,11 +87,11 @@ fn run<B: Backend>(backend: &B, a: &Args) -> Result<()> {
         let (fmt, dir) = spec.split_once('=').with_context(|| format!("--mc {spec}: expected FORMAT=DIR"))?;
         let format: questions::Format = fmt.parse()?;
         let mut issues = Vec::new();
-        let subjects = load::load(format, dir.as_ref(), &mut issues)?;
+        let subjects = load::load(format, dir.as_ref(), a.shots, &mut issues)?;
         let r =
             mc::evaluate(&model, backend, &tok, format, style, &subjects, a.shots, max_tokens, a.batch_tokens, issues)?;
         for i in &r.issues {
-            eprintln!("{fmt}: skipped {i}");
+            eprintln!("{fmt}: {i}");
         }
         println!("{}", mc::table(&r));
         if let Some(root) = &a.dump_prompts {

@@ -83,7 +83,7 @@ fn run<B: Backend>(backend: &B, a: &Args) -> Result<()> {
         produced.push(t);
         if !a.ids {
             // Decode the whole continuation each time so multi-byte characters print whole.
-            let text = tok.inner().decode(&produced, true).unwrap_or_default();
+            let text = tok.decode(&produced, true).unwrap_or_default();
             if text.len() > shown.len() && text.starts_with(shown.as_str()) && !text.ends_with('\u{fffd}') {
                 print!("{}", &text[shown.len()..]);
                 let _ = out.flush();
@@ -98,7 +98,7 @@ fn run<B: Backend>(backend: &B, a: &Args) -> Result<()> {
             serde_json::json!({"prompt_ids": prompt, "ids": ids, "seconds": secs, "tokens_per_s": ids.len() as f64 / secs})
         );
     } else {
-        let text = tok.inner().decode(&produced, true).unwrap_or_default();
+        let text = tok.decode(&produced, true).unwrap_or_default();
         println!("{}", &text[shown.len().min(text.len())..]);
         eprintln!("[{} tokens in {secs:.2}s: {:.1} tokens/s]", ids.len(), ids.len() as f64 / secs);
     }

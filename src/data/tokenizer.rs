@@ -43,6 +43,9 @@ pub struct TextTokenizer {
     pub vocab_size: u64,
     /// XXH64 of the tokenizer.json bytes (recorded in manifests).
     pub checksum: u64,
+    /// `clean_up_tokenization_spaces` of `tokenizer_config.json` (false when absent, transformers'
+    /// default since 4.45): [`TextTokenizer::decode`] then tidies spaces before punctuation.
+    pub clean_up_tokenization_spaces: bool,
 }
 
 fn token_str(v: &serde_json::Value) -> Option<String> {
@@ -51,6 +54,12 @@ fn token_str(v: &serde_json::Value) -> Option<String> {
         serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
         _ => None,
     }
+}
+
+/// A JSON file (a model config, a tokenizer config), with its path in every error.
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))
 }
 
 fn first_id(v: Option<&serde_json::Value>) -> Option<u32> {
@@ -69,26 +78,9 @@ impl TextTokenizer {
             .map_err(|e| anyhow!("loading tokenizer {}: {e}", tokenizer_json.display()))?;
         let checksum = super::hash::xxh64(&bytes, 0);
 
-        let model_cfg: Option<serde_json::Value> = match &opts.model_config {
-            Some(p) => Some(
-                serde_json::from_slice(
-                    &std::fs::read(p).with_context(|| format!("reading model config {}", p.display()))?,
-                )
-                .with_context(|| format!("parsing model config {}", p.display()))?,
-            ),
-            None => None,
-        };
+        let model_cfg = opts.model_config.as_deref().map(read_json).transpose()?;
         let tc_path = tokenizer_json.with_file_name("tokenizer_config.json");
-        let tok_cfg: Option<serde_json::Value> = if tc_path.exists() {
-            Some(
-                serde_json::from_slice(
-                    &std::fs::read(&tc_path).with_context(|| format!("reading {}", tc_path.display()))?,
-                )
-                .with_context(|| format!("parsing {}", tc_path.display()))?,
-            )
-        } else {
-            None
-        };
+        let tok_cfg = if tc_path.exists() { Some(read_json(&tc_path)?) } else { None };
         let resolve = |cfg_key: &str, tc_key: &str, fallbacks: &[&str]| -> Option<u32> {
             if let Some(id) = model_cfg.as_ref().and_then(|c| first_id(c.get(cfg_key))) {
                 return Some(id);
@@ -137,7 +129,22 @@ impl TextTokenizer {
             }
             None => tok_vocab,
         };
-        Ok(TextTokenizer { tok, path: tokenizer_json.to_path_buf(), bos, eos, add_bos, add_eos, vocab_size, checksum })
+        let clean_up_tokenization_spaces = tok_cfg
+            .as_ref()
+            .and_then(|c| c.get("clean_up_tokenization_spaces"))
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        Ok(TextTokenizer {
+            tok,
+            path: tokenizer_json.to_path_buf(),
+            bos,
+            eos,
+            add_bos,
+            add_eos,
+            vocab_size,
+            checksum,
+            clean_up_tokenization_spaces,
+        })
     }
 
     /// The tokenizer of a model directory for inference (evaluation, generation): `tokenizer`
@@ -157,6 +164,16 @@ impl TextTokenizer {
 
     pub fn inner(&self) -> &Tokenizer {
         &self.tok
+    }
+
+    /// Ids to text as transformers' `decode` gives it (special tokens skipped when asked), spaces
+    /// tidied when the tokenizer config asks for it. transformers 4.x (ColossalAI pins 4.51.3)
+    /// tidies for every tokenizer model; 5.x passes over BPE models unless
+    /// `clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output` is set; this
+    /// follows 4.x, as ColossalEval runs on it.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        let text = self.tok.decode(ids, skip_special_tokens).map_err(|e| anyhow!("decoding: {e}"))?;
+        Ok(if self.clean_up_tokenization_spaces { clean_up_tokenization(&text) } else { text })
     }
 
     /// Plain encoding of a text, no special tokens.
@@ -191,4 +208,23 @@ impl TextTokenizer {
         }
         Ok((ids, mask))
     }
+}
+
+/// transformers' `clean_up_tokenization`: the space before `.`, `?`, `!`, `,` and English
+/// contractions goes, in this order.
+pub fn clean_up_tokenization(text: &str) -> String {
+    [
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ]
+    .iter()
+    .fold(text.to_string(), |t, (from, to)| t.replace(from, to))
 }

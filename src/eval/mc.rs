@@ -2,7 +2,7 @@
 //! the choice letters' logits (per letter, the max over its token ids). The questions come from
 //! [`super::load`], their prompts from [`super::prompt`] in either style.
 use super::prompt::{self, colossal, PromptStyle};
-use super::questions::{letter_index, Format, Prompt, Question, Subject, LETTERS};
+use super::questions::{Format, Prompt, Question, Subject, LETTERS};
 use crate::backend::Backend;
 use crate::batch::Batch;
 use crate::data::tokenizer::TextTokenizer;
@@ -24,7 +24,8 @@ pub struct SubjectScore {
     pub questions: usize,
     pub correct: usize,
     pub accuracy: f64,
-    /// AGIEval/GAOKAO: also counting a greedy answer whose first capital A–D is right.
+    /// AGIEval/GAOKAO: also counting a greedy answer whose first choice letter is right
+    /// (ColossalEval's `combined_single_choice_accuracy`).
     pub combined_correct: Option<usize>,
     pub shots_used_min: usize,
 }
@@ -39,7 +40,8 @@ pub struct QuestionResult {
     pub origin: String,
     pub prompt_tokens: usize,
     pub shots: usize,
-    /// Per letter A–D, the first predicted token's logit (the max over the letter's token ids).
+    /// Per letter of the subject (A–D, or more for AGIEval and GAOKAO), the first predicted
+    /// token's logit (the max over the letter's token ids).
     pub letter_logits: Vec<f32>,
     pub pick: String,
     pub answer: String,
@@ -79,11 +81,12 @@ pub fn evaluate<B: Backend>(
     batch_tokens: usize,
     issues: Vec<String>,
 ) -> Result<McReport> {
+    let most_classes = subjects.iter().map(|s| s.classes).max().unwrap_or(4);
     let scorer = Scorer {
         model,
         backend,
         tok,
-        letters: prompt::letter_ids(tok, style)?,
+        letters: prompt::letter_ids(tok, style, most_classes)?,
         combined: matches!(format, Format::Agieval | Format::Gaokao),
     };
     let mut report = McReport {
@@ -99,9 +102,12 @@ pub fn evaluate<B: Backend>(
     };
     let mut combined_total = 0;
     for s in subjects {
-        if let Some(why) = colossal::not_first_token_scored(format, s).filter(|_| style == PromptStyle::Colossal) {
-            report.issues.push(why);
-            continue;
+        if style == PromptStyle::Colossal {
+            if let Some(why) = colossal::not_first_token_scored(format, s) {
+                report.issues.push(why);
+                continue;
+            }
+            report.issues.extend(colossal::unknown_subject_note(format, s));
         }
         let mut prompts = Vec::new();
         for q in &s.test {
@@ -124,8 +130,9 @@ pub fn evaluate<B: Backend>(
     Ok(report)
 }
 
-/// What scoring needs besides the prompts: the model, the letters' token ids, and whether greedy
-/// answers count too (AGIEval, GAOKAO).
+/// What scoring needs besides the prompts: the model, the letters' token ids (of the subject with
+/// the most letters; each subject takes its first ones), and whether greedy answers count too
+/// (AGIEval, GAOKAO).
 struct Scorer<'a, B: Backend> {
     model: &'a Llama<B>,
     backend: &'a B,
@@ -149,10 +156,10 @@ impl<B: Backend> Scorer<'_, B> {
             let (batch, last) = packed_batch(&chunk);
             let logits = self.model.logits_at(self.backend, &batch, &last)?;
             for (i, (q, p)) in chunk.iter().enumerate() {
-                let (pick, per) = choose(&logits[i * v..(i + 1) * v], &self.letters);
+                let (pick, per) = choose(&logits[i * v..(i + 1) * v], &self.letters[..s.classes]);
                 let ok = pick == q.answer;
                 if self.combined {
-                    comb += (ok || self.greedy_letter(&p.ids)? == Some(q.answer)) as usize;
+                    comb += (ok || self.greedy_letter(&p.ids, s.classes)? == Some(q.answer)) as usize;
                 }
                 results.push(QuestionResult {
                     subject: s.name.clone(),
@@ -181,13 +188,25 @@ impl<B: Backend> Scorer<'_, B> {
         Ok((score, results))
     }
 
-    /// The first capital A–D of an 8-token greedy answer to `ids`.
-    fn greedy_letter(&self, ids: &[u32]) -> Result<Option<usize>> {
+    /// The choice letter ColossalEval reads from its greedy answer to `ids` (32 new tokens,
+    /// decoded as transformers decodes them).
+    fn greedy_letter(&self, ids: &[u32], classes: usize) -> Result<Option<usize>> {
         let eos: Vec<u32> = self.tok.eos.into_iter().collect();
-        let gen = generate(self.model, self.backend, ids, 8, &Sampling::GREEDY, &eos, None, |_| {})?;
-        let text = self.tok.inner().decode(&gen, true).unwrap_or_default();
-        Ok(text.chars().find(|c| c.is_ascii_uppercase()).and_then(|c| letter_index(&c.to_string())))
+        let new_tokens = colossal::MAX_NEW_TOKENS;
+        let gen = generate(self.model, self.backend, ids, new_tokens, &Sampling::GREEDY, &eos, None, |_| {})?;
+        Ok(first_choice_letter(self.tok.decode(&gen, true)?.trim(), classes))
     }
+}
+
+/// `single_choice_accuracy`'s reading of an answer: the first of the `classes` letters that has no
+/// lower-case ASCII letter on either side (`(?<![a-z])[A-D](?![a-z])`).
+pub fn first_choice_letter(text: &str, classes: usize) -> Option<usize> {
+    let chars: Vec<char> = text.chars().collect();
+    let lower = |i: Option<usize>| i.and_then(|i| chars.get(i)).is_some_and(char::is_ascii_lowercase);
+    (0..chars.len()).find_map(|i| {
+        let letter = LETTERS[..classes].iter().position(|l| l.starts_with(chars[i]))?;
+        (!lower(i.checked_sub(1)) && !lower(Some(i + 1))).then_some(letter)
+    })
 }
 
 /// The prompts of `chunk` as separate documents of one row, and each one's last position.
@@ -234,7 +253,10 @@ pub fn table(r: &McReport) -> String {
         100.0 * r.accuracy
     ));
     if let Some(c) = r.combined_accuracy {
-        s.push_str(&format!("combined (first-token or greedy first capital): {:.1}%\n", 100.0 * c));
+        s.push_str(&format!(
+            "combined (first-token, or the first choice letter of a 32-token greedy answer): {:.1}%\n",
+            100.0 * c
+        ));
     }
     s
 }

@@ -5,4 +5,5 @@ pub mod load;
 pub mod mc;
 pub mod ppl;
 pub mod prompt;
+pub mod pyliteral;
 pub mod questions;

@@ -4,7 +4,12 @@ use crate::data::tokenizer::TextTokenizer;
 use anyhow::{bail, Result};
 use serde::Serialize;
 
-pub const LETTERS: [&str; 4] = ["A", "B", "C", "D"];
+/// Choice letters: MMLU, CMMLU and C-Eval use A–D; AGIEval (up to G) and GAOKAO (as many as its
+/// first question names) may use more ([`Subject::classes`]).
+pub const LETTERS: [&str; 26] = [
+    "A", "B", "C", "D", "E", "F", "G", "H", "I", "J", "K", "L", "M", "N", "O", "P", "Q", "R", "S", "T", "U", "V", "W",
+    "X", "Y", "Z",
+];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum Format {
@@ -35,7 +40,7 @@ pub struct Question {
     pub question: String,
     /// Choice texts, or empty when the options are inline in the question (GAOKAO).
     pub choices: Vec<String>,
-    /// 0 = A … 3 = D.
+    /// 0 = A, 1 = B, … (below the subject's [`Subject::classes`]).
     pub answer: usize,
     /// `file:line`.
     pub origin: String,
@@ -48,19 +53,37 @@ pub struct Question {
     pub colossal_target: String,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Subject {
     /// The file stem.
     pub name: String,
     /// The name ColossalEval's prompts use (title-cased, or Chinese from its subject tables).
     pub title: String,
+    /// Whether ColossalEval's tables know the subject (else `title` is the file stem).
+    pub title_known: bool,
+    /// How many letters the answer is chosen from (4: A–D; AGIEval and GAOKAO count the options
+    /// of their first record, as ColossalEval does).
+    pub classes: usize,
     pub dev: Vec<Question>,
     pub test: Vec<Question>,
 }
 
-/// 0 for `A` … 3 for `D` (surrounding spaces ignored).
-pub fn letter_index(s: &str) -> Option<usize> {
-    LETTERS.iter().position(|l| *l == s.trim())
+impl Default for Subject {
+    /// No questions, scored over A–D.
+    fn default() -> Self {
+        Subject { name: String::new(), title: String::new(), title_known: true, classes: 4, dev: vec![], test: vec![] }
+    }
+}
+
+/// 0 for `A`, 1 for `B`, … below `classes` (surrounding spaces ignored, as ColossalEval's scorer
+/// finds the letter by a regular expression).
+pub fn letter_index(s: &str, classes: usize) -> Option<usize> {
+    LETTERS[..classes].iter().position(|l| *l == s.trim())
+}
+
+/// `A–D` for 4 classes.
+pub fn letter_range(classes: usize) -> String {
+    format!("{}–{}", LETTERS[0], LETTERS[classes - 1])
 }
 
 /// Whether `s` holds a CJK unified ideograph (the prompts' language switch).

@@ -9,16 +9,21 @@
 //! - the "plain" template (no system text, no separators) that base models get
 //!   (`utils/conversation.py`), zero-shot as `instruction\n\ninput`, few-shot as the header and the
 //!   dev records each followed by `\n\n` (`get_few_shot_prefix`), then the query;
+//! - AGIEval's shots from its `few_shot_prompts.csv` (`combine_prompt`) under the header
+//!   `Here are the answers for the problems in the exam.` / `以下是考试中各个问题的答案。`;
 //! - the few-shot budget (the model length minus the query-plus-answer tokens), and the middle cut
-//!   of a prompt longer than the model length minus 32 new tokens (`models/huggingface.py`);
-//! - the choice token ids: the last token of `Answer: X` and of `答案：X`, the larger logit of the two.
+//!   of a prompt longer than the model length minus 32 new tokens (`models/huggingface.py`), its
+//!   halves decoded as transformers decodes them (`clean_up_tokenization_spaces` included);
+//! - the choice token ids: the last token of `Answer: X` and of `答案：X`, the larger logit of the
+//!   two, over the subject's letters (`all_classes`: A–D, or as many as AGIEval's and GAOKAO's
+//!   first record has).
 use crate::data::tokenizer::TextTokenizer;
 use crate::eval::questions::{encode_prompt, Format, Prompt, Question, Subject, LETTERS};
 use anyhow::{anyhow, Result};
 
 /// ColossalEval generates up to 32 tokens (`max_new_tokens` of every dataset here) and keeps the
 /// prompt under `model_max_length - 32`.
-const MAX_NEW_TOKENS: usize = 32;
+pub const MAX_NEW_TOKENS: usize = 32;
 
 /// `ceval_subject_mapping` (C-Eval file stem → the Chinese name used in its prompt).
 const CEVAL_SUBJECTS: &[(&str, &str)] = &[
@@ -237,7 +242,18 @@ pub fn not_first_token_scored(format: Format, subject: &Subject) -> Option<Strin
         Format::Gaokao => GAOKAO_MULTI_ANSWER.contains(&subject.title.as_str()),
         _ => false,
     };
-    multi.then(|| format!("subject {:?}: ColossalEval scores it by generation only (answers may be several letters), so the colossal style skips it", subject.name))
+    multi.then(|| format!("subject {:?}: ColossalEval scores it by generation only (answers may be several letters), so the colossal style skips its {} single-answer questions", subject.name, subject.test.len()))
+}
+
+/// What the colossal prompt does with a subject ColossalEval's tables lack, if it lacks it.
+pub fn unknown_subject_note(format: Format, subject: &Subject) -> Option<String> {
+    if subject.title_known {
+        return None;
+    }
+    Some(match format {
+        Format::Agieval => format!("subject {:?} is not one of ColossalEval's AGIEval tasks: its colossal prompt is in Chinese where the question has Chinese characters, with no shots", subject.name),
+        _ => format!("subject {:?} is not in ColossalEval's {format:?} subject table: its colossal prompt names it {:?}", subject.name, subject.title),
+    })
 }
 
 /// A CSV record's query (ColossalEval's `input`): MMLU in English, CMMLU and C-Eval in Chinese.
@@ -287,8 +303,17 @@ fn few_shot_header(format: Format, title: &str) -> Option<String> {
     match format {
         Format::Mmlu => Some(format!("The following are multiple choice questions (with answers) about {title}.")),
         Format::Cmmlu | Format::Ceval => instruction(format, title),
-        // AGIEval's few-shot prompts come from a separate CSV, not read here; GAOKAO has none.
-        Format::Agieval | Format::Gaokao => None,
+        // `combine_prompt`'s first line, by the task's language.
+        Format::Agieval => agieval_is_chinese(title).map(|chinese| {
+            if chinese {
+                "以下是考试中各个问题的答案。"
+            } else {
+                "Here are the answers for the problems in the exam."
+            }
+            .to_string()
+        }),
+        // ColossalEval runs GAOKAO-Bench zero-shot.
+        Format::Gaokao => None,
     }
 }
 
@@ -338,9 +363,8 @@ pub fn prompt(
         // The middle goes: the first and last `limit / 2` tokens are decoded, joined and encoded
         // again, then cut to `limit` at the end (the tokenizer's right truncation).
         let half = limit / 2;
-        let decode = |part: &[u32]| {
-            tok.inner().decode(part, true).map_err(|e| anyhow!("{}: decoding a truncated prompt: {e}", q.origin))
-        };
+        let decode =
+            |part: &[u32]| tok.decode(part, true).map_err(|e| anyhow!("{}: a truncated prompt: {e}", q.origin));
         text = format!("{}{}", decode(&ids[..half])?, decode(&ids[ids.len() - half..])?);
         ids = encode_prompt(tok, &text)?;
         ids.truncate(limit);
@@ -348,9 +372,10 @@ pub fn prompt(
     Ok(Prompt { text, ids, shots: shots_used })
 }
 
-/// Per letter A–D, the last token of `Answer: X` and of `答案：X` (one id when they agree).
-pub fn letter_ids(tok: &TextTokenizer) -> Result<Vec<Vec<u32>>> {
-    LETTERS
+/// Per letter of the first `classes`, the last token of `Answer: X` and of `答案：X` (one id when
+/// they agree).
+pub fn letter_ids(tok: &TextTokenizer, classes: usize) -> Result<Vec<Vec<u32>>> {
+    LETTERS[..classes]
         .iter()
         .map(|l| {
             let mut ids = Vec::new();

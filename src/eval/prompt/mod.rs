@@ -44,11 +44,11 @@ pub fn prompt(
     }
 }
 
-/// Token ids of each letter in `style`: ColossalEval's (after `Answer: ` and `答案：`), or the
-/// original's (unspaced and spaced, those that are single tokens).
-pub fn letter_ids(tok: &TextTokenizer, style: PromptStyle) -> Result<Vec<Vec<u32>>> {
+/// Token ids of each of the first `classes` letters in `style`: ColossalEval's (after `Answer: `
+/// and `答案：`), or the original's (unspaced and spaced, those that are single tokens).
+pub fn letter_ids(tok: &TextTokenizer, style: PromptStyle, classes: usize) -> Result<Vec<Vec<u32>>> {
     match style {
-        PromptStyle::Colossal => colossal::letter_ids(tok),
-        PromptStyle::Original => original::letter_ids(tok),
+        PromptStyle::Colossal => colossal::letter_ids(tok, classes),
+        PromptStyle::Original => original::letter_ids(tok, classes),
     }
 }

@@ -43,9 +43,9 @@ pub fn prompt(tok: &TextTokenizer, subject: &Subject, q: &Question, shots: usize
     }
 }
 
-/// Per letter, its unspaced and spaced forms that are single tokens.
-pub fn letter_ids(tok: &TextTokenizer) -> Result<Vec<Vec<u32>>> {
-    LETTERS
+/// Per letter of the first `classes`, its unspaced and spaced forms that are single tokens.
+pub fn letter_ids(tok: &TextTokenizer, classes: usize) -> Result<Vec<Vec<u32>>> {
+    LETTERS[..classes]
         .iter()
         .map(|l| {
             let mut ids: Vec<u32> = [l.to_string(), format!(" {l}")]
