@@ -17,6 +17,40 @@ pub struct AdamWTensor<'a, Buf> {
     pub decay: bool,
 }
 
+/// The sizes one forward hands to the ops, checked against what a backend's ops can take before
+/// any of them runs ([`Backend::check_forward_shape`]).
+#[derive(Clone, Copy, Debug)]
+pub struct ForwardShape {
+    /// Tokens in the forward (all rows, or the KV cache plus the new tokens).
+    pub tokens: usize,
+    pub hidden: usize,
+    pub ffn: usize,
+    pub vocab: usize,
+    pub attn: AttnShape,
+}
+
+/// Limits every backend shares: token ids, positions and document offsets are `u32`, targets `i32`.
+pub fn check_common_limits(s: &ForwardShape) -> anyhow::Result<()> {
+    let AttnShape { heads, kv_heads, head_dim } = s.attn;
+    if kv_heads == 0 || heads % kv_heads != 0 {
+        anyhow::bail!("attention: {kv_heads} KV heads must divide the {heads} query heads");
+    }
+    if head_dim == 0 || head_dim % 2 != 0 {
+        anyhow::bail!("rope: head_dim {head_dim} must be even (rotary pairs)");
+    }
+    if s.tokens > u32::MAX as usize {
+        anyhow::bail!(
+            "batch: {} tokens in one forward; positions and document offsets are u32 (at most {})",
+            s.tokens,
+            u32::MAX
+        );
+    }
+    if s.vocab > i32::MAX as usize {
+        anyhow::bail!("cross_entropy: vocabulary {} beyond the i32 targets' limit {}", s.vocab, i32::MAX);
+    }
+    Ok(())
+}
+
 pub trait Backend: Send + Sync + Sized + 'static {
     /// A device buffer (its element type is the backend's business: f32 on the CPU).
     type Buf: Clone + Send + Sync + 'static;
@@ -55,6 +89,12 @@ pub trait Backend: Send + Sync + Sized + 'static {
             launch.launcher,
             self.name()
         )
+    }
+
+    /// Refuses sizes this backend's ops cannot take, naming the op and the limit, before any op
+    /// runs (the model calls it on every batch). The CPU takes what [`check_common_limits`] allows.
+    fn check_forward_shape(&self, s: &ForwardShape) -> anyhow::Result<()> {
+        check_common_limits(s)
     }
 
     fn upload(&self, data: &[f32]) -> Self::Buf;

@@ -1,6 +1,6 @@
 //! The LLaMA decoder (transformers' `LlamaForCausalLM`), on any [`Backend`].
 use crate::autograd::{Graph, Var};
-use crate::backend::{AttnShape, Backend};
+use crate::backend::{AttnShape, Backend, ForwardShape};
 use crate::batch::Batch;
 use crate::config::LlamaConfig;
 use crate::tensor::Tensor;
@@ -180,8 +180,27 @@ impl<B: Backend> Llama<B> {
         self.params.iter().map(|p| p.value.numel()).sum()
     }
 
-    fn check_batch(&self, batch: &Batch) -> Result<()> {
+    /// The sizes a forward over `tokens` tokens hands to the backend's ops.
+    fn forward_shape(&self, tokens: usize) -> ForwardShape {
+        let c = &self.config;
+        ForwardShape {
+            tokens,
+            hidden: c.hidden_size,
+            ffn: c.intermediate_size,
+            vocab: c.vocab_size,
+            attn: AttnShape { heads: c.num_attention_heads, kv_heads: c.num_key_value_heads, head_dim: c.head_dim },
+        }
+    }
+
+    /// Whether `backend` can run a forward of `tokens` tokens through this model (the op and the
+    /// limit when it cannot).
+    pub fn check_forward(&self, backend: &B, tokens: usize) -> Result<()> {
+        backend.check_forward_shape(&self.forward_shape(tokens))
+    }
+
+    fn check_batch(&self, backend: &B, batch: &Batch) -> Result<()> {
         let t = batch.rows * batch.seq_len;
+        self.check_forward(backend, t)?;
         if batch.tokens.len() != t || batch.targets.len() != t || batch.positions.len() != t {
             bail!("batch: tokens, targets and positions must each hold rows×seq_len = {t} values");
         }
@@ -206,7 +225,7 @@ impl<B: Backend> Llama<B> {
         LayerCtx {
             eps: c.rms_norm_eps,
             theta: c.rope_theta,
-            shape: AttnShape { heads: c.num_attention_heads, kv_heads: c.num_key_value_heads, head_dim: c.head_dim },
+            shape: self.forward_shape(0).attn,
             positions: Arc::new(positions),
             attn,
         }
@@ -238,7 +257,7 @@ impl<B: Backend> Llama<B> {
 
     /// Records the forward on `g`; returns the parameter variables and the logits `[tokens, vocab]`.
     pub fn forward(&self, g: &Graph<B>, batch: &Batch, opts: StepOptions) -> Result<(Vec<Var<B>>, Var<B>)> {
-        self.check_batch(batch)?;
+        self.check_batch(g.backend(), batch)?;
         let vars: Vec<Var<B>> = self.params.iter().map(|p| g.leaf(p.value.clone())).collect();
         let ctx = self.layer_ctx(batch.positions.clone(), AttnMode::Varlen(Arc::new(batch.cu_seqlens.clone())));
         let h = self.trunk(g, &vars, &batch.tokens, &ctx, opts);
@@ -249,7 +268,7 @@ impl<B: Backend> Llama<B> {
     /// Logits `[rows.len(), vocab]` at the given token indices of the batch only (scoring: the
     /// LM head runs on those rows alone).
     pub fn logits_at(&self, backend: &B, batch: &Batch, rows: &[usize]) -> Result<Vec<f32>> {
-        self.check_batch(batch)?;
+        self.check_batch(backend, batch)?;
         let g = Graph::inference(backend);
         let vars: Vec<Var<B>> = self.params.iter().map(|p| g.leaf(p.value.clone())).collect();
         let ctx = self.layer_ctx(batch.positions.clone(), AttnMode::Varlen(Arc::new(batch.cu_seqlens.clone())));
@@ -269,6 +288,7 @@ impl<B: Backend> Llama<B> {
             bail!("token id {id} is outside the model's vocabulary ({v})");
         }
         let start = cache.len;
+        self.check_forward(backend, start + tokens.len())?;
         let shared = Arc::new(Mutex::new(std::mem::replace(cache, KvCache::new(0))));
         let g = Graph::inference(backend);
         let vars: Vec<Var<B>> = self.params.iter().map(|p| g.leaf(p.value.clone())).collect();

@@ -395,6 +395,22 @@ fn whole_model_forward_backward_matches_cpu() {
     small_model_case(&g, 128, 5e-2);
 }
 
+/// A model the kernels cannot run (head_dim 272: the simple attention kernels hold at most 256)
+/// is refused before any launch with the op and the limit, as a `Result` like every bad batch;
+/// the CPU, which has no such limit, runs it.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn unsupported_shapes_are_refused_before_the_launch() {
+    let g = gpu();
+    let cfg = LlamaConfig::small(100, 2 * 272, 64, 1, 2, 2, true);
+    let tokens: Vec<u32> = (0..8).collect();
+    let labels: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+    let b = Batch::from_rows(1, 8, tokens, &labels);
+    let err = Llama::random(&g, cfg.clone(), 1).loss_and_grads(&g, &b, 1.0, StepOptions::default()).unwrap_err();
+    assert_eq!(err.to_string(), "attention: head_dim 272 is beyond the CUDA kernels' 256");
+    assert!(Llama::random(&Cpu, cfg, 1).loss_and_grads(&Cpu, &b, 1.0, StepOptions::default()).is_ok());
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn allocator_is_warm_after_two_steps_and_tracks_the_peak() {

@@ -5,6 +5,10 @@ use super::*;
 impl Backend for Cuda {
     type Buf = CudaBuf;
 
+    fn check_forward_shape(&self, s: &crate::backend::ForwardShape) -> anyhow::Result<()> {
+        super::limits::check(s)
+    }
+
     fn name(&self) -> String {
         let arithmetic = if self.mixed_precision() {
             "bf16 mixed precision".to_string()

@@ -29,6 +29,7 @@ mod attention;
 mod backend;
 pub mod gemm;
 mod launch;
+pub mod limits;
 pub mod nccl;
 
 pub use alloc::{CudaBuf, DType, MemStats};

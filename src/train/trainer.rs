@@ -80,6 +80,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
             (None, Some(c)) => Llama::random(backend, LlamaConfig::from_file(c)?, cfg.model.seed),
             _ => unreachable!("validated"),
         };
+        // Shapes the backend cannot run are refused here, before any data is read.
+        model.check_forward(backend, cfg.data.micro_batch_rows * cfg.data.seq_len)?;
         let tokenizer = cfg
             .model
             .tokenizer
