@@ -51,6 +51,10 @@ pub fn check_common_limits(s: &ForwardShape) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The profile range of one optimizer step ([`Backend::profile_range`]): data, forward, backward,
+/// reduction, update, the loss download; the report gives its counts per step.
+pub const PROFILE_TRAIN_STEP: &str = "train step";
+
 pub trait Backend: Send + Sync + Sized + 'static {
     /// A device buffer (its element type is the backend's business: f32 on the CPU).
     type Buf: Clone + Send + Sync + 'static;
@@ -91,6 +95,21 @@ pub trait Backend: Send + Sync + Sized + 'static {
         )
     }
 
+    /// Counting of launches, copies and host syncs on (`pretrain --profile`), where the backend
+    /// counts them (the CUDA backend; the CPU has nothing to count).
+    fn set_profiling(&self, on: bool) {
+        let _ = on;
+    }
+    /// Counts from now on belong to range `name` (the trainer names its train steps,
+    /// evaluations and checkpoints).
+    fn profile_range(&self, name: &'static str) {
+        let _ = name;
+    }
+    /// The counts so far: per train step, and the other ranges' totals.
+    fn profile_report(&self) -> Option<String> {
+        None
+    }
+
     /// Refuses sizes this backend's ops cannot take, naming the op and the limit, before any op
     /// runs (the model calls it on every batch). The CPU takes what [`check_common_limits`] allows.
     fn check_forward_shape(&self, s: &ForwardShape) -> anyhow::Result<()> {
@@ -98,6 +117,7 @@ pub trait Backend: Send + Sync + Sized + 'static {
     }
 
     fn upload(&self, data: &[f32]) -> Self::Buf;
+    #[track_caller] // a host sync on a device: counted where the model or optimizer asked
     fn download(&self, buf: &Self::Buf) -> Vec<f32>;
     fn zeros(&self, len: usize) -> Self::Buf;
     fn len(&self, buf: &Self::Buf) -> usize;
@@ -227,6 +247,7 @@ pub trait Backend: Send + Sync + Sized + 'static {
 
     /// Mean cross-entropy over targets that are not `IGNORE_INDEX` (0 when there are none), and
     /// each row's log-sum-exp.
+    #[track_caller] // a host sync on a device: counted where the model or optimizer asked
     fn cross_entropy(&self, logits: &Self::Buf, targets: &[i32], vocab: usize) -> (f64, Self::Buf);
     fn cross_entropy_backward(
         &self,
@@ -239,6 +260,7 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// The mean loss and, at once, the gradient of the logits for an upstream gradient `dloss`
     /// (the training path, where the loss scale is known before the backward). The default runs
     /// the two methods above; a backend may fuse them (the CPU computes each exponential once).
+    #[track_caller]
     fn cross_entropy_with_grad(
         &self,
         logits: &Self::Buf,
@@ -251,6 +273,7 @@ pub trait Backend: Send + Sync + Sized + 'static {
     }
 
     /// Σ x² in f64.
+    #[track_caller] // a host sync on a device: counted where the model or optimizer asked
     fn sum_squares(&self, x: &Self::Buf) -> f64;
     /// One AdamW update of the f32 `param` (a master, or the parameter itself in f32 training) from
     /// `grad · grad_scale`; `step` counts from 1. With `working`, the updated values are also

@@ -27,6 +27,7 @@ impl<B: Backend> Tensor<B> {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
+    #[track_caller]
     pub fn to_host(&self, backend: &B) -> Vec<f32> {
         backend.download(&self.buf)
     }

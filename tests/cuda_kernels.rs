@@ -395,6 +395,36 @@ fn whole_model_forward_backward_matches_cpu() {
     small_model_case(&g, 128, 5e-2);
 }
 
+/// `--profile`'s counts: launches by kernel, GEMMs by shape, copies with their bytes, host syncs at
+/// the line that asked (the download's `#[track_caller]` reaches this file), nothing while off.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn the_profile_counts_launches_gemms_copies_and_syncs_where_they_happen() {
+    let g = gpu();
+    g.set_poison_allocations(false);
+    g.set_sync_each_launch(false);
+    g.set_profiling(true);
+    g.profile_range("test");
+    let (x, w) = (g.upload(&rand_vec(64 * 32, 1.0)), g.upload(&rand_vec(16 * 32, 1.0)));
+    let y = g.linear(&x, &w, 64, 32, 16);
+    let z = g.swiglu(&y, &y);
+    let line = line!() + 1;
+    let host = g.download(&z);
+    assert_eq!(host.len(), 64 * 16);
+    g.set_profiling(false);
+    let _ = g.download(&g.swiglu(&z, &z));
+    let all = g.profile();
+    let p = &all["test"];
+    assert_eq!(p.entered, 1);
+    assert_eq!(p.total_gemms(), 1, "{:?}", p.gemms);
+    assert_eq!(p.launches.get("swiglu_fwd_f32"), Some(&1), "{:?}", p.launches);
+    assert_eq!(p.syncs.iter().collect::<Vec<_>>(), [(&format!("tests/cuda_kernels.rs:{line} (download)"), &1)]);
+    assert_eq!(p.transfers.get("H2D"), Some(&(2, (64 * 32 + 16 * 32) * 4)));
+    assert_eq!(p.transfers.get("D2H"), Some(&(1, 64 * 16 * 4)));
+    let table = llama_cpt::cuda::profile::report(&all);
+    assert!(table.contains("test (all 1 times together): 1 launches, 1 GEMMs, 1 host syncs"), "{table}");
+}
+
 /// A model the kernels cannot run (head_dim 272: the simple attention kernels hold at most 256)
 /// is refused before any launch with the op and the limit, as a `Result` like every bad batch;
 /// the CPU, which has no such limit, runs it.

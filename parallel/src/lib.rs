@@ -52,6 +52,7 @@ pub trait Communicator<Buf>: Send + Sync {
     /// Every rank gets `root`'s buffer.
     fn broadcast(&self, buf: Buf, root: usize) -> Pending<Buf>;
     /// Sum of a few host scalars over ranks (loss sums, token counts, flags), blocking.
+    #[track_caller] // a host sync on a device: counted where the caller asked
     fn all_reduce_scalars(&self, values: &mut [f64]) -> Result<()>;
     fn barrier(&self) -> Result<()>;
     /// Bytes handed to each kind of collective so far on this rank.

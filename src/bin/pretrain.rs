@@ -41,6 +41,11 @@ struct Args {
     /// moments and gradients; emulated on the CPU).
     #[arg(long, value_enum, default_value = "f32")]
     precision: Precision,
+    /// Count what each optimizer step asks of the device (kernel launches, GEMMs by shape, copies
+    /// and memsets, host syncs by call site, the allocator's peak) and print it per step at the
+    /// end (CUDA backend; also on the emulated device).
+    #[arg(long)]
+    profile: bool,
 }
 
 fn main() -> Result<()> {
@@ -124,6 +129,14 @@ impl OnBackend for Train<'_> {
                 train::checkpoint::checkpoints_dir(&cfg.run.out_dir).display()
             );
         }
-        train::run_parallel(backend, comm.as_ref(), &cfg, self.interrupt)
+        backend.set_profiling(args.profile);
+        let outcome = train::run_parallel(backend, comm.as_ref(), &cfg, self.interrupt)?;
+        if args.profile && leader {
+            match backend.profile_report() {
+                Some(report) => eprintln!("profile of rank 0 ({}):\n{report}", backend.name()),
+                None => eprintln!("--profile: the {} backend counts nothing (use --device cuda)", backend.name()),
+            }
+        }
+        Ok(outcome)
     }
 }

@@ -98,6 +98,7 @@ pub(crate) struct Home {
     pub(crate) pool: Mutex<Pool>,
     pub(crate) ctx: Arc<cudarc::driver::CudaContext>,
     pub(crate) stream: Arc<cudarc::driver::CudaStream>,
+    pub(crate) profile: super::profile::Profiler,
 }
 
 impl Drop for Home {
@@ -190,6 +191,7 @@ impl Clone for CudaBuf {
     fn clone(&self) -> Self {
         let out = CudaBuf::alloc(&self.home, self.len, self.dtype);
         if self.len > 0 {
+            self.home.profile.transfer("D2D", self.bytes());
             unsafe { result::memcpy_dtod_async(out.ptr, self.ptr, self.bytes(), self.home.stream.cu_stream()) }
                 .expect("device copy");
         }

@@ -8,6 +8,24 @@ impl Backend for Cuda {
     fn check_forward_shape(&self, s: &crate::backend::ForwardShape) -> anyhow::Result<()> {
         super::limits::check(s)
     }
+    fn set_profiling(&self, on: bool) {
+        Cuda::set_profiling(self, on);
+    }
+    fn profile_range(&self, name: &'static str) {
+        Cuda::profile_range(self, name);
+    }
+    fn profile_report(&self) -> Option<String> {
+        let m = self.memory_stats();
+        let mib = |b: usize| b as f64 / 1048576.0;
+        Some(format!(
+            "{}\nallocator: peak {:.1} MiB in use, {:.1} MiB reserved, {} cuMemAlloc calls, {} served from the cache\n",
+            super::profile::report(&self.profile()),
+            mib(m.peak_in_use),
+            mib(m.peak_reserved),
+            m.driver_allocs,
+            m.cache_hits
+        ))
+    }
 
     fn name(&self) -> String {
         let arithmetic = if self.mixed_precision() {
@@ -69,6 +87,7 @@ impl Backend for Cuda {
         let out = self.alloc_as(len, buf.dtype);
         let es = buf.dtype.size();
         if len > 0 {
+            self.inner.home.profile.transfer("D2D", es * len);
             unsafe { result::memcpy_dtod_async(out.ptr, buf.ptr + (es * start) as u64, es * len, self.stream()) }
                 .expect("device copy");
         }
@@ -80,6 +99,7 @@ impl Backend for Cuda {
         let src = self.as_type(src, dst.dtype);
         let es = dst.dtype.size();
         if src.len > 0 {
+            self.inner.home.profile.transfer("D2D", es * src.len);
             unsafe { result::memcpy_dtod_async(dst.ptr + (es * start) as u64, src.ptr, es * src.len, self.stream()) }
                 .expect("device copy");
         }

@@ -66,6 +66,7 @@ impl Cuda {
             return;
         }
         let f = *self.inner.funcs.get(name).unwrap_or_else(|| panic!("unknown kernel {name}"));
+        self.inner.home.profile.launch(name);
         unsafe { result::launch_kernel(f, grid, block, smem, self.stream(), args) }
             .unwrap_or_else(|e| panic!("launching {name} grid {grid:?} block {block:?} smem {smem}: {e}"));
         if self.inner.sync_each_launch.load(Ordering::Relaxed) {
@@ -106,15 +107,20 @@ impl Cuda {
         let buf = self.alloc(data.len());
         if !data.is_empty() {
             // Pageable source: the call returns once the data is staged, so `data` may go.
+            self.inner.home.profile.transfer("H2D", std::mem::size_of_val(data));
             unsafe { result::memcpy_htod_async(buf.ptr, data, self.stream()) }.expect("host-to-device copy");
         }
         buf
     }
 
+    /// A blocking copy to the host: a host sync, counted at the caller's call site.
+    #[track_caller]
     pub(super) fn download_raw<T: bytemuck::Pod + Default>(&self, ptr: u64, n: usize) -> Vec<T> {
         self.bind();
         let mut out = vec![T::default(); n];
+        self.inner.home.profile.sync(std::panic::Location::caller(), "download");
         if n > 0 {
+            self.inner.home.profile.transfer("D2H", std::mem::size_of_val(out.as_slice()));
             unsafe { result::memcpy_dtoh_async(&mut out, ptr, self.stream()) }.expect("device-to-host copy");
         }
         unsafe { result::stream::synchronize(self.stream()) }.unwrap_or_else(|e| panic!("CUDA error: {e}"));
@@ -134,6 +140,7 @@ impl Cuda {
     }
 
     /// The values of a bf16 buffer, on the host.
+    #[track_caller]
     pub fn download_bf16(&self, x: &CudaBuf) -> Vec<half::bf16> {
         assert_eq!(x.dtype, DType::Bf16, "download_bf16 of a {:?} buffer", x.dtype);
         self.download_raw::<u16>(x.ptr, x.len).into_iter().map(half::bf16::from_bits).collect()
@@ -156,6 +163,10 @@ impl Cuda {
     ) {
         let prec = self.gemm_precision();
         let types = (a.dtype, b.dtype, c.dtype);
+        self.inner.home.profile.gemm(|| {
+            let op = |t: bool| if t { "T" } else { "N" };
+            format!("{}×{}×{} {}{} {:?}", mnk.0, mnk.1, mnk.2, op(ta), op(tb), types)
+        });
         unsafe {
             self.inner.gemm.matmul_colmajor(
                 self.stream(),
@@ -181,6 +192,7 @@ impl Cuda {
     }
 
     pub(super) fn memset_zero(&self, buf: &CudaBuf) {
+        self.inner.home.profile.transfer("memset", buf.bytes());
         if buf.len > 0 {
             unsafe { result::memset_d8_async(buf.ptr, 0, buf.bytes(), self.stream()) }.expect("memset");
         }

@@ -31,6 +31,7 @@ pub mod gemm;
 mod launch;
 pub mod limits;
 pub mod nccl;
+pub mod profile;
 
 pub use alloc::{CudaBuf, DType, MemStats};
 pub use gemm::GemmPrecision;
@@ -198,7 +199,12 @@ impl Cuda {
             }
             .map_err(|e| anyhow::anyhow!("{name}: {bytes} B of dynamic shared memory: {e}"))?;
         }
-        let home = Arc::new(Home { pool: Mutex::new(Pool::default()), ctx: ctx.clone(), stream: stream.clone() });
+        let home = Arc::new(Home {
+            pool: Mutex::new(Pool::default()),
+            ctx: ctx.clone(),
+            stream: stream.clone(),
+            profile: Default::default(),
+        });
         const WORKSPACE: usize = 32 << 20;
         let workspace = CudaBuf::alloc(&home, WORKSPACE / 4, DType::F32);
         let gemm = gemm::Gemm::new(workspace.ptr, WORKSPACE)?;
@@ -261,6 +267,18 @@ impl Cuda {
     pub fn set_sync_each_launch(&self, on: bool) {
         self.inner.sync_each_launch.store(on, Ordering::Relaxed);
     }
+    /// Counting of launches, GEMMs, copies and host syncs ([`profile::Profile`]) on or off.
+    pub fn set_profiling(&self, on: bool) {
+        self.inner.home.profile.set(on);
+    }
+    /// Counts from now on go to range `name` (see [`profile`]).
+    pub fn profile_range(&self, name: &'static str) {
+        self.inner.home.profile.enter(name);
+    }
+    /// The counts by range since profiling was first turned on.
+    pub fn profile(&self) -> std::collections::BTreeMap<&'static str, profile::Profile> {
+        self.inner.home.profile.snapshot()
+    }
     pub fn memory_stats(&self) -> MemStats {
         self.inner.home.pool.lock().unwrap().stats
     }
@@ -279,7 +297,9 @@ impl Cuda {
         nccl::Nccl::new(self.inner.home.clone(), launch, timeout)
     }
     /// Waits for all queued work; surfaces asynchronous kernel errors.
+    #[track_caller]
     pub fn synchronize(&self) -> Result<()> {
+        self.inner.home.profile.sync(std::panic::Location::caller(), "synchronize");
         self.bind();
         self.inner.home.stream.synchronize().map_err(|e| anyhow::anyhow!("CUDA error: {e}"))
     }

@@ -482,6 +482,7 @@ impl Communicator<CudaBuf> for Nccl {
             })
             .wait()?;
         unsafe { result::memcpy_dtoh_async(values, out.ptr, stream) }.map_err(|e| anyhow!("{e}"))?;
+        self.home.profile.sync(std::panic::Location::caller(), "all-reduce of scalars");
         self.home.stream.synchronize().map_err(|e| anyhow!("CUDA error after an all-reduce of scalars: {e}"))?;
         // The sync may have returned because the watchdog aborted the collective: then `values`
         // are not sums.

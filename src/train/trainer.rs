@@ -169,16 +169,22 @@ impl<'a, B: Backend> Trainer<'a, B> {
         self.dp.opt.config = adamw_config(stage);
         let bar = self.stage_bar(si, total);
         while self.state.stage_step < total {
+            self.backend.profile_range(crate::backend::PROFILE_TRAIN_STEP);
             let started = Instant::now();
             let batches = global_batch(&mut loader, micro_steps, stage, self.state.stage_step)?;
             let mut done = self.optimizer_step(&batches, stage, total)?;
             self.count_step(&done, &bar)?;
             done.tokens_per_s = (done.tokens * self.comm.world_size()) as f64 / started.elapsed().as_secs_f64();
             let mut record = self.progress(&done, &loader, stage, &bar);
+            self.backend.profile_range("evaluation");
             let evaluated = self.evaluate_if_due(&mut record, total, &bar)?;
+            self.backend.profile_range("logging");
             self.log_if_due(record, evaluated, total, &done, stage, &bar)?;
             self.state.loader = Some(loader.state());
-            if let Some(stopped) = self.checkpoint_if_due(total, &bar)? {
+            self.backend.profile_range("checkpoint");
+            let saved = self.checkpoint_if_due(total, &bar);
+            self.backend.profile_range("other");
+            if let Some(stopped) = saved? {
                 return Ok(Some(stopped));
             }
         }
