@@ -5,10 +5,11 @@
 //! [`Graph::checkpoint`] runs a sub-computation (a decoder layer) without recording it, keeps only
 //! its inputs, and re-runs it on a private tape during the backward: the same operators in the same
 //! order, so on the CPU its gradients are bit-identical to the recorded path.
-use crate::backend::{AttnShape, Backend};
+use crate::backend::{AttnShape, Backend, StepLoss};
 use crate::tensor::Tensor;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::sync::Arc;
 
 /// A value in a graph: a tensor and the id gradients are keyed by.
@@ -34,6 +35,9 @@ struct Node<B: Backend> {
 struct Tape<B: Backend> {
     nodes: Vec<Node<B>>,
     next_id: usize,
+    /// Variables whose backward would download its gradient to learn a scalar seed: the cell
+    /// gets the seed's value when a backward starts from them with the value known on the host.
+    host_seeds: Vec<(usize, Rc<Cell<Option<f64>>>)>,
 }
 
 pub struct Graph<'b, B: Backend> {
@@ -60,7 +64,11 @@ impl<B: Backend> Grads<B> {
 impl<'b, B: Backend> Graph<'b, B> {
     /// A graph that records operators for a backward pass.
     pub fn new(backend: &'b B) -> Self {
-        Graph { backend, record: true, tape: RefCell::new(Tape { nodes: Vec::new(), next_id: 0 }) }
+        Graph {
+            backend,
+            record: true,
+            tape: RefCell::new(Tape { nodes: Vec::new(), next_id: 0, host_seeds: Vec::new() }),
+        }
     }
 
     /// A graph that records nothing (inference).
@@ -104,6 +112,23 @@ impl<'b, B: Backend> Graph<'b, B> {
     /// Runs the tape backwards from `output` with `seed` as its gradient. Consumes the tape.
     pub fn backward(&self, output: &Var<B>, seed: B::Buf) -> Grads<B> {
         self.backward_streaming(output, seed, &[], &mut |_, _| {})
+    }
+
+    /// [`Graph::backward_streaming`] from a one-element `output` whose seed `seed` is known on the
+    /// host: an operator that needs the seed's value reads it from there instead of downloading
+    /// it (no host sync).
+    pub fn backward_streaming_from_scalar(
+        &self,
+        output: &Var<B>,
+        seed: f64,
+        watch: &[&Var<B>],
+        ready: &mut dyn FnMut(usize, B::Buf),
+    ) -> Grads<B> {
+        let seed = seed as f32;
+        for (_, cell) in self.tape.borrow().host_seeds.iter().filter(|(id, _)| *id == output.id) {
+            cell.set(Some(seed as f64));
+        }
+        self.backward_streaming(output, self.backend.upload(&[seed]), watch, ready)
     }
 
     /// Like [`Graph::backward`], but hands each variable of `watch` to `ready` (with its index in
@@ -179,8 +204,7 @@ impl<'b, B: Backend> Graph<'b, B> {
         let y = self.backend.linear(&x.value.buf, &w.value.buf, m, k, n);
         let (xs, ws) = (x.value.buf.clone(), w.value.buf.clone());
         self.push(Tensor::new(y, &[m, n]), &[x, w], move |be, g| {
-            let mut dw = be.zeros(n * k);
-            let dx = be.linear_backward(&g, &xs, &ws, &mut dw, m, k, n);
+            let (dx, dw) = be.linear_backward_new_dw(&g, &xs, &ws, m, k, n);
             vec![Some(dx), Some(dw)]
         })
     }
@@ -274,14 +298,23 @@ impl<'b, B: Backend> Graph<'b, B> {
     /// backend computes the logits' gradient in the forward pass (one pass over the vocabulary,
     /// and the logits need not be kept for the backward). A backward reached with another seed
     /// rescales that gradient.
-    pub fn cross_entropy_seeded(&self, logits: &Var<B>, targets: &[i32], dloss: f64) -> (Var<B>, f64) {
+    ///
+    /// The loss may still be on the device ([`Backend::cross_entropy_with_grad_deferred`]); the
+    /// returned variable then holds each row's loss, and only its gradient matters.
+    pub fn cross_entropy_seeded(&self, logits: &Var<B>, targets: &[i32], dloss: f64) -> (Var<B>, StepLoss<B::Buf>) {
         let vocab = logits.value.cols();
         // The seed travels as an f32 buffer: compute with the value the backward will receive.
         let dloss = dloss as f32 as f64;
-        let (loss, dlogits) = self.backend.cross_entropy_with_grad(&logits.value.buf, targets, vocab, dloss);
-        let out = self.push(Tensor::new(self.backend.upload(&[loss as f32]), &[1]), &[logits], move |be, g| {
+        let (loss, dlogits) = self.backend.cross_entropy_with_grad_deferred(&logits.value.buf, targets, vocab, dloss);
+        let value = match &loss {
+            StepLoss::Host(mean) => Tensor::new(self.backend.upload(&[*mean as f32]), &[1]),
+            StepLoss::Rows { rows, .. } => Tensor::new(rows.clone(), &[targets.len()]),
+        };
+        let known = Rc::new(Cell::new(None));
+        let seed_on_host = known.clone();
+        let out = self.push(value, &[logits], move |be, g| {
             let mut dlogits = dlogits;
-            let seed = be.download(&g)[0] as f64;
+            let seed = seed_on_host.get().unwrap_or_else(|| be.download(&g)[0] as f64);
             if seed != dloss {
                 assert!(
                     dloss != 0.0,
@@ -291,6 +324,9 @@ impl<'b, B: Backend> Graph<'b, B> {
             }
             vec![Some(dlogits)]
         });
+        if self.record {
+            self.tape.borrow_mut().host_seeds.push((out.id, known));
+        }
         (out, loss)
     }
 

@@ -55,6 +55,23 @@ pub fn check_common_limits(s: &ForwardShape) -> anyhow::Result<()> {
 /// reduction, update, the loss download; the report gives its counts per step.
 pub const PROFILE_TRAIN_STEP: &str = "train step";
 
+/// A micro-step's mean cross-entropy: read already, or still on the device as each row's loss
+/// (f32, 0 for ignored targets) over `valid` counted targets.
+pub enum StepLoss<Buf> {
+    Host(f64),
+    Rows { rows: Buf, valid: usize },
+}
+
+/// The mean loss from each row's loss: summed in f64 in row order, over `valid` targets (0 when
+/// there are none), as a device reports it.
+pub fn mean_of_row_losses(rows: &[f32], valid: usize) -> f64 {
+    if valid == 0 {
+        0.0
+    } else {
+        rows.iter().map(|&l| l as f64).sum::<f64>() / valid as f64
+    }
+}
+
 pub trait Backend: Send + Sync + Sized + 'static {
     /// A device buffer (its element type is the backend's business: f32 on the CPU).
     type Buf: Clone + Send + Sync + 'static;
@@ -143,6 +160,21 @@ pub trait Backend: Send + Sync + Sized + 'static {
         k: usize,
         n: usize,
     ) -> Self::Buf;
+    /// [`Backend::linear_backward`] onto a zero `dw`: returns `(dx, dw = dyᵀ·x)`. A device may
+    /// write the new `dw` directly (β = 0) instead of filling it with zeros to accumulate onto.
+    fn linear_backward_new_dw(
+        &self,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> (Self::Buf, Self::Buf) {
+        let mut dw = self.zeros(n * k);
+        let dx = self.linear_backward(dy, x, w, &mut dw, m, k, n);
+        (dx, dw)
+    }
 
     fn embedding(&self, table: &Self::Buf, ids: &[u32], dim: usize) -> Self::Buf;
     /// Accumulates `dtable[ids[t]] += dout[t]`, deterministically.
@@ -241,6 +273,17 @@ pub trait Backend: Send + Sync + Sized + 'static {
         *dst = self.upload(&h);
     }
 
+    /// A new f32 buffer of `len` elements holding each `(offset, part)` at its offset (parts do
+    /// not overlap) and zeros elsewhere: a flat gradient bucket, a shard of masters. The default
+    /// fills zeros first; a device sets only the gaps.
+    fn assemble(&self, len: usize, parts: &[(usize, &Self::Buf)]) -> Self::Buf {
+        let mut out = self.zeros(len);
+        for &(offset, part) in parts {
+            self.write_slice(&mut out, offset, part);
+        }
+        out
+    }
+
     fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf) -> Self::Buf;
     /// Returns `(dgate, dup)`.
     fn swiglu_backward(&self, dout: &Self::Buf, gate: &Self::Buf, up: &Self::Buf) -> (Self::Buf, Self::Buf);
@@ -272,9 +315,44 @@ pub trait Backend: Send + Sync + Sized + 'static {
         (loss, self.cross_entropy_backward(logits, &lse, targets, vocab, dloss))
     }
 
+    /// [`Backend::cross_entropy_with_grad`] whose loss may stay on the device until
+    /// [`Backend::losses_and_sum_squares`] reads it with the step's other scalars (the training
+    /// path: no host sync per micro-step). The default reads it now.
+    #[track_caller]
+    fn cross_entropy_with_grad_deferred(
+        &self,
+        logits: &Self::Buf,
+        targets: &[i32],
+        vocab: usize,
+        dloss: f64,
+    ) -> (StepLoss<Self::Buf>, Self::Buf) {
+        let (loss, dlogits) = self.cross_entropy_with_grad(logits, targets, vocab, dloss);
+        (StepLoss::Host(loss), dlogits)
+    }
+    /// The mean of each of `losses`, and Σ x² over `xs` as [`Backend::sum_squares_all`] gives it:
+    /// on a device, everything in one download (one host sync per optimizer step).
+    #[track_caller]
+    fn losses_and_sum_squares(&self, losses: &[StepLoss<Self::Buf>], xs: &[&Self::Buf]) -> (Vec<f64>, f64) {
+        let means = losses
+            .iter()
+            .map(|l| match l {
+                StepLoss::Host(mean) => *mean,
+                StepLoss::Rows { rows, valid } => mean_of_row_losses(&self.download(rows), *valid),
+            })
+            .collect();
+        (means, self.sum_squares_all(xs))
+    }
+
     /// Σ x² in f64.
     #[track_caller] // a host sync on a device: counted where the model or optimizer asked
     fn sum_squares(&self, x: &Self::Buf) -> f64;
+    /// Σ x² over all of `xs`, each buffer's sum in f64 added in order (the same value as summing
+    /// [`Backend::sum_squares`] of each): the gradient norm in one host sync on a device, however
+    /// many tensors.
+    #[track_caller]
+    fn sum_squares_all(&self, xs: &[&Self::Buf]) -> f64 {
+        xs.iter().map(|x| self.sum_squares(x)).sum()
+    }
     /// One AdamW update of the f32 `param` (a master, or the parameter itself in f32 training) from
     /// `grad · grad_scale`; `step` counts from 1. With `working`, the updated values are also
     /// written there in the working precision (the bf16 parameter of an fp32 master), in the

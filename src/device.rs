@@ -18,6 +18,18 @@ pub enum Precision {
     Bf16,
 }
 
+impl Precision {
+    /// What a training run on `device` uses unless told: mixed precision on a GPU (f32 GEMMs
+    /// there run without tensor cores), f32 on the CPU, where bf16 is only emulated.
+    pub fn default_for(device: &str) -> Precision {
+        if device == "cuda" {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        }
+    }
+}
+
 /// Runs `task` on the named device: `cpu`, or `cuda` (GPU 0; needs `--features cuda`).
 pub fn on_device<T: OnBackend>(device: &str, task: T) -> Result<T::Output> {
     on_device_index(device, 0, Precision::F32, task)

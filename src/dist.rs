@@ -108,22 +108,18 @@ impl<'c, B: Backend> DataParallel<'c, B> {
         self.comm.all_reduce_scalars(&mut scalars)?;
         let target_tokens = scalars[0] as usize;
         let mut reducer = Reducer::new(backend, self.comm, &self.layout, self.stage, model.params.len());
-        let mut loss_sum = 0.0;
+        // Each micro-step's loss with its target count; read after the last, with the norm.
+        let mut losses = Vec::with_capacity(batches.len());
+        let mut counts = Vec::with_capacity(batches.len());
         for (j, b) in batches.iter().enumerate() {
             reducer.reduce_now = j + 1 == batches.len() || self.stage == ZeroStage::Zero2;
             let k = count_valid(&b.targets);
             if b.rows > 0 {
                 let share = if target_tokens > 0 { k as f64 / target_tokens as f64 } else { 0.0 };
-                let loss = model.loss_and_streamed_grads(backend, b, share, opts, &mut |i, g| reducer.ready(i, g))?;
-                loss_sum += loss * k as f64;
+                losses.push(model.loss_and_streamed_grads(backend, b, share, opts, &mut |i, g| reducer.ready(i, g))?);
+                counts.push(k);
             }
             reducer.finish_micro_step()?;
-        }
-        let mut scalars = [loss_sum];
-        self.comm.all_reduce_scalars(&mut scalars)?;
-        let mut loss = if target_tokens > 0 { scalars[0] / target_tokens as f64 } else { f64::NAN };
-        if poison_loss {
-            loss = f64::NAN;
         }
         let reduced = reducer.reduced;
         let mut comm_wait = reducer.waited;
@@ -133,11 +129,17 @@ impl<'c, B: Backend> DataParallel<'c, B> {
             .map(|p| backend.slice(reduced[p.bucket].as_ref().expect("every bucket is reduced"), p.shard_offset, p.len))
             .collect();
         drop(reduced);
-        let mut sq = [grads.iter().map(|g| backend.sum_squares(g)).sum::<f64>()];
-        if self.sharded() {
-            self.comm.all_reduce_scalars(&mut sq)?;
+        // One host sync for the losses and this rank's Σg², one all-reduce for what ranks share.
+        let (means, sq) = backend.losses_and_sum_squares(&losses, &grads.iter().collect::<Vec<_>>());
+        let loss_sum: f64 = means.iter().zip(&counts).map(|(mean, &k)| mean * k as f64).sum();
+        let mut scalars = if self.sharded() { vec![loss_sum, sq] } else { vec![loss_sum] };
+        self.comm.all_reduce_scalars(&mut scalars)?;
+        let sq = if self.sharded() { scalars[1] } else { sq };
+        let mut loss = if target_tokens > 0 { scalars[0] / target_tokens as f64 } else { f64::NAN };
+        if poison_loss {
+            loss = f64::NAN;
         }
-        let grad_norm = if loss.is_finite() { sq[0].sqrt() } else { f64::NAN };
+        let grad_norm = if loss.is_finite() { sq.sqrt() } else { f64::NAN };
         if !grad_norm.is_finite() {
             return Ok(StepResult { loss, target_tokens, grad_norm, applied: false, comm_wait });
         }
@@ -196,14 +198,14 @@ impl<'c, B: Backend> DataParallel<'c, B> {
         let world = self.world_size();
         let mut pending: Vec<(usize, Pending<B::Buf>)> = Vec::new();
         for (bi, b) in self.layout.buckets.iter().enumerate() {
-            let mut shard = backend.zeros(b.padded / world);
-            for (p, s) in self.pieces.iter().zip(&self.opt.segments).filter(|(p, _)| p.bucket == bi) {
-                backend.write_slice(
-                    &mut shard,
-                    p.shard_offset,
-                    s.master.as_ref().expect("sharded segments keep masters"),
-                );
-            }
+            let parts: Vec<(usize, &B::Buf)> = self
+                .pieces
+                .iter()
+                .zip(&self.opt.segments)
+                .filter(|(p, _)| p.bucket == bi)
+                .map(|(p, s)| (p.shard_offset, s.master.as_ref().expect("sharded segments keep masters")))
+                .collect();
+            let shard = backend.assemble(b.padded / world, &parts);
             // In mixed precision the working parameters travel in bf16 (2 bytes × Ψ, not 4).
             let shard = if working { backend.to_working(&shard) } else { shard };
             pending.push((bi, self.comm.all_gather(shard)));
@@ -283,13 +285,10 @@ impl<'a, B: Backend> Reducer<'a, B> {
 
     fn launch(&mut self, bi: usize) {
         let b = &self.layout.buckets[bi];
-        let mut flat = self.backend.zeros(b.padded);
-        for (&p, &off) in b.params.iter().zip(&b.offsets) {
-            // A parameter the micro-batch never reached (an empty micro-batch) contributes zeros.
-            if let Some(g) = self.local[p].take() {
-                self.backend.write_slice(&mut flat, off, &g);
-            }
-        }
+        // A parameter the micro-batch never reached (an empty micro-batch) contributes zeros.
+        let grads: Vec<(usize, B::Buf)> =
+            b.params.iter().zip(&b.offsets).filter_map(|(&p, &off)| Some((off, self.local[p].take()?))).collect();
+        let flat = self.backend.assemble(b.padded, &grads.iter().map(|(off, g)| (*off, g)).collect::<Vec<_>>());
         let pending =
             if self.stage == ZeroStage::Zero0 { self.comm.all_reduce(flat) } else { self.comm.reduce_scatter(flat) };
         self.pending.push((bi, pending));

@@ -1,6 +1,6 @@
 //! The LLaMA decoder (transformers' `LlamaForCausalLM`), on any [`Backend`].
 use crate::autograd::{Graph, Var};
-use crate::backend::{AttnShape, Backend, ForwardShape};
+use crate::backend::{AttnShape, Backend, ForwardShape, StepLoss};
 use crate::batch::Batch;
 use crate::config::LlamaConfig;
 use crate::tensor::Tensor;
@@ -321,12 +321,14 @@ impl<B: Backend> Llama<B> {
     ) -> Result<(f64, Vec<B::Buf>)> {
         let mut grads: Vec<Option<B::Buf>> = vec![None; self.params.len()];
         let loss = self.loss_and_streamed_grads(backend, batch, loss_scale, opts, &mut |i, g| grads[i] = Some(g))?;
+        let loss = backend.losses_and_sum_squares(&[loss], &[]).0[0];
         Ok((loss, grads.into_iter().map(|g| g.expect("every parameter's gradient is handed over")).collect()))
     }
 
     /// Like [`Llama::loss_and_grads`], but hands each parameter's gradient (by index) to `ready`
     /// as soon as the backward has finished it: the last layers' first, so data parallelism can
-    /// reduce them while the earlier layers are still being differentiated.
+    /// reduce them while the earlier layers are still being differentiated. The loss may still be
+    /// on the device: [`Backend::losses_and_sum_squares`] reads it.
     pub fn loss_and_streamed_grads(
         &self,
         backend: &B,
@@ -334,13 +336,13 @@ impl<B: Backend> Llama<B> {
         loss_scale: f64,
         opts: StepOptions,
         ready: &mut dyn FnMut(usize, B::Buf),
-    ) -> Result<f64> {
+    ) -> Result<StepLoss<B::Buf>> {
         let g = Graph::new(backend);
         let (vars, logits) = self.forward(&g, batch, opts)?;
         let (loss_var, loss) = g.cross_entropy_seeded(&logits, &batch.targets, loss_scale);
         drop(logits);
         let watch: Vec<&Var<B>> = vars.iter().collect();
-        g.backward_streaming(&loss_var, backend.upload(&[loss_scale as f32]), &watch, ready);
+        g.backward_streaming_from_scalar(&loss_var, loss_scale, &watch, ready);
         Ok(loss)
     }
 

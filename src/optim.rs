@@ -142,7 +142,8 @@ impl<B: Backend> AdamW<B> {
         max_grad_norm: Option<f64>,
     ) -> StepReport {
         assert!(params.len() == grads.len() && trainable.len() == grads.len());
-        let sq: f64 = grads.iter().zip(trainable).filter(|(_, &t)| t).map(|(g, _)| backend.sum_squares(g)).sum();
+        let trained: Vec<&B::Buf> = grads.iter().zip(trainable).filter(|(_, &t)| t).map(|(g, _)| g).collect();
+        let sq = backend.sum_squares_all(&trained);
         let grad_norm = sq.sqrt();
         if !grad_norm.is_finite() {
             return StepReport { grad_norm, applied: false };

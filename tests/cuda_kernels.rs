@@ -425,6 +425,68 @@ fn the_profile_counts_launches_gemms_copies_and_syncs_where_they_happen() {
     assert!(table.contains("test (all 1 times together): 1 launches, 1 GEMMs, 1 host syncs"), "{table}");
 }
 
+/// A training step asks the host to wait once (the losses of every micro-step and the gradient
+/// norm in one download), whatever the depth, the micro-steps and the ZeRO stage (one process:
+/// its all-reduces need no device); and nothing parameter-sized is zero-filled: a linear's dW is
+/// written by its GEMM, the gradient buckets and the masters' shards are assembled over their
+/// gaps only; what is set to zero per step is the embedding's and the norms' scatter targets.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn a_train_step_syncs_once_at_any_depth_and_fills_no_weight_gradient() {
+    use llama_cpt::backend::PROFILE_TRAIN_STEP;
+    use llama_cpt::dist::{DataParallel, ZeroStage};
+    use llama_cpt_parallel::SingleProcess;
+    let g = gpu();
+    g.set_poison_allocations(false);
+    g.set_sync_each_launch(false);
+    let (vocab, hidden, micro) = (256, 64, 3);
+    let tokens: Vec<u32> = (0..micro * 32).map(|i| (i * 7 % vocab) as u32).collect();
+    let labels: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+    let batches: Vec<Batch> =
+        (0..micro).map(|j| Batch::from_rows(1, 32, tokens[j * 32..][..32].to_vec(), &labels[j * 32..][..32])).collect();
+    let mut syncs = Vec::new();
+    for (layers, stage, mixed) in [
+        (2, ZeroStage::Zero0, false),
+        (6, ZeroStage::Zero0, false),
+        (2, ZeroStage::Zero2, true),
+        (6, ZeroStage::Zero2, true),
+    ] {
+        g.set_mixed_precision(mixed);
+        let cfg = LlamaConfig::small(vocab, hidden, 160, layers, 4, 2, false);
+        let single = SingleProcess::default();
+        let mut model = Llama::random(&g, cfg.clone(), 3);
+        let trainable = vec![true; model.params.len()];
+        let adamw = AdamWConfig { lr: 1e-3, ..Default::default() };
+        let mut dp = DataParallel::new(&g, &single, &model.params, &trainable, stage, 1 << 20, adamw);
+        dp.refresh_params(&g, &mut model.params).unwrap();
+        g.set_profiling(true);
+        let before = g.profile().get(PROFILE_TRAIN_STEP).cloned().unwrap_or_default();
+        for _ in 0..2 {
+            g.profile_range(PROFILE_TRAIN_STEP);
+            let r = dp.step(&g, &mut model, &batches, StepOptions::default(), 1e-3, Some(1.0), false).unwrap();
+            assert!(r.applied && r.loss.is_finite());
+            g.profile_range("other");
+        }
+        g.set_profiling(false);
+        let p = g.profile()[PROFILE_TRAIN_STEP].since(&before);
+        assert_eq!(p.entered, 2);
+        let per_step = p.total_syncs() / 2;
+        assert_eq!(per_step, 1, "{layers} layers, ZeRO-{stage}: {:?}", p.syncs);
+        // Zero-filled per step: the embedding's and the norms' gradients per micro-step (scatter
+        // targets), bucket padding; no linear's dW, no whole bucket or shard.
+        let scatter = vocab * hidden + (2 * layers + 1) * hidden;
+        let allowed = 4 * micro * scatter + (16 << 10);
+        let memset = p.transfers.get("memset").map_or(0, |&(_, bytes)| bytes as usize / 2);
+        assert!(
+            memset <= allowed,
+            "{layers} layers, ZeRO-{stage}: {memset} bytes set to zero per step, the design's {allowed}"
+        );
+        syncs.push(format!("{layers} layers ZeRO-{stage}: {per_step} sync, {memset} B memset (≤ {allowed})"));
+    }
+    g.set_mixed_precision(false);
+    eprintln!("{}", syncs.join("\n"));
+}
+
 /// A model the kernels cannot run (head_dim 272: the simple attention kernels hold at most 256)
 /// is refused before any launch with the op and the limit, as a `Result` like every bad batch;
 /// the CPU, which has no such limit, runs it.

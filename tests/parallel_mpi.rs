@@ -375,10 +375,12 @@ fn stop_one_rank_then_resume(np: usize, name: &str, args: &[&str], timeout_s: u6
 }
 
 /// The CUDA runs, short enough for the emulated device: 6 rows of 32 tokens per step in
-/// micro-batches of 1 (6, 3 and 2 micro-steps at 1, 2 and 3 ranks), 3 steps over both stages.
+/// micro-batches of 1 (6, 3 and 2 micro-steps at 1, 2 and 3 ranks), 3 steps over both stages, in
+/// f32 (not the GPU's bf16 default) so that the ranks' sums agree to f32 round-off.
 #[cfg(feature = "cuda")]
-const CUDA_SHORT: [&str; 7] = [
+const CUDA_SHORT: [&str; 8] = [
     "--device=cuda",
+    "--precision=f32",
     "data.seq_len=32",
     "stages.0.steps=2",
     "stages.1.steps=1",
@@ -420,6 +422,44 @@ fn nccl_at_2_and_3_ranks_with_zero_1_and_2_follows_one_process() {
     eprintln!("{}", report.join("\n"));
 }
 
+/// `pretrain --profile` under NCCL at 2 ranks: three host syncs per optimizer step (the token
+/// count's all-reduce, the one download of the losses and Σg², the all-reduce of what the ranks
+/// share), at 4 and 8 layers, under ZeRO-0 and ZeRO-2, in the GPU's default bf16.
+#[test]
+#[cfg(feature = "cuda")]
+#[ignore = "needs 2 CUDA GPUs and libnccl, or the emulated device (tools/emu-check.sh)"]
+fn nccl_steps_sync_the_host_three_times_at_any_depth() {
+    let _serial = serial();
+    let source = config().parent().unwrap().join("config.json");
+    let mut model: Value = serde_json::from_str(&std::fs::read_to_string(&source).unwrap()).unwrap();
+    let mut report = Vec::new();
+    for layers in [4u64, 8] {
+        model["num_hidden_layers"] = layers.into();
+        let model_config = root().join(format!("profile-{layers}-layers.json"));
+        std::fs::write(&model_config, model.to_string()).unwrap();
+        let set_model = format!("model.config={:?}", model_config.display().to_string());
+        for z in [0, 2] {
+            let out = root().join(format!("nccl-profile-{layers}-z{z}"));
+            let _ = std::fs::remove_dir_all(&out);
+            let zero = format!("parallel.zero_stage={z}");
+            let args: Vec<&str> = CUDA_SHORT
+                .iter()
+                .copied()
+                .filter(|a| !a.starts_with("--precision"))
+                .chain(["--profile", &zero, &set_model])
+                .collect();
+            let text = String::from_utf8_lossy(&run(2, &out, &args).stderr).to_string();
+            assert!(text.contains("bf16 mixed precision"), "the GPU's default precision is bf16:\n{text}");
+            let line = text.lines().find(|l| l.starts_with("| host syncs |")).unwrap_or_else(|| panic!("{text}"));
+            let syncs: f64 =
+                line.trim_matches(|c| c == '|' || c == ' ').rsplit('|').next().unwrap().trim().parse().unwrap();
+            assert_eq!(syncs, 3.0, "{layers} layers, ZeRO-{z}: host syncs per step\n{text}");
+            report.push(format!("NCCL 2 ranks, {layers} layers, ZeRO-{z}: {syncs} host syncs per step"));
+        }
+    }
+    eprintln!("{}", report.join("\n"));
+}
+
 #[test]
 #[cfg(feature = "cuda")]
 #[ignore = "needs 3 CUDA GPUs and libnccl, or the emulated device (tools/emu-check.sh)"]
@@ -428,6 +468,7 @@ fn a_dead_or_stalled_nccl_rank_stops_the_others_and_the_run_resumes() {
     // A checkpoint every step (one row of 32 tokens per rank): each fault comes right after one.
     let args = [
         "--device=cuda",
+        "--precision=f32",
         "data.seq_len=32",
         "stages.0.steps=6",
         "stages.1.steps=1",

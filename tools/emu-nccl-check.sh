@@ -2,7 +2,8 @@
 # The mpirun + NCCL rows of tools/emu-check.sh: `pretrain --device cuda` under `mpirun -np 2/3`
 # with ZeRO-1 and ZeRO-2 against one process, the NCCL fault test (SIGSTOP / SIGKILL one of three
 # ranks: the others stop with the watchdog's error, and a restart resumes), and SIGKILL of one of
-# three ranks started without a launcher (the others notice the death themselves). All are the
+# three ranks started without a launcher (the others notice the death themselves), and the host
+# syncs per step that `--profile` counts at 2 ranks and two depths. All are the
 # `#[ignore]`d CUDA tests of tests/parallel_mpi.rs, run on the emulated device.
 #
 # Usage: tools/emu-nccl-check.sh LIBDIR LOGDIR
@@ -36,6 +37,7 @@ row() {
 }
 
 row mpirun-nccl-np2-np3-zero1-zero2 nccl_at_2_and_3_ranks_with_zero_1_and_2_follows_one_process 'NCCL [23] ranks, ZeRO-[12]: [^(]*'
+row mpirun-nccl-profile-np2 nccl_steps_sync_the_host_three_times_at_any_depth 'NCCL 2 ranks, [0-9]+ layers, ZeRO-[02]: [0-9.]+ host syncs per step'
 row mpirun-nccl-fault-np3 a_dead_or_stalled_nccl_rank_stops_the_others_and_the_run_resumes 'SIG[A-Z]+ to rank 1 of 3: job stopped after [0-9.]+s'
 row nccl-kill-no-launcher-np3 a_killed_nccl_rank_is_named_by_the_others_without_a_launcher_to_end_them 'the others stopped after [0-9.]+m?s'
 exit $status

@@ -38,9 +38,10 @@ struct Args {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// `f32`, or `bf16`: mixed precision (bf16 parameters and activations, fp32 master weights,
-    /// moments and gradients; emulated on the CPU).
-    #[arg(long, value_enum, default_value = "f32")]
-    precision: Precision,
+    /// moments and gradients; emulated on the CPU). Default: bf16 on `cuda` (tensor-core GEMMs,
+    /// as every GPU trainer), f32 on the CPU.
+    #[arg(long, value_enum)]
+    precision: Option<Precision>,
     /// Count what each optimizer step asks of the device (kernel launches, GEMMs by shape, copies
     /// and memsets, host syncs by call site, the allocator's peak) and print it per step at the
     /// end (CUDA backend; also on the emulated device).
@@ -66,7 +67,7 @@ fn main() -> Result<()> {
     let outcome = on_device_index(
         &args.device,
         launch.local_rank,
-        args.precision,
+        args.precision.unwrap_or(Precision::default_for(&args.device)),
         Train { args: &args, launch: &launch, interrupt: &interrupt },
     )?;
     if launch.rank != 0 {

@@ -1,6 +1,7 @@
 //! [`Backend`] on the device: each op allocates its outputs from the pool and launches its kernel
 //! (or cuBLASLt) on the one stream; attention lives in [`super::attention`].
 use super::*;
+use crate::backend::{mean_of_row_losses, StepLoss};
 
 impl Backend for Cuda {
     type Buf = CudaBuf;
@@ -104,6 +105,21 @@ impl Backend for Cuda {
                 .expect("device copy");
         }
     }
+    fn assemble(&self, len: usize, parts: &[(usize, &CudaBuf)]) -> CudaBuf {
+        self.bind();
+        let mut out = self.alloc(len);
+        let mut parts = parts.to_vec();
+        parts.sort_by_key(|&(offset, _)| offset);
+        let mut filled = 0;
+        for (offset, part) in parts {
+            assert!(offset >= filled, "assemble: a part at {offset} overlaps the one ending at {filled}");
+            self.memset_zero_range(&out, filled, offset - filled);
+            self.write_slice(&mut out, offset, part);
+            filled = offset + part.len;
+        }
+        self.memset_zero_range(&out, filled, len - filled);
+        out
+    }
     fn upload(&self, data: &[f32]) -> CudaBuf {
         self.upload_raw(data)
     }
@@ -173,25 +189,26 @@ impl Backend for Cuda {
         k: usize,
         n: usize,
     ) -> CudaBuf {
-        assert_eq!(dy.len, m * n);
-        assert_eq!(x.len, m * k);
-        assert_eq!(w.len, n * k);
-        assert_eq!(dw.len, n * k);
+        self.linear_backward_into(dy, x, w, dw, (m, k, n), 1.0)
+    }
+
+    fn linear_backward_new_dw(
+        &self,
+        dy: &CudaBuf,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> (CudaBuf, CudaBuf) {
         self.bind();
-        let (dy, x, w) = (self.act(dy), self.act(x), self.act(w));
-        let dx = self.alloc_act(m * k);
-        if m == 0 || k == 0 {
-            return dx;
+        let mut dw = self.alloc(n * k);
+        if m == 0 && n * k > 0 {
+            // No rows: the GEMM below does not run, and dw must still read as zeros.
+            self.memset_zero(&dw);
         }
-        if n == 0 {
-            self.memset_zero(&dx);
-            return dx;
-        }
-        // dxᵀ[k,m] = wᵀ[k,n]·dyᵀ[n,m]
-        self.gemm_colmajor((k, m, n), &w, false, k, &dy, false, n, &dx, k, 0.0);
-        // dwᵀ[k,n] += xᵀ[k,m]·dy[m,n], accumulated in dw's own type (f32 in mixed precision).
-        self.gemm_colmajor((k, n, m), &x, false, k, &dy, true, n, dw, k, 1.0);
-        dx
+        let dx = self.linear_backward_into(dy, x, w, &mut dw, (m, k, n), 0.0);
+        (dx, dw)
     }
 
     fn embedding(&self, table: &CudaBuf, ids: &[u32], dim: usize) -> CudaBuf {
@@ -402,30 +419,21 @@ impl Backend for Cuda {
     }
 
     fn cross_entropy(&self, logits: &CudaBuf, targets: &[i32], vocab: usize) -> (f64, CudaBuf) {
-        let rows = targets.len();
-        assert_eq!(logits.len, rows * vocab);
-        self.bind();
-        let logits = self.act(logits);
-        let lse = self.alloc(rows);
-        let loss = self.alloc(rows);
-        let t = self.upload_cached(bytemuck::cast_slice(targets));
-        let (lp, lsp, xp, tp, v) = (lse.ptr, loss.ptr, logits.ptr, t.ptr, vocab as i32);
-        self.launch(
-            &Self::typed("cross_entropy_fwd", logits.dtype),
-            (rows as u32, 1, 1),
-            (512, 1, 1),
-            0,
-            args![lp, lsp, xp, tp, v],
-        );
-        let losses: Vec<f32> = self.download_raw(loss.ptr, rows);
+        let (rows, lse) = self.cross_entropy_rows(logits, targets, vocab);
         let n = llama_cpt_ops::cross_entropy::count_valid(targets);
-        if let Some(r) = losses.iter().position(|l| l.is_nan()) {
-            if targets[r] != llama_cpt_ops::IGNORE_INDEX && (targets[r] < 0 || targets[r] as usize >= vocab) {
-                panic!("cross_entropy: target {} outside 0..{vocab}", targets[r]);
-            }
-        }
-        let total: f64 = losses.iter().map(|&l| l as f64).sum();
-        (if n == 0 { 0.0 } else { total / n as f64 }, lse)
+        (mean_of_row_losses(&self.download_raw::<f32>(rows.ptr, rows.len), n), lse)
+    }
+
+    fn cross_entropy_with_grad_deferred(
+        &self,
+        logits: &CudaBuf,
+        targets: &[i32],
+        vocab: usize,
+        dloss: f64,
+    ) -> (StepLoss<CudaBuf>, CudaBuf) {
+        let (rows, lse) = self.cross_entropy_rows(logits, targets, vocab);
+        let dlogits = self.cross_entropy_backward(logits, &lse, targets, vocab, dloss);
+        (StepLoss::Rows { rows, valid: llama_cpt_ops::cross_entropy::count_valid(targets) }, dlogits)
     }
 
     fn cross_entropy_backward(
@@ -456,21 +464,70 @@ impl Backend for Cuda {
     }
 
     fn sum_squares(&self, x: &CudaBuf) -> f64 {
-        if x.len == 0 {
-            return 0.0;
+        self.sum_squares_all(&[x])
+    }
+
+    fn sum_squares_all(&self, xs: &[&CudaBuf]) -> f64 {
+        self.losses_and_sum_squares(&[], xs).1
+    }
+
+    fn losses_and_sum_squares(&self, losses: &[StepLoss<CudaBuf>], xs: &[&CudaBuf]) -> (Vec<f64>, f64) {
+        // Each buffer's per-block partial sums (f64) side by side, then every loss row (f32),
+        // all in one buffer: one download.
+        let blocks: Vec<usize> =
+            xs.iter().map(|x| if x.len == 0 { 0 } else { div_ceil(x.len, 4096).clamp(1, 1024) }).collect();
+        let total: usize = blocks.iter().sum();
+        let row_lens: Vec<usize> = losses
+            .iter()
+            .map(|l| match l {
+                StepLoss::Rows { rows, .. } => rows.len,
+                StepLoss::Host(_) => 0,
+            })
+            .collect();
+        let mut staging = self.alloc(total * 2 + row_lens.iter().sum::<usize>());
+        let mut at = 0;
+        for (x, &b) in xs.iter().zip(&blocks).filter(|(_, &b)| b > 0) {
+            let (pp, xp, n) = (staging.ptr + 8 * at as u64, x.ptr, x.len as u64);
+            self.launch(
+                &Self::typed("sum_squares_partial", x.dtype),
+                (b as u32, 1, 1),
+                (256, 1, 1),
+                0,
+                args![pp, xp, n],
+            );
+            at += b;
         }
-        self.bind();
-        let blocks = div_ceil(x.len, 4096).clamp(1, 1024);
-        let partial = self.alloc(blocks * 2);
-        let (pp, xp, n) = (partial.ptr, x.ptr, x.len as u64);
-        self.launch(
-            &Self::typed("sum_squares_partial", x.dtype),
-            (blocks as u32, 1, 1),
-            (256, 1, 1),
-            0,
-            args![pp, xp, n],
-        );
-        self.download_raw::<f64>(partial.ptr, blocks).iter().sum()
+        let mut at = total * 2;
+        for l in losses {
+            if let StepLoss::Rows { rows, .. } = l {
+                self.write_slice(&mut staging, at, rows);
+                at += rows.len;
+            }
+        }
+        let host = if staging.len == 0 { Vec::new() } else { self.download_raw::<f32>(staging.ptr, staging.len) };
+        let (partials, mut rows) = host.split_at(total * 2);
+        let partials: Vec<f64> = bytemuck::pod_collect_to_vec(partials);
+        let means = losses
+            .iter()
+            .zip(&row_lens)
+            .map(|(l, &len)| match l {
+                StepLoss::Host(mean) => *mean,
+                StepLoss::Rows { valid, .. } => {
+                    let (mine, rest) = rows.split_at(len);
+                    rows = rest;
+                    mean_of_row_losses(mine, *valid)
+                }
+            })
+            .collect();
+        let mut at = 0;
+        let sum = blocks
+            .iter()
+            .map(|&b| {
+                at += b;
+                partials[at - b..at].iter().sum::<f64>()
+            })
+            .sum();
+        (means, sum)
     }
 
     fn adamw_step(
@@ -564,5 +621,62 @@ impl Backend for Cuda {
                 self.write_slice(w, 0, t.param);
             }
         }
+    }
+}
+
+impl Cuda {
+    /// Each row's cross-entropy (0 for an ignored target) and log-sum-exp, left on the device.
+    fn cross_entropy_rows(&self, logits: &CudaBuf, targets: &[i32], vocab: usize) -> (CudaBuf, CudaBuf) {
+        let rows = targets.len();
+        assert_eq!(logits.len, rows * vocab);
+        let ignored = llama_cpt_ops::IGNORE_INDEX;
+        if let Some(&t) = targets.iter().find(|&&t| t != ignored && (t < 0 || t as usize >= vocab)) {
+            panic!("cross_entropy: target {t} outside 0..{vocab}");
+        }
+        self.bind();
+        let logits = self.act(logits);
+        let lse = self.alloc(rows);
+        let loss = self.alloc(rows);
+        let t = self.upload_cached(bytemuck::cast_slice(targets));
+        let (lp, lsp, xp, tp, v) = (lse.ptr, loss.ptr, logits.ptr, t.ptr, vocab as i32);
+        self.launch(
+            &Self::typed("cross_entropy_fwd", logits.dtype),
+            (rows as u32, 1, 1),
+            (512, 1, 1),
+            0,
+            args![lp, lsp, xp, tp, v],
+        );
+        (loss, lse)
+    }
+
+    /// `dx = dy·w`, and `dw = dyᵀ·x + beta·dw` (β = 0: `dw` is written, not read).
+    fn linear_backward_into(
+        &self,
+        dy: &CudaBuf,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        dw: &mut CudaBuf,
+        (m, k, n): (usize, usize, usize),
+        beta: f32,
+    ) -> CudaBuf {
+        assert_eq!(dy.len, m * n);
+        assert_eq!(x.len, m * k);
+        assert_eq!(w.len, n * k);
+        assert_eq!(dw.len, n * k);
+        self.bind();
+        let (dy, x, w) = (self.act(dy), self.act(x), self.act(w));
+        let dx = self.alloc_act(m * k);
+        if m == 0 || k == 0 {
+            return dx;
+        }
+        if n == 0 {
+            self.memset_zero(&dx);
+            return dx;
+        }
+        // dxᵀ[k,m] = wᵀ[k,n]·dyᵀ[n,m]
+        self.gemm_colmajor((k, m, n), &w, false, k, &dy, false, n, &dx, k, 0.0);
+        // dwᵀ[k,n] (+)= xᵀ[k,m]·dy[m,n], in dw's own type (f32 in mixed precision).
+        self.gemm_colmajor((k, n, m), &x, false, k, &dy, true, n, dw, k, beta);
+        dx
     }
 }

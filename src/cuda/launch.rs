@@ -192,9 +192,16 @@ impl Cuda {
     }
 
     pub(super) fn memset_zero(&self, buf: &CudaBuf) {
-        self.inner.home.profile.transfer("memset", buf.bytes());
-        if buf.len > 0 {
-            unsafe { result::memset_d8_async(buf.ptr, 0, buf.bytes(), self.stream()) }.expect("memset");
+        self.memset_zero_range(buf, 0, buf.len);
+    }
+    /// Zeros elements `[start, start + len)` of `buf`.
+    pub(super) fn memset_zero_range(&self, buf: &CudaBuf, start: usize, len: usize) {
+        assert!(start + len <= buf.len, "zero [{start}, {}) of {} elements", start + len, buf.len);
+        if len > 0 {
+            let es = buf.dtype.size();
+            self.inner.home.profile.transfer("memset", es * len);
+            let ptr = buf.ptr + (es * start) as u64;
+            unsafe { result::memset_d8_async(ptr, 0, es * len, self.stream()) }.expect("memset");
         }
     }
 }

@@ -112,7 +112,6 @@ pub fn report(ranges: &BTreeMap<&'static str, Profile>) -> String {
     s
 }
 
-
 /// The counters a device keeps: nothing is counted (one relaxed load) unless profiling is on.
 pub(crate) struct Profiler {
     on: AtomicBool,
