@@ -35,6 +35,25 @@ pub use llama_cpt_parallel::plan::ZeroStage;
 use llama_cpt_parallel::{Communicator, Pending};
 use std::time::{Duration, Instant};
 
+/// What a step is checked against before its update, and the faults tests inject. The values
+/// compared are the reduced ones, so every rank decides alike.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepChecks {
+    /// Skip the update when the loss or the pre-clip gradient norm is above these (a spike).
+    pub max_loss: f64,
+    pub max_grad_norm: f64,
+    /// Fault injection: the loss is NaN.
+    pub poison_loss: bool,
+    /// Fault injection: every gradient is multiplied by this (1: none).
+    pub scale_gradients: f64,
+}
+
+impl Default for StepChecks {
+    fn default() -> Self {
+        StepChecks { max_loss: f64::INFINITY, max_grad_norm: f64::INFINITY, poison_loss: false, scale_gradients: 1.0 }
+    }
+}
+
 /// What one data-parallel step did.
 #[derive(Clone, Copy, Debug)]
 pub struct StepResult {
@@ -44,8 +63,11 @@ pub struct StepResult {
     pub target_tokens: usize,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
-    /// False when the loss or the norm was not finite: nothing was updated, on any rank.
+    /// False when the loss or the norm was not finite or above [`StepChecks`]' bounds: nothing
+    /// was updated, on any rank.
     pub applied: bool,
+    /// The update was skipped as a spike (finite, above a bound).
+    pub spike: bool,
     /// Time spent waiting for collectives (the part of communication not hidden by compute).
     pub comm_wait: Duration,
 }
@@ -92,7 +114,7 @@ impl<'c, B: Backend> DataParallel<'c, B> {
 
     /// Forward and backward over this rank's micro-batches of one global batch, gradient
     /// reduction, clipping by the global norm and the AdamW update (then the all-gather of the
-    /// parameters under ZeRO-1/2). `poison_loss` makes the step non-finite (fault injection).
+    /// parameters under ZeRO-1/2), unless `checks` call for a skip.
     #[allow(clippy::too_many_arguments)]
     pub fn step(
         &mut self,
@@ -102,7 +124,7 @@ impl<'c, B: Backend> DataParallel<'c, B> {
         opts: StepOptions,
         lr: f64,
         max_grad_norm: Option<f64>,
-        poison_loss: bool,
+        checks: &StepChecks,
     ) -> Result<StepResult> {
         let mut scalars = [batches.iter().map(|b| count_valid(&b.targets)).sum::<usize>() as f64];
         self.comm.all_reduce_scalars(&mut scalars)?;
@@ -116,6 +138,7 @@ impl<'c, B: Backend> DataParallel<'c, B> {
             let k = count_valid(&b.targets);
             if b.rows > 0 {
                 let share = if target_tokens > 0 { k as f64 / target_tokens as f64 } else { 0.0 };
+                let share = share * checks.scale_gradients;
                 losses.push(model.loss_and_streamed_grads(backend, b, share, opts, &mut |i, g| reducer.ready(i, g))?);
                 counts.push(k);
             }
@@ -136,12 +159,15 @@ impl<'c, B: Backend> DataParallel<'c, B> {
         self.comm.all_reduce_scalars(&mut scalars)?;
         let sq = if self.sharded() { scalars[1] } else { sq };
         let mut loss = if target_tokens > 0 { scalars[0] / target_tokens as f64 } else { f64::NAN };
-        if poison_loss {
+        if checks.poison_loss {
             loss = f64::NAN;
         }
         let grad_norm = if loss.is_finite() { sq.sqrt() } else { f64::NAN };
         if !grad_norm.is_finite() {
-            return Ok(StepResult { loss, target_tokens, grad_norm, applied: false, comm_wait });
+            return Ok(StepResult { loss, target_tokens, grad_norm, applied: false, spike: false, comm_wait });
+        }
+        if loss > checks.max_loss || grad_norm > checks.max_grad_norm {
+            return Ok(StepResult { loss, target_tokens, grad_norm, applied: false, spike: true, comm_wait });
         }
         let scale = max_grad_norm.map_or(1.0, |max| llama_cpt_ops::gradnorm::clip_scale(grad_norm, max));
         let refs: Vec<Option<&B::Buf>> = grads.iter().map(Some).collect();
@@ -149,7 +175,7 @@ impl<'c, B: Backend> DataParallel<'c, B> {
         if self.sharded() {
             comm_wait += self.gather_params(backend, &mut model.params)?;
         }
-        Ok(StepResult { loss, target_tokens, grad_norm, applied: true, comm_wait })
+        Ok(StepResult { loss, target_tokens, grad_norm, applied: true, spike: false, comm_wait })
     }
 
     /// Brings the model's parameters in line with this optimizer's masters after it was built or

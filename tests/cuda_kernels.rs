@@ -463,7 +463,9 @@ fn a_train_step_syncs_once_at_any_depth_and_fills_no_weight_gradient() {
         let before = g.profile().get(PROFILE_TRAIN_STEP).cloned().unwrap_or_default();
         for _ in 0..2 {
             g.profile_range(PROFILE_TRAIN_STEP);
-            let r = dp.step(&g, &mut model, &batches, StepOptions::default(), 1e-3, Some(1.0), false).unwrap();
+            let r = dp
+                .step(&g, &mut model, &batches, StepOptions::default(), 1e-3, Some(1.0), &Default::default())
+                .unwrap();
             assert!(r.applied && r.loss.is_finite());
             g.profile_range("other");
         }
@@ -579,8 +581,11 @@ fn nccl_at_world_size_1_runs_the_data_parallel_path_like_one_process() {
         );
         let mut losses = Vec::new();
         for _ in 0..3 {
-            losses
-                .push(dp.step(&g, &mut model, &batches, StepOptions::default(), 1e-3, Some(1.0), false).unwrap().loss);
+            losses.push(
+                dp.step(&g, &mut model, &batches, StepOptions::default(), 1e-3, Some(1.0), &Default::default())
+                    .unwrap()
+                    .loss,
+            );
         }
         results.push((losses, model.params.iter().map(|p| g.download(&p.value.buf)).collect::<Vec<_>>()));
     }
@@ -767,7 +772,11 @@ fn mixed_precision_training_follows_the_bf16_cpu_reference() {
         );
         dp.refresh_params(be, &mut model.params).unwrap();
         let losses = (0..5)
-            .map(|_| dp.step(be, &mut model, batches, StepOptions::default(), 1e-3, Some(1.0), false).unwrap().loss)
+            .map(|_| {
+                dp.step(be, &mut model, batches, StepOptions::default(), 1e-3, Some(1.0), &Default::default())
+                    .unwrap()
+                    .loss
+            })
             .collect();
         (losses, model.params.iter().map(|p| be.download(&p.value.buf)).collect())
     }

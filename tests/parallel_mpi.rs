@@ -271,6 +271,40 @@ fn mixed_precision_at_2_ranks_with_zero_1_follows_one_process() {
 }
 
 /// Parameter sizes in model order (the safetensors listing is alphabetical).
+/// Spikes under MPI at 2 ranks, ZeRO-2: every rank skips the same updates and rolls back to the
+/// same checkpoint (the bounds are judged on the reduced loss and norm, the checkpoint chosen by
+/// rank 0); the result is the 2-rank run told to drop those steps' batches, bit for bit.
+#[test]
+fn spikes_roll_back_every_rank_alike() {
+    let _serial = serial();
+    let common = ["stages.0.steps=24", "stages.1.steps=2", "data.micro_batch_rows=4", "parallel.zero_stage=2"];
+    let spiky = [
+        "run.inject_spike_at_steps=[18, 20, 21]",
+        "run.spike_limit=3",
+        "run.spike_limit_steps=5",
+        "run.checkpoint_every=4",
+    ];
+    let rolled = root().join("spikes-w2");
+    let told = root().join("skip-range-w2");
+    for (out, extra) in
+        [(&rolled, &spiky[..]), (&told, &["run.skip_step_ranges=[[17, 21]]", "run.checkpoint_every=4"][..])]
+    {
+        let _ = std::fs::remove_dir_all(out);
+        let o = run(2, out, &[&common[..], extra].concat());
+        if out == &rolled {
+            let text = String::from_utf8_lossy(&o.stderr);
+            assert!(
+                text.contains("rolled back to") && text.contains("the batches of steps 17–21 are dropped"),
+                "{text}"
+            );
+        }
+    }
+    assert_eq!(final_params(&rolled), final_params(&told), "2 ranks: rollback = the run told to drop steps 17–21");
+    let steps: Vec<u64> = metrics(&rolled).iter().map(|m| m["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, (1..=26).collect::<Vec<_>>());
+    assert_eq!(metrics(&rolled).last().unwrap()["spikes"], 3);
+}
+
 fn sizes_in_model_order(out: &Path) -> Vec<usize> {
     let c = llama_cpt::config::LlamaConfig::from_file(&out.join("stage-knowledge-replay/config.json")).unwrap();
     llama_cpt::model::param_specs(&c).iter().map(|(_, s)| s.iter().product()).collect()

@@ -282,6 +282,79 @@ fn non_finite_steps_are_skipped_and_too_many_stop_the_run() {
     Llama::<Cpu>::load(&Cpu, &out.join("checkpoints/step-00000002")).unwrap();
 }
 
+fn metrics(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// A gradient-norm spike (step 20's gradients × 1000, after 19 steps of statistics) is caught by
+/// the z-score bound: that update is skipped, the run ends with the weights of a run whose step 20
+/// was skipped as non-finite (bit for bit), and normal training flags nothing. Off when asked.
+/// Too many spikes close together roll the run back to a checkpoint before them, the batches in
+/// between dropped; without such a checkpoint, they stop it.
+#[test]
+fn a_spike_skips_its_update_and_too_many_roll_the_run_back() {
+    let long = ["stages.0.steps=24", "stages.1.steps=2"];
+    let run = |name: &str, extra: &[&str]| {
+        let out = fresh(name);
+        let r = train::run(&Cpu, &config(&out, &[&long[..], extra].concat()), &AtomicBool::new(false));
+        (out, r)
+    };
+    let (spiked, r) = run("spike", &["run.inject_spike_at_steps=[20]"]);
+    r.unwrap();
+    let m = metrics(&spiked);
+    assert_eq!(
+        (m[19]["step"].as_u64(), m[19]["applied"].as_bool(), m[19]["spike"].as_bool()),
+        (Some(20), Some(false), Some(true))
+    );
+    assert!(m[19]["grad_norm"].as_f64().unwrap() > 10.0 * m[18]["grad_norm"].as_f64().unwrap());
+    assert_eq!(m.last().unwrap()["spikes"], 1);
+    let (nan, r) = run("spike-as-nan", &["run.inject_nan_at_steps=[20]"]);
+    r.unwrap();
+    assert_eq!(metrics(&nan).last().unwrap()["spikes"], 0, "26 steps of normal training: no spike");
+    assert_eq!(
+        weights(&spiked.join("stage-knowledge-replay")),
+        weights(&nan.join("stage-knowledge-replay")),
+        "the spiked step's update was skipped, nothing else changed"
+    );
+    let (off, r) = run("spike-off", &["run.inject_spike_at_steps=[20]", "run.spike_window=0"]);
+    r.unwrap();
+    assert_eq!(metrics(&off)[19]["applied"], true, "spike_window = 0: the clipped update is applied");
+    // Three spikes within 5 steps and no checkpoint of the stage before the first: a stop.
+    let three = ["run.inject_spike_at_steps=[18, 20, 21]", "run.spike_limit=3", "run.spike_limit_steps=5"];
+    let (_, r) = run("spike-stop", &three);
+    let msg = format!("{:#}", r.unwrap_err());
+    assert!(msg.contains("3 loss or gradient-norm spikes within 5 steps") && msg.contains("no checkpoint"), "{msg}");
+
+    // With checkpoints every 4 steps: back to step 16, the batches of steps 17–21 dropped; the
+    // result is the run that was told to drop them (Megatron's skip range), bit for bit.
+    let (rolled, r) = run("spike-rollback", &[&three[..], &["run.checkpoint_every=4"]].concat());
+    r.unwrap();
+    let (told, r) = run("skip-range", &["run.skip_step_ranges=[[17, 21]]", "run.checkpoint_every=4"]);
+    r.unwrap();
+    assert_eq!(weights(&rolled.join("stage-knowledge-replay")), weights(&told.join("stage-knowledge-replay")));
+    let steps: Vec<u64> = metrics(&rolled).iter().map(|r| r["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, (1..=26).collect::<Vec<_>>(), "each step logged once, the undone ones replaced");
+    let loss_bits = |out: &Path| -> Vec<Option<u64>> {
+        metrics(out).iter().map(|r| r["loss"].as_f64().map(f64::to_bits)).collect()
+    };
+    let (rolled_losses, plain_losses) = (loss_bits(&rolled), loss_bits(&nan));
+    assert_eq!(rolled_losses[..16], plain_losses[..16]);
+    assert_ne!(rolled_losses[16], plain_losses[16], "step 17 trains on the batch after step 21's");
+    // Spikes again right after a rollback to the same checkpoint, with new data: a stop.
+    let again = ["run.inject_spike_at_steps=[18, 20, 21, 22, 23, 24]", "run.checkpoint_every=16"];
+    let (_, r) = run("spike-again", &[&three[1..], &again[..]].concat());
+    let msg = format!("{:#}", r.unwrap_err());
+    assert!(msg.contains("spikes again after a rollback to step 16"), "{msg}");
+    for (out, rollbacks) in [(&rolled, vec![16]), (&told, vec![])] {
+        let state = checkpoint::read_state(checkpoint::complete_checkpoints(out).unwrap().last().unwrap()).unwrap();
+        assert_eq!((state.rollbacks, state.skipped_data), (rollbacks, vec![[17, 21]]), "{}", out.display());
+    }
+}
+
 #[test]
 fn replay_stage_trains_only_on_answers() {
     use llama_cpt::data::{Loader, LoaderConfig, SubsetSpec};

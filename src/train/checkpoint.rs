@@ -14,6 +14,7 @@ use crate::data::LoaderState;
 use crate::dist::{DataParallel, Piece, ZeroStage};
 use crate::model::Llama;
 use crate::optim::Segment;
+use crate::train::spikes::SpikeWindow;
 use crate::weights::StoreDtype;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -48,9 +49,28 @@ pub struct TrainerState {
     pub consecutive_skips: u32,
     /// The loader's position in this stage's data (None at a stage start).
     pub loader: Option<LoaderState>,
+    /// Updates skipped as loss or gradient-norm spikes, over all stages.
+    #[serde(default)]
+    pub spikes: u64,
+    /// The stage's recent loss and gradient norms the spike bounds come from.
+    #[serde(default)]
+    pub spike_window: SpikeWindow,
+    /// The steps of the checkpoints rolled back to after too many spikes, over all stages.
+    #[serde(default)]
+    pub rollbacks: Vec<u64>,
+    /// Steps whose batches were read and dropped, as `[first, last]` global steps: after a
+    /// rollback (the steps it undid) or where `run.skip_step_ranges` asked (never dropped twice).
+    #[serde(default)]
+    pub skipped_data: Vec<[u64; 2]>,
 }
 
 impl TrainerState {
+    /// Which global batch of the run's data the next step trains on (1-based): its step, plus
+    /// every batch dropped before it.
+    pub fn next_batch_number(&self) -> u64 {
+        self.global_step + 1 + self.skipped_data.iter().map(|[first, last]| last + 1 - first).sum::<u64>()
+    }
+
     pub fn fresh() -> Self {
         TrainerState {
             stage: 0,
@@ -61,6 +81,10 @@ impl TrainerState {
             skipped_steps: 0,
             consecutive_skips: 0,
             loader: None,
+            spikes: 0,
+            spike_window: SpikeWindow::default(),
+            rollbacks: vec![],
+            skipped_data: vec![],
         }
     }
 }
@@ -333,7 +357,7 @@ pub fn newest_intact(candidates: &[PathBuf]) -> Result<Option<usize>> {
 
 /// Removes a checkpoint without ever leaving a half-deleted folder that still looks complete: it
 /// is first renamed (atomically) to a `.tmp` name, which readers ignore and the next run cleans up.
-fn discard(dir: &Path) -> Result<()> {
+pub fn discard(dir: &Path) -> Result<()> {
     let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint");
     let trash = dir.with_file_name(format!(".{name}.discarded.tmp"));
     let _ = std::fs::remove_dir_all(&trash);

@@ -190,6 +190,28 @@ pub struct RunConfig {
     /// Fault injection for tests: global steps (1-based) whose loss is replaced by NaN.
     #[serde(default)]
     pub inject_nan_at_steps: Vec<u64>,
+    /// Loss spikes: a step whose loss or pre-clip gradient norm lies more than `spike_zscore`
+    /// standard deviations above the mean of the stage's last `spike_window` applied steps is
+    /// skipped like a non-finite one (judged once 16 steps, or the whole window, are known; the
+    /// deviation is at least 5% of the mean, so a flat series does not flag noise). 0: off.
+    pub spike_window: usize,
+    pub spike_zscore: f64,
+    /// After `spike_limit` spikes within `spike_limit_steps` steps, roll back to the newest
+    /// checkpoint of the stage older than the first of them and go on with the data after the
+    /// last (the batches in between are dropped, as PaLM does); with no such checkpoint, stop.
+    pub spike_limit: u32,
+    pub spike_limit_steps: u64,
+    /// Batches to drop, as `[first, last]` global steps (Megatron's skip-train-iteration-range):
+    /// when the run reaches step `first`, the batches of steps `first..=last` are read and
+    /// dropped, and step `first` trains on the batch after them. Recorded in the trainer state,
+    /// so a resume never drops them twice.
+    #[serde(default)]
+    pub skip_step_ranges: Vec<[u64; 2]>,
+    /// Fault injection for tests: bad batches, numbered as the steps of a run that drops none
+    /// (1-based), whose gradients are scaled by 1000 (a gradient-norm spike); the fault travels
+    /// with the batch, so a run that dropped it never meets it.
+    #[serde(default)]
+    pub inject_spike_at_steps: Vec<u64>,
 }
 
 fn default_eval_batches() -> usize {
@@ -222,6 +244,12 @@ impl Default for RunConfig {
             eval_texts: vec![],
             stop_after_steps: None,
             inject_nan_at_steps: vec![],
+            spike_window: 128,
+            spike_zscore: 6.0,
+            spike_limit: 4,
+            spike_limit_steps: 64,
+            skip_step_ranges: vec![],
+            inject_spike_at_steps: vec![],
         }
     }
 }
@@ -369,6 +397,17 @@ impl TrainConfig {
         }
         if self.run.log_every == 0 {
             bail!("key `run.log_every` must be positive");
+        }
+        if !(self.run.spike_zscore > 0.0 && self.run.spike_zscore.is_finite()) {
+            bail!("key `run.spike_zscore`: {} is not a positive number of standard deviations", self.run.spike_zscore);
+        }
+        if self.run.spike_limit == 0 || self.run.spike_limit_steps == 0 {
+            bail!("key `run.spike_limit` and `run.spike_limit_steps` must be positive");
+        }
+        for (i, [first, last]) in self.run.skip_step_ranges.iter().enumerate() {
+            if *first == 0 || first > last {
+                bail!("key `run.skip_step_ranges[{i}]`: [{first}, {last}] is not a range of global steps (1-based, first ≤ last)");
+            }
         }
         if self.parallel.zero_stage > 2 {
             bail!("key `parallel.zero_stage`: {} is not 0, 1 or 2", self.parallel.zero_stage);

@@ -9,6 +9,7 @@ mod observe;
 pub mod plot;
 pub mod schedule;
 mod setup;
+pub mod spikes;
 pub mod tensorboard;
 mod trainer;
 

@@ -53,7 +53,7 @@ impl Metrics {
         writeln!(self.file, "{v}").context("writing metrics.jsonl")?;
         let step = v["step"].as_u64().unwrap_or(0);
         let mut scalars: Vec<(String, f64)> =
-            ["loss", "lr", "grad_norm", "tokens_per_s", "flops_per_s", "val_loss", "skipped_steps"]
+            ["loss", "lr", "grad_norm", "tokens_per_s", "flops_per_s", "val_loss", "skipped_steps", "spikes"]
                 .iter()
                 .filter_map(|k| v[*k].as_f64().map(|x| (k.to_string(), x)))
                 .collect();

@@ -10,7 +10,7 @@ use crate::backend::Backend;
 use crate::batch::Batch;
 use crate::config::LlamaConfig;
 use crate::data::Loader;
-use crate::dist::{DataParallel, StepResult};
+use crate::dist::{DataParallel, StepChecks, StepResult};
 use crate::model::{Llama, StepOptions};
 use crate::weights::StoreDtype;
 use anyhow::{bail, Context, Result};
@@ -170,10 +170,14 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let bar = self.stage_bar(si, total);
         while self.state.stage_step < total {
             self.backend.profile_range(crate::backend::PROFILE_TRAIN_STEP);
+            self.drop_requested_batches(&mut loader, micro_steps, stage, &bar)?;
             let started = Instant::now();
             let batches = global_batch(&mut loader, micro_steps, stage, self.state.stage_step)?;
             let mut done = self.optimizer_step(&batches, stage, total)?;
-            self.count_step(&done, &bar)?;
+            if let Some(first_spike) = self.count_step(&done, &bar)? {
+                self.roll_back(first_spike, &loader, &bar)?;
+                continue;
+            }
             done.tokens_per_s = (done.tokens * self.comm.world_size()) as f64 / started.elapsed().as_secs_f64();
             let mut record = self.progress(&done, &loader, stage, &bar);
             self.backend.profile_range("evaluation");
@@ -223,13 +227,21 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let state = &self.state;
         let lr = schedule::lr_at(state.stage_step, total, stage.lr, stage.warmup_steps, stage.min_lr_ratio);
         let clip = (stage.max_grad_norm > 0.0).then_some(stage.max_grad_norm);
-        let poison = self.cfg.run.inject_nan_at_steps.contains(&(state.global_step + 1));
+        let run = &self.cfg.run;
+        let next = state.global_step + 1;
+        let (loss_bound, grad_bound) = state.spike_window.bounds(run.spike_window, run.spike_zscore);
+        let checks = StepChecks {
+            max_loss: loss_bound.map_or(f64::INFINITY, |b| b.limit),
+            max_grad_norm: grad_bound.map_or(f64::INFINITY, |b| b.limit),
+            poison_loss: run.inject_nan_at_steps.contains(&next),
+            scale_gradients: if run.inject_spike_at_steps.contains(&state.next_batch_number()) { 1000.0 } else { 1.0 },
+        };
         let step_opts = StepOptions { checkpoint_layers: self.cfg.model.checkpoint_layers };
         let traffic_before = self.comm.traffic();
         // A failed collective names its step (the communicators know only their own counts).
         let report = self
             .dp
-            .step(self.backend, &mut self.model, batches, step_opts, lr, clip, poison)
+            .step(self.backend, &mut self.model, batches, step_opts, lr, clip, &checks)
             .with_context(|| format!("step {}", state.global_step + 1))?;
         let traffic = traffic_delta(traffic_before, self.comm.traffic());
         let tokens = batches.iter().map(|b| b.num_tokens()).sum();
@@ -237,7 +249,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
     }
 
     /// Advances the trainer state past a step; stops the run after too many skipped in a row.
-    fn count_step(&mut self, done: &StepDone, bar: &ProgressBar) -> Result<()> {
+    /// `Some(first spike)` when spikes call for a rollback.
+    fn count_step(&mut self, done: &StepDone, bar: &ProgressBar) -> Result<Option<u64>> {
         let (state, report) = (&mut self.state, &done.report);
         state.stage_step += 1;
         state.global_step += 1;
@@ -246,10 +259,14 @@ impl<'a, B: Backend> Trainer<'a, B> {
         if report.applied {
             state.consecutive_skips = 0;
             state.optimizer_updates = self.dp.opt.step;
+            state.spike_window.push(report.loss, report.grad_norm, self.cfg.run.spike_window);
             self.last_loss = Some(report.loss);
-            return Ok(());
+            return Ok(None);
         }
         state.skipped_steps += 1;
+        if report.spike {
+            return self.count_spike(report, bar);
+        }
         state.consecutive_skips += 1;
         if self.leader {
             line(
@@ -261,12 +278,134 @@ impl<'a, B: Backend> Trainer<'a, B> {
             );
         }
         if state.consecutive_skips >= self.cfg.run.max_consecutive_skips {
-            let last = checkpoint::complete_checkpoints(&self.cfg.run.out_dir)?.pop();
             bail!(
                 "stopping: {} non-finite steps in a row; the last good checkpoint is {}",
                 state.consecutive_skips,
-                last.map_or("none (no checkpoint was written yet)".into(), |p| p.display().to_string())
+                last_good_checkpoint(&self.cfg.run.out_dir)?
             );
+        }
+        Ok(None)
+    }
+
+    /// A step skipped as a spike: says which value and by how much; after `run.spike_limit`
+    /// within `run.spike_limit_steps` steps, `Some(the first of them)`: time to roll back.
+    fn count_spike(&mut self, report: &StepResult, bar: &ProgressBar) -> Result<Option<u64>> {
+        let run = &self.cfg.run;
+        let state = &mut self.state;
+        let (loss_bound, grad_bound) = state.spike_window.bounds(run.spike_window, run.spike_zscore);
+        state.spikes += 1;
+        let recent = state.spike_window.record_spike(state.global_step, run.spike_limit_steps);
+        if self.leader {
+            let over = [("loss", report.loss, loss_bound), ("gradient norm", report.grad_norm, grad_bound)]
+                .into_iter()
+                .filter_map(|(what, x, b)| b.filter(|b| x > b.limit).map(|b| (what, x, b)))
+                .map(|(what, x, b)| {
+                    format!(
+                        "{what} {x:.4} is {:.1} deviations above the mean {:.4} (limit {:.4})",
+                        b.z(x),
+                        b.mean,
+                        b.limit
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            line(
+                bar,
+                format!(
+                    "step {}: spike — {over}; update skipped ({recent} in the last {} steps, {} in the run)",
+                    state.global_step, run.spike_limit_steps, state.spikes
+                ),
+            );
+        }
+        Ok((recent >= run.spike_limit as usize).then(|| state.spike_window.recent_spikes[0]))
+    }
+
+    /// After too many spikes: back to the newest checkpoint of this stage older than the first
+    /// of them, the data going on from where it is (the undone steps' batches are dropped, and
+    /// recorded as such). Stops the run when there is no such checkpoint.
+    fn roll_back(&mut self, first_spike: u64, loader: &Loader, bar: &ProgressBar) -> Result<()> {
+        let (run, si, now) = (&self.cfg.run, self.state.stage, self.state.global_step);
+        let out = &run.out_dir;
+        let before: Vec<PathBuf> = checkpoint::complete_checkpoints(out)?
+            .into_iter()
+            .filter(|d| checkpoint::read_state(d).is_ok_and(|s| s.stage == si && s.global_step < first_spike))
+            .collect();
+        let Some(dir) = agreed_checkpoint(&before, out, self.comm)? else {
+            bail!(
+                "stopping: {} loss or gradient-norm spikes within {} steps (run.spike_limit) from step {first_spike}, and no \
+                 checkpoint of this stage before it to roll back to; the last good checkpoint is {}",
+                run.spike_limit,
+                run.spike_limit_steps,
+                last_good_checkpoint(out)?
+            );
+        };
+        let to_step = checkpoint::read_state(&dir)?.global_step;
+        if self.state.rollbacks.contains(&to_step) {
+            bail!(
+                "stopping: spikes again after a rollback to step {to_step} ({}) with new data: they do not come \
+                 from the data; lower the learning rate or raise run.spike_zscore, then resume",
+                dir.display()
+            );
+        }
+        let mut state = checkpoint::load(&dir, self.backend, &mut self.model, &mut self.dp)?;
+        self.dp.refresh_params(self.backend, &mut self.model.params)?;
+        let undone = [state.global_step + 1, now];
+        state.loader = Some(loader.state());
+        state.spikes = self.state.spikes;
+        state.rollbacks = std::mem::take(&mut self.state.rollbacks);
+        state.rollbacks.push(to_step);
+        state.skipped_data = std::mem::take(&mut self.state.skipped_data);
+        state.skipped_data.push(undone);
+        state.spike_window.recent_spikes.clear();
+        if self.leader {
+            // The checkpoints of the undone steps belong to a timeline that no longer exists.
+            for newer in checkpoint::complete_checkpoints(out)?
+                .into_iter()
+                .filter(|d| checkpoint::read_state(d).is_ok_and(|s| (s.stage, s.global_step) > (si, state.global_step)))
+            {
+                checkpoint::discard(&newer)?;
+            }
+            self.metrics = Some(Metrics::open(out, state.global_step)?);
+            line(
+                bar,
+                format!(
+                    "step {now}: {} spikes within {} steps — rolled back to {} (step {}); the batches of steps {}–{} are dropped",
+                    run.spike_limit,
+                    run.spike_limit_steps,
+                    dir.display(),
+                    state.global_step,
+                    undone[0],
+                    undone[1]
+                ),
+            );
+        }
+        self.comm.barrier()?;
+        self.state = state;
+        bar.set_position(self.state.stage_step);
+        Ok(())
+    }
+
+    /// Drops the batches `run.skip_step_ranges` names when the run reaches the first of them
+    /// (once: the trainer state remembers).
+    fn drop_requested_batches(
+        &mut self,
+        loader: &mut Loader,
+        micro_steps: usize,
+        stage: &StageConfig,
+        bar: &ProgressBar,
+    ) -> Result<()> {
+        let next = self.state.global_step + 1;
+        for &range in &self.cfg.run.skip_step_ranges {
+            if range[0] != next || self.state.skipped_data.contains(&range) {
+                continue;
+            }
+            for _ in range[0]..=range[1] {
+                global_batch(loader, micro_steps, stage, self.state.stage_step)?;
+            }
+            self.state.skipped_data.push(range);
+            if self.leader {
+                line(bar, format!("steps {}–{}: their batches dropped (run.skip_step_ranges)", range[0], range[1]));
+            }
         }
         Ok(())
     }
@@ -286,6 +425,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             "step": state.global_step, "stage": stage.name, "stage_step": state.stage_step, "loss": loss,
             "lr": lr, "grad_norm": report.grad_norm, "applied": report.applied, "tokens": state.tokens_seen,
             "tokens_per_s": tok_s, "flops_per_s": flops, "mfu": mfu, "skipped_steps": state.skipped_steps,
+            "spike": report.spike, "spikes": state.spikes,
             "skipped_rows": loader.skipped_rows(), "loader_wait_s": loader.stats().wait.as_secs_f64(),
             "world_size": world, "comm_wait_s": report.comm_wait.as_secs_f64(), "comm_bytes": done.traffic,
         })
@@ -410,6 +550,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
         state.stage_step = 0;
         state.optimizer_updates = 0;
         state.loader = None;
+        // New data, new statistics: spikes are judged against this stage's own steps.
+        state.spike_window = Default::default();
         // Mixed precision: the next stage's masters start from these fp32 masters, not from bf16.
         self.dp.params_from_masters(backend, &mut self.model.params)?;
         let next = self.state.stage.min(cfg.stages.len() - 1);
@@ -499,11 +641,21 @@ fn global_batch(loader: &mut Loader, micro_steps: usize, stage: &StageConfig, st
     Ok(batches)
 }
 
+/// The newest complete checkpoint of `out`, as a stop message names it.
+fn last_good_checkpoint(out: &Path) -> Result<String> {
+    let last = checkpoint::complete_checkpoints(out)?.pop();
+    Ok(last.map_or("none (no checkpoint was written yet)".into(), |p| p.display().to_string()))
+}
+
 /// The checkpoint every rank resumes from: rank 0 verifies the newest complete ones and its choice
 /// is shared (one sum of scalars), so that no rank reads a checkpoint the others passed over.
 fn agreed_resume<Buf>(out: &Path, comm: &dyn Communicator<Buf>) -> Result<Option<PathBuf>> {
-    let all = checkpoint::complete_checkpoints(out)?;
-    let chosen = if comm.rank() == 0 { checkpoint::newest_intact(&all) } else { Ok(None) };
+    agreed_checkpoint(&checkpoint::complete_checkpoints(out)?, out, comm)
+}
+
+/// The newest intact of `all` (complete checkpoints of `out`, oldest first), as rank 0 finds it.
+fn agreed_checkpoint<Buf>(all: &[PathBuf], out: &Path, comm: &dyn Communicator<Buf>) -> Result<Option<PathBuf>> {
+    let chosen = if comm.rank() == 0 { checkpoint::newest_intact(all) } else { Ok(None) };
     // Rank 0's index + 1 (0: none), or -1 where it found none intact; the others add 0.
     let mut pick = [match &chosen {
         Ok(Some(i)) => (*i + 1) as f64,
