@@ -889,3 +889,77 @@ fn the_side_by_side_script_runs_and_pairs_every_row_with_pytorch() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A collective's input goes back to the allocator once the collective has read it, not at its
+/// `wait` (a backward's gradient buckets would otherwise all stay alive until the optimizer step),
+/// and never while it may still be read: two ranks in one process, rank 1 holding back its half of
+/// the reduce-scatter so that rank 0's collective cannot finish.
+#[test]
+#[ignore = "needs a CUDA GPU and libnccl, or the emulated device (tools/emu-check.sh)"]
+fn a_collective_gives_its_input_back_once_read_and_never_before() {
+    use llama_cpt_parallel::launch::Launch;
+    use llama_cpt_parallel::Communicator;
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+    // A size class no other buffer of this test has.
+    const N: usize = 2 * 150_001;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let launch = move |rank| Launch {
+        rank,
+        world_size: 2,
+        local_rank: rank,
+        master: Some(("127.0.0.1".into(), port)),
+        launcher: "none",
+    };
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let peer = std::thread::spawn(move || {
+        let cuda = Cuda::new(0).unwrap();
+        let comm = cuda.nccl(&launch(1), Duration::from_secs(60)).unwrap();
+        for round in 0..2 {
+            go_rx.recv().unwrap();
+            let x = cuda.upload(&vec![10.0 + round as f32; N]);
+            comm.reduce_scatter(x).wait().unwrap();
+        }
+    });
+    let cuda = Cuda::new(0).unwrap();
+    let comm = cuda.nccl(&launch(0), Duration::from_secs(60)).unwrap();
+    let input: Vec<f32> = (0..N).map(|i| i as f32).collect();
+    let retiring = |c: &Cuda| c.memory_stats().retiring;
+
+    // Round 1: the peer has not joined, so the collective is still reading rank 0's input.
+    let x = cuda.upload(&input);
+    let x_ptr = x.device_ptr();
+    let pending = comm.reduce_scatter(x);
+    std::thread::sleep(Duration::from_millis(100));
+    let other = cuda.upload(&vec![-1.0; N]);
+    let (reused, stats) = (other.device_ptr() == x_ptr, cuda.memory_stats());
+    // The peer goes on before any assertion, so that a failure fails instead of hanging.
+    go_tx.send(()).unwrap();
+    assert!(!reused, "the input of an unfinished collective was handed out again");
+    assert!(stats.retiring >= N * 4, "the input is retired, still counted: {stats:?}");
+    let got = cuda.download(&pending.wait().unwrap());
+    let want: Vec<f32> = (0..N / 2).map(|i| i as f32 + 10.0).collect();
+    assert_eq!(got, want, "rank 0's half of the sum");
+    assert_eq!(retiring(&cuda), 0, "after the wait nothing is retiring");
+    drop(other);
+
+    // Round 2: once both ranks have run the collective, its input is reused without a wait.
+    let x = cuda.upload(&input);
+    let x_ptr = x.device_ptr();
+    let pending = comm.reduce_scatter(x);
+    go_tx.send(()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let probe = cuda.upload(&[0.0; N]);
+        if probe.device_ptr() == x_ptr {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the finished collective's input never came back before its wait");
+        drop(probe);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(retiring(&cuda), 0);
+    let got = cuda.download(&pending.wait().unwrap());
+    assert_eq!(got, (0..N / 2).map(|i| i as f32 + 11.0).collect::<Vec<_>>());
+    peer.join().unwrap();
+}

@@ -8,8 +8,13 @@
 //! cached uploads of positions, ids and targets after some of its temporaries, so the second's peak
 //! is a little higher), and on out-of-memory the cache
 //! is released (after a stream synchronize) and the allocation retried.
-use cudarc::driver::{result, sys};
-use std::collections::HashMap;
+//!
+//! A block that another stream reads (the input of a collective on the communication stream) is
+//! *retired* instead of freed: it goes back to the free lists once an event recorded behind its
+//! reader has completed (checked at every allocation), or when the compute stream has been
+//! ordered after the reader — whichever comes first; never while the reader may still run.
+use cudarc::driver::{result, sys, CudaEvent};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 /// Byte counts of the allocator.
@@ -26,11 +31,29 @@ pub struct MemStats {
     pub driver_allocs: u64,
     /// Allocations served from the cache.
     pub cache_hits: u64,
+    /// Bytes of retired blocks whose reader on another stream has not finished (part of `in_use`).
+    pub retiring: usize,
 }
+
+/// A block waiting for its reader on another stream (see the module comment).
+struct Retiring {
+    ticket: u64,
+    ptr: sys::CUdeviceptr,
+    class: usize,
+    /// Recorded on the reader's stream after the last work that reads the block.
+    after: CudaEvent,
+}
+
+/// Names one retired block, to free it once its reader is known to be ordered before the compute
+/// stream (tickets are never reused, unlike addresses).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RetireTicket(u64);
 
 #[derive(Default)]
 pub(crate) struct Pool {
     free: HashMap<usize, Vec<sys::CUdeviceptr>>,
+    retiring: VecDeque<Retiring>,
+    tickets: u64,
     pub(crate) stats: MemStats,
 }
 
@@ -53,6 +76,7 @@ impl Pool {
         stream: sys::CUstream,
     ) -> Result<(sys::CUdeviceptr, usize), result::DriverError> {
         let class = size_class(bytes);
+        self.reclaim_finished();
         let ptr = if let Some(p) = self.free.get_mut(&class).and_then(|v| v.pop()) {
             self.stats.cache_hits += 1;
             p
@@ -80,9 +104,38 @@ impl Pool {
         self.free.entry(class).or_default().push(ptr);
     }
 
+    fn retire(&mut self, ptr: sys::CUdeviceptr, class: usize, after: CudaEvent) -> RetireTicket {
+        self.tickets += 1;
+        self.stats.retiring += class;
+        self.retiring.push_back(Retiring { ticket: self.tickets, ptr, class, after });
+        RetireTicket(self.tickets)
+    }
+
+    /// Frees the retired block of `ticket` if it is still waiting (its reader is now ordered
+    /// before everything the compute stream runs next).
+    pub(crate) fn free_retired(&mut self, ticket: RetireTicket) {
+        if let Some(r) = self.retiring.iter().position(|r| r.ticket == ticket.0).and_then(|i| self.retiring.remove(i)) {
+            self.stats.retiring -= r.class;
+            self.free(r.ptr, r.class);
+        }
+    }
+
+    /// Frees the retired blocks whose readers have finished, oldest first, stopping at the first
+    /// that has not (readers on one stream finish in order, so one query per allocation suffices
+    /// in the steady state). A failed query keeps its block: a block lost to the cache is safer
+    /// than one reused under a reader.
+    fn reclaim_finished(&mut self) {
+        while self.retiring.front().is_some_and(|r| r.after.try_is_complete().unwrap_or(false)) {
+            let r = self.retiring.pop_front().expect("checked above");
+            self.stats.retiring -= r.class;
+            self.free(r.ptr, r.class);
+        }
+    }
+
     /// Returns every cached (free) block to the driver.
     pub(crate) fn release_cached(&mut self, stream: sys::CUstream) -> Result<(), result::DriverError> {
         unsafe { result::stream::synchronize(stream) }?;
+        self.reclaim_finished();
         for (class, ptrs) in self.free.drain() {
             for p in ptrs {
                 unsafe { result::free_sync(p) }?;
@@ -162,6 +215,16 @@ impl CudaBuf {
             .alloc(bytes, home.stream.cu_stream())
             .unwrap_or_else(|e| panic!("CUDA allocation of {bytes} bytes failed: {e}"));
         CudaBuf { ptr, len, dtype, class, home: home.clone() }
+    }
+
+    /// Gives the block back once `after` (recorded on another stream behind the work that reads
+    /// this buffer) has completed, or earlier through [`Pool::free_retired`] with the ticket.
+    pub(crate) fn free_after(self, after: CudaEvent) -> RetireTicket {
+        let this = std::mem::ManuallyDrop::new(self);
+        // SAFETY: `this` is never used or dropped again; its `home` is moved out exactly once.
+        let home = unsafe { std::ptr::read(&this.home) };
+        let ticket = home.pool.lock().unwrap().retire(this.ptr, this.class, after);
+        ticket
     }
 
     pub fn dtype(&self) -> DType {

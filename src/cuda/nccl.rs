@@ -276,6 +276,8 @@ impl Nccl {
             self.traffic.count(kind, bytes);
         }
         let output = CudaBuf::alloc(&self.home, out_len, dtype);
+        // Set once `op` may have enqueued a read of `input` on the communication stream.
+        let mut handed_over = false;
         let run = || -> Result<()> {
             let mut issued = self.issue.lock().unwrap();
             // After the watchdog aborted the communicator, no NCCL call may touch it.
@@ -289,6 +291,7 @@ impl Nccl {
             );
             self.comm_stream.join(&self.home.stream).map_err(|e| anyhow!("{e}"))?;
             let started = self.comm_stream.record_event(None).map_err(|e| anyhow!("{e}"))?;
+            handed_over = true;
             if let Err(e) = op(input.ptr, output.ptr, self.comm_stream.cu_stream() as ncclsys::cudaStream_t) {
                 // A failed NCCL call leaves the communicator unusable: abort it, as the watchdog would.
                 let message = format!("rank {}: {what}: {e:#}{}", self.rank, last_error(self.comm));
@@ -299,15 +302,33 @@ impl Nccl {
             self.watch.state.lock().unwrap().in_flight.push_back(InFlight { what, started, done, started_at: None });
             Ok(())
         };
-        if let Err(e) = run() {
+        let launched = run();
+        // The input goes back to the pool when the collective has finished reading it (so a
+        // backward's gradient buckets do not all stay alive until their waits), never before: a
+        // block handed to the communication stream is retired behind an event recorded there.
+        let retired = if handed_over {
+            match self.comm_stream.record_event(None) {
+                Ok(read) => Some(input.free_after(read)),
+                // No event, no proof the read is over: the block is never reused.
+                Err(_) => {
+                    std::mem::forget(input);
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        if let Err(e) = launched {
             return Pending::new(move || Err(e));
         }
-        let (compute, comm, watch) = (self.home.stream.clone(), self.comm_stream.clone(), self.watch.clone());
+        let (compute, comm, watch, home) =
+            (self.home.stream.clone(), self.comm_stream.clone(), self.watch.clone(), self.home.clone());
         Pending::new(move || {
             compute.join(&comm).map_err(|e| anyhow!("{e}"))?;
-            // `input` may go back to the pool only now: the compute stream is ordered after the
-            // collective that reads it.
-            drop(input);
+            // The compute stream is now ordered after the collective: its input may be reused.
+            if let Some(ticket) = retired {
+                home.pool.lock().unwrap().free_retired(ticket);
+            }
             watch.check()?;
             Ok(output)
         })
