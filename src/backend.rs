@@ -55,6 +55,92 @@ pub fn check_common_limits(s: &ForwardShape) -> anyhow::Result<()> {
 /// reduction, update, the loss download; the report gives its counts per step.
 pub const PROFILE_TRAIN_STEP: &str = "train step";
 
+/// What a device allocation is for, as the memory report splits the peak (`pretrain --dry-run`).
+/// The trainer names it around its phases ([`memory_scope`]); a backend that counts its memory
+/// files every block under the use current when the block was handed out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum MemoryUse {
+    /// The model's working parameters (bf16 in mixed precision).
+    Parameters,
+    /// fp32 masters and AdamW moments.
+    Optimizer,
+    /// Reduced gradients kept until the update (ZeRO-1/2: this rank's shard).
+    Gradients,
+    /// Flat buffers handed to collectives: gradient buckets, all-gathered parameters.
+    Communication,
+    /// The forward and backward: activations, their gradients, the local weight gradients.
+    Activations,
+    /// Everything else: cached uploads, library workspace, the optimizer's temporaries.
+    #[default]
+    Other,
+}
+
+impl MemoryUse {
+    pub const COUNT: usize = 6;
+    pub const ALL: [MemoryUse; MemoryUse::COUNT] = [
+        MemoryUse::Parameters,
+        MemoryUse::Optimizer,
+        MemoryUse::Gradients,
+        MemoryUse::Communication,
+        MemoryUse::Activations,
+        MemoryUse::Other,
+    ];
+    pub fn index(self) -> usize {
+        self as usize
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            MemoryUse::Parameters => "parameters",
+            MemoryUse::Optimizer => "optimizer state (fp32 masters, moments)",
+            MemoryUse::Gradients => "reduced gradients",
+            MemoryUse::Communication => "communication buffers (gradient buckets, gathers)",
+            MemoryUse::Activations => "forward/backward (activations, local gradients)",
+            MemoryUse::Other => "other (workspace, cached uploads)",
+        }
+    }
+}
+
+/// Byte counts of a device's caching allocator ([`Backend::memory_stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemStats {
+    /// Bytes in live buffers (rounded up to their size class).
+    pub in_use: usize,
+    /// Highest `in_use` since the start or the last [`Backend::reset_peak_memory`].
+    pub peak_in_use: usize,
+    /// Bytes held from the driver (live and cached).
+    pub reserved: usize,
+    pub peak_reserved: usize,
+    /// `cuMemAlloc` calls so far (constant once warm).
+    pub driver_allocs: u64,
+    /// Allocations served from the cache.
+    pub cache_hits: u64,
+    /// Bytes of retired blocks whose reader on another stream has not finished (part of `in_use`).
+    pub retiring: usize,
+    /// Retired blocks handed out again in stream order (the compute stream waits for the reader).
+    pub reused_in_stream_order: u64,
+    /// `in_use` by what holds it ([`MemoryUse::index`]), now and at the peak.
+    pub by_use: [usize; MemoryUse::COUNT],
+    pub peak_by_use: [usize; MemoryUse::COUNT],
+    /// The use being allocated for when the peak was reached (which phase of the step peaks).
+    pub peak_during: MemoryUse,
+}
+
+/// Files the allocations made while it lives under `what`, then restores the previous use.
+pub struct MemoryScope<'a, B: Backend> {
+    backend: &'a B,
+    previous: MemoryUse,
+}
+
+pub fn memory_scope<B: Backend>(backend: &B, what: MemoryUse) -> MemoryScope<'_, B> {
+    MemoryScope { backend, previous: backend.set_memory_use(what) }
+}
+
+impl<B: Backend> Drop for MemoryScope<'_, B> {
+    fn drop(&mut self) {
+        self.backend.set_memory_use(self.previous);
+    }
+}
+
 /// A micro-step's mean cross-entropy: read already, or still on the device as each row's loss
 /// (f32, 0 for ignored targets) over `valid` counted targets.
 pub enum StepLoss<Buf> {
@@ -125,6 +211,18 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// The counts so far: per train step, and the other ranges' totals.
     fn profile_report(&self) -> Option<String> {
         None
+    }
+    /// The device allocator's counts, where the backend keeps them (the CUDA backend).
+    fn memory_stats(&self) -> Option<MemStats> {
+        None
+    }
+    /// The peaks of [`Backend::memory_stats`] start again from what is in use now.
+    fn reset_peak_memory(&self) {}
+    /// Gives the allocator's cached free blocks back to the device (after the work queued so far).
+    fn release_cached_memory(&self) {}
+    /// What allocations from now on are for (see [`memory_scope`]); returns the use before.
+    fn set_memory_use(&self, what: MemoryUse) -> MemoryUse {
+        what
     }
 
     /// Refuses sizes this backend's ops cannot take, naming the op and the limit, before any op

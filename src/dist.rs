@@ -24,7 +24,7 @@
 //! In mixed precision ([`Backend::mixed_precision`]) the parameters are bf16 working copies:
 //! gradients are still reduced in f32, every segment keeps an fp32 master, and the all-gather of
 //! ZeRO-1/2 moves bf16 parameters.
-use crate::backend::{AdamWConfig, Backend};
+use crate::backend::{memory_scope, AdamWConfig, Backend, MemoryUse};
 use crate::batch::Batch;
 use crate::model::{Llama, Param, StepOptions};
 use crate::optim::AdamW;
@@ -46,11 +46,20 @@ pub struct StepChecks {
     pub poison_loss: bool,
     /// Fault injection: every gradient is multiplied by this (1: none).
     pub scale_gradients: f64,
+    /// Update whatever the loss and norm are: a dry run on a device that executes nothing reads
+    /// back zeros (`pretrain --dry-run`), and its update must still run to be measured.
+    pub always_update: bool,
 }
 
 impl Default for StepChecks {
     fn default() -> Self {
-        StepChecks { max_loss: f64::INFINITY, max_grad_norm: f64::INFINITY, poison_loss: false, scale_gradients: 1.0 }
+        StepChecks {
+            max_loss: f64::INFINITY,
+            max_grad_norm: f64::INFINITY,
+            poison_loss: false,
+            scale_gradients: 1.0,
+            always_update: false,
+        }
     }
 }
 
@@ -96,6 +105,7 @@ impl<'c, B: Backend> DataParallel<'c, B> {
         let sharded = stage != ZeroStage::Zero0;
         let pieces = if sharded { layout.shard_pieces(comm.rank()) } else { layout.whole_pieces(&sizes) };
         let spans: Vec<(usize, usize, usize)> = pieces.iter().map(|p| (p.param, p.start, p.len)).collect();
+        let _scope = memory_scope(backend, MemoryUse::Optimizer);
         let opt = AdamW::for_pieces(backend, params, config, &spans, sharded);
         DataParallel { comm, stage, layout, pieces, opt }
     }
@@ -130,6 +140,7 @@ impl<'c, B: Backend> DataParallel<'c, B> {
         self.comm.all_reduce_scalars(&mut scalars)?;
         let target_tokens = scalars[0] as usize;
         let mut reducer = Reducer::new(backend, self.comm, &self.layout, self.stage, model.params.len());
+        let forward_backward = memory_scope(backend, MemoryUse::Activations);
         // Each micro-step's loss with its target count; read after the last, with the norm.
         let mut losses = Vec::with_capacity(batches.len());
         let mut counts = Vec::with_capacity(batches.len());
@@ -144,14 +155,25 @@ impl<'c, B: Backend> DataParallel<'c, B> {
             }
             reducer.finish_micro_step()?;
         }
-        let reduced = reducer.reduced;
+        drop(forward_backward);
+        let mut reduced = reducer.reduced;
         let mut comm_wait = reducer.waited;
-        let grads: Vec<B::Buf> = self
-            .pieces
-            .iter()
-            .map(|p| backend.slice(reduced[p.bucket].as_ref().expect("every bucket is reduced"), p.shard_offset, p.len))
-            .collect();
-        drop(reduced);
+        let gradients = memory_scope(backend, MemoryUse::Gradients);
+        // Each bucket is dropped once its last piece is cut out: the pieces and the buckets
+        // never stand side by side whole (under ZeRO-0 that would be 4 bytes × Ψ more).
+        let mut last_piece = vec![0; reduced.len()];
+        for (i, p) in self.pieces.iter().enumerate() {
+            last_piece[p.bucket] = i;
+        }
+        let mut grads: Vec<B::Buf> = Vec::with_capacity(self.pieces.len());
+        for (i, p) in self.pieces.iter().enumerate() {
+            let bucket = reduced[p.bucket].as_ref().expect("every bucket is reduced");
+            grads.push(backend.slice(bucket, p.shard_offset, p.len));
+            if last_piece[p.bucket] == i {
+                reduced[p.bucket] = None;
+            }
+        }
+        drop((reduced, gradients));
         // One host sync for the losses and this rank's Σg², one all-reduce for what ranks share.
         let (means, sq) = backend.losses_and_sum_squares(&losses, &grads.iter().collect::<Vec<_>>());
         let loss_sum: f64 = means.iter().zip(&counts).map(|(mean, &k)| mean * k as f64).sum();
@@ -163,15 +185,22 @@ impl<'c, B: Backend> DataParallel<'c, B> {
             loss = f64::NAN;
         }
         let grad_norm = if loss.is_finite() { sq.sqrt() } else { f64::NAN };
-        if !grad_norm.is_finite() {
+        if !grad_norm.is_finite() && !checks.always_update {
             return Ok(StepResult { loss, target_tokens, grad_norm, applied: false, spike: false, comm_wait });
         }
         if loss > checks.max_loss || grad_norm > checks.max_grad_norm {
             return Ok(StepResult { loss, target_tokens, grad_norm, applied: false, spike: true, comm_wait });
         }
-        let scale = max_grad_norm.map_or(1.0, |max| llama_cpt_ops::gradnorm::clip_scale(grad_norm, max));
+        let scale = match max_grad_norm {
+            Some(max) if grad_norm.is_finite() => llama_cpt_ops::gradnorm::clip_scale(grad_norm, max),
+            _ => 1.0,
+        };
         let refs: Vec<Option<&B::Buf>> = grads.iter().map(Some).collect();
+        // The update writes the new working parameters (mixed precision, unsharded segments).
+        let scope = memory_scope(backend, MemoryUse::Parameters);
         self.opt.update(backend, &mut model.params, &refs, lr, scale);
+        drop(refs);
+        drop((grads, scope));
         if self.sharded() {
             comm_wait += self.gather_params(backend, &mut model.params)?;
         }
@@ -183,13 +212,15 @@ impl<'c, B: Backend> DataParallel<'c, B> {
     /// where this rank holds it whole, and the sharded ones are gathered from the masters
     /// (ZeRO-1/2). In f32 the parameters already are the masters' values.
     pub fn refresh_params(&self, backend: &B, params: &mut [Param<B>]) -> Result<()> {
-        if !backend.mixed_precision() {
-            return Ok(());
+        if backend.mixed_precision() {
+            self.opt.refresh_working(backend, params);
+            if self.sharded() {
+                self.gather_params(backend, params)?;
+            }
         }
-        self.opt.refresh_working(backend, params);
-        if self.sharded() {
-            self.gather_params(backend, params)?;
-        }
+        // The blocks of what was loaded or replaced (f32 parameters: 4 bytes × Ψ) are of sizes
+        // the step never asks for again: back to the driver, so that the step's sizes get them.
+        backend.release_cached_memory();
         Ok(())
     }
 
@@ -219,10 +250,26 @@ impl<'c, B: Backend> DataParallel<'c, B> {
         self.gather(backend, params, backend.mixed_precision())
     }
 
-    /// All-gathers the masters into `params`, as working copies (bf16) when `working`.
+    /// All-gathers the masters into `params`, as working copies (bf16) when `working`. At most
+    /// [`IN_FLIGHT`] gathers are outstanding: each is waited for and cut into its parameters
+    /// before the next but one is launched, so the gathered copies never stand beside all of
+    /// the old parameters at once (2 bytes × Ψ at bf16).
     fn gather(&self, backend: &B, params: &mut [Param<B>], working: bool) -> Result<Duration> {
         let world = self.world_size();
-        let mut pending: Vec<(usize, Pending<B::Buf>)> = Vec::new();
+        let _scope = memory_scope(backend, MemoryUse::Communication);
+        let mut pending: std::collections::VecDeque<(usize, Pending<B::Buf>)> = Default::default();
+        let mut waited = Duration::ZERO;
+        let mut settle = |bi: usize, p: Pending<B::Buf>, params: &mut [Param<B>]| -> Result<()> {
+            let t = Instant::now();
+            let full = p.wait()?;
+            waited += t.elapsed();
+            let b = &self.layout.buckets[bi];
+            let _params = memory_scope(backend, MemoryUse::Parameters);
+            for ((&param, &off), &n) in b.params.iter().zip(&b.offsets).zip(&b.sizes) {
+                *params[param].value.buf_mut() = backend.slice(&full, off, n);
+            }
+            Ok(())
+        };
         for (bi, b) in self.layout.buckets.iter().enumerate() {
             let parts: Vec<(usize, &B::Buf)> = self
                 .pieces
@@ -234,19 +281,22 @@ impl<'c, B: Backend> DataParallel<'c, B> {
             let shard = backend.assemble(b.padded / world, &parts);
             // In mixed precision the working parameters travel in bf16 (2 bytes × Ψ, not 4).
             let shard = if working { backend.to_working(&shard) } else { shard };
-            pending.push((bi, self.comm.all_gather(shard)));
-        }
-        let t = Instant::now();
-        for (bi, p) in pending {
-            let full = p.wait()?;
-            let b = &self.layout.buckets[bi];
-            for ((&param, &off), &n) in b.params.iter().zip(&b.offsets).zip(&b.sizes) {
-                *params[param].value.buf_mut() = backend.slice(&full, off, n);
+            pending.push_back((bi, self.comm.all_gather(shard)));
+            while pending.len() > IN_FLIGHT {
+                let (bi, p) = pending.pop_front().expect("not empty");
+                settle(bi, p, params)?;
             }
         }
-        Ok(t.elapsed())
+        for (bi, p) in pending {
+            settle(bi, p, params)?;
+        }
+        Ok(waited)
     }
 }
+
+/// Gradient collectives a backward keeps in flight before it waits for the oldest: enough for
+/// the newest to overlap the compute that follows, few enough that their buffers stay small.
+const IN_FLIGHT: usize = 2;
 
 /// Collects one micro-step's gradients as the backward hands them over, launching each bucket's
 /// collective when its gradients are final (in bucket order), and accumulating the results.
@@ -267,6 +317,8 @@ struct Reducer<'a, B: Backend> {
     /// Reduced gradients per bucket: the whole bucket (ZeRO-0) or this rank's slice (ZeRO-1/2).
     reduced: Vec<Option<B::Buf>>,
     waited: Duration,
+    /// A collective that failed during the backward (returned by `finish_micro_step`).
+    failed: Option<anyhow::Error>,
 }
 
 impl<'a, B: Backend> Reducer<'a, B> {
@@ -290,6 +342,7 @@ impl<'a, B: Backend> Reducer<'a, B> {
             pending: vec![],
             reduced: vec![None; n],
             waited: Duration::ZERO,
+            failed: None,
         }
     }
 
@@ -299,47 +352,74 @@ impl<'a, B: Backend> Reducer<'a, B> {
             Some(acc) => self.backend.add_assign(acc, &grad),
             None => self.local[param] = Some(grad),
         }
-        if self.reduce_now {
+        if self.reduce_now && self.failed.is_none() {
             self.arrived[bucket] += 1;
             while self.next < self.layout.buckets.len()
                 && self.arrived[self.next] == self.layout.buckets[self.next].params.len()
             {
-                self.launch(self.next);
+                // The backward cannot take an error: kept for finish_micro_step.
+                if let Err(e) = self.launch(self.next) {
+                    self.failed = Some(e);
+                    return;
+                }
             }
         }
     }
 
-    fn launch(&mut self, bi: usize) {
+    fn launch(&mut self, bi: usize) -> Result<()> {
         let b = &self.layout.buckets[bi];
         // A parameter the micro-batch never reached (an empty micro-batch) contributes zeros.
         let grads: Vec<(usize, B::Buf)> =
             b.params.iter().zip(&b.offsets).filter_map(|(&p, &off)| Some((off, self.local[p].take()?))).collect();
-        let flat = self.backend.assemble(b.padded, &grads.iter().map(|(off, g)| (*off, g)).collect::<Vec<_>>());
+        let flat = {
+            let _scope = memory_scope(self.backend, MemoryUse::Communication);
+            self.backend.assemble(b.padded, &grads.iter().map(|(off, g)| (*off, g)).collect::<Vec<_>>())
+        };
+        // The collective's output is the reduced gradient kept until the update.
+        let _scope = memory_scope(self.backend, MemoryUse::Gradients);
         let pending =
             if self.stage == ZeroStage::Zero0 { self.comm.all_reduce(flat) } else { self.comm.reduce_scatter(flat) };
         self.pending.push((bi, pending));
         self.next = bi + 1;
+        drop(_scope);
+        while self.pending.len() > IN_FLIGHT {
+            self.settle_oldest()?;
+        }
+        Ok(())
     }
 
     /// Launches what is left (in order) and waits for this micro-step's collectives.
     fn finish_micro_step(&mut self) -> Result<()> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
         if !self.reduce_now {
             return Ok(());
         }
         while self.next < self.layout.buckets.len() {
-            self.launch(self.next);
+            self.launch(self.next)?;
         }
-        let t = Instant::now();
-        for (bi, p) in std::mem::take(&mut self.pending) {
-            let r = p.wait()?;
-            match self.reduced[bi].as_mut() {
-                Some(acc) => self.backend.add_assign(acc, &r),
-                None => self.reduced[bi] = Some(r),
-            }
+        while !self.pending.is_empty() {
+            self.settle_oldest()?;
         }
-        self.waited += t.elapsed();
         self.arrived.iter_mut().for_each(|a| *a = 0);
         self.next = 0;
+        Ok(())
+    }
+
+    /// Waits for the oldest collective in flight and accumulates its result. On the device the
+    /// wait orders the compute stream after it (no host wait), and its input and output go back
+    /// to the pool: settled as the backward goes on, a backward holds [`IN_FLIGHT`] buckets'
+    /// results beside the accumulated ones instead of a whole second set.
+    fn settle_oldest(&mut self) -> Result<()> {
+        let (bi, p) = self.pending.remove(0);
+        let t = Instant::now();
+        let r = p.wait()?;
+        self.waited += t.elapsed();
+        match self.reduced[bi].as_mut() {
+            Some(acc) => self.backend.add_assign(acc, &r),
+            None => self.reduced[bi] = Some(r),
+        }
         Ok(())
     }
 }

@@ -144,6 +144,7 @@ pub struct StepOptions {
 impl<B: Backend> Llama<B> {
     /// Builds a model from host tensors in [`param_specs`] order.
     pub fn from_host(backend: &B, config: LlamaConfig, tensors: Vec<Vec<f32>>) -> Result<Self> {
+        let _scope = crate::backend::memory_scope(backend, crate::backend::MemoryUse::Parameters);
         let specs = param_specs(&config);
         if tensors.len() != specs.len() {
             bail!("expected {} parameter tensors, got {}", specs.len(), tensors.len());
@@ -157,6 +158,18 @@ impl<B: Backend> Llama<B> {
             params.push(Param { name, value: Tensor::from_host(backend, &data, &shape), decay });
         }
         Ok(Llama { config, params })
+    }
+
+    /// Parameters of `config`'s shapes whose values are whatever the backend's zero-fill gives,
+    /// made on the device with no host copy: for a dry run that measures a step's memory
+    /// (`pretrain --dry-run`), where a 70B model's values cannot be made on the host.
+    pub fn uninitialised(backend: &B, config: LlamaConfig) -> Self {
+        let _scope = crate::backend::memory_scope(backend, crate::backend::MemoryUse::Parameters);
+        let params = param_specs(&config)
+            .into_iter()
+            .map(|(name, shape)| Param { decay: shape.len() == 2, value: Tensor::zeros(backend, &shape), name })
+            .collect();
+        Llama { config, params }
     }
 
     /// Random initialisation as transformers does it: weights ~ N(0, 0.02²), norm weights 1.

@@ -963,3 +963,60 @@ fn a_collective_gives_its_input_back_once_read_and_never_before() {
     assert_eq!(got, (0..N / 2).map(|i| i as f32 + 11.0).collect::<Vec<_>>());
     peer.join().unwrap();
 }
+
+/// A retired input whose collective has not finished is handed out again only in stream order:
+/// the compute stream waits (on the device) for the collective before the new owner writes. Two
+/// reduce-scatters of rank 0 are held back by rank 1; an allocation of their size class takes the
+/// older one's block, and its new contents, written at once by the host, must not reach the
+/// collective (the emulated NCCL reads its input in rounds, the later ones after the peer joins).
+#[test]
+#[ignore = "needs a CUDA GPU and libnccl, or the emulated device (tools/emu-check.sh)"]
+fn a_retired_input_is_reused_in_stream_order_after_its_collective() {
+    use llama_cpt_parallel::launch::Launch;
+    use llama_cpt_parallel::Communicator;
+    use std::sync::mpsc;
+    use std::time::Duration;
+    const N: usize = 2 * 2_000_003; // 16 MB: many rounds of the emulated NCCL's 1 MiB slots
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let launch = move |rank| Launch {
+        rank,
+        world_size: 2,
+        local_rank: rank,
+        master: Some(("127.0.0.1".into(), port)),
+        launcher: "none",
+    };
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let peer = std::thread::spawn(move || {
+        let cuda = Cuda::new(0).unwrap();
+        let comm = cuda.nccl(&launch(1), Duration::from_secs(60)).unwrap();
+        go_rx.recv().unwrap();
+        for round in 0..2 {
+            let x = cuda.upload(&vec![100.0 * (round + 1) as f32; N]);
+            comm.reduce_scatter(x).wait().unwrap();
+        }
+    });
+    let cuda = Cuda::new(0).unwrap();
+    let comm = cuda.nccl(&launch(0), Duration::from_secs(60)).unwrap();
+    let first: Vec<f32> = (0..N).map(|i| (i % 1000) as f32).collect();
+    let second: Vec<f32> = (0..N).map(|i| (i % 7) as f32).collect();
+    let x1 = cuda.upload(&first);
+    let x1_ptr = x1.device_ptr();
+    let p1 = comm.reduce_scatter(x1);
+    let p2 = comm.reduce_scatter(cuda.upload(&second));
+    let reused_before = cuda.memory_stats().reused_in_stream_order;
+    // The older retired block, while rank 1 has not joined: the write is queued behind the wait.
+    let overwrite = cuda.upload(&vec![-1.0; N]);
+    let (reused, stats) = (overwrite.device_ptr() == x1_ptr, cuda.memory_stats());
+    go_tx.send(()).unwrap();
+    assert!(reused, "the older retired input was not reused: {stats:?}");
+    assert_eq!(stats.reused_in_stream_order, reused_before + 1);
+    let want = |x: &[f32], add: f32| -> Vec<f32> { x[..N / 2].iter().map(|v| v + add).collect() };
+    assert_eq!(
+        cuda.download(&p1.wait().unwrap()),
+        want(&first, 100.0),
+        "the first collective read the new owner's data"
+    );
+    assert_eq!(cuda.download(&p2.wait().unwrap()), want(&second, 200.0));
+    assert_eq!(cuda.download(&overwrite), vec![-1.0; N], "the new owner's write happened");
+    peer.join().unwrap();
+}

@@ -4,6 +4,7 @@
 # host). Builds what it needs, then runs
 #   - the emulator's own tests (cargo test -p llama-cpt-emu),
 #   - every CUDA test of tests/cuda_kernels.rs, the #[ignore]d GPU tests included,
+#   - the seed-scale memory check (tools/seed-scale/measure.sh --check: the shapes-only device),
 #   - the embedded default `pretrain --device cuda` in f32 and bf16, compared step by step with
 #     the CPU runs (bound below), `evaluate` and `generate --device cuda` against the CPU,
 #   - the sanitizer runs (emu/cxx/tests/sanitizers.sh), the mpirun + NCCL rows
@@ -68,6 +69,15 @@ if "${EMU_ENV[@]}" cargo test "${FEATURES[@]}" --test cuda_kernels -- --include-
     row cuda-tests PASS "$(grep -E '^test result' "$OUT/cuda-tests.log" | sed 's/test result: ok. //; s/;.*//') ($(( $(date +%s) - t0 )) s)"
 else
     row cuda-tests FAIL "$(grep -cE '\.\.\. FAILED' "$OUT/cuda-tests.log") failed, see $OUT/cuda-tests.log"
+fi
+
+# The seed's memory on the shapes-only device (#23): a real TinyLlama-1.1B step at 2,048 context as
+# rank 0 of a virtual world of 8, ZeRO-1/2 with and without checkpointing, within 5% of the plan.
+t0=$(date +%s)
+if LIB="$PWD/$LIB" bash tools/seed-scale/measure.sh --check >"$OUT/seed-scale.log" 2>&1; then
+    row seed-scale-memory PASS "4 configurations within 5% of zero-plan ($(grep -oE 'ratio [0-9.]+' "$OUT/seed-scale.log" | awk '{print $2}' | paste -sd/), $(( $(date +%s) - t0 )) s)"
+else
+    row seed-scale-memory FAIL "$(grep -v '(ok)' "$OUT/seed-scale.log" | head -1 | cut -c1-120), see $OUT/seed-scale.log"
 fi
 
 # The embedded default model and data, a few steps of each stage with 2 rows of 128 tokens (the

@@ -10,5 +10,6 @@
 pub mod blaslt;
 pub mod driver;
 pub mod kernels;
+pub mod mode;
 pub mod nccl;
 pub mod stream;

@@ -16,6 +16,7 @@
 //! - Streams really run concurrently, so a missing event wait shows up as a wrong result rather
 //!   than passing by luck; `LLAMA_CPT_EMU_JOB_DELAY_US=N` sleeps N µs before every job to widen
 //!   such windows when hunting a race.
+use crate::mode;
 use cudarc::driver::sys::{cudaError_enum as CUresult, CUevent, CUstream};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
@@ -195,7 +196,9 @@ pub fn enqueue(s: CUstream, job: Job) -> Result<(), CUresult> {
 
 /// Blocks until `s` has run everything queued; its sticky error, if any.
 pub fn synchronize(s: CUstream) -> Result<(), CUresult> {
-    resolve(s)?.synchronize()
+    let r = resolve(s)?.synchronize();
+    mode::host_waited();
+    r
 }
 
 /// `CUDA_SUCCESS` when `s` has nothing left to run, `CUDA_ERROR_NOT_READY` otherwise.
@@ -217,6 +220,7 @@ pub fn synchronize_all() -> Result<(), CUresult> {
             first.get_or_insert(e);
         }
     }
+    mode::host_waited();
     first.map_or(Ok(()), Err)
 }
 
@@ -227,6 +231,8 @@ struct EventState {
     /// Sequence number of the newest record that completed, and when.
     completed: u64,
     completed_at: Option<Instant>,
+    /// Host waits before the newest record (the shapes mode's event model, mode.rs).
+    recorded_after_waits: u64,
 }
 
 /// An event: record calls are numbered; completion of record n completes every record ≤ n (a
@@ -272,6 +278,7 @@ pub fn event_record(e: CUevent, s: CUstream) -> Result<(), CUresult> {
     let seq = {
         let mut st = ev.state.lock().unwrap();
         st.recorded += 1;
+        st.recorded_after_waits = mode::host_waits();
         st.recorded
     };
     stream.push(
@@ -318,14 +325,17 @@ pub fn event_synchronize(e: CUevent) -> Result<(), CUresult> {
     while st.completed < target {
         st = ev.changed.wait(st).unwrap();
     }
+    mode::host_waited();
     Ok(())
 }
 
-/// `Ok` when the newest record of `e` completed, `CUDA_ERROR_NOT_READY` otherwise.
+/// `Ok` when the newest record of `e` completed, `CUDA_ERROR_NOT_READY` otherwise. In the shapes
+/// mode a record is not seen complete before the host has waited for the device since (mode.rs).
 pub fn event_query(e: CUevent) -> Result<(), CUresult> {
     let ev = resolve_event(e)?;
     let st = ev.state.lock().unwrap();
-    if st.completed >= st.recorded {
+    let host_ahead = mode::shapes_only() && st.recorded > 0 && st.recorded_after_waits == mode::host_waits();
+    if st.completed >= st.recorded && !host_ahead {
         Ok(())
     } else {
         Err(CUresult::CUDA_ERROR_NOT_READY)

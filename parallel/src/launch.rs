@@ -5,6 +5,9 @@
 //! The GPU a rank uses is its local rank.
 use anyhow::{bail, Context, Result};
 
+/// [`Launch::launcher`] of [`Launch::virtual_world`].
+pub const VIRTUAL_WORLD: &str = "virtual world";
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Launch {
     pub rank: usize,
@@ -19,6 +22,12 @@ pub struct Launch {
 impl Launch {
     pub fn single() -> Self {
         Launch { rank: 0, world_size: 1, local_rank: 0, master: None, launcher: "none" }
+    }
+    /// Rank 0 of `world` ranks that are never started: a dry run measures one rank's step on a
+    /// communicator that needs no peers (the emulated device's shapes mode,
+    /// `LLAMA_CPT_EMU_MODE=shapes`). No rendezvous takes place.
+    pub fn virtual_world(world: usize) -> Self {
+        Launch { rank: 0, world_size: world, local_rank: 0, master: None, launcher: VIRTUAL_WORLD }
     }
     /// Reads the process environment.
     pub fn from_env() -> Result<Self> {

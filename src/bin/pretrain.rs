@@ -47,6 +47,24 @@ struct Args {
     /// end (CUDA backend; also on the emulated device).
     #[arg(long)]
     profile: bool,
+    /// Measure instead of train: a few optimizer steps of every stage at the config's real shapes
+    /// (model, micro-batch, accumulation, checkpointing, ZeRO stage, precision) on synthetic
+    /// batches and uninitialised weights; prints each stage's peak memory on this rank by what
+    /// holds it, beside `zero-plan`'s figure, with the step's launches and collectives. Writes
+    /// nothing. For 7B–70B on a machine without a GPU: `LLAMA_CPT_EMU_MODE=shapes` on the
+    /// emulated device, with `--world`.
+    #[arg(long)]
+    dry_run: bool,
+    /// Optimizer steps per stage of `--dry-run` (the second and later are the steady state).
+    #[arg(long, default_value_t = 3, requires = "dry_run")]
+    dry_run_steps: usize,
+    /// `--dry-run` as rank 0 of N ranks that are never started (a virtual world: the emulated
+    /// device's shapes mode only; no launcher, no rendezvous).
+    #[arg(long, requires = "dry_run")]
+    world: Option<usize>,
+    /// The card `--dry-run`'s plan column is computed for: a800, a100 or h100.
+    #[arg(long, default_value = "h100", requires = "dry_run")]
+    plan_card: String,
 }
 
 fn main() -> Result<()> {
@@ -63,14 +81,18 @@ fn main() -> Result<()> {
         }
         eprintln!("interrupt: writing a checkpoint after this step…");
     })?;
-    let launch = Launch::from_env()?;
+    let launch = match args.world {
+        Some(0) => anyhow::bail!("--world 0: a world has at least one rank"),
+        Some(n) => Launch::virtual_world(n),
+        None => Launch::from_env()?,
+    };
     let outcome = on_device_index(
         &args.device,
         launch.local_rank,
         args.precision.unwrap_or(Precision::default_for(&args.device)),
         Train { args: &args, launch: &launch, interrupt: &interrupt },
     )?;
-    if launch.rank != 0 {
+    if launch.rank != 0 || args.dry_run {
         return Ok(());
     }
     match (&outcome.final_model, outcome.interrupted) {
@@ -130,6 +152,9 @@ impl OnBackend for Train<'_> {
                 train::checkpoint::checkpoints_dir(&cfg.run.out_dir).display()
             );
         }
+        if args.dry_run {
+            return dry_run(backend, comm.as_ref(), &cfg, args);
+        }
         backend.set_profiling(args.profile);
         let outcome = train::run_parallel(backend, comm.as_ref(), &cfg, self.interrupt)?;
         if args.profile && leader {
@@ -140,4 +165,37 @@ impl OnBackend for Train<'_> {
         }
         Ok(outcome)
     }
+}
+
+/// `--dry-run`: measures, prints (rank 0) and returns an empty outcome.
+fn dry_run<B: Backend>(
+    backend: &B,
+    comm: &dyn llama_cpt_parallel::Communicator<B::Buf>,
+    cfg: &train::config::TrainConfig,
+    args: &Args,
+) -> Result<train::Outcome> {
+    let card = llama_cpt_parallel::plan::Card::preset(&args.plan_card).with_context(|| {
+        format!("--plan-card {:?}: expected one of {:?}", args.plan_card, llama_cpt_parallel::plan::Card::PRESETS)
+    })?;
+    if comm.rank() == 0 {
+        eprintln!(
+            "dry run: {} step(s) per stage as rank 0 of {} ({}), on {}",
+            args.dry_run_steps,
+            comm.world_size(),
+            comm.name(),
+            backend.name()
+        );
+    }
+    backend.set_profiling(true);
+    let started = std::time::Instant::now();
+    let measures = train::dry_run::dry_run(backend, comm, cfg, args.dry_run_steps.max(1), card)?;
+    if comm.rank() == 0 {
+        println!("{}", train::dry_run::report(&measures, backend.peak_flops()));
+        match backend.profile_report() {
+            Some(r) => println!("\nwhat the steps asked of the device (all stages together):\n{r}"),
+            None => println!("\n(the {} backend counts no launches or memory; use --device cuda)", backend.name()),
+        }
+        eprintln!("dry run took {:.1} s", started.elapsed().as_secs_f64());
+    }
+    Ok(train::Outcome::default())
 }

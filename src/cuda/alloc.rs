@@ -12,34 +12,27 @@
 //! A block that another stream reads (the input of a collective on the communication stream) is
 //! *retired* instead of freed: it goes back to the free lists once an event recorded behind its
 //! reader has completed (checked at every allocation), or when the compute stream has been
-//! ordered after the reader — whichever comes first; never while the reader may still run.
+//! ordered after the reader — whichever comes first; never while the reader may still run. Before
+//! the free lists, an allocation takes the oldest retired block of its class but the newest
+//! retired block, in stream order: the compute stream is made to wait (on the device, not the
+//! host) for that block's event first. Without this a host that runs ahead of the device (the
+//! normal case on a GPU training a large model) would keep every gradient bucket of a backward
+//! alive at once; with it at most the newest of a class is held back, so the last collective
+//! still overlaps the compute that follows.
+//!
+//! Every block is counted under the [`MemoryUse`] that was current when it was handed out (set by
+//! the trainer through [`crate::backend::memory_scope`]), and the split is kept at the peak.
+use crate::backend::{MemStats, MemoryUse};
 use cudarc::driver::{result, sys, CudaEvent};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-
-/// Byte counts of the allocator.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct MemStats {
-    /// Bytes in live buffers (rounded up to their size class).
-    pub in_use: usize,
-    /// Highest `in_use` since the start or the last [`super::Cuda::reset_peak_memory`].
-    pub peak_in_use: usize,
-    /// Bytes held from the driver (live and cached).
-    pub reserved: usize,
-    pub peak_reserved: usize,
-    /// `cuMemAlloc` calls so far (constant once warm).
-    pub driver_allocs: u64,
-    /// Allocations served from the cache.
-    pub cache_hits: u64,
-    /// Bytes of retired blocks whose reader on another stream has not finished (part of `in_use`).
-    pub retiring: usize,
-}
 
 /// A block waiting for its reader on another stream (see the module comment).
 struct Retiring {
     ticket: u64,
     ptr: sys::CUdeviceptr,
     class: usize,
+    usage: MemoryUse,
     /// Recorded on the reader's stream after the last work that reads the block.
     after: CudaEvent,
 }
@@ -55,6 +48,8 @@ pub(crate) struct Pool {
     retiring: VecDeque<Retiring>,
     tickets: u64,
     pub(crate) stats: MemStats,
+    /// What the blocks handed out now are for.
+    pub(crate) current_use: MemoryUse,
 }
 
 /// The size class of a request: multiples of 512 B up to 64 KiB, then an eighth of the next power
@@ -74,10 +69,14 @@ impl Pool {
         &mut self,
         bytes: usize,
         stream: sys::CUstream,
-    ) -> Result<(sys::CUdeviceptr, usize), result::DriverError> {
+    ) -> Result<(sys::CUdeviceptr, usize, MemoryUse), result::DriverError> {
         let class = size_class(bytes);
         self.reclaim_finished();
-        let ptr = if let Some(p) = self.free.get_mut(&class).and_then(|v| v.pop()) {
+        // A retired block first: taking a free one instead would leave the retired one idle once
+        // its reader finished, and a backward would hold a block per bucket, not per class.
+        let ptr = if let Some(p) = self.reuse_retired(class, stream)? {
+            p
+        } else if let Some(p) = self.free.get_mut(&class).and_then(|v| v.pop()) {
             self.stats.cache_hits += 1;
             p
         } else {
@@ -94,20 +93,61 @@ impl Pool {
             self.stats.peak_reserved = self.stats.peak_reserved.max(self.stats.reserved);
             p
         };
+        let usage = self.current_use;
         self.stats.in_use += class;
-        self.stats.peak_in_use = self.stats.peak_in_use.max(self.stats.in_use);
-        Ok((ptr, class))
+        self.stats.by_use[usage.index()] += class;
+        if self.stats.in_use > self.stats.peak_in_use {
+            self.stats.peak_in_use = self.stats.in_use;
+            self.stats.peak_by_use = self.stats.by_use;
+            self.stats.peak_during = usage;
+        }
+        Ok((ptr, class, usage))
     }
 
-    pub(crate) fn free(&mut self, ptr: sys::CUdeviceptr, class: usize) {
+    /// The oldest retired block of `class` but the newest, with `stream` ordered after its
+    /// reader (the module comment); `None` when there is none.
+    fn reuse_retired(
+        &mut self,
+        class: usize,
+        stream: sys::CUstream,
+    ) -> Result<Option<sys::CUdeviceptr>, result::DriverError> {
+        let older = self.retiring.len().saturating_sub(1);
+        let Some(i) = self.retiring.iter().take(older).position(|r| r.class == class) else { return Ok(None) };
+        let wait = unsafe {
+            result::stream::wait_event(
+                stream,
+                self.retiring[i].after.cu_event(),
+                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+            )
+        };
+        // Not ordered: the block stays retired (a new block is safer than a race).
+        if wait.is_err() {
+            return Ok(None);
+        }
+        let r = self.retiring.remove(i).expect("found above");
+        self.stats.retiring -= r.class;
+        self.stats.in_use -= r.class;
+        self.stats.by_use[r.usage.index()] -= r.class;
+        self.stats.reused_in_stream_order += 1;
+        Ok(Some(r.ptr))
+    }
+
+    pub(crate) fn free(&mut self, ptr: sys::CUdeviceptr, class: usize, usage: MemoryUse) {
         self.stats.in_use -= class;
+        self.stats.by_use[usage.index()] -= class;
         self.free.entry(class).or_default().push(ptr);
     }
 
-    fn retire(&mut self, ptr: sys::CUdeviceptr, class: usize, after: CudaEvent) -> RetireTicket {
+    /// A retired block back to the free lists.
+    fn release(&mut self, r: Retiring) {
+        self.stats.retiring -= r.class;
+        self.free(r.ptr, r.class, r.usage);
+    }
+
+    fn retire(&mut self, ptr: sys::CUdeviceptr, class: usize, usage: MemoryUse, after: CudaEvent) -> RetireTicket {
         self.tickets += 1;
         self.stats.retiring += class;
-        self.retiring.push_back(Retiring { ticket: self.tickets, ptr, class, after });
+        self.retiring.push_back(Retiring { ticket: self.tickets, ptr, class, usage, after });
         RetireTicket(self.tickets)
     }
 
@@ -115,8 +155,7 @@ impl Pool {
     /// before everything the compute stream runs next).
     pub(crate) fn free_retired(&mut self, ticket: RetireTicket) {
         if let Some(r) = self.retiring.iter().position(|r| r.ticket == ticket.0).and_then(|i| self.retiring.remove(i)) {
-            self.stats.retiring -= r.class;
-            self.free(r.ptr, r.class);
+            self.release(r);
         }
     }
 
@@ -127,8 +166,7 @@ impl Pool {
     fn reclaim_finished(&mut self) {
         while self.retiring.front().is_some_and(|r| r.after.try_is_complete().unwrap_or(false)) {
             let r = self.retiring.pop_front().expect("checked above");
-            self.stats.retiring -= r.class;
-            self.free(r.ptr, r.class);
+            self.release(r);
         }
     }
 
@@ -196,6 +234,7 @@ pub struct CudaBuf {
     pub(crate) len: usize,
     pub(crate) dtype: DType,
     pub(crate) class: usize,
+    pub(crate) usage: MemoryUse,
     pub(crate) home: Arc<Home>,
 }
 
@@ -208,13 +247,13 @@ impl CudaBuf {
     pub(crate) fn alloc(home: &Arc<Home>, len: usize, dtype: DType) -> CudaBuf {
         home.ctx.bind_to_thread().expect("binding the CUDA context");
         let bytes = len * dtype.size();
-        let (ptr, class) = home
+        let (ptr, class, usage) = home
             .pool
             .lock()
             .unwrap()
             .alloc(bytes, home.stream.cu_stream())
             .unwrap_or_else(|e| panic!("CUDA allocation of {bytes} bytes failed: {e}"));
-        CudaBuf { ptr, len, dtype, class, home: home.clone() }
+        CudaBuf { ptr, len, dtype, class, usage, home: home.clone() }
     }
 
     /// Gives the block back once `after` (recorded on another stream behind the work that reads
@@ -223,7 +262,7 @@ impl CudaBuf {
         let this = std::mem::ManuallyDrop::new(self);
         // SAFETY: `this` is never used or dropped again; its `home` is moved out exactly once.
         let home = unsafe { std::ptr::read(&this.home) };
-        let ticket = home.pool.lock().unwrap().retire(this.ptr, this.class, after);
+        let ticket = home.pool.lock().unwrap().retire(this.ptr, this.class, this.usage, after);
         ticket
     }
 
@@ -265,7 +304,7 @@ impl Clone for CudaBuf {
 impl Drop for CudaBuf {
     fn drop(&mut self) {
         if let Ok(mut p) = self.home.pool.lock() {
-            p.free(self.ptr, self.class);
+            p.free(self.ptr, self.class, self.usage);
         }
     }
 }

@@ -15,6 +15,20 @@ impl Backend for Cuda {
     fn profile_range(&self, name: &'static str) {
         Cuda::profile_range(self, name);
     }
+    fn memory_stats(&self) -> Option<crate::backend::MemStats> {
+        Some(Cuda::memory_stats(self))
+    }
+    fn reset_peak_memory(&self) {
+        Cuda::reset_peak_memory(self);
+    }
+    fn release_cached_memory(&self) {
+        self.bind();
+        let stream = self.stream();
+        self.inner.home.pool.lock().unwrap().release_cached(stream).expect("returning cached device memory");
+    }
+    fn set_memory_use(&self, what: crate::backend::MemoryUse) -> crate::backend::MemoryUse {
+        std::mem::replace(&mut self.inner.home.pool.lock().unwrap().current_use, what)
+    }
     fn profile_report(&self) -> Option<String> {
         let m = self.memory_stats();
         let mib = |b: usize| b as f64 / 1048576.0;

@@ -33,7 +33,8 @@ pub mod limits;
 pub mod nccl;
 pub mod profile;
 
-pub use alloc::{CudaBuf, DType, MemStats};
+pub use crate::backend::MemStats;
+pub use alloc::{CudaBuf, DType};
 pub use gemm::GemmPrecision;
 
 use crate::backend::{AdamWConfig, AdamWTensor, AttnShape, Backend};
@@ -285,6 +286,8 @@ impl Cuda {
     pub fn reset_peak_memory(&self) {
         let mut p = self.inner.home.pool.lock().unwrap();
         p.stats.peak_in_use = p.stats.in_use;
+        p.stats.peak_by_use = p.stats.by_use;
+        p.stats.peak_during = p.current_use;
         p.stats.peak_reserved = p.stats.reserved;
     }
     /// An NCCL communicator of this device for the ranks of `launch` (also at world size 1, to

@@ -179,7 +179,8 @@ impl Nccl {
         } else {
             ncclsys::ncclUniqueId { internal: [0; 128] }
         };
-        if world > 1 {
+        let virtual_world = launch.launcher == llama_cpt_parallel::launch::VIRTUAL_WORLD;
+        if world > 1 && !virtual_world {
             let (host, port) = launch
                 .master
                 .as_ref()
@@ -200,7 +201,13 @@ impl Nccl {
             }
         }
         home.ctx.bind_to_thread().map_err(|e| anyhow!("binding the CUDA context: {e}"))?;
-        let comm = Self::init(id, rank, world, timeout)?;
+        let comm = Self::init(id, rank, world, timeout).with_context(|| {
+            if virtual_world {
+                format!("a virtual world of {world} ranks (a dry run) needs an NCCL that runs without peers: the emulated device in its shapes mode (LLAMA_CPT_EMU_MODE=shapes)")
+            } else {
+                format!("NCCL, rank {rank} of {world}")
+            }
+        })?;
         let comm_stream = home.ctx.new_stream().context("creating the communication stream")?;
         let watch = Arc::new(Watch { state: Mutex::default(), wake: Condvar::new(), rank, timeout });
         let watchdog = {

@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod default_run;
+pub mod dry_run;
 mod observe;
 pub mod plot;
 pub mod schedule;

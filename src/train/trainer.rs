@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::time::Instant;
 
 /// How a run ended.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Outcome {
     /// The HF model directory of the last finished stage (None if none finished).
     pub final_model: Option<PathBuf>,
@@ -70,6 +70,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
     ) -> Result<Self> {
         let out = &cfg.run.out_dir;
         let leader = comm.rank() == 0;
+        cfg.check_inputs()?;
         check_batch_split(cfg, comm.world_size())?;
         if leader {
             std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -235,6 +236,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             max_grad_norm: grad_bound.map_or(f64::INFINITY, |b| b.limit),
             poison_loss: run.inject_nan_at_steps.contains(&next),
             scale_gradients: if run.inject_spike_at_steps.contains(&state.next_batch_number()) { 1000.0 } else { 1.0 },
+            always_update: false,
         };
         let step_opts = StepOptions { checkpoint_layers: self.cfg.model.checkpoint_layers };
         let traffic_before = self.comm.traffic();
@@ -584,8 +586,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
 }
 
 /// Every stage's global batch must split evenly into the ranks' micro-batches.
-fn check_batch_split(cfg: &TrainConfig, world: usize) -> Result<()> {
-    cfg.check_inputs()?;
+pub(super) fn check_batch_split(cfg: &TrainConfig, world: usize) -> Result<()> {
     for (i, s) in cfg.stages.iter().enumerate() {
         if s.global_batch_rows % (world * cfg.data.micro_batch_rows) != 0 {
             bail!(
@@ -610,7 +611,7 @@ fn remove_unfinished_checkpoints(out: &Path) {
 }
 
 /// The data-parallel optimizer for stage `si` (its trainable set and AdamW settings).
-fn new_data_parallel<'a, B: Backend>(
+pub(super) fn new_data_parallel<'a, B: Backend>(
     backend: &B,
     comm: &'a dyn Communicator<B::Buf>,
     cfg: &TrainConfig,

@@ -57,12 +57,24 @@ impl Card {
     }
     /// The card `LLAMA_CPT_EMU_DEVICE` names (`h100` when unset). An unknown name is a
     /// configuration error: reported once, and `cuInit` fails.
+    /// `LLAMA_CPT_EMU_MEMORY_GIB=N` gives it N GiB instead (to measure in the shapes mode a job that
+    /// does not fit the real card).
     fn from_env() -> Result<Card, String> {
-        match std::env::var("LLAMA_CPT_EMU_DEVICE").as_deref() {
-            Err(_) | Ok("") | Ok("h100") => Ok(Card::h100()),
-            Ok("a100") => Ok(Card::a100()),
-            Ok(other) => Err(format!("LLAMA_CPT_EMU_DEVICE={other}: unknown emulated card (h100 or a100)")),
+        let mut card = match std::env::var("LLAMA_CPT_EMU_DEVICE").as_deref() {
+            Err(_) | Ok("") | Ok("h100") => Card::h100(),
+            Ok("a100") => Card::a100(),
+            Ok(other) => return Err(format!("LLAMA_CPT_EMU_DEVICE={other}: unknown emulated card (h100 or a100)")),
+        };
+        if let Ok(v) = std::env::var("LLAMA_CPT_EMU_MEMORY_GIB") {
+            let gib: usize = v
+                .trim()
+                .parse()
+                .ok()
+                .filter(|&g| g > 0)
+                .ok_or(format!("LLAMA_CPT_EMU_MEMORY_GIB={v}: not a positive whole number"))?;
+            card.total_mem = gib << 30;
         }
+        Ok(card)
     }
     /// The `sm` number ptxas' register counts are keyed by (80, 90).
     pub fn sm(&self) -> u32 {

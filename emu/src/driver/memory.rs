@@ -2,6 +2,7 @@
 use super::card::card;
 use super::device::need_context;
 use super::{api, out};
+use crate::mode::shapes_only;
 use crate::stream;
 use cudarc::driver::sys::{cudaError_enum as CUresult, CUdeviceptr, CUstream};
 use std::collections::BTreeMap;
@@ -33,19 +34,40 @@ pub fn alloc(bytes: usize) -> Result<CUdeviceptr, CUresult> {
     if allocated_bytes(&allocs) + bytes > card()?.total_mem {
         return Err(CUresult::CUDA_ERROR_OUT_OF_MEMORY);
     }
-    let p = unsafe { std::alloc::alloc(layout(bytes)) };
-    if p.is_null() {
-        return Err(CUresult::CUDA_ERROR_OUT_OF_MEMORY);
-    }
-    // Device memory is never handed out zeroed: all-ones bytes are NaN as f32 and bf16.
-    unsafe { std::ptr::write_bytes(p, 0xff, bytes) };
+    let p = if shapes_only() {
+        reserve(bytes)?
+    } else {
+        let p = unsafe { std::alloc::alloc(layout(bytes)) };
+        if p.is_null() {
+            return Err(CUresult::CUDA_ERROR_OUT_OF_MEMORY);
+        }
+        // Device memory is never handed out zeroed: all-ones bytes are NaN as f32 and bf16.
+        unsafe { std::ptr::write_bytes(p, 0xff, bytes) };
+        p
+    };
     allocs.insert(p as u64, bytes);
     Ok(p as CUdeviceptr)
 }
 
+/// The shapes mode's device memory: address space that no access may touch (it faults), so a
+/// 70B model's allocations cost nothing on the host. mmap's pages are 4 KiB aligned, more than
+/// the 256 B the driver promises.
+fn reserve(bytes: usize) -> Result<*mut u8, CUresult> {
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_NONE, flags, -1, 0) };
+    if p == libc::MAP_FAILED {
+        return Err(CUresult::CUDA_ERROR_OUT_OF_MEMORY);
+    }
+    Ok(p as *mut u8)
+}
+
 fn free(ptr: CUdeviceptr) -> Result<(), CUresult> {
     let bytes = allocations().lock().unwrap().remove(&ptr).ok_or(CUresult::CUDA_ERROR_INVALID_VALUE)?;
-    unsafe { std::alloc::dealloc(ptr as *mut u8, layout(bytes)) };
+    if shapes_only() {
+        unsafe { libc::munmap(ptr as *mut c_void, bytes) };
+    } else {
+        unsafe { std::alloc::dealloc(ptr as *mut u8, layout(bytes)) };
+    }
     Ok(())
 }
 
@@ -128,6 +150,9 @@ pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(
         if bytes > 0 && src.is_null() {
             return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
         }
+        if shapes_only() {
+            return Ok(());
+        }
         // Pageable source: staged now, so the caller may reuse its buffer when this returns.
         let staged: Vec<u8> = unsafe { std::slice::from_raw_parts(src as *const u8, bytes) }.to_vec();
         stream::enqueue(
@@ -158,7 +183,12 @@ pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(
         stream::enqueue(
             s,
             Box::new(move || {
-                unsafe { std::ptr::copy_nonoverlapping(src as *const u8, d.0 as *mut u8, bytes) };
+                // The shapes mode has no contents to deliver: zeros (finite, so a loss or norm
+                // read back lets the caller go on).
+                match shapes_only() {
+                    true => unsafe { std::ptr::write_bytes(d.0 as *mut u8, 0, bytes) },
+                    false => unsafe { std::ptr::copy_nonoverlapping(src as *const u8, d.0 as *mut u8, bytes) },
+                }
                 Ok(())
             }),
         )?;
@@ -172,6 +202,9 @@ pub extern "C" fn cuMemcpyDtoDAsync_v2(dst: CUdeviceptr, src: CUdeviceptr, bytes
         need_context()?;
         check_range(dst, bytes)?;
         check_range(src, bytes)?;
+        if shapes_only() {
+            return Ok(());
+        }
         stream::enqueue(
             s,
             Box::new(move || {
@@ -215,6 +248,9 @@ fn memset<T: Copy + Send + 'static>(dst: CUdeviceptr, value: T, n: usize, s: CUs
             return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
         }
         check_range(dst, n * width)?;
+        if shapes_only() {
+            return Ok(());
+        }
         stream::enqueue(
             s,
             Box::new(move || {

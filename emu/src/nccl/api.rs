@@ -58,6 +58,11 @@ unsafe fn init_rank(
         Err(f) => return report(f),
     };
     *comm = Arc::into_raw(c.clone()) as ncclComm_t;
+    if crate::mode::shapes_only() {
+        // A virtual world (mode.rs): no segment, no peers to wait for.
+        c.ready_without_peers();
+        return if blocking { ncclResult_t::ncclSuccess } else { ncclResult_t::ncclInProgress };
+    }
     if blocking {
         finish_init(&c, &name);
         return c.status();
@@ -263,6 +268,9 @@ unsafe fn enqueue(
     if count == 0 {
         return ncclResult_t::ncclSuccess;
     }
+    if crate::mode::shapes_only() {
+        return check_buffers(&op, c.nranks);
+    }
     // The job's own reference: the handle may be destroyed before the job runs.
     Arc::increment_strong_count(comm as *const Comm);
     let handle = Arc::from_raw(comm as *const Comm);
@@ -282,6 +290,31 @@ unsafe fn enqueue(
             report(failure(ncclResult_t::ncclUnhandledCudaError, format!("{call}: queueing on the stream: {e:?}")))
         }
     }
+}
+
+/// The shapes mode's collective: both buffers inside live device allocations of the sizes the
+/// collective reads and writes; nothing moves (mode.rs).
+fn check_buffers(op: &Op, nranks: usize) -> ncclResult_t {
+    let es = op.elem.size();
+    let (send_elems, recv_elems) = match op.kind {
+        Kind::AllReduce | Kind::Broadcast => (op.count, op.count),
+        Kind::ReduceScatter => (op.count * nranks, op.count),
+        Kind::AllGather => (op.count, op.count * nranks),
+    };
+    // Null only where allowed (a broadcast's non-root send, validated by the caller).
+    let send_ok = op.send == 0 || crate::driver::check_range(op.send as u64, send_elems * es).is_ok();
+    if !send_ok || crate::driver::check_range(op.recv as u64, recv_elems * es).is_err() {
+        return report(failure(
+            ncclResult_t::ncclInvalidArgument,
+            format!(
+                "{}: a buffer of {} × {:?} lies outside every device allocation",
+                op.kind.name(),
+                op.count,
+                op.elem
+            ),
+        ));
+    }
+    ncclResult_t::ncclSuccess
 }
 
 #[no_mangle]

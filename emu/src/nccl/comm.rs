@@ -273,6 +273,13 @@ pub(super) fn prepare(id: &ncclUniqueId, nranks: usize, rank: usize) -> Result<(
     Ok((Arc::new(Comm::new(rank, nranks)), name))
 }
 
+impl Comm {
+    /// The shapes mode's virtual world: ready at once, with no segment (collectives never run).
+    pub(super) fn ready_without_peers(&self) {
+        self.status.store(ncclResult_t::ncclSuccess as u32, Ordering::Release);
+    }
+}
+
 pub(super) fn finish_init(comm: &Comm, name: &CStr) {
     match comm.attach(name) {
         Ok(()) => {

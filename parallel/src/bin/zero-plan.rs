@@ -332,7 +332,8 @@ fn print_memory(p: &Plan) {
     let rows_tok = format!("{} × {}", i.micro_batch, int(i.seq));
     println!("{:<76}{:>10}", "Per-rank memory", "GiB");
     line("parameters", &format!("{prec}, {pb}{}", shard(1)), gib(mem.params));
-    line("gradients", &format!("{prec}, {pb}{}", shard(grad_div)), gib(mem.grads));
+    let gb = i.precision.grad_bytes();
+    line("gradients", &format!("fp32 (reduced in fp32), {gb}{}", shard(grad_div)), gib(mem.grads));
     line("optimizer", &format!("{opt_what}, {sb}{}", shard(opt_div)), gib(mem.optimizer));
     let act = if i.checkpoint_layers {
         format!("{} layer inputs + 1 layer, {rows_tok}", m.layers)
@@ -345,7 +346,7 @@ fn print_memory(p: &Plan) {
     line("reserve", "context, workspace, NCCL, fragmentation", gib(mem.reserve));
     line("peak (backward)", &format!("of {} GiB", gib(mem.card)), gib(mem.backward_peak));
     if i.stage.shards_optimizer() {
-        line("peak (update)", "params, shards, gathered params", gib(mem.update_peak));
+        line("peak (update)", "params, optimizer, gradient shard or 2 gathered buckets", gib(mem.update_peak));
     }
     println!(
         "  → {}; largest micro-batch that fits: {}",

@@ -45,8 +45,8 @@ pub struct Memory {
     pub reserve: u64,
     /// Through the backward: everything above.
     pub backward_peak: u64,
-    /// After the backward (ZeRO-1/2): parameters, gradient shard, optimizer state and the
-    /// all-gathered parameters before they replace the old ones.
+    /// After the backward (ZeRO-1/2): parameters, optimizer state, and the gradient shard (during
+    /// the update) or two gathered buckets (after it), whichever is larger.
     pub update_peak: u64,
     pub peak: u64,
     pub card: u64,
@@ -178,8 +178,10 @@ pub fn memory(input: &PlanInput, rows: u64) -> Memory {
     let bucket_bytes = 2 * largest.min(padded) * p.grad_bytes();
     let reserve = input.reserve_bytes;
     let backward_peak = params + grads + optimizer + activations + head + bucket_bytes + reserve;
+    // The engine gathers two buckets at a time, each cut into the parameters before the next but
+    // one goes out, after the gradient shards are dropped.
     let update_peak = if input.stage.shards_optimizer() {
-        params + shard * p.grad_bytes() + optimizer + padded * p.param_bytes() + reserve
+        params + optimizer + (shard * p.grad_bytes()).max(2 * largest * p.param_bytes()) + reserve
     } else {
         params + grads + optimizer + reserve
     };

@@ -154,8 +154,10 @@ impl Precision {
             Precision::Fp32 => 4,
         }
     }
+    /// Gradients are reduced and kept in f32 in both precisions, as the engine does (dist.rs:
+    /// bf16 gradients would lose the small updates of a long run).
     pub fn grad_bytes(self) -> u64 {
-        self.param_bytes()
+        4
     }
     pub fn act_bytes(self) -> u64 {
         self.param_bytes()

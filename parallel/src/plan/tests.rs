@@ -118,7 +118,7 @@ fn zero1_memory_of_7b_on_64_ranks_matches_hand_arithmetic() {
     let mem = memory(&i, 1);
     let psi: u64 = 6_738_415_616;
     assert_eq!(mem.params, 2 * psi); // 13.48 GB
-    assert_eq!(mem.grads, 2 * psi);
+    assert_eq!(mem.grads, 4 * psi); // f32, as the engine reduces them
     assert_eq!(mem.optimizer, 12 * psi / 64); // 1.26 GB
     assert_eq!(12 * psi / 64, 1_263_452_928);
     // Activations, bf16, one row of 4,096 tokens: (12h + 4kv + 6f) bytes + fp32 stats
@@ -128,7 +128,7 @@ fn zero1_memory_of_7b_on_64_ranks_matches_hand_arithmetic() {
     assert_eq!(mem.activations, 32 * per_layer + 4096 * 2 * (2 * 4096 + 3 * 11008));
     assert_eq!(mem.head, 4096 * 2 * (2 * 4096 + 2 * 32000));
     let z0 = memory(&input(ZeroStage::Zero0, 64), 1);
-    assert_eq!(z0.params + z0.grads + z0.optimizer, 16 * psi);
+    assert_eq!(z0.params + z0.grads + z0.optimizer, 18 * psi);
     assert!(!z0.fits && mem.fits);
 }
 
@@ -188,8 +188,8 @@ fn plan_of_7b_on_64_h100s_reports_traffic_and_a_small_exposed_share() {
     for stage in ZeroStage::ALL {
         let p = plan(&input(stage, 64)).unwrap();
         assert_eq!(p.timing.micro_steps, 8);
-        let g = 2 * 6_738_415_616u64;
-        let want = step_payload(stage, 6_738_415_616, 64, 8, 2, 2);
+        let g = 4 * 6_738_415_616u64;
+        let want = step_payload(stage, 6_738_415_616, 64, 8, 4, 2);
         assert_eq!(p.comm.payload, Payload::from(want));
         let grads = &p.comm.rows[0];
         assert_eq!(grads.payload, if stage == ZeroStage::Zero2 { 8 * g } else { g });
