@@ -126,21 +126,43 @@ impl<B: Backend> Llama<B> {
     /// of at most `max_shard_bytes` with an index. Each file is written atomically; weight files
     /// of an earlier save in another layout are removed afterwards so transformers cannot pick them.
     pub fn save(&self, backend: &B, dir: &Path, dtype: StoreDtype, max_shard_bytes: Option<usize>) -> Result<()> {
+        self.to_host(backend).save(dir, dtype, max_shard_bytes)
+    }
+
+    /// The model's config and every parameter copied to host memory, to be written later (or on
+    /// another thread: an asynchronous checkpoint).
+    pub fn to_host(&self, backend: &B) -> HostModel {
+        let tensors =
+            self.params.iter().map(|p| (p.name.clone(), p.value.shape.clone(), p.value.to_host(backend))).collect();
+        HostModel { config: self.config.clone(), tensors }
+    }
+}
+
+/// A model's config and parameters in host memory (`Llama::to_host`), written as `Llama::save`
+/// writes them.
+pub struct HostModel {
+    pub config: LlamaConfig,
+    /// Name, shape, values (f32).
+    pub tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+}
+
+impl HostModel {
+    /// See `Llama::save`.
+    pub fn save(&self, dir: &Path, dtype: StoreDtype, max_shard_bytes: Option<usize>) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let elem = match dtype {
             StoreDtype::F32 => 4,
             StoreDtype::BF16 => 2,
         };
-        let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = self
-            .params
+        let encoded: Vec<(&String, &Vec<usize>, Vec<u8>)> = self
+            .tensors
             .iter()
-            .map(|p| {
-                let host = p.value.to_host(backend);
+            .map(|(name, shape, host)| {
                 let bytes: Vec<u8> = match dtype {
                     StoreDtype::F32 => host.iter().flat_map(|x| x.to_le_bytes()).collect(),
                     StoreDtype::BF16 => host.iter().flat_map(|x| bf16::from_f32(*x).to_le_bytes()).collect(),
                 };
-                (p.name.clone(), p.value.shape.clone(), bytes)
+                (name, shape, bytes)
             })
             .collect();
         let mut shards: Vec<Vec<usize>> = vec![vec![]];
@@ -169,8 +191,8 @@ impl<B: Backend> Llama<B> {
                 .iter()
                 .map(|&i| {
                     let (name, shape, bytes) = &encoded[i];
-                    weight_map.insert(name.clone(), file.clone().into());
-                    (name.as_str(), TensorView::new(st_dtype, shape.clone(), bytes).expect("sizes match"))
+                    weight_map.insert(name.to_string(), file.clone().into());
+                    (name.as_str(), TensorView::new(st_dtype, shape.to_vec(), bytes).expect("sizes match"))
                 })
                 .collect();
             let bytes = safetensors::serialize(views, metadata.clone())?;

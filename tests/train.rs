@@ -170,7 +170,7 @@ fn tensorboard_shows_each_step_once_after_a_resume_that_replays_steps() {
     let out = fresh("tensorboard-resume");
     let o = train::run(
         &Cpu,
-        &config(&out, &["run.stop_after_steps=8", "run.checkpoint_every=3", "run.keep_checkpoints=5"]),
+        &config(&out, &["run.stop_after_steps=8", "run.checkpoint_every=3", "run.keep_checkpoints=3"]),
         &AtomicBool::new(false),
     )
     .unwrap();
@@ -180,7 +180,7 @@ fn tensorboard_shows_each_step_once_after_a_resume_that_replays_steps() {
     assert!(newest.ends_with("step-00000008"), "{}", newest.display());
     std::fs::remove_dir_all(&newest).unwrap();
     let o =
-        train::run(&Cpu, &config(&out, &["run.checkpoint_every=3", "run.keep_checkpoints=5"]), &AtomicBool::new(false))
+        train::run(&Cpu, &config(&out, &["run.checkpoint_every=3", "run.keep_checkpoints=3"]), &AtomicBool::new(false))
             .unwrap();
     assert!(!o.interrupted && o.global_step == 10);
     let files = std::fs::read_dir(out.join("tensorboard")).unwrap().count();
@@ -388,7 +388,7 @@ fn a_corrupt_or_truncated_checkpoint_is_named_and_the_previous_one_resumed() {
     let want_losses = losses(reference());
     let want = weights(&reference().join("stage-knowledge-replay"));
     let out = fresh("corrupt-checkpoint");
-    let keep = ["run.checkpoint_every=3", "run.keep_checkpoints=5"];
+    let keep = ["run.checkpoint_every=3", "run.keep_checkpoints=3"];
     let o =
         train::run(&Cpu, &config(&out, &[&keep[..], &["run.stop_after_steps=8"]].concat()), &AtomicBool::new(false))
             .unwrap();
@@ -683,4 +683,110 @@ fn mixed_precision_trains_like_f32_keeps_fp32_masters_and_resumes_bit_identicall
     let zero1 = fresh("bf16-zero1");
     train::run(&bf16, &config(&zero1, &["parallel.zero_stage=1"]), &AtomicBool::new(false)).unwrap();
     assert_eq!(losses(&zero1), want_losses, "ZeRO-1 in mixed precision");
+}
+
+/// The files of a checkpoint folder (name → bytes), the checksum list and marker included.
+fn checkpoint_files(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            (p.file_name().unwrap().to_string_lossy().to_string(), std::fs::read(&p).unwrap())
+        })
+        .collect()
+}
+
+/// A checkpoint written on the background thread is byte for byte the one written in place, and
+/// a run with asynchronous saves ends where one with synchronous saves does.
+#[test]
+fn asynchronous_checkpoints_equal_synchronous_ones() {
+    let run = |name: &str, async_save: bool| {
+        let out = fresh(name);
+        let set = format!("run.async_checkpoint={async_save}");
+        let o = train::run(
+            &Cpu,
+            &config(&out, &["run.checkpoint_every=2", "run.keep_checkpoints=3", &set]),
+            &AtomicBool::new(false),
+        )
+        .unwrap();
+        assert_eq!(o.global_step, 10);
+        out
+    };
+    let (a, s) = (run("async-save", true), run("sync-save", false));
+    let steps: Vec<String> = checkpoint::complete_checkpoints(&a)
+        .unwrap()
+        .iter()
+        .map(|d| d.file_name().unwrap().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(
+        steps,
+        ["step-00000006", "step-00000008", "step-00000010"],
+        "saved at 2, 4, 6 (also the stage end), 8 and 10; the newest 3 kept"
+    );
+    for step in &steps {
+        let (fa, fs) =
+            (checkpoint_files(&a.join("checkpoints").join(step)), checkpoint_files(&s.join("checkpoints").join(step)));
+        assert_eq!(fa.keys().collect::<Vec<_>>(), fs.keys().collect::<Vec<_>>(), "{step}: the same files");
+        for (name, bytes) in &fa {
+            assert!(bytes == &fs[name], "{step}/{name} differs between the asynchronous and the synchronous save");
+        }
+        checkpoint::verify(&a.join("checkpoints").join(step)).unwrap();
+    }
+    assert_eq!(losses(&a), losses(&s));
+}
+
+/// `start_save` copies the state to host memory before it returns: what training does next
+/// (here: the weights overwritten) does not reach the checkpoint, which is published only by
+/// `finish`.
+#[test]
+fn a_checkpoint_in_flight_holds_the_state_of_its_step() {
+    use llama_cpt::backend::AdamWConfig;
+    use llama_cpt::dist::{DataParallel, ZeroStage};
+    let out = fresh("in-flight-save");
+    let cfg = config(&out, &[]);
+    let mut model =
+        Llama::random(&Cpu, llama_cpt::config::LlamaConfig::from_file(cfg.model.config.as_ref().unwrap()).unwrap(), 3);
+    let comm = llama_cpt_parallel::SingleProcess::default();
+    let trainable = vec![true; model.params.len()];
+    let dp =
+        DataParallel::new(&Cpu, &comm, &model.params, &trainable, ZeroStage::Zero0, 1 << 20, AdamWConfig::default());
+    let state = checkpoint::TrainerState { global_step: 7, ..checkpoint::TrainerState::fresh() };
+    let before: Vec<Vec<f32>> = model.params.iter().map(|p| p.value.buf.to_vec()).collect();
+    let pending = checkpoint::start_save(&out, 2, &Cpu, &model, &dp, &state, None).unwrap();
+    for p in &mut model.params {
+        let n = p.value.numel();
+        *p.value.buf_mut() = vec![-7.0; n];
+    }
+    assert!(checkpoint::complete_checkpoints(&out).unwrap().is_empty(), "not published before finish");
+    let dir = pending.finish(&dp).unwrap();
+    assert_eq!(dir, out.join("checkpoints/step-00000007"));
+    checkpoint::verify(&dir).unwrap();
+    let saved = Llama::<Cpu>::load(&Cpu, &dir).unwrap();
+    let after: Vec<Vec<f32>> = saved.params.iter().map(|p| p.value.buf.to_vec()).collect();
+    assert!(after == before, "the checkpoint holds the weights of its step, not those written after start_save");
+}
+
+/// `run.on_save_failure = "continue"`: a periodic save that fails is reported and training goes
+/// on; the final save of the stop still has to succeed, and does.
+#[test]
+fn a_failed_periodic_save_lets_the_run_go_on_when_asked() {
+    let out = fresh("save-failure-continue");
+    std::fs::create_dir_all(out.join("checkpoints")).unwrap();
+    // A file where step 4's temporary folder goes: that save fails.
+    std::fs::write(out.join("checkpoints/.step-00000004.tmp"), "in the way").unwrap();
+    let settings = ["run.checkpoint_every=2", "run.stop_after_steps=6", "run.on_save_failure=continue"];
+    let o = train::run(&Cpu, &config(&out, &settings), &AtomicBool::new(false)).unwrap();
+    assert!(o.interrupted && o.global_step == 6);
+    let names: Vec<PathBuf> = checkpoint::complete_checkpoints(&out).unwrap();
+    assert_eq!(names, vec![out.join("checkpoints/step-00000002"), out.join("checkpoints/step-00000006")]);
+    // The default stops at the failed save, with the earlier checkpoint intact.
+    let out = fresh("save-failure-stop");
+    std::fs::create_dir_all(out.join("checkpoints")).unwrap();
+    std::fs::write(out.join("checkpoints/.step-00000004.tmp"), "in the way").unwrap();
+    let err = train::run(&Cpu, &config(&out, &settings[..2]), &AtomicBool::new(false)).unwrap_err();
+    assert!(format!("{err:#}").contains("step-00000004"), "{err:#}");
+    assert_eq!(checkpoint::complete_checkpoints(&out).unwrap(), vec![out.join("checkpoints/step-00000002")]);
+    let bad =
+        TrainConfig::from_file(&prepared().join("data/default.toml"), &["run.on_save_failure=ignore".to_string()]);
+    assert!(format!("{:#}", bad.unwrap_err()).contains("run.on_save_failure"));
 }

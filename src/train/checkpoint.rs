@@ -2,9 +2,11 @@
 //! f32), the optimizer state (`optimizer.json`, a manifest of which parameter pieces each
 //! `optimizer-rankNNNNN.safetensors` file holds: under ZeRO-1/2 every rank writes its own shard,
 //! under ZeRO-0 rank 0 writes everything), the trainer state (`trainer_state.json`: stage, steps,
-//! loader state, counters) and the tokenizer. Rank 0 writes into a temporary folder, every rank
-//! adds its shard, rank 0 lists every file's size and XXH64 (`checksums.json`), syncs, marks it
-//! `COMPLETE` and renames it into place; a folder without the marker is never read, and a resume
+//! loader state, counters) and the tokenizer. Rank 0 makes a temporary folder; every rank copies
+//! its part to host memory and writes it there on a background thread ([`start_save`]; training
+//! goes on), with each file's size and XXH64; [`PendingSave::finish`] waits for every rank, and
+//! rank 0 collects the sums (`checksums.json`), syncs, marks the folder `COMPLETE` and renames it
+//! into place; a folder without the marker is never read, and a resume
 //! first verifies the files (rank 0, its choice shared): a damaged checkpoint is named and the
 //! previous complete one is used. Only the newest `keep` complete checkpoints are kept. Loading reads the
 //! pieces a rank needs from whichever files hold them, so a run resumes at any world size and
@@ -15,7 +17,7 @@ use crate::dist::{DataParallel, Piece, ZeroStage};
 use crate::model::Llama;
 use crate::optim::Segment;
 use crate::train::spikes::SpikeWindow;
-use crate::weights::StoreDtype;
+use crate::weights::{HostModel, StoreDtype};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -105,9 +107,9 @@ fn sync_tree(dir: &Path) -> Result<()> {
     sync_dir(dir)
 }
 
-fn write_tensors(path: &Path, tensors: Vec<(String, Vec<f32>)>) -> Result<()> {
-    let bytes: Vec<(String, usize, Vec<u8>)> =
-        tensors.into_iter().map(|(n, v)| (n, v.len(), bytemuck::cast_slice(&v).to_vec())).collect();
+fn write_tensors(path: &Path, tensors: &[(String, Vec<f32>)]) -> Result<()> {
+    let bytes: Vec<(&String, usize, &[u8])> =
+        tensors.iter().map(|(n, v)| (n, v.len(), bytemuck::cast_slice(v))).collect();
     let views = bytes.iter().map(|(n, len, b)| {
         (n.as_str(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![*len], b).expect("sizes match"))
     });
@@ -188,63 +190,164 @@ pub fn save<B: Backend>(
     state: &TrainerState,
     tokenizer: Option<&Path>,
 ) -> Result<PathBuf> {
-    let root = checkpoints_dir(out);
-    let name = format!("step-{:08}", state.global_step);
-    let tmp = root.join(format!(".{name}.tmp"));
-    let dst = root.join(&name);
-    let rank = dp.rank();
-    let result = agree(
-        dp,
-        if rank == 0 { write_model_files(&root, &tmp, backend, model, dp, state, tokenizer) } else { Ok(()) },
-    )
-    .and_then(|()| {
-        let writes_shard = rank == 0 || dp.stage != ZeroStage::Zero0;
-        agree(dp, if writes_shard { write_optimizer_shard(&tmp, backend, model, dp) } else { Ok(()) })
-    })
-    .and_then(|()| agree(dp, if rank == 0 { publish(&tmp, &dst, &root) } else { Ok(()) }));
-    if let Err(e) = result {
-        if rank == 0 {
-            let _ = std::fs::remove_dir_all(&tmp);
-        }
-        return Err(e.context(format!("saving checkpoint {} (earlier checkpoints are intact)", dst.display())));
-    }
-    if rank == 0 {
-        let mut all = complete_checkpoints(out)?;
-        while all.len() > keep {
-            discard(&all.remove(0))?;
-        }
-    }
-    Ok(dst)
+    start_save(out, keep, backend, model, dp, state, tokenizer)?.finish(dp)
 }
 
-/// Rank 0's part: the model (HF safetensors, f32), the optimizer manifest, the trainer state and
-/// the tokenizer, into the temporary folder `tmp`.
-fn write_model_files<B: Backend>(
-    root: &Path,
-    tmp: &Path,
+/// A checkpoint whose files a background thread is writing ([`start_save`]); [`PendingSave::finish`]
+/// waits for it and publishes it.
+pub struct PendingSave {
+    writer: std::thread::JoinHandle<Result<Sums>>,
+    out: PathBuf,
+    root: PathBuf,
+    tmp: PathBuf,
+    dst: PathBuf,
+    keep: usize,
+    rank: usize,
+}
+
+type Sums = std::collections::BTreeMap<String, FileSum>;
+
+/// What one rank writes, copied to host memory so that training may go on meanwhile.
+struct Part {
+    tmp: PathBuf,
+    rank: usize,
+    /// Rank 0: the model, `optimizer.json`, `trainer_state.json` and the tokenizer to copy.
+    leader: Option<(HostModel, String, String, Option<PathBuf>)>,
+    /// The optimizer shard (every rank under ZeRO-1/2, rank 0 alone under ZeRO-0).
+    shard: Option<Vec<(String, Vec<f32>)>>,
+}
+
+/// The first half of [`save`]: rank 0 makes the temporary folder, every rank copies its part of
+/// the state to host memory (the device is read here, on the calling thread) and starts a thread
+/// that writes it, syncs it and lists its files' checksums. Errors here are the folder's and the
+/// device's; the writer's come from [`PendingSave::finish`].
+pub fn start_save<B: Backend>(
+    out: &Path,
+    keep: usize,
     backend: &B,
     model: &Llama<B>,
     dp: &DataParallel<B>,
     state: &TrainerState,
     tokenizer: Option<&Path>,
-) -> Result<()> {
-    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
-    let _ = std::fs::remove_dir_all(tmp);
-    std::fs::create_dir_all(tmp)?;
-    model.save(backend, tmp, StoreDtype::F32, None)?;
-    crate::fsutil::write_atomic(
-        &tmp.join("optimizer.json"),
-        serde_json::to_string_pretty(&manifest(model, dp))?.as_bytes(),
-    )?;
-    crate::fsutil::write_atomic(&tmp.join("trainer_state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
-    if let Some(t) = tokenizer {
-        std::fs::copy(t, tmp.join("tokenizer.json")).with_context(|| format!("copying {}", t.display()))?;
+) -> Result<PendingSave> {
+    let root = checkpoints_dir(out);
+    let name = format!("step-{:08}", state.global_step);
+    let tmp = root.join(format!(".{name}.tmp"));
+    let dst = root.join(&name);
+    let rank = dp.rank();
+    let prepared = agree(dp, if rank == 0 { prepare_folder(&root, &tmp) } else { Ok(()) });
+    if let Err(e) = prepared {
+        return Err(e.context(format!("saving checkpoint {} (earlier checkpoints are intact)", dst.display())));
     }
-    Ok(())
+    let leader = (rank == 0).then(|| {
+        let manifest = serde_json::to_string_pretty(&manifest(model, dp)).expect("a manifest serialises");
+        let state = serde_json::to_string_pretty(state).expect("a trainer state serialises");
+        (model.to_host(backend), manifest, state, tokenizer.map(Path::to_path_buf))
+    });
+    let writes_shard = rank == 0 || dp.stage != ZeroStage::Zero0;
+    let shard = writes_shard.then(|| optimizer_tensors(backend, model, dp));
+    let part = Part { tmp: tmp.clone(), rank, leader, shard };
+    let writer = std::thread::Builder::new()
+        .name("checkpoint-writer".into())
+        .spawn(move || write_part(&part))
+        .context("starting the checkpoint writer thread")?;
+    Ok(PendingSave { writer, out: out.to_path_buf(), root, tmp, dst, keep, rank })
 }
 
-/// This rank's optimizer pieces (moments, and masters where it keeps them) as its shard file.
-fn write_optimizer_shard<B: Backend>(tmp: &Path, backend: &B, model: &Llama<B>, dp: &DataParallel<B>) -> Result<()> {
+impl PendingSave {
+    /// The checkpoint's folder once published.
+    pub fn path(&self) -> &Path {
+        &self.dst
+    }
+
+    /// Waits for this rank's writer, agrees with the others that every part is on disk, and (rank
+    /// 0) writes the checksums and the marker, renames the folder into place and prunes old
+    /// checkpoints. On any error the partial folder is removed; earlier checkpoints are untouched.
+    pub fn finish<B: Backend>(self, dp: &DataParallel<B>) -> Result<PathBuf> {
+        let written =
+            self.writer.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the checkpoint writer thread panicked")));
+        let (part, sums) = match written {
+            Ok(sums) => (Ok(()), sums),
+            Err(e) => (Err(e), Sums::new()),
+        };
+        let rank = self.rank;
+        // Published and pruned before the last agreement: no rank reads the checkpoint list while
+        // rank 0 is still changing it.
+        let publish_and_prune = || -> Result<()> {
+            publish(&self.tmp, &self.dst, &self.root, sums)?;
+            let mut all = complete_checkpoints(&self.out)?;
+            while all.len() > self.keep {
+                discard(&all.remove(0))?;
+            }
+            Ok(())
+        };
+        let result = agree(dp, part).and_then(|()| agree(dp, if rank == 0 { publish_and_prune() } else { Ok(()) }));
+        if let Err(e) = result {
+            if rank == 0 {
+                let _ = std::fs::remove_dir_all(&self.tmp);
+            }
+            return Err(e.context(format!("saving checkpoint {} (earlier checkpoints are intact)", self.dst.display())));
+        }
+        Ok(self.dst)
+    }
+}
+
+/// Rank 0, first: an empty temporary folder under `root` (left over ones are removed).
+fn prepare_folder(root: &Path, tmp: &Path) -> Result<()> {
+    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    let _ = std::fs::remove_dir_all(tmp);
+    std::fs::create_dir_all(tmp).with_context(|| format!("creating {}", tmp.display()))
+}
+
+/// The sums of the files rank `rank` wrote, beside the shards, for rank 0 to collect.
+fn sums_file_name(rank: usize) -> String {
+    format!(".sums-rank{rank:05}.json")
+}
+
+/// Whether `name` in the temporary folder is one of rank `rank`'s files: its shard, and for rank
+/// 0 everything that is not another rank's shard or sums.
+fn written_by(name: &str, rank: usize) -> bool {
+    name == shard_file_name(rank)
+        || (rank == 0
+            && !name.starts_with("optimizer-rank")
+            && !name.starts_with(".sums-rank")
+            && !name.ends_with(".tmp")
+            && name != MARKER
+            && name != CHECKSUMS)
+}
+
+/// On the writer thread: this rank's files into the temporary folder, then their sizes and
+/// XXH64 (rank 0 keeps its own; the others leave theirs in a sums file).
+fn write_part(part: &Part) -> Result<Sums> {
+    if let Some((model, manifest, state, tokenizer)) = &part.leader {
+        model.save(&part.tmp, StoreDtype::F32, None)?;
+        crate::fsutil::write_atomic(&part.tmp.join("optimizer.json"), manifest.as_bytes())?;
+        crate::fsutil::write_atomic(&part.tmp.join("trainer_state.json"), state.as_bytes())?;
+        if let Some(t) = tokenizer {
+            std::fs::copy(t, part.tmp.join("tokenizer.json")).with_context(|| format!("copying {}", t.display()))?;
+        }
+    }
+    if let Some(tensors) = &part.shard {
+        write_tensors(&part.tmp.join(shard_file_name(part.rank)), tensors)?;
+    }
+    let mut sums = Sums::new();
+    for e in std::fs::read_dir(&part.tmp).with_context(|| format!("listing {}", part.tmp.display()))? {
+        let path = e?.path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if written_by(&name, part.rank) {
+            let (bytes, hash) = file_sum(&path)?;
+            sums.insert(name, FileSum { bytes, xxh64: format!("{hash:016x}") });
+        }
+    }
+    if part.rank != 0 {
+        let text = serde_json::to_string(&sums)?;
+        crate::fsutil::write_atomic(&part.tmp.join(sums_file_name(part.rank)), text.as_bytes())?;
+    }
+    Ok(sums)
+}
+
+/// This rank's optimizer pieces (moments, and masters where it keeps them), read from the device.
+fn optimizer_tensors<B: Backend>(backend: &B, model: &Llama<B>, dp: &DataParallel<B>) -> Vec<(String, Vec<f32>)> {
     let mut tensors = Vec::new();
     for (p, s) in dp.pieces.iter().zip(&dp.opt.segments) {
         let pname = &model.params[p.param].name;
@@ -254,12 +357,30 @@ fn write_optimizer_shard<B: Backend>(tmp: &Path, backend: &B, model: &Llama<B>, 
             tensors.push((tensor_name(pname, p.start, "master"), backend.download(master)));
         }
     }
-    write_tensors(&tmp.join(shard_file_name(dp.rank())), tensors)
+    tensors
 }
 
-/// Rank 0, once every part is written: marks `tmp` complete, syncs it and renames it to `dst`.
-fn publish(tmp: &Path, dst: &Path, root: &Path) -> Result<()> {
-    let sums = checksums(tmp)?;
+/// Rank 0, once every part is written: collects every rank's checksums (its own in `sums`, the
+/// others' from their sums files, which it removes), checks that they name every file, writes
+/// them and the marker, syncs and renames `tmp` to `dst`.
+fn publish(tmp: &Path, dst: &Path, root: &Path, mut sums: Sums) -> Result<()> {
+    for e in std::fs::read_dir(tmp).with_context(|| format!("listing {}", tmp.display()))? {
+        let path = e?.path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if name.starts_with(".sums-rank") {
+            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            let theirs: Sums =
+                serde_json::from_str(&text).with_context(|| format!("{}: not a checksum list", path.display()))?;
+            sums.extend(theirs);
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    for e in std::fs::read_dir(tmp).with_context(|| format!("listing {}", tmp.display()))? {
+        let name = e?.file_name().to_string_lossy().to_string();
+        if !sums.contains_key(&name) {
+            bail!("{}: no rank reported writing it", tmp.join(&name).display());
+        }
+    }
     crate::fsutil::write_atomic(&tmp.join(CHECKSUMS), serde_json::to_string_pretty(&sums)?.as_bytes())?;
     crate::fsutil::write_atomic(&tmp.join(MARKER), b"")?;
     sync_tree(tmp)?;
@@ -268,20 +389,6 @@ fn publish(tmp: &Path, dst: &Path, root: &Path) -> Result<()> {
     }
     std::fs::rename(tmp, dst)?;
     sync_dir(root)
-}
-
-/// Size and XXH64 of every file in checkpoint folder `dir` but the marker and the sums themselves.
-fn checksums(dir: &Path) -> Result<std::collections::BTreeMap<String, FileSum>> {
-    let mut sums = std::collections::BTreeMap::new();
-    for e in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
-        let path = e?.path();
-        let name = path.file_name().unwrap().to_string_lossy().to_string();
-        if name != MARKER && name != CHECKSUMS {
-            let (bytes, hash) = file_sum(&path)?;
-            sums.insert(name, FileSum { bytes, xxh64: format!("{hash:016x}") });
-        }
-    }
-    Ok(sums)
 }
 
 /// The length and XXH64 of one file, read in 8 MiB pieces.

@@ -167,6 +167,14 @@ pub struct RunConfig {
     pub checkpoint_every: u64,
     /// Resumable checkpoints kept (the newest ones).
     pub keep_checkpoints: usize,
+    /// Write checkpoints on a background thread: the state is copied to host memory and training
+    /// goes on while it is written; at most one save is in flight (the next save, a rollback and
+    /// the end of the run wait for it).
+    pub async_checkpoint: bool,
+    /// What a failed periodic save does: `"stop"` the run with the error, or `"continue"` training
+    /// (the failure is logged; the earlier checkpoints stay). A final save (a stop, the end of a
+    /// stage) always stops on failure.
+    pub on_save_failure: String,
     /// Print and log metrics every N steps.
     pub log_every: u64,
     /// Stop after this many non-finite steps in a row (each one is skipped).
@@ -236,6 +244,8 @@ impl Default for RunConfig {
             out_dir: "runs/default".into(),
             checkpoint_every: 0,
             keep_checkpoints: 2,
+            async_checkpoint: true,
+            on_save_failure: "stop".into(),
             log_every: 1,
             max_consecutive_skips: 5,
             eval_datasets: vec![],
@@ -423,6 +433,9 @@ impl TrainConfig {
         }
         if !sets.is_empty() && self.model.tokenizer.is_none() && self.model.from.is_none() {
             bail!("key `run.eval_texts`: scoring text needs a tokenizer; set `model.tokenizer`");
+        }
+        if self.run.on_save_failure != "stop" && self.run.on_save_failure != "continue" {
+            bail!("key `run.on_save_failure`: {:?} is neither \"stop\" nor \"continue\"", self.run.on_save_failure);
         }
         if self.run.keep_checkpoints == 0 {
             bail!("key `run.keep_checkpoints` must be at least 1");

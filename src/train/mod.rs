@@ -47,5 +47,5 @@ pub fn run_parallel<B: Backend>(
             return Ok(stopped);
         }
     }
-    Ok(trainer.finished())
+    trainer.finished()
 }

@@ -47,6 +47,8 @@ pub(super) struct Trainer<'a, B: Backend> {
     flops_per_token: f64,
     final_model: Option<PathBuf>,
     last_loss: Option<f64>,
+    /// The checkpoint a background thread is writing (`run.async_checkpoint`).
+    pending_save: Option<checkpoint::PendingSave>,
 }
 
 /// What one optimizer step did, for the console, the metrics and the trainer state.
@@ -127,6 +129,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             metrics,
             final_model: None,
             last_loss: None,
+            pending_save: None,
         };
         if leader {
             trainer.print_setup();
@@ -280,9 +283,11 @@ impl<'a, B: Backend> Trainer<'a, B> {
             );
         }
         if state.consecutive_skips >= self.cfg.run.max_consecutive_skips {
+            let skips = state.consecutive_skips;
+            // Every rank stops here alike: the save in flight (of a good step) is published first.
+            self.settle_save(false)?;
             bail!(
-                "stopping: {} non-finite steps in a row; the last good checkpoint is {}",
-                state.consecutive_skips,
+                "stopping: {skips} non-finite steps in a row; the last good checkpoint is {}",
                 last_good_checkpoint(&self.cfg.run.out_dir)?
             );
         }
@@ -326,6 +331,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
     /// of them, the data going on from where it is (the undone steps' batches are dropped, and
     /// recorded as such). Stops the run when there is no such checkpoint.
     fn roll_back(&mut self, first_spike: u64, loader: &Loader, bar: &ProgressBar) -> Result<()> {
+        // The checkpoint being written may be the one to go back to.
+        self.settle_save(true)?;
         let (run, si, now) = (&self.cfg.run, self.state.stage, self.state.global_step);
         let out = &run.out_dir;
         let before: Vec<PathBuf> = checkpoint::complete_checkpoints(out)?
@@ -505,10 +512,12 @@ impl<'a, B: Backend> Trainer<'a, B> {
         if state.stage_step >= total || !(periodic || stop_now) {
             return Ok(None);
         }
-        let p = self.save_checkpoint()?;
+        let p = self.save_checkpoint(!stop_now)?;
         if !stop_now {
             return Ok(None);
         }
+        // The run stops on this checkpoint: it must be on disk.
+        self.settle_save(false)?;
         bar.abandon();
         if self.leader {
             redraw_plot(&cfg.run.out_dir);
@@ -517,10 +526,14 @@ impl<'a, B: Backend> Trainer<'a, B> {
         Ok(Some(self.outcome(true)))
     }
 
-    fn save_checkpoint(&self) -> Result<PathBuf> {
+    /// Starts a checkpoint of the current state, after the one in flight is finished (at most one
+    /// save in flight); written synchronously unless `run.async_checkpoint`. `periodic`: a failure
+    /// may let the run go on (`run.on_save_failure = "continue"`).
+    fn save_checkpoint(&mut self, periodic: bool) -> Result<PathBuf> {
+        self.settle_save(periodic)?;
         let cfg = self.cfg;
         let tokenizer = self.tokenizer.as_deref();
-        checkpoint::save(
+        let started = checkpoint::start_save(
             &cfg.run.out_dir,
             cfg.run.keep_checkpoints,
             self.backend,
@@ -528,7 +541,41 @@ impl<'a, B: Backend> Trainer<'a, B> {
             &self.dp,
             &self.state,
             tokenizer,
-        )
+        );
+        let pending = match started {
+            Ok(p) => p,
+            Err(e) => return self.save_failed(e, periodic).map(|()| PathBuf::new()),
+        };
+        let path = pending.path().to_path_buf();
+        self.pending_save = Some(pending);
+        if !cfg.run.async_checkpoint {
+            self.settle_save(periodic)?;
+        }
+        Ok(path)
+    }
+
+    /// Waits for the checkpoint in flight, if any, and publishes it (every rank).
+    pub(super) fn settle_save(&mut self, periodic: bool) -> Result<()> {
+        let Some(pending) = self.pending_save.take() else { return Ok(()) };
+        match pending.finish(&self.dp) {
+            Ok(_) => Ok(()),
+            Err(e) => self.save_failed(e, periodic),
+        }
+    }
+
+    /// A failed save: the error, or under `run.on_save_failure = "continue"` (periodic saves) a
+    /// warning and on with training. The decision is the same on every rank (the failure was agreed).
+    fn save_failed(&self, e: anyhow::Error, periodic: bool) -> Result<()> {
+        if !(periodic && self.cfg.run.on_save_failure == "continue") {
+            return Err(e);
+        }
+        if self.leader {
+            eprintln!(
+                "warning: {e:#}; training goes on (run.on_save_failure = \"continue\"), the last good checkpoint is {}",
+                last_good_checkpoint(&self.cfg.run.out_dir)?
+            );
+        }
+        Ok(())
     }
 
     /// Stage end: an HF model directory, then a checkpoint positioned at the next stage. `Some`
@@ -559,9 +606,12 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let next = self.state.stage.min(cfg.stages.len() - 1);
         self.dp = new_data_parallel(backend, self.comm, cfg, &self.model, next);
         self.dp.refresh_params(backend, &mut self.model.params)?;
-        self.save_checkpoint()?;
+        self.save_checkpoint(false)?;
         let stop = self.interrupt.load(AtomicOrdering::SeqCst)
             || cfg.run.stop_after_steps.is_some_and(|s| self.state.global_step >= s);
+        if stop {
+            self.settle_save(false)?;
+        }
         Ok(stop.then(|| self.outcome(self.state.stage < cfg.stages.len())))
     }
 
@@ -575,13 +625,15 @@ impl<'a, B: Backend> Trainer<'a, B> {
     }
 
     /// The outcome of a run that went through every stage (resumed after the last: its model).
-    pub(super) fn finished(&self) -> Outcome {
+    pub(super) fn finished(&mut self) -> Result<Outcome> {
+        // The run ends on the last stage's checkpoint: it must be on disk.
+        self.settle_save(false)?;
         let mut outcome = self.outcome(false);
         if outcome.final_model.is_none() {
             outcome.final_model =
                 self.cfg.stages.last().map(|s| self.cfg.run.out_dir.join(format!("stage-{}", s.name)));
         }
-        outcome
+        Ok(outcome)
     }
 }
 
