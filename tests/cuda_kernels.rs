@@ -890,6 +890,19 @@ fn the_side_by_side_script_runs_and_pairs_every_row_with_pytorch() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The launch of rank 0 or 1 of two ranks of this process (one thread each), with a free port
+/// for the NCCL id rendezvous.
+fn two_ranks_in_this_process() -> impl Fn(usize) -> llama_cpt_parallel::launch::Launch + Send + Copy {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    move |rank| llama_cpt_parallel::launch::Launch {
+        rank,
+        world_size: 2,
+        local_rank: rank,
+        master: Some(("127.0.0.1".into(), port)),
+        launcher: "none",
+    }
+}
+
 /// A collective's input goes back to the allocator once the collective has read it, not at its
 /// `wait` (a backward's gradient buckets would otherwise all stay alive until the optimizer step),
 /// and never while it may still be read: two ranks in one process, rank 1 holding back its half of
@@ -897,20 +910,12 @@ fn the_side_by_side_script_runs_and_pairs_every_row_with_pytorch() {
 #[test]
 #[ignore = "needs a CUDA GPU and libnccl, or the emulated device (tools/emu-check.sh)"]
 fn a_collective_gives_its_input_back_once_read_and_never_before() {
-    use llama_cpt_parallel::launch::Launch;
     use llama_cpt_parallel::Communicator;
     use std::sync::mpsc;
     use std::time::{Duration, Instant};
     // A size class no other buffer of this test has.
     const N: usize = 2 * 150_001;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let launch = move |rank| Launch {
-        rank,
-        world_size: 2,
-        local_rank: rank,
-        master: Some(("127.0.0.1".into(), port)),
-        launcher: "none",
-    };
+    let launch = two_ranks_in_this_process();
     let (go_tx, go_rx) = mpsc::channel::<()>();
     let peer = std::thread::spawn(move || {
         let cuda = Cuda::new(0).unwrap();
@@ -972,19 +977,11 @@ fn a_collective_gives_its_input_back_once_read_and_never_before() {
 #[test]
 #[ignore = "needs a CUDA GPU and libnccl, or the emulated device (tools/emu-check.sh)"]
 fn a_retired_input_is_reused_in_stream_order_after_its_collective() {
-    use llama_cpt_parallel::launch::Launch;
     use llama_cpt_parallel::Communicator;
     use std::sync::mpsc;
     use std::time::Duration;
     const N: usize = 2 * 2_000_003; // 16 MB: many rounds of the emulated NCCL's 1 MiB slots
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let launch = move |rank| Launch {
-        rank,
-        world_size: 2,
-        local_rank: rank,
-        master: Some(("127.0.0.1".into(), port)),
-        launcher: "none",
-    };
+    let launch = two_ranks_in_this_process();
     let (go_tx, go_rx) = mpsc::channel::<()>();
     let peer = std::thread::spawn(move || {
         let cuda = Cuda::new(0).unwrap();

@@ -179,20 +179,6 @@ fn agree<B: Backend>(dp: &DataParallel<B>, part: Result<()>) -> Result<()> {
     Ok(())
 }
 
-/// Writes a checkpoint for `state.global_step` (every rank calls this) and prunes old ones. On any
-/// error the partial folder is removed and the earlier checkpoints are untouched.
-pub fn save<B: Backend>(
-    out: &Path,
-    keep: usize,
-    backend: &B,
-    model: &Llama<B>,
-    dp: &DataParallel<B>,
-    state: &TrainerState,
-    tokenizer: Option<&Path>,
-) -> Result<PathBuf> {
-    start_save(out, keep, backend, model, dp, state, tokenizer)?.finish(dp)
-}
-
 /// A checkpoint whose files a background thread is writing ([`start_save`]); [`PendingSave::finish`]
 /// waits for it and publishes it.
 pub struct PendingSave {
@@ -217,7 +203,7 @@ struct Part {
     shard: Option<Vec<(String, Vec<f32>)>>,
 }
 
-/// The first half of [`save`]: rank 0 makes the temporary folder, every rank copies its part of
+/// Starts a checkpoint for `state.global_step` (every rank calls this): rank 0 makes the temporary folder, every rank copies its part of
 /// the state to host memory (the device is read here, on the calling thread) and starts a thread
 /// that writes it, syncs it and lists its files' checksums. Errors here are the folder's and the
 /// device's; the writer's come from [`PendingSave::finish`].

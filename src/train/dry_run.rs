@@ -15,7 +15,7 @@ use crate::dist::StepChecks;
 use crate::model::{Llama, StepOptions};
 use anyhow::{Context, Result};
 use llama_cpt_parallel::plan::{self, Card, ModelShape, PlanInput, Precision};
-use llama_cpt_parallel::Communicator;
+use llama_cpt_parallel::{Communicator, TrafficCount};
 use std::fmt::Write;
 
 /// What one stage's steps held and moved on this rank.
@@ -26,8 +26,10 @@ pub struct StageMeasure {
     pub before_steps: MemStats,
     /// The counts after its steps: the peaks are those of the steps.
     pub after_steps: MemStats,
-    /// Bytes this rank handed to collectives per step.
+    /// Bytes this rank handed to collectives per step (payload: all-reduce, reduce-scatter and
+    /// broadcast inputs, all-gather outputs), in all and by kind.
     pub collective_bytes_per_step: u64,
+    pub collectives_per_step: TrafficCount,
     /// Model FLOPs of this rank per step (6N + attention per token, recomputation not counted).
     pub flops_per_step: f64,
     /// Steps whose update was applied (all: a dry run updates whatever the loss it reads).
@@ -131,9 +133,14 @@ pub fn dry_run<B: Backend>(
         }
         backend.profile_range("other");
         let after_steps = backend.memory_stats().unwrap_or_default();
-        let payload =
-            |t: llama_cpt_parallel::TrafficCount| t.all_reduce + t.reduce_scatter + t.all_gather + t.broadcast;
-        let moved = payload(comm.traffic()) - payload(traffic_before);
+        let (now, n) = (comm.traffic(), steps.max(1) as u64);
+        let per_step = TrafficCount {
+            all_reduce: (now.all_reduce - traffic_before.all_reduce) / n,
+            reduce_scatter: (now.reduce_scatter - traffic_before.reduce_scatter) / n,
+            all_gather: (now.all_gather - traffic_before.all_gather) / n,
+            broadcast: (now.broadcast - traffic_before.broadcast) / n,
+            calls: (now.calls - traffic_before.calls) / n,
+        };
         let tokens = micro_steps * cfg.data.micro_batch_rows * cfg.data.seq_len;
         let plan_in = plan_input(cfg, &config, si, world, backend.mixed_precision(), card.clone());
         measures.push(StageMeasure {
@@ -142,7 +149,11 @@ pub fn dry_run<B: Backend>(
             after_steps,
             applied,
             steps,
-            collective_bytes_per_step: moved / steps.max(1) as u64,
+            collective_bytes_per_step: per_step.all_reduce
+                + per_step.reduce_scatter
+                + per_step.all_gather
+                + per_step.broadcast,
+            collectives_per_step: per_step,
             flops_per_step: super::flops_per_token(&config, cfg.data.seq_len) * tokens as f64,
             plan: plan::memory(&plan_in, plan_in.micro_batch),
         });
@@ -155,27 +166,33 @@ pub fn dry_run<B: Backend>(
 
 const GIB: f64 = (1u64 << 30) as f64;
 
+/// The rows of the peak by holder, measured beside planned.
+fn holders_table(s: &mut String, a: &MemStats, p: &plan::Memory) {
+    let planned = |u: MemoryUse| match u {
+        MemoryUse::Parameters => Some(p.params),
+        MemoryUse::Optimizer => Some(p.optimizer),
+        MemoryUse::Gradients => Some(p.grads),
+        MemoryUse::Communication => Some(p.buckets),
+        MemoryUse::Activations => Some(p.activations + p.head),
+        MemoryUse::Other => None,
+    };
+    let gib = |b: u64| format!("{:.2}", b as f64 / GIB);
+    let _ = writeln!(s, "| held by | measured at the peak | plan |\n|---|---:|---:|");
+    for u in MemoryUse::ALL {
+        let plan = planned(u).map_or("—".into(), gib);
+        let _ = writeln!(s, "| {} | {} | {plan} |", u.name(), gib(a.peak_by_use[u.index()] as u64));
+    }
+}
+
 /// The measurement beside the plan, per stage, as a Markdown table; with the step time a
 /// compute roofline at `peak_flops` gives.
 pub fn report(measures: &[StageMeasure], peak_flops: Option<f64>) -> String {
     let mut s = String::new();
     for m in measures {
         let (a, p) = (&m.after_steps, &m.plan);
-        let planned = |u: MemoryUse| match u {
-            MemoryUse::Parameters => Some(p.params),
-            MemoryUse::Optimizer => Some(p.optimizer),
-            MemoryUse::Gradients => Some(p.grads),
-            MemoryUse::Communication => Some(p.buckets),
-            MemoryUse::Activations => Some(p.activations + p.head),
-            MemoryUse::Other => None,
-        };
         let gib = |b: u64| format!("{:.2}", b as f64 / GIB);
         let _ = writeln!(s, "\nstage {:?}: per GPU (GiB), {} of {} updates applied\n", m.name, m.applied, m.steps);
-        let _ = writeln!(s, "| held by | measured at the peak | plan |\n|---|---:|---:|");
-        for u in MemoryUse::ALL {
-            let plan = planned(u).map_or("—".into(), gib);
-            let _ = writeln!(s, "| {} | {} | {plan} |", u.name(), gib(a.peak_by_use[u.index()] as u64));
-        }
+        holders_table(&mut s, a, p);
         let plan_peak = p.peak.saturating_sub(p.reserve);
         let ratio = a.peak_in_use as f64 / plan_peak.max(1) as f64;
         let _ = writeln!(
@@ -212,9 +229,14 @@ pub fn report(measures: &[StageMeasure], peak_flops: Option<f64>) -> String {
         );
         let _ = write!(
             s,
-            "per step: {:.1} TFLOP of model FLOPs on this rank, {:.2} GiB handed to collectives",
+            "per step: {:.1} TFLOP of model FLOPs on this rank, {:.2} GiB handed to {} collectives (all-reduce {:.2}, reduce-scatter {:.2}, all-gather {:.2}, broadcast {:.2})",
             m.flops_per_step / 1e12,
-            m.collective_bytes_per_step as f64 / GIB
+            m.collective_bytes_per_step as f64 / GIB,
+            m.collectives_per_step.calls,
+            m.collectives_per_step.all_reduce as f64 / GIB,
+            m.collectives_per_step.reduce_scatter as f64 / GIB,
+            m.collectives_per_step.all_gather as f64 / GIB,
+            m.collectives_per_step.broadcast as f64 / GIB
         );
         match peak_flops {
             Some(peak) => {

@@ -44,11 +44,11 @@ echo "| model (V = 69,104) | ZeRO | micro-batch | checkpointing | measured peak 
 echo "|---|---|---:|---|---:|---:|---:|---:|---|---:|"
 row() {
     local t0 line
-    t0=$(date +%s.%N)
+    t0=$(date +%s%N)
     line=$(dry "$1" "$2" "$3" "$4" 4096 64)
     printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %.1f |\n' "$1" "$3" "$2" "$4" \
         "$(field measured_gib "$line")" "$(field plan_gib "$line")" "$(field ratio "$line")" \
-        "$(field reserved_gib "$line")" "$(field fits "$line")" "$(echo "$(date +%s.%N) - $t0" | bc)"
+        "$(field reserved_gib "$line")" "$(field fits "$line")" "$(awk -v a="$t0" -v b="$(date +%s%N)" 'BEGIN { print (b - a) / 1e9 }')"
 }
 # The largest micro-batch (1, 2, 4, … 64) whose measured peak fits, for each model.
 largest() {
