@@ -375,13 +375,17 @@ impl<'a, B: Backend> Reducer<'a, B> {
             let _scope = memory_scope(self.backend, MemoryUse::Communication);
             self.backend.assemble(b.padded, &grads.iter().map(|(off, g)| (*off, g)).collect::<Vec<_>>())
         };
-        // The collective's output is the reduced gradient kept until the update.
-        let _scope = memory_scope(self.backend, MemoryUse::Gradients);
-        let pending =
-            if self.stage == ZeroStage::Zero0 { self.comm.all_reduce(flat) } else { self.comm.reduce_scatter(flat) };
+        let pending = {
+            // The collective's output is the reduced gradient kept until the update.
+            let _scope = memory_scope(self.backend, MemoryUse::Gradients);
+            if self.stage == ZeroStage::Zero0 {
+                self.comm.all_reduce(flat)
+            } else {
+                self.comm.reduce_scatter(flat)
+            }
+        };
         self.pending.push((bi, pending));
         self.next = bi + 1;
-        drop(_scope);
         while self.pending.len() > IN_FLIGHT {
             self.settle_oldest()?;
         }

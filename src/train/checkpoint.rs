@@ -182,7 +182,9 @@ fn agree<B: Backend>(dp: &DataParallel<B>, part: Result<()>) -> Result<()> {
 /// A checkpoint whose files a background thread is writing ([`start_save`]); [`PendingSave::finish`]
 /// waits for it and publishes it.
 pub struct PendingSave {
-    writer: std::thread::JoinHandle<Result<Sums>>,
+    /// The writer thread, or why it could not be started (reported by `finish`, where every rank
+    /// agrees on the outcome).
+    writer: Result<std::thread::JoinHandle<Result<Sums>>, String>,
     out: PathBuf,
     root: PathBuf,
     tmp: PathBuf,
@@ -236,7 +238,7 @@ pub fn start_save<B: Backend>(
     let writer = std::thread::Builder::new()
         .name("checkpoint-writer".into())
         .spawn(move || write_part(&part))
-        .context("starting the checkpoint writer thread")?;
+        .map_err(|e| format!("starting the checkpoint writer thread: {e}"));
     Ok(PendingSave { writer, out: out.to_path_buf(), root, tmp, dst, keep, rank })
 }
 
@@ -250,8 +252,10 @@ impl PendingSave {
     /// 0) writes the checksums and the marker, renames the folder into place and prunes old
     /// checkpoints. On any error the partial folder is removed; earlier checkpoints are untouched.
     pub fn finish<B: Backend>(self, dp: &DataParallel<B>) -> Result<PathBuf> {
-        let written =
-            self.writer.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the checkpoint writer thread panicked")));
+        let written = match self.writer {
+            Ok(w) => w.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the checkpoint writer thread panicked"))),
+            Err(e) => Err(anyhow::anyhow!(e)),
+        };
         let (part, sums) = match written {
             Ok(sums) => (Ok(()), sums),
             Err(e) => (Err(e), Sums::new()),
