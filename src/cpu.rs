@@ -89,7 +89,7 @@ impl Backend for Cpu {
             let world = llama_cpt_parallel::Communicator::<Vec<f32>>::world_size(&mpi);
             if world != launch.world_size {
                 anyhow::bail!(
-                    "the {} launch says {} ranks but MPI sees {world} (was the job started with mpirun/srun?)",
+                    "the {} launch says {} ranks but MPI sees {world}: CPU ranks communicate through MPI, so mpirun or srun --mpi=pmix must start them (tools/launch/single-node.sh); a launch without MPI (torchrun-style RANK/WORLD_SIZE) needs --device cuda (NCCL)",
                     launch.launcher,
                     launch.world_size
                 );

@@ -7,141 +7,15 @@
 //! `tools/emu-check.sh` runs them with the emulator's libraries on `LD_LIBRARY_PATH`.
 #![cfg(feature = "mpi")]
 
+mod mpi_common;
+
 use llama_cpt::dist::{Layout, ZeroStage};
-use llama_cpt::train::default_run;
 use llama_cpt_parallel::plan::step_payload;
+use mpi_common::*;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// Loss trajectories at any world size and ZeRO stage agree with one process within this relative
-/// error: only the order of f32 sums differs (measured: ≤ 5e-7).
-const LOSS_RTOL: f64 = 1e-5;
-/// Parameters after the run, max |Δ| relative to the tensor's max |p|. Adam divides each gradient
-/// by its own running RMS, so an element whose gradient is near zero — where summation order
-/// decides its sign — can move by up to lr per step either way; measured ≤ 8e-5 over 10 steps.
-const PARAM_RTOL: f32 = 5e-4;
-
-/// One MPI job at a time: the machine has two cores, and the fault test looks processes up by rank.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("parallel-mpi")
-}
-
-/// The embedded default's data and config, generated once for all tests.
-fn config() -> &'static Path {
-    static CONFIG: OnceLock<PathBuf> = OnceLock::new();
-    CONFIG.get_or_init(|| {
-        let base = root().join("data-src");
-        let _ = std::fs::remove_dir_all(&base);
-        default_run::prepare(&base, &[]).unwrap();
-        default_run::config_path(&base)
-    })
-}
-
-/// Variables the ranks need from this environment when they are set: where the CUDA libraries
-/// are (the emulated ones under tools/emu-check.sh) and the emulator's settings.
-const FORWARDED_ENV: [&str; 4] =
-    ["LD_LIBRARY_PATH", "LLAMA_CPT_EMU_GPUS", "LLAMA_CPT_EMU_DEVICE", "LLAMA_CPT_EMU_NCCL_TIMEOUT_S"];
-
-fn mpirun(np: usize, out: &Path, extra: &[&str]) -> Command {
-    let mut c = Command::new("mpirun");
-    c.args([
-        "--oversubscribe",
-        "--allow-run-as-root",
-        "-np",
-        &np.to_string(),
-        "-x",
-        "RAYON_NUM_THREADS=1",
-        "-x",
-        "RUST_BACKTRACE=0",
-    ]);
-    // NCCL's unique id goes from rank 0 to the others through the TCP rendezvous.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    c.args(["-x", "MASTER_ADDR=127.0.0.1", "-x", &format!("MASTER_PORT={port}")]);
-    for var in FORWARDED_ENV.iter().filter(|v| std::env::var_os(v).is_some()) {
-        c.args(["-x", var]);
-    }
-    c.arg(env!("CARGO_BIN_EXE_pretrain"))
-        .arg("--config")
-        .arg(config())
-        .arg("--set")
-        .arg(format!("run.out_dir={:?}", out.display().to_string()));
-    for s in ["run.eval_every=0", "run.log_every=1", "parallel.bucket_mib=0.05"].iter().chain(extra) {
-        // `--flag=value` goes to pretrain as it is; everything else is a config override.
-        if s.starts_with("--") {
-            c.arg(s);
-        } else {
-            c.args(["--set", s]);
-        }
-    }
-    c
-}
-
-fn run(np: usize, out: &Path, extra: &[&str]) -> Output {
-    let o = mpirun(np, out, extra)
-        .output()
-        .expect("mpirun (Open MPI) must be installed: apt-get install openmpi-bin libopenmpi-dev");
-    let text = String::from_utf8_lossy(&o.stderr).to_string() + &String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "mpirun -np {np} failed:\n{text}");
-    o
-}
-
-fn metrics(out: &Path) -> Vec<Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn losses(out: &Path) -> Vec<(u64, f64)> {
-    metrics(out).iter().map(|m| (m["step"].as_u64().unwrap(), m["loss"].as_f64().unwrap())).collect()
-}
-
-fn final_params(out: &Path) -> Vec<(String, Vec<f32>)> {
-    let bytes = std::fs::read(out.join("stage-knowledge-replay/model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<(String, Vec<f32>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| (n, t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()))
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
-fn assert_losses_agree(what: &str, got: &[(u64, f64)], want: &[(u64, f64)]) -> f64 {
-    assert_eq!(got.len(), want.len(), "{what}: steps logged");
-    let mut worst: f64 = 0.0;
-    for ((s, a), (t, b)) in got.iter().zip(want) {
-        assert_eq!(s, t);
-        let rel = (a - b).abs() / b.abs();
-        assert!(rel <= LOSS_RTOL, "{what}: step {s} loss {a} vs {b} (relative {rel:.2e})");
-        worst = worst.max(rel);
-    }
-    worst
-}
-
-/// Each final parameter of `got` against `want`'s, as a fraction of that tensor's largest
-/// magnitude, held to PARAM_RTOL; returns the worst.
-fn assert_params_agree(what: &str, got: &[(String, Vec<f32>)], want: &[(String, Vec<f32>)]) -> f32 {
-    assert_eq!(got.len(), want.len(), "{what}: parameters");
-    let mut worst: f32 = 0.0;
-    for ((name, a), (_, b)) in got.iter().zip(want) {
-        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let d = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
-        assert!(d <= PARAM_RTOL, "{what}: {name} differs by {d:.2e} of its max");
-        worst = worst.max(d);
-    }
-    worst
-}
 
 fn stage(z: usize) -> ZeroStage {
     ZeroStage::ALL[z]
@@ -584,26 +458,4 @@ fn a_killed_nccl_rank_is_named_by_the_others_without_a_launcher_to_end_them() {
     // Far below the 120 s timeout: the death itself is noticed.
     assert!(waited < Duration::from_secs(30), "the others took {waited:?}");
     eprintln!("nccl-kill-by-hand: SIGKILL to rank 1 of 3 (no launcher): the others stopped after {waited:.1?}");
-}
-
-/// The pid of the `pretrain` process writing to `out` with the given MPI rank.
-fn rank_pid(out: &Path, rank: usize) -> Option<u32> {
-    let want = format!("OMPI_COMM_WORLD_RANK={rank}");
-    for e in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
-        let cmd = String::from_utf8_lossy(&cmd);
-        if !cmd.contains(env!("CARGO_BIN_EXE_pretrain")) || !cmd.contains(&out.display().to_string()) {
-            continue;
-        }
-        let Ok(env) = std::fs::read(e.path().join("environ")) else { continue };
-        if env.split(|&b| b == 0).any(|kv| kv == want.as_bytes()) {
-            return Some(pid);
-        }
-    }
-    None
-}
-
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(|s| s.as_str()).collect()
 }

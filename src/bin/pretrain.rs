@@ -86,6 +86,20 @@ fn main() -> Result<()> {
         Some(n) => Launch::virtual_world(n),
         None => Launch::from_env()?,
     };
+    if launch.world_size > 1 && launch.launcher != llama_cpt_parallel::launch::VIRTUAL_WORLD {
+        // One line per rank, as torchrun prints: which process landed where (the GPU is the local rank).
+        // One write, so that the ranks' lines do not interleave on the launcher's shared stderr.
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let line = format!(
+            "rank {} of {}: local rank {} on {} ({} launch)\n",
+            launch.rank,
+            launch.world_size,
+            launch.local_rank,
+            host.trim(),
+            launch.launcher
+        );
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+    }
     let outcome = on_device_index(
         &args.device,
         launch.local_rank,
