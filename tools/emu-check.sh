@@ -3,7 +3,8 @@
 # (emu/: the driver, cuBLASLt and NCCL as one shared object, llama-cpt's kernels compiled for the
 # host). Builds what it needs, then runs
 #   - the emulator's own tests (cargo test -p llama-cpt-emu),
-#   - every CUDA test of tests/cuda_kernels.rs, the #[ignore]d GPU tests included,
+#   - every CUDA test of tests/cuda_kernels.rs, the #[ignore]d GPU tests included, in thread
+#     order and again with the block's threads in reverse and random order,
 #   - the seed-scale memory check (tools/seed-scale/measure.sh --check: the shapes-only device),
 #   - the embedded default `pretrain --device cuda` in f32 and bf16, compared step by step with
 #     the CPU runs (bound below), `evaluate` and `generate --device cuda` against the CPU,
@@ -70,6 +71,20 @@ if "${EMU_ENV[@]}" cargo test "${FEATURES[@]}" --test cuda_kernels -- --include-
 else
     row cuda-tests FAIL "$(grep -cE '\.\.\. FAILED' "$OUT/cuda-tests.log") failed, see $OUT/cuda-tests.log"
 fi
+
+# The same tests with the block's threads run in other orders (LLAMA_CPT_EMU_SCHEDULE): a missing
+# barrier whose race thread order happens to avoid gives a wrong result in one of them (planted:
+# the dK/dV kernel's loop-start barrier fails under both, the forward's under thread order and
+# reverse).
+for schedule in reverse random:1; do
+    t0=$(date +%s)
+    log="$OUT/cuda-tests-${schedule%%:*}.log"
+    if "${EMU_ENV[@]}" LLAMA_CPT_EMU_SCHEDULE="$schedule" cargo test "${FEATURES[@]}" --test cuda_kernels -- --include-ignored --test-threads=1 >"$log" 2>&1; then
+        row "cuda-tests-schedule-$schedule" PASS "$(grep -E '^test result' "$log" | sed 's/test result: ok. //; s/;.*//') ($(( $(date +%s) - t0 )) s)"
+    else
+        row "cuda-tests-schedule-$schedule" FAIL "$(grep -E '\.\.\. FAILED' "$log" | sed 's/^test //; s/ \.\.\. FAILED//' | paste -sd' '), see $log"
+    fi
+done
 
 # The seed's memory on the shapes-only device (#23): a real TinyLlama-1.1B step at 2,048 context as
 # rank 0 of a virtual world of 8, ZeRO-1/2 with and without checkpointing, within 5% of the plan.
@@ -193,7 +208,7 @@ if [ $quick = 0 ]; then
     # The emulated compute-sanitizer (E1): memcheck with ASan, racecheck with TSan.
     t0=$(date +%s)
     if bash emu/cxx/tests/sanitizers.sh "$OUT/sanitizers" >"$OUT/sanitizers.log" 2>&1; then
-        row sanitizers PASS "$(grep -oE 'all [0-9]+ checks passed' "$OUT/sanitizers.log") (ASan: shared and global off-by-one caught; TSan: missing barrier caught; $(( $(date +%s) - t0 )) s)"
+        row sanitizers PASS "$(grep -oE 'all [0-9]+ checks passed' "$OUT/sanitizers.log") (ASan: shared and global off-by-one caught; TSan: missing barrier caught; a barrier thread order hides shown in reverse and random order; $(( $(date +%s) - t0 )) s)"
     else
         row sanitizers FAIL "see $OUT/sanitizers.log"
     fi

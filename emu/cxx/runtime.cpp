@@ -1,6 +1,8 @@
 // The block runtime: every CUDA thread of a block is a fiber on the calling OS thread, run
 // round-robin in thread order; a fiber switches only at a sync point (__syncthreads, a warp
-// collective, mma) or when it returns, so a launch is deterministic. Blocks run one after the
+// collective, mma) or when it returns, so a launch is deterministic. LLAMA_CPT_EMU_SCHEDULE
+// changes that order (see `Schedule`), so that a missing barrier whose race thread order happens
+// to avoid shows as a wrong result. Blocks run one after the
 // other in x, y, z order. Static __shared__ arrays are thread_local (cuda_emu.h), which is per
 // block because an OS thread runs one block at a time.
 //
@@ -11,6 +13,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -85,6 +88,38 @@ struct Fiber {
 #endif
 };
 
+// The order a pass runs the block's fibers in, from LLAMA_CPT_EMU_SCHEDULE:
+//   thread-order (default)  thread 0, 1, 2, …
+//   reverse                 the warps last to first, each warp's lanes in order
+//   random[:SEED]           a seeded shuffle of the warps and of each warp's lanes, drawn again
+//                           at every pass (each time the runtime starts over the block)
+// A correct kernel gives the same result in every order: only barriers and warp collectives
+// order its threads. Read once per process.
+struct Schedule {
+    enum Kind { ThreadOrder, Reverse, Random } kind = ThreadOrder;
+    unsigned long long seed = 1;
+
+    static const Schedule& get() {
+        static const Schedule s = parse(getenv("LLAMA_CPT_EMU_SCHEDULE"));
+        return s;
+    }
+    static Schedule parse(const char* v) {
+        Schedule s;
+        if (!v || !*v || strcmp(v, "thread-order") == 0) return s;
+        if (strcmp(v, "reverse") == 0) {
+            s.kind = Reverse;
+            return s;
+        }
+        if (strncmp(v, "random", 6) == 0 && (v[6] == 0 || v[6] == ':')) {
+            s.kind = Random;
+            if (v[6] == ':') s.seed = strtoull(v + 7, nullptr, 10);
+            return s;
+        }
+        fprintf(stderr, "llama-cpt emulator: LLAMA_CPT_EMU_SCHEDULE=%s: expected thread-order, reverse or random[:SEED]\n", v);
+        abort();
+    }
+};
+
 // The per-OS-thread scheduler state.
 struct Worker {
     std::vector<Fiber*> fibers;
@@ -99,6 +134,9 @@ struct Worker {
     // lanes waiting at a collective and the lanes that returned (or do not exist), as bit masks.
     unsigned runnable = 0, at_barrier = 0, done = 0;
     unsigned warp_waiting[32], warp_gone[32];
+    // The pass order (`Schedule`): order[p] is the thread run p-th, pos[t] where thread t runs.
+    std::vector<unsigned> order, pos;
+    unsigned long long rng = 0;
     bool from_scheduler = false;  // the running fiber was switched to by the scheduler, not by a fiber
 #if defined(__x86_64__)
     void* sched_sp = nullptr;
@@ -259,12 +297,54 @@ void set_state(Worker& w, Fiber* f, State to) {
     f->state = to;
 }
 
-// The first Runnable fiber at or after index `from` in thread order, or null.
+// The first Runnable fiber at or after position `from` of the pass order, or null.
 Fiber* next_runnable(Worker& w, unsigned from) {
     if (w.runnable == 0) return nullptr;
-    for (unsigned t = from; t < w.nthreads; ++t)
-        if (w.fibers[t]->state == State::Runnable) return w.fibers[t];
+    for (unsigned p = from; p < w.nthreads; ++p)
+        if (Fiber* f = w.fibers[w.order[p]]; f->state == State::Runnable) return f;
     return nullptr;
+}
+
+// Draws the pass order: at a block's start, and again at every pass under `random`.
+void draw_order(Worker& w, bool block_start) {
+    const Schedule& s = Schedule::get();
+    const unsigned n = w.nthreads;
+    if (block_start) {
+        w.order.resize(n);
+        w.pos.resize(n);
+        if (s.kind == Schedule::Reverse) {
+            unsigned p = 0;
+            for (unsigned warp = (n + 31) / 32; warp-- > 0;)
+                for (unsigned t = warp * 32; t < std::min(n, warp * 32 + 32); ++t) w.order[p++] = t;
+        } else {
+            for (unsigned t = 0; t < n; ++t) w.order[t] = t;
+        }
+        // The same seed gives the same orders for the same block of the same launch sequence.
+        const uint3 b = w.block.block_idx;
+        w.rng = s.seed * 0x9E3779B97F4A7C15ull ^ (b.x * 0x100000001B3ull + b.y * 0x1000193ull + b.z + 1);
+    }
+    if (s.kind == Schedule::Random) {
+        // xorshift64*; Fisher-Yates shuffles of the warps, then of each warp's lanes. A warp's
+        // lanes stay together: one warp then runs ahead of the others by up to a whole pass (as
+        // under `reverse`), which a shuffle of all threads would even out at every collective.
+        auto below = [&w](unsigned i) {
+            w.rng ^= w.rng >> 12;
+            w.rng ^= w.rng << 25;
+            w.rng ^= w.rng >> 27;
+            return static_cast<unsigned>((w.rng * 0x2545F4914F6CDD1Dull >> 32) % i);
+        };
+        const unsigned warps = (n + 31) / 32;
+        unsigned warp_order[32];
+        for (unsigned k = 0; k < warps; ++k) warp_order[k] = k;
+        for (unsigned i = warps; i > 1; --i) std::swap(warp_order[i - 1], warp_order[below(i)]);
+        unsigned p = 0;
+        for (unsigned k = 0; k < warps; ++k) {
+            const unsigned first = p, base = warp_order[k] * 32;
+            for (unsigned t = base; t < std::min(n, base + 32); ++t) w.order[p++] = t;
+            for (unsigned i = p - first; i > 1; --i) std::swap(w.order[first + i - 1], w.order[first + below(i)]);
+        }
+    }
+    for (unsigned p = 0; p < n; ++p) w.pos[w.order[p]] = p;
 }
 
 // Scheduler -> fiber f, which starts a pass over the block; returns when the pass ends (the last
@@ -287,11 +367,11 @@ void switch_in(Worker& w, Fiber* f) {
 #endif
 }
 
-// Fiber f (blocked or returned) hands over to the next Runnable fiber after it in thread order,
+// Fiber f (blocked or returned) hands over to the next Runnable fiber after it in the pass order,
 // or ends the pass by switching back to the scheduler; returns when f is switched to again
 // (never once f is Done). Handing over directly halves the switches of a warp collective.
 void switch_out(Worker& w, Fiber* f) {
-    Fiber* next = w.failed ? nullptr : next_runnable(w, f->linear + 1);
+    Fiber* next = w.failed ? nullptr : next_runnable(w, w.pos[f->linear] + 1);
 #if defined(LCPT_EMU_ASAN)
     void** fake = f->state == State::Done ? nullptr : &f->fake_stack;
     if (next)
@@ -366,7 +446,7 @@ void fail_deadlock(Worker& w) {
          w.block.block_idx.y, w.block.block_idx.z, at_barrier, w.nthreads, done, detail);
 }
 
-// Runs the current block to completion (or failure): passes over the fibers in thread order until
+// Runs the current block to completion (or failure): passes over the fibers in the pass order until
 // all returned; between passes a barrier that every live thread reached opens.
 void run_block(Worker& w) {
 #if defined(LCPT_EMU_TSAN)
@@ -379,6 +459,7 @@ void run_block(Worker& w) {
     }
     w.runnable = w.nthreads;
     w.at_barrier = w.done = 0;
+    draw_order(w, true);
     for (unsigned warp = 0; warp < 32; ++warp) {
         w.warp_waiting[warp] = 0;
         // Lanes past the end of the block never arrive.
@@ -386,6 +467,7 @@ void run_block(Worker& w) {
         w.warp_gone[warp] = first >= w.nthreads ? ~0u : w.nthreads - first >= 32 ? 0u : ~0u << (w.nthreads - first);
     }
     for (;;) {
+        if (Schedule::get().kind == Schedule::Random) draw_order(w, false);
         if (Fiber* f = next_runnable(w, 0)) switch_in(w, f);
         if (w.failed) return;
         if (w.done == w.nthreads) break;

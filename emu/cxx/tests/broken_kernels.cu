@@ -32,3 +32,13 @@ extern "C" __global__ void fixed_race(float* out, const float* in) {
     __syncthreads();
     out[threadIdx.x] = s[(threadIdx.x + 1) % blockDim.x];
 }
+
+// A missing __syncthreads that thread order hides: each thread reads the slot of the thread before
+// it, which in thread order has always run first. Only another schedule (LLAMA_CPT_EMU_SCHEDULE)
+// shows the wrong result.
+extern "C" __global__ void hidden_race(float* out, const float* in) {
+    __shared__ float s[256];
+    s[threadIdx.x] = in[threadIdx.x];
+    // __syncthreads() belongs here
+    out[threadIdx.x] = s[(threadIdx.x + blockDim.x - 1) % blockDim.x];
+}

@@ -96,10 +96,19 @@ int main(int argc, char** argv) {
         float* buf = static_cast<float*>(malloc(100 * sizeof(float)));  // a device allocation of 100 floats
         check(lcpt_emu::launch<&broken_oob_global>(dim3{1, 1, 1}, dim3{64, 1, 1}, 0, err, sizeof err, "broken_oob_global", buf, 100ull), mode);
         free(buf);
+    } else if (strcmp(mode, "hidden-race") == 0) {
+        // Thread 0 reads the last thread's slot, which it cannot have written yet in any order that
+        // runs thread 0 first: only threads 1… are checked, which thread order gets right.
+        check(lcpt_emu::launch<&hidden_race>(dim3{1, 1, 1}, dim3{128, 1, 1}, 0, err, sizeof err, "hidden_race", out.data(), in.data()), mode);
+        for (int t = 1; t < 128; ++t)
+            if (out[t] != in[t - 1]) {
+                printf("hidden-race: wrong result: out[%d] = %g, want %g (the race shows in this schedule)\n", t, out[t], in[t - 1]);
+                return 1;
+            }
     } else if (strcmp(mode, "race") == 0)
         check(lcpt_emu::launch<&broken_race>(dim3{1, 1, 1}, dim3{64, 1, 1}, 0, err, sizeof err, "broken_race", out.data(), in.data()), mode);
     else {
-        fprintf(stderr, "usage: %s clean|oob-shared|oob-global|race\n", argv[0]);
+        fprintf(stderr, "usage: %s clean|oob-shared|oob-global|race|hidden-race\n", argv[0]);
         return 2;
     }
     printf("%s: ran to the end without a sanitizer report\n", mode);

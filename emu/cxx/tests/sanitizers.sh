@@ -6,7 +6,9 @@
 # are its only happens-before edges), then checks that
 #   - correct kernels (rmsnorm, attention forward with mma, a barrier-ordered exchange) run clean under both,
 #   - ASan reports the off-by-one shared-memory write and the off-by-one global write,
-#   - TSan reports the race of the kernel missing its __syncthreads.
+#   - TSan reports the race of the kernel missing its __syncthreads,
+#   - a missing barrier that thread order hides gives a wrong result in reverse and random order
+#     (LLAMA_CPT_EMU_SCHEDULE), while the correct kernels give the right one in every order.
 # Usage: sanitizers.sh [build dir] (default target/emu-sanitizers). Prints one line per check and
 # exits non-zero if any check fails. Needs a C++ compiler with libasan and libtsan (CXX, default c++).
 set -u
@@ -60,8 +62,29 @@ check asan-oob-shared driver-asan oob-shared "heap-buffer-overflow"
 check asan-oob-global driver-asan oob-global "heap-buffer-overflow"
 check tsan-clean driver-tsan clean clean
 check tsan-race driver-tsan race "ThreadSanitizer: data race"
+
+# Schedules (LLAMA_CPT_EMU_SCHEDULE, runtime.cpp): a race that thread order hides gives a wrong
+# result in reverse and random order, and the correct kernels give the right one in every order.
+# schedule NAME ORDER MODE EXPECT: EXPECT is "right" or the text the wrong result prints.
+schedule() {
+    local name=$1 order=$2 mode=$3 expect=$4 log="$out/$1.log" rc
+    LLAMA_CPT_EMU_SCHEDULE=$order ASAN_OPTIONS=detect_leaks=0 "$out/driver-asan" "$mode" >"$log" 2>&1
+    rc=$?
+    if { [ "$expect" = right ] && [ $rc -eq 0 ]; } || { [ "$expect" != right ] && [ $rc -eq 1 ] && grep -q "$expect" "$log"; }; then
+        echo "sanitizers: $name: ok ($(tail -n 1 "$log"))"
+        return
+    fi
+    echo "sanitizers: $name: FAILED (exit $rc, expected ${expect}); log $log:"
+    tail -30 "$log"
+    failures=$((failures + 1))
+}
+schedule schedule-thread-order-hides thread-order hidden-race right
+schedule schedule-reverse-shows reverse hidden-race "wrong result"
+schedule schedule-random-shows random:7 hidden-race "wrong result"
+schedule schedule-reverse-clean reverse clean right
+schedule schedule-random-clean random:7 clean right
 if [ $failures -ne 0 ]; then
     echo "sanitizers: $failures check(s) failed"
     exit 1
 fi
-echo "sanitizers: all 5 checks passed"
+echo "sanitizers: all 10 checks passed"
