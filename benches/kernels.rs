@@ -56,7 +56,7 @@ fn cpu_benches(c: &mut Criterion) {
 #[cfg(feature = "cuda")]
 mod gpu {
     use super::*;
-    use llama_cpt::cuda::{Cuda, CudaBuf, GemmPrecision};
+    use llama_cpt::cuda::{AttnKernel, Cuda, CudaBuf, GemmPrecision};
 
     /// One timed case: name, shape, bytes moved (at least), FLOPs, and the work.
     pub struct Case<'a> {
@@ -236,6 +236,19 @@ mod gpu {
                 run: Box::new(move || be.adamw_step(p, gr, m, vv, &cfg, 1e-4, 3, true, 1.0, working.as_deref_mut())),
             });
             if mixed {
+                // The first tensor-core forward beside the pipelined one (AttnKernel::Auto on bf16):
+                // the gain measured in one run, not assumed.
+                cases.push(Case {
+                    kernel: "attention_fwd_bf16_tiled".into(),
+                    shape: format!("s{SEQ} h{hq}/{} d{d} causal", ATTN.kv_heads),
+                    bytes: 2.0 * q_bytes + 2.0 * kv_bytes,
+                    flops: attn_flops,
+                    run: Box::new(move || {
+                        be.set_attention_kernel(AttnKernel::Tiled);
+                        drop(be.attention(q, k, v, &[0, SEQ as u32], ATTN));
+                        be.set_attention_kernel(AttnKernel::Auto);
+                    }),
+                });
                 cases.push(Case {
                     kernel: "linear_bf16_storage".into(),
                     shape: format!("{GEMM}x{GEMM}x{GEMM}"),

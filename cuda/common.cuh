@@ -58,6 +58,81 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a
 #endif
 }
 
+// ---- sm_80 data movement: cp.async and ldmatrix (seams as the mma; emulated in cuda_emu.h) ----
+// A shared-memory address as the 32-bit offset the .shared state space takes.
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+#ifdef LCPT_EMU_HOST
+    return 0;
+#else
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+#endif
+}
+
+// cp.async.cg.shared.global of 16 bytes, bypassing L1: `valid` false zero-fills the destination
+// and reads nothing (src must still be a valid address). Lands only at a cp_async_wait that
+// completes its group.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+#ifdef LCPT_EMU_HOST
+    lcpt_emu::cp_async(smem, gmem, 16, valid ? 16 : 0);
+#else
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(valid ? 16 : 0) : "memory");
+#endif
+}
+
+// cp.async.commit_group: the copies issued since the last commit form one group.
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef LCPT_EMU_HOST
+    lcpt_emu::cp_async_commit();
+#else
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// cp.async.wait_group N: all but the N newest committed groups have landed (for this thread; a
+// barrier makes them visible to the others).
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#ifdef LCPT_EMU_HOST
+    lcpt_emu::cp_async_wait(N);
+#else
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16: lane 8i+j gives the address of row j of 8×8
+// matrix i; register i of lane l gets row l/4, columns 2(l%4), +1 of matrix i (.trans: the
+// transposed matrix, i.e. rows 2(l%4), +1 of column l/4) — an mma fragment. (The emulator also
+// has .x1 and .x2, lcpt_emu::ldmatrix<1|2, …>, for a kernel that needs them.)
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
+#ifdef LCPT_EMU_HOST
+    lcpt_emu::ldmatrix<4, false>(r, smem_row, "ldmatrix.x4");
+#else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(smem_row)));
+#endif
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) {
+#ifdef LCPT_EMU_HOST
+    lcpt_emu::ldmatrix<4, true>(r, smem_row, "ldmatrix.x4.trans");
+#else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(smem_row)));
+#endif
+}
+// 2^x by ex2.approx.ftz.f32 (max relative error 2^-22; subnormal results flush to zero). The host
+// build uses exp2f, which differs in the last bits.
+__device__ __forceinline__ float exp2_approx(float x) {
+#ifdef LCPT_EMU_HOST
+    return exp2f(x);
+#else
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+#endif
+}
+
 // The block's dynamic shared memory (`extern __shared__`, sized by the launch) as T*; a seam so
 // that the host build supplies a buffer of exactly the launch's size.
 template <typename T>

@@ -244,6 +244,55 @@ fn attention_tensor_core_kernels_match_cpu() {
     }
 }
 
+/// The pipelined forward (cuda/attention_fa2.cu, bf16 storage) against the CPU on the same bf16
+/// inputs and against the first tensor-core forward (`AttnKernel::Tiled`): 128-row query tiles
+/// cut raggedly (documents of one token, rows not a multiple of the tile), GQA 1, 2, 4 and 8,
+/// head_dim 64 and 128; then the backward from its output and lse.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn attention_pipelined_forward_matches_the_cpu_and_the_tiled_kernel() {
+    let g = gpu();
+    g.set_mixed_precision(true);
+    let sh = |heads, kv_heads, head_dim| AttnShape { heads, kv_heads, head_dim };
+    let cases = [
+        (sh(2, 2, 64), vec![0u32, 13]),
+        (sh(4, 2, 64), vec![0, 64, 65, 129, 300]),
+        (sh(8, 1, 64), vec![0, 200, 457]),
+        (sh(2, 1, 64), vec![0, 127, 128, 256, 257]),
+        (sh(4, 1, 128), vec![0, 1, 2, 66, 130, 130, 387]),
+        (sh(8, 2, 128), vec![0, 520]),
+        (sh(8, 1, 128), vec![0, 129]),
+    ];
+    let bf16 = |v: Vec<f32>| -> Vec<f32> { v.into_iter().map(llama_cpt_ops::convert::round_to_bf16).collect() };
+    for (shape, cu) in cases {
+        let t = *cu.last().unwrap() as usize;
+        let (hq, hk, d) = (shape.heads, shape.kv_heads, shape.head_dim);
+        let (q, k, v) =
+            (bf16(rand_vec(t * hq * d, 2.0)), bf16(rand_vec(t * hk * d, 2.0)), bf16(rand_vec(t * hk * d, 1.0)));
+        let dout = bf16(rand_vec(t * hq * d, 1.0));
+        let what = format!("{shape:?} cu {cu:?}");
+        let (o_c, l_c) = Cpu.attention(&q, &k, &v, &cu, shape);
+        let (qg, kg, vg) = (g.upload(&q), g.upload(&k), g.upload(&v));
+        g.set_attention_kernel(AttnKernel::Tiled);
+        let (o_t, l_t) = g.attention(&qg, &kg, &vg, &cu, shape);
+        g.set_attention_kernel(AttnKernel::Auto);
+        let (o_g, l_g) = g.attention(&qg, &kg, &vg, &cu, shape);
+        assert_eq!(o_g.dtype(), DType::Bf16);
+        let (o, l) = (g.download(&o_g), g.download(&l_g));
+        // P and the output are rounded to bf16 (relative 2^-9 each); lse sums f32 probabilities.
+        check(&format!("pipelined attention out {what}"), &o, &o_c, 1e-2);
+        check(&format!("pipelined attention lse {what}"), &l, &l_c, 1e-5);
+        check(&format!("pipelined vs tiled out {what}"), &o, &g.download(&o_t), 5e-3);
+        check(&format!("pipelined vs tiled lse {what}"), &l, &g.download(&l_t), 1e-6);
+        let (dq_c, dk_c, dv_c) = Cpu.attention_backward(&dout, &q, &k, &v, &o_c, &l_c, &cu, shape);
+        let (dq_g, dk_g, dv_g) = g.attention_backward(&g.upload(&dout), &qg, &kg, &vg, &o_g, &l_g, &cu, shape);
+        check(&format!("attention dq after the pipelined forward {what}"), &g.download(&dq_g), &dq_c, BF16_TOL * 1.5);
+        check(&format!("attention dk after the pipelined forward {what}"), &g.download(&dk_g), &dk_c, BF16_TOL * 1.5);
+        check(&format!("attention dv after the pipelined forward {what}"), &g.download(&dv_g), &dv_c, BF16_TOL * 1.5);
+    }
+    g.set_mixed_precision(false);
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn attention_simple_kernels_match_cpu() {

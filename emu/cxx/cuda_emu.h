@@ -91,6 +91,21 @@ namespace lcpt_emu {
 struct BlockState {
     uint3 block_idx, block_dim, grid_dim;
     unsigned char* dynamic_smem;
+    unsigned dynamic_smem_bytes;
+};
+// A thread's cp.async copies not yet waited for: the source is read when the copy is issued, the
+// destination written only when a cp.async.wait_group completes its group (until then it keeps
+// what it held: the poison of fresh shared memory or the previous tile).
+struct AsyncCopy {
+    unsigned char* dst;
+    unsigned char data[16];
+    unsigned bytes;
+    unsigned long long group;  // the number of commit_groups before it was issued
+};
+struct AsyncCopies {
+    AsyncCopy* items;
+    unsigned count, capacity;
+    unsigned long long committed;  // commit_groups so far
 };
 struct ThreadState {
     uint3 thread_idx;
@@ -109,6 +124,7 @@ struct FiberHeader {
     const ThreadState* thread;
     const BlockState* block;
     void* fiber;  // runtime.cpp's Fiber
+    AsyncCopies* async;
 };
 static inline const FiberHeader* fiber_header() {
 #if defined(__x86_64__)
@@ -121,6 +137,7 @@ static inline const FiberHeader* fiber_header() {
 }
 static inline const BlockState* current_block() { return fiber_header()->block; }
 static inline const ThreadState* current_thread() { return fiber_header()->thread; }
+static inline AsyncCopies* current_async() { return fiber_header()->async; }
 
 // Block-wide barrier (counts threads that already returned as arrived, as the hardware does).
 void syncthreads();
@@ -137,6 +154,84 @@ void warp_collective(unsigned mask, void* lane_data, WarpCompleteFn complete, co
 
 // mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 for the calling lane (mma.cpp).
 void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+
+// Room for more cp.async copies of the calling thread (runtime.cpp).
+void grow_async(AsyncCopies* q);
+
+// `p .. p + bytes` inside the block's dynamic shared memory and aligned to `align`, else a launch
+// error naming `what` (ldmatrix and cp.async reach only dynamic shared memory in this emulator).
+static inline void check_smem(const void* p, unsigned bytes, unsigned align, const char* what) {
+    const BlockState* b = current_block();
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p), lo = reinterpret_cast<uintptr_t>(b->dynamic_smem);
+    if (a < lo || a + bytes > lo + b->dynamic_smem_bytes)
+        kernel_error("thread %u: %s: shared address %p is outside the block's %u bytes of dynamic shared memory", current_thread()->linear, what, p,
+                     b->dynamic_smem_bytes);
+    if (a % align) kernel_error("thread %u: %s: shared address %p is not %u-byte aligned", current_thread()->linear, what, p, align);
+}
+
+// cp.async.cg.shared.global [dst], [src], bytes, src_bytes: src_bytes (<= bytes) read from src,
+// the rest zero-filled; lands at the wait_group that completes its group.
+static inline void cp_async(void* dst, const void* src, unsigned bytes, unsigned src_bytes) {
+    if (bytes != 4 && bytes != 8 && bytes != 16) kernel_error("cp.async: %u bytes (4, 8 or 16)", bytes);
+    if (src_bytes > bytes) kernel_error("cp.async: src-size %u exceeds cp-size %u", src_bytes, bytes);
+    check_smem(dst, bytes, bytes, "cp.async");
+    if (src_bytes && reinterpret_cast<uintptr_t>(src) % bytes)
+        kernel_error("thread %u: cp.async: global address %p is not %u-byte aligned", current_thread()->linear, src, bytes);
+    AsyncCopies* q = current_async();
+    if (q->count == q->capacity) grow_async(q);
+    AsyncCopy& c = q->items[q->count++];
+    c.dst = static_cast<unsigned char*>(dst);
+    memcpy(c.data, src, src_bytes);
+    memset(c.data + src_bytes, 0, bytes - src_bytes);
+    c.bytes = bytes;
+    c.group = q->committed;
+}
+// cp.async.commit_group: the copies issued since the last commit become one group (possibly empty).
+static inline void cp_async_commit() { ++current_async()->committed; }
+// cp.async.wait_group n: every committed group but the n newest is complete; copies not yet
+// committed stay pending. Lands the copies in issue order.
+static inline void cp_async_wait(unsigned n) {
+    AsyncCopies* q = current_async();
+    unsigned keep = 0;
+    for (unsigned i = 0; i < q->count; ++i) {
+        AsyncCopy& c = q->items[i];
+        if (c.group + n < q->committed)
+            memcpy(c.dst, c.data, c.bytes);
+        else
+            q->items[keep++] = c;
+    }
+    q->count = keep;
+}
+
+// ldmatrix.sync.aligned.m8n8.xNUM{.trans}.shared.b16: lanes 8i..8i+7 give the addresses of rows
+// 0..7 of matrix i (16 bytes each; the other lanes' addresses are not used); lane l receives in
+// register i the elements (l / 4, 2(l % 4)) and (l / 4, 2(l % 4) + 1) of matrix i, or with .trans
+// the elements (2(l % 4), l / 4) and (2(l % 4) + 1, l / 4), the lower-numbered in the low half.
+struct LdmatrixLane {
+    const unsigned char* row;
+    uint32_t* r;
+};
+template <int NUM, bool TRANS>
+void ldmatrix_complete(void* const* datas, unsigned mask) {
+    (void)mask;  // always the full warp
+    uint16_t m[NUM][8][8];
+    for (int i = 0; i < NUM; ++i)
+        for (int row = 0; row < 8; ++row) memcpy(m[i][row], static_cast<const LdmatrixLane*>(datas[8 * i + row])->row, 16);
+    for (int lane = 0; lane < 32; ++lane) {
+        const int g = lane >> 2, t = lane & 3;
+        uint32_t* r = static_cast<const LdmatrixLane*>(datas[lane])->r;
+        for (int i = 0; i < NUM; ++i) {
+            const uint16_t lo = TRANS ? m[i][2 * t][g] : m[i][g][2 * t], hi = TRANS ? m[i][2 * t + 1][g] : m[i][g][2 * t + 1];
+            r[i] = static_cast<uint32_t>(lo) | static_cast<uint32_t>(hi) << 16;
+        }
+    }
+}
+template <int NUM, bool TRANS>
+void ldmatrix(uint32_t* r, const void* row_addr, const char* what) {
+    if ((current_thread()->linear & 31) < 8 * NUM) check_smem(row_addr, 16, 16, what);
+    LdmatrixLane me{static_cast<const unsigned char*>(row_addr), r};
+    warp_collective(0xffffffffu, &me, &ldmatrix_complete<NUM, TRANS>, what);
+}
 
 template <typename T>
 struct ShflLane {

@@ -80,6 +80,7 @@ struct Fiber {
     void* lane_data = nullptr;
     WarpCompleteFn complete = nullptr;
     const char* what = nullptr;
+    AsyncCopies async{nullptr, 0, 0, 0};  // its cp.async copies not yet waited for
 #if defined(LCPT_EMU_ASAN)
     void* fake_stack = nullptr;
 #endif
@@ -160,6 +161,7 @@ struct Worker {
 #if defined(LCPT_EMU_TSAN)
             __tsan_destroy_fiber(f->tsan_fiber);
 #endif
+            free(f->async.items);
             delete f;
         }
     }
@@ -246,6 +248,8 @@ namespace {
 
 // Prepares f to start the kernel from the top the next time it is switched to.
 void reset_fiber(Fiber* f) {
+    f->async.count = 0;
+    f->async.committed = 0;
     unsigned char* top = f->stack + STACK_BYTES;
 #if defined(LCPT_EMU_ASAN)
     // Frames abandoned by the previous block may leave poisoned shadow behind.
@@ -284,6 +288,7 @@ Fiber* new_fiber(Worker& w) {
     h->thread = &f->ts;
     h->block = &w.block;
     h->fiber = f;
+    h->async = &f->async;
 #if defined(LCPT_EMU_TSAN)
     f->tsan_fiber = __tsan_create_fiber(0);
 #endif
@@ -557,6 +562,14 @@ void warp_collective(unsigned mask, void* lane_data, WarpCompleteFn complete, co
 #endif
 }
 
+void grow_async(AsyncCopies* q) {
+    const unsigned capacity = q->capacity ? 2 * q->capacity : 64;
+    void* items = realloc(q->items, capacity * sizeof(AsyncCopy));
+    if (!items) kernel_error("cannot hold %u cp.async copies of one thread", capacity);
+    q->items = static_cast<AsyncCopy*>(items);
+    q->capacity = capacity;
+}
+
 void kernel_error(const char* fmt, ...) {
     Worker& w = *this_fiber()->worker;
     char what[700];
@@ -642,6 +655,7 @@ void run_blocks(GridJob& job) {
     w.block.block_dim = job.block;
     w.block.grid_dim = job.grid;
     w.block.dynamic_smem = smem;
+    w.block.dynamic_smem_bytes = job.dyn_smem;
     const unsigned long long gx = job.grid.x, gxy = gx * job.grid.y;
     for (;;) {
         if (job.failed) break;
@@ -765,6 +779,9 @@ extern "C" void lcpt_emu_fiber_main(lcpt_emu::Fiber* f) {
     __tsan_acquire(&w.sync_block_start);
 #endif
     w.fn(w.params);
+    // The hardware would land them some time; a kernel that relies on that reads them never.
+    if (f->async.count)
+        kernel_error("thread %u returned with %u cp.async copies never waited for (cp.async.wait_group)", f->linear, f->async.count);
 #if defined(LCPT_EMU_TSAN)
     __tsan_release(&w.sync_block_end);
 #endif

@@ -116,6 +116,93 @@ fn a_deadlock_fails_the_launch_naming_what_each_side_waits_for() {
     kernels::self_test("shuffle", 32, &mut out).unwrap();
 }
 
+/// The PTX ISA's ldmatrix figure, read row by row: of an 8×8 b16 matrix, row r's eight elements
+/// go to lanes 4r..4r+3, two each in column order (lane 4r + p gets columns 2p, 2p + 1, the first
+/// in the low half); `.trans` distributes the transposed matrix the same way.
+fn ldmatrix_register(matrix: &[[u16; 8]; 8], lane: usize, trans: bool) -> u32 {
+    for r in 0..8 {
+        for p in 0..4 {
+            if 4 * r + p == lane {
+                let at = |c: usize| if trans { matrix[c][r] } else { matrix[r][c] } as u32;
+                return at(2 * p) | at(2 * p + 1) << 16;
+            }
+        }
+    }
+    unreachable!()
+}
+
+#[test]
+fn ldmatrix_distributes_rows_as_the_ptx_isa_says() {
+    let mut out = vec![0f32; 6 * 32 * 4];
+    kernels::self_test("ldmatrix", 32, &mut out).unwrap();
+    let got: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
+    let matrix = |i: usize| {
+        let mut m = [[0u16; 8]; 8];
+        for (r, row) in m.iter_mut().enumerate() {
+            for (c, e) in row.iter_mut().enumerate() {
+                *e = (i << 8 | r << 4 | c) as u16;
+            }
+        }
+        m
+    };
+    for (v, (num, trans)) in
+        [(1, false), (2, false), (4, false), (1, true), (2, true), (4, true)].into_iter().enumerate()
+    {
+        for lane in 0..32 {
+            for reg in 0..4 {
+                let want = if reg < num { ldmatrix_register(&matrix(reg), lane, trans) } else { 0 };
+                assert_eq!(got[(v * 32 + lane) * 4 + reg], want, "x{num} trans {trans}: lane {lane} register {reg}");
+            }
+        }
+    }
+}
+
+#[test]
+fn cp_async_lands_a_group_only_when_a_wait_completes_it() {
+    let threads = 64u32;
+    let mut out = vec![0f32; threads as usize * 32];
+    kernels::self_test("cp_async_groups", threads, &mut out).unwrap();
+    const POISON: [u32; 2] = [u32::MAX; 2];
+    // After wait_group 2, 1, 0 (three groups committed, one copy not), then commit + wait_group 0;
+    // the uncommitted copy read 8 of its 16 bytes (value 4), the rest zero-filled.
+    let want = [
+        [[1, 1], POISON, POISON, POISON],
+        [[1, 1], [2, 2], POISON, POISON],
+        [[1, 1], [2, 2], [3, 3], POISON],
+        [[1, 1], [2, 2], [3, 3], [4, 0]],
+    ];
+    for t in 0..threads as usize {
+        for (step, slots) in want.iter().enumerate() {
+            for (slot, words) in slots.iter().enumerate() {
+                let at = t * 32 + (step * 4 + slot) * 2;
+                assert_eq!([out[at].to_bits(), out[at + 1].to_bits()], *words, "thread {t} step {step} slot {slot}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_missing_cp_async_wait_or_barrier_reads_the_poison() {
+    let threads = 96u32;
+    let n = threads as usize;
+    let mut out = vec![0f32; n * 4];
+    kernels::self_test("cp_async_exchange", threads, &mut out).unwrap();
+    for t in 0..n {
+        assert_eq!(out[t], ((t + 1) % n) as f32 + 0.5, "thread {t}");
+    }
+    // Without the barrier, a thread reads its neighbour's slot before the neighbour's copy landed
+    // (in thread order the neighbour has not even issued it); waiting for all but the newest group
+    // leaves the only group in flight at the barrier. Either way the NaN poison of fresh shared
+    // memory is read, by every thread but the last (thread 0, run before it, has landed its copy
+    // by then).
+    for broken in ["cp_async_no_barrier", "cp_async_wait_too_few"] {
+        kernels::self_test(broken, threads, &mut out).unwrap();
+        assert!(out[..n - 1].iter().all(|v| v.is_nan()), "{broken}: {:?}", &out[..4]);
+    }
+    let e = kernels::self_test("cp_async_never_waited", 32, &mut out).unwrap_err();
+    assert!(e.message.contains("returned with 1 cp.async copies never waited for"), "{e}");
+}
+
 #[test]
 fn bf16_conversion_rounds_to_nearest_even_like_the_device() {
     let mut x: Vec<f32> = values(4096, 7).iter().map(|v| v * 1e3).collect();

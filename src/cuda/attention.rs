@@ -1,11 +1,24 @@
 //! Attention on the device: the tensor-core FlashAttention-2 kernels for head_dim 64 and 128 (their
-//! tiles must match cuda/attention.cu), the simple kernels otherwise, over documents packed in a row.
+//! tiles must match cuda/attention.cu; the forward on bf16 storage is cuda/attention_fa2.cu's
+//! pipelined one), the simple kernels otherwise, over documents packed in a row.
 use super::*;
 
 /// Tile sizes of the tensor-core attention kernels (must match cuda/attention.cu).
 const ATTN_BM: usize = 64;
 const ATTN_BN: usize = 64;
 const ATTN_BMQ: usize = 32;
+/// Tile sizes of the pipelined forward (must match cuda/attention_fa2.cu).
+const FA2_BM: usize = 128;
+const FA2_BN: usize = 64;
+
+/// Threads per block of the pipelined forward: 4 warps at head_dim 64, 8 at 128.
+fn fa2_threads(d: usize) -> u32 {
+    if d == 64 {
+        128
+    } else {
+        256
+    }
+}
 
 /// Dynamic shared memory of the tensor-core attention kernels, in bytes.
 pub(super) fn attn_smem(kind: &str, d: usize) -> usize {
@@ -14,8 +27,39 @@ pub(super) fn attn_smem(kind: &str, d: usize) -> usize {
         "fwd" => (ATTN_BM * ld + ATTN_BN * ld + d * (ATTN_BN + 8)) * 2,
         "dq" => (2 * ATTN_BM * ld + 2 * ATTN_BN * ld + d * (ATTN_BN + 8)) * 2,
         "dkdv" => (2 * ATTN_BN * ld + 2 * ATTN_BMQ * ld + 2 * d * (ATTN_BMQ + 8)) * 2 + 2 * ATTN_BMQ * 4,
+        // Q, K and V tiles, unpadded (swizzled) bf16.
+        "fa2_fwd" => (FA2_BM + 2 * FA2_BN) * d * 2,
         _ => unreachable!(),
     }
+}
+
+/// Lets every tensor-core attention kernel take its dynamic shared memory (above the 48 KiB
+/// default at head_dim 128).
+pub(super) fn allow_attention_smem(funcs: &HashMap<String, sys::CUfunction>) -> Result<()> {
+    let tiled = [
+        ("attn_fwd_d64", "fwd", 64),
+        ("attn_fwd_d128", "fwd", 128),
+        ("attn_bwd_dq_d64", "dq", 64),
+        ("attn_bwd_dq_d128", "dq", 128),
+        ("attn_bwd_dkdv_d64", "dkdv", 64),
+        ("attn_bwd_dkdv_d128", "dkdv", 128),
+    ]
+    .into_iter()
+    .flat_map(|(b, k, d)| [DType::F32, DType::Bf16].map(|t| (format!("{b}_{}", t.suffix()), k, d)));
+    let pipelined =
+        [("attn_fa2_fwd_d64_bf16".to_string(), "fa2_fwd", 64), ("attn_fa2_fwd_d128_bf16".to_string(), "fa2_fwd", 128)];
+    for (name, kind, d) in tiled.chain(pipelined) {
+        let bytes = attn_smem(kind, d);
+        unsafe {
+            result::function::set_function_attribute(
+                funcs[&name],
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+        }
+        .map_err(|e| anyhow::anyhow!("{name}: {bytes} B of dynamic shared memory: {e}"))?;
+    }
+    Ok(())
 }
 
 impl Cuda {
@@ -46,7 +90,14 @@ impl Cuda {
     }
 
     pub(super) fn use_mma(&self, shape: AttnShape) -> bool {
-        self.attention_kernel() == AttnKernel::Auto && (shape.head_dim == 64 || shape.head_dim == 128)
+        self.attention_kernel() != AttnKernel::Simple && (shape.head_dim == 64 || shape.head_dim == 128)
+    }
+
+    /// The pipelined forward runs on bf16 storage (its tiles are copied as they are).
+    fn use_fa2(&self, shape: AttnShape, t: DType) -> bool {
+        self.attention_kernel() == AttnKernel::Auto
+            && t == DType::Bf16
+            && (shape.head_dim == 64 || shape.head_dim == 128)
     }
 
     pub(super) fn check_attn(shape: AttnShape, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf) -> usize {
@@ -76,7 +127,17 @@ impl Cuda {
         let (out, lse) = (self.alloc_act(q.len), self.alloc(tokens * heads));
         let scale = (1.0 / (d as f64).sqrt()) as f32;
         let (op, lp, qp, kp, vp, h, kvh) = (out.ptr, lse.ptr, q.ptr, k.ptr, v.ptr, heads as i32, kv_heads as i32);
-        if self.use_mma(shape) {
+        if self.use_fa2(shape, t) {
+            let (tiles, n) = self.doc_tiles(cu_seqlens, tokens, FA2_BM);
+            let (tp, sl2) = (tiles.ptr, scale * std::f32::consts::LOG2_E);
+            self.launch(
+                if d == 64 { "attn_fa2_fwd_d64_bf16" } else { "attn_fa2_fwd_d128_bf16" },
+                (n as u32, heads as u32, 1),
+                (fa2_threads(d), 1, 1),
+                attn_smem("fa2_fwd", d) as u32,
+                args![op, lp, qp, kp, vp, tp, h, kvh, sl2],
+            );
+        } else if self.use_mma(shape) {
             let (tiles, n) = self.doc_tiles(cu_seqlens, tokens, ATTN_BM);
             let (tp, sl2) = (tiles.ptr, scale * std::f32::consts::LOG2_E);
             let name = Self::typed(if d == 64 { "attn_fwd_d64" } else { "attn_fwd_d128" }, t);

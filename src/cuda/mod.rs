@@ -81,7 +81,14 @@ const TYPED_KERNELS: &[&str] = &[
 ];
 
 /// Kernel entry points with fixed types.
-const UNTYPED_KERNELS: &[&str] = &["cast_f32_to_bf16", "cast_bf16_to_f32", "rmsnorm_bwd_dw_reduce", "adamw_multi"];
+const UNTYPED_KERNELS: &[&str] = &[
+    "cast_f32_to_bf16",
+    "cast_bf16_to_f32",
+    "rmsnorm_bwd_dw_reduce",
+    "adamw_multi",
+    "attn_fa2_fwd_d64_bf16",
+    "attn_fa2_fwd_d128_bf16",
+];
 
 /// Every kernel entry point of the module.
 fn kernel_names() -> Vec<String> {
@@ -92,10 +99,14 @@ fn kernel_names() -> Vec<String> {
 /// Which attention kernels run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttnKernel {
-    /// Tensor-core FlashAttention-2 kernels for head_dim 64 and 128, the simple ones otherwise.
+    /// Tensor-core FlashAttention-2 kernels for head_dim 64 and 128 (the pipelined forward
+    /// cuda/attention_fa2.cu for bf16 storage), the simple ones otherwise.
     Auto = 0,
     /// The simple f32 kernels (any even head_dim up to 256).
     Simple = 1,
+    /// The first tensor-core kernels (cuda/attention.cu) for every storage type: the reference
+    /// the pipelined ones are tested and timed against.
+    Tiled = 2,
 }
 
 struct Inner {
@@ -178,28 +189,7 @@ impl Cuda {
                 .map_err(|e| anyhow::anyhow!("kernel {name} missing from the module: {e}"))?;
             funcs.insert(name, f);
         }
-        for (base, kind, d) in [
-            ("attn_fwd_d64", "fwd", 64),
-            ("attn_fwd_d128", "fwd", 128),
-            ("attn_bwd_dq_d64", "dq", 64),
-            ("attn_bwd_dq_d128", "dq", 128),
-            ("attn_bwd_dkdv_d64", "dkdv", 64),
-            ("attn_bwd_dkdv_d128", "dkdv", 128),
-        ]
-        .into_iter()
-        .flat_map(|(b, k, d)| [DType::F32, DType::Bf16].map(|t| (format!("{b}_{}", t.suffix()), k, d)))
-        {
-            let name = base.as_str();
-            let bytes = attention::attn_smem(kind, d);
-            unsafe {
-                result::function::set_function_attribute(
-                    funcs[name],
-                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    bytes as i32,
-                )
-            }
-            .map_err(|e| anyhow::anyhow!("{name}: {bytes} B of dynamic shared memory: {e}"))?;
-        }
+        attention::allow_attention_smem(&funcs)?;
         let home = Arc::new(Home {
             pool: Mutex::new(Pool::default()),
             ctx: ctx.clone(),
@@ -217,7 +207,11 @@ impl Cuda {
             _workspace: workspace,
             host_cache: Mutex::new(Vec::new()),
             prec: Mutex::new(GemmPrecision::from_env()),
-            attn_kernel: AtomicU8::new(if std::env::var("LLAMA_CPT_ATTN").as_deref() == Ok("simple") { 1 } else { 0 }),
+            attn_kernel: AtomicU8::new(match std::env::var("LLAMA_CPT_ATTN").as_deref() {
+                Ok("simple") => AttnKernel::Simple as u8,
+                Ok("tiled") => AttnKernel::Tiled as u8,
+                _ => AttnKernel::Auto as u8,
+            }),
             mixed_precision: AtomicBool::new(std::env::var("LLAMA_CPT_PRECISION").as_deref() == Ok("bf16")),
             sync_each_launch: AtomicBool::new(std::env::var("LLAMA_CPT_CUDA_SYNC").as_deref() == Ok("1")),
             poison: AtomicBool::new(false),
@@ -242,10 +236,10 @@ impl Cuda {
         *self.inner.prec.lock().unwrap() = p;
     }
     pub fn attention_kernel(&self) -> AttnKernel {
-        if self.inner.attn_kernel.load(Ordering::Relaxed) == 1 {
-            AttnKernel::Simple
-        } else {
-            AttnKernel::Auto
+        match self.inner.attn_kernel.load(Ordering::Relaxed) {
+            1 => AttnKernel::Simple,
+            2 => AttnKernel::Tiled,
+            _ => AttnKernel::Auto,
         }
     }
     pub fn set_attention_kernel(&self, k: AttnKernel) {

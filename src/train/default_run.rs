@@ -198,13 +198,15 @@ fn train_default_tokenizer(tok_path: &Path, stories: &[String], qas: &[serde_jso
     TextTokenizer::load(tok_path, &SpecialTokenOptions { model_config: None, add_bos: Some(true), add_eos: Some(true) })
 }
 
-/// The tiny LLaMA's HF `config.json` (GQA, tied embeddings; vocabulary padded to a multiple of 64).
+/// The tiny LLaMA's HF `config.json` (GQA 2:1, tied embeddings; vocabulary padded to a multiple of
+/// 64). Two heads of 64, not four of 32: the same parameters, and a head_dim the CUDA tensor-core
+/// attention kernels serve, so that the default run on `--device cuda` exercises them.
 fn write_model_config(data: &Path, tok: &TextTokenizer) -> Result<()> {
     let vocab = (tok.vocab_size as usize).div_ceil(64) * 64;
     let model_config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": vocab, "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
         "max_position_embeddings": 1024, "tie_word_embeddings": true, "bos_token_id": tok.bos, "eos_token_id": tok.eos,
         "hidden_act": "silu",
     });

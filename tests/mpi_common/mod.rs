@@ -44,9 +44,10 @@ pub fn config() -> &'static Path {
 }
 
 /// Variables the ranks need from this environment when they are set: where the CUDA libraries
-/// are (the emulated ones under tools/emu-check.sh) and the emulator's settings.
-pub const FORWARDED_ENV: [&str; 4] =
-    ["LD_LIBRARY_PATH", "LLAMA_CPT_EMU_GPUS", "LLAMA_CPT_EMU_DEVICE", "LLAMA_CPT_EMU_NCCL_TIMEOUT_S"];
+/// are (the emulated ones under tools/emu-check.sh), the emulator's settings, and which attention
+/// kernels run (tools/emu-nccl-check.sh picks the f32 ones).
+pub const FORWARDED_ENV: [&str; 5] =
+    ["LD_LIBRARY_PATH", "LLAMA_CPT_EMU_GPUS", "LLAMA_CPT_EMU_DEVICE", "LLAMA_CPT_EMU_NCCL_TIMEOUT_S", "LLAMA_CPT_ATTN"];
 
 pub fn mpirun(np: usize, out: &Path, extra: &[&str]) -> Command {
     let mut c = Command::new("mpirun");

@@ -42,3 +42,14 @@ extern "C" __global__ void hidden_race(float* out, const float* in) {
     // __syncthreads() belongs here
     out[threadIdx.x] = s[(threadIdx.x + blockDim.x - 1) % blockDim.x];
 }
+
+// A missing __syncthreads after cp.async.wait_group: each thread's copy has landed, but its
+// neighbour reads the slot with no barrier between (TSan: the landing write races the read).
+extern "C" __global__ void broken_cp_async_race(float* out, const float* in) {
+    float* s = lcpt::dynamic_smem<float>();
+    lcpt::cp_async_16(s + 4 * threadIdx.x, in + 4 * (threadIdx.x % 64), true);
+    lcpt::cp_async_commit();
+    lcpt::cp_async_wait<0>();
+    // __syncthreads() belongs here
+    out[threadIdx.x] = s[4 * ((threadIdx.x + 1) % blockDim.x)];
+}

@@ -10,6 +10,7 @@
 
 #include "cuda_emu.h"
 #include "attention.cu"
+#include "attention_fa2.cu"
 #include "rmsnorm.cu"
 #include "broken_kernels.cu"
 
@@ -70,6 +71,20 @@ int run_clean() {
             fprintf(stderr, "attn_fwd_d64_bf16: non-finite lse\n");
             return 1;
         }
+    // The pipelined forward (cp.async, ldmatrix, swizzled tiles) on the same inputs, at the launch's
+    // exact shared memory; its output must agree with the first forward's.
+    std::vector<__nv_bfloat16> out2(tokens * heads * d);
+    std::vector<float> lse2(tokens * heads);
+    std::vector<int4> tiles2 = {int4{0, tokens, 0, 0}};
+    check(lcpt_emu::launch<&attn_fa2_fwd_d64_bf16>(dim3{1, heads, 1}, dim3{128, 1, 1}, (128 + 2 * 64) * d * 2, err, sizeof err, "attn_fa2_fwd_d64_bf16",
+                                                   out2.data(), lse2.data(), q.data(), k.data(), v.data(), tiles2.data(), heads, kv_heads,
+                                                   0.125f * 1.4426950408889634f),
+          "attn_fa2_fwd_d64_bf16");
+    for (size_t i = 0; i < lse.size(); ++i)
+        if (!(fabsf(lse2[i] - lse[i]) <= 1e-4f * fabsf(lse[i]) + 1e-5f)) {
+            fprintf(stderr, "attn_fa2_fwd_d64_bf16: lse[%zu] = %g, the first forward gives %g\n", i, lse2[i], lse[i]);
+            return 1;
+        }
     // The racy kernel with its barrier.
     std::vector<float> in = values(256, 6), o(256);
     check(lcpt_emu::launch<&fixed_race>(dim3{2, 1, 1}, dim3{256, 1, 1}, 0, err, sizeof err, "fixed_race", o.data(), in.data()), "fixed_race");
@@ -78,7 +93,7 @@ int run_clean() {
             fprintf(stderr, "fixed_race: out[%d] = %g, want %g\n", t, o[t], in[(t + 1) % 256]);
             return 1;
         }
-    printf("clean: rmsnorm_fwd_f32, attn_fwd_d64_bf16, fixed_race ran without a report\n");
+    printf("clean: rmsnorm_fwd_f32, attn_fwd_d64_bf16, attn_fa2_fwd_d64_bf16, fixed_race ran without a report\n");
     return 0;
 }
 
@@ -105,10 +120,14 @@ int main(int argc, char** argv) {
                 printf("hidden-race: wrong result: out[%d] = %g, want %g (the race shows in this schedule)\n", t, out[t], in[t - 1]);
                 return 1;
             }
+    } else if (strcmp(mode, "cp-async-race") == 0) {
+        check(lcpt_emu::launch<&broken_cp_async_race>(dim3{1, 1, 1}, dim3{64, 1, 1}, 64 * 16, err, sizeof err, "broken_cp_async_race", out.data(),
+                                                      in.data()),
+              mode);
     } else if (strcmp(mode, "race") == 0)
         check(lcpt_emu::launch<&broken_race>(dim3{1, 1, 1}, dim3{64, 1, 1}, 0, err, sizeof err, "broken_race", out.data(), in.data()), mode);
     else {
-        fprintf(stderr, "usage: %s clean|oob-shared|oob-global|race|hidden-race\n", argv[0]);
+        fprintf(stderr, "usage: %s clean|oob-shared|oob-global|race|hidden-race|cp-async-race\n", argv[0]);
         return 2;
     }
     printf("%s: ran to the end without a sanitizer report\n", mode);

@@ -4,9 +4,9 @@
 # memory; dynamic shared memory is allocated at exactly the launch's size) and ThreadSanitizer
 # (racecheck: every CUDA thread is a TSan fiber; barriers, warp collectives and block boundaries
 # are its only happens-before edges), then checks that
-#   - correct kernels (rmsnorm, attention forward with mma, a barrier-ordered exchange) run clean under both,
+#   - correct kernels (rmsnorm, attention forward with mma, the pipelined one with cp.async and ldmatrix, a barrier-ordered exchange) run clean under both,
 #   - ASan reports the off-by-one shared-memory write and the off-by-one global write,
-#   - TSan reports the race of the kernel missing its __syncthreads,
+#   - TSan reports the race of the kernel missing its __syncthreads, and of the one missing it after cp.async.wait_group,
 #   - a missing barrier that thread order hides gives a wrong result in reverse and random order
 #     (LLAMA_CPT_EMU_SCHEDULE), while the correct kernels give the right one in every order.
 # Usage: sanitizers.sh [build dir] (default target/emu-sanitizers). Prints one line per check and
@@ -62,6 +62,7 @@ check asan-oob-shared driver-asan oob-shared "heap-buffer-overflow"
 check asan-oob-global driver-asan oob-global "heap-buffer-overflow"
 check tsan-clean driver-tsan clean clean
 check tsan-race driver-tsan race "ThreadSanitizer: data race"
+check tsan-cp-async-race driver-tsan cp-async-race "ThreadSanitizer: data race"
 
 # Schedules (LLAMA_CPT_EMU_SCHEDULE, runtime.cpp): a race that thread order hides gives a wrong
 # result in reverse and random order, and the correct kernels give the right one in every order.
@@ -87,4 +88,4 @@ if [ $failures -ne 0 ]; then
     echo "sanitizers: $failures check(s) failed"
     exit 1
 fi
-echo "sanitizers: all 10 checks passed"
+echo "sanitizers: all 11 checks passed"
