@@ -78,6 +78,7 @@ mod gpu {
         up: CudaBuf,
         logits: CudaBuf,
         lse_ce: CudaBuf,
+        table: CudaBuf,
         q: CudaBuf,
         k: CudaBuf,
         v: CudaBuf,
@@ -141,20 +142,65 @@ mod gpu {
             let logits = up(ROWS * VOCAB, 5);
             let targets: Vec<i32> = (0..ROWS as i32).map(|i| (i * 131) % VOCAB as i32).collect();
             let (_, lse_ce) = be.cross_entropy(&logits, &targets, VOCAB);
+            let table = up(VOCAB * DIM, 13);
             let (q, k, v) = (up(SEQ * hq * d, 6), up(SEQ * hk * d, 7), up(SEQ * hk * d, 8));
             let (o, lse) = be.attention(&q, &k, &v, &[0, SEQ as u32], ATTN);
             let (p, g, m, vv) = (up32(ADAM_N, 9), up32(ADAM_N, 10), be.zeros(ADAM_N), be.zeros(ADAM_N));
             let working = be.to_working(&p);
             let (a, bm) = (up(GEMM * GEMM, 11), up(GEMM * GEMM, 12));
-            Inputs { be, mixed, working, x, w, gate, up: upb, logits, lse_ce, q, k, v, o, lse, p, g, m, vv, a, bm }
+            Inputs {
+                be,
+                mixed,
+                working,
+                x,
+                w,
+                gate,
+                up: upb,
+                logits,
+                lse_ce,
+                table,
+                q,
+                k,
+                v,
+                o,
+                lse,
+                p,
+                g,
+                m,
+                vv,
+                a,
+                bm,
+            }
         }
 
         #[allow(clippy::type_complexity)] // one annotated tuple re-borrows every buffer the cases share
         pub fn cases(&mut self) -> Vec<Case<'_>> {
             #[allow(non_snake_case)]
             let Sizes { ROWS, DIM, FF, VOCAB, SEQ, ATTN, ADAM_N, GEMM } = sizes();
-            let Inputs { be, mixed, working, x, w, gate, up, logits, lse_ce, q, k, v, o, lse, p, g, m, vv, a, bm } =
-                self;
+            let Inputs {
+                be,
+                mixed,
+                working,
+                x,
+                w,
+                gate,
+                up,
+                logits,
+                lse_ce,
+                table,
+                q,
+                k,
+                v,
+                o,
+                lse,
+                p,
+                g,
+                m,
+                vv,
+                a,
+                bm,
+            } = self;
+            let table: &CudaBuf = table;
             let be: &Cuda = be;
             let mixed = *mixed;
             be.set_mixed_precision(mixed);
@@ -172,6 +218,14 @@ mod gpu {
             let dout = o.clone();
             let cfg = AdamWConfig::default();
             let gemm_flops = 2.0 * (GEMM as f64).powi(3);
+            // Backward inputs: the forward's rstd, dy = x, d(out) = gate; RoPE at positions 0..SEQ;
+            // the embedding looks up ROWS ids spread over the vocabulary.
+            let (_, rstd) = be.rmsnorm(x, w, DIM, 1e-5);
+            let mut dw = be.zeros(DIM);
+            let positions: Vec<u32> = (0..SEQ as u32).collect();
+            let ids: Vec<u32> = (0..ROWS as u32).map(|i| (i * 7919) % VOCAB as u32).collect();
+            // Bytes are what the operation must move at least (inputs read once, outputs written
+            // once): a kernel that reads a tensor twice shows it as a lower share of the copy rate.
             let mut cases = vec![
                 Case {
                     kernel: format!("rmsnorm_fwd{sfx}"),
@@ -179,6 +233,41 @@ mod gpu {
                     bytes: (2 * ROWS * DIM * es) as f64,
                     flops: 0.0,
                     run: Box::new(move || drop(be.rmsnorm(x, w, DIM, 1e-5))),
+                },
+                Case {
+                    kernel: format!("rmsnorm_bwd{sfx}"),
+                    shape: format!("{ROWS}x{DIM}"),
+                    bytes: (3 * ROWS * DIM * es) as f64,
+                    flops: 0.0,
+                    run: Box::new(move || drop(be.rmsnorm_backward(x, x, w, &rstd, DIM, &mut dw))),
+                },
+                Case {
+                    kernel: format!("add{sfx}"),
+                    shape: format!("{ROWS}x{DIM}"),
+                    bytes: (3 * ROWS * DIM * es) as f64,
+                    flops: 0.0,
+                    run: Box::new(move || drop(be.add(x, x))),
+                },
+                Case {
+                    kernel: format!("rope{sfx}"),
+                    shape: format!("s{SEQ} h{hq} d{d}"),
+                    bytes: 2.0 * q_bytes,
+                    flops: 0.0,
+                    run: Box::new(move || drop(be.rope(q, &positions, hq, d, 10_000.0, false))),
+                },
+                Case {
+                    kernel: format!("embedding_fwd{sfx}"),
+                    shape: format!("{ROWS}x{DIM} of {VOCAB}"),
+                    bytes: (2 * ROWS * DIM * es) as f64,
+                    flops: 0.0,
+                    run: Box::new(move || drop(be.embedding(table, &ids, DIM))),
+                },
+                Case {
+                    kernel: format!("swiglu_bwd{sfx}"),
+                    shape: format!("{ROWS}x{FF}"),
+                    bytes: (5 * ROWS * FF * es) as f64,
+                    flops: 0.0,
+                    run: Box::new(move || drop(be.swiglu_backward(gate, gate, up))),
                 },
                 Case {
                     kernel: format!("swiglu_fwd{sfx}"),

@@ -177,6 +177,91 @@ __device__ __forceinline__ void store4(__nv_bfloat16* p, size_t i, float4 v) {
     reinterpret_cast<uint2*>(p)[i] = u;
 }
 
+// ---- 16-byte packs: the memory-bound kernels' unit of global access (LDG.E.128 / STG.E.128) ----
+// A pack is the elements of 16 bytes of storage, 4 f32 or 8 bf16, held as f32. A kernel takes the
+// packed path only where every pointer it touches is 16-byte aligned (allocations are; views need
+// not be) and the row length is a multiple of N, and falls back to one element per access otherwise.
+template <typename T>
+struct Pack {
+    static constexpr int N = 16 / sizeof(T);
+    float v[N];
+};
+
+__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// The emulated device faults on a misaligned vector access as the GPU does (misaligned address).
+__device__ __forceinline__ void check_vector_access(const void* p, unsigned bytes) {
+#ifdef LCPT_EMU_HOST
+    lcpt_emu::check_global_alignment(p, bytes, "16-byte pack access");
+#else
+    (void)p;
+    (void)bytes;
+#endif
+}
+
+// Pack i of p: elements [N·i, N·i + N); p 16-byte aligned.
+template <typename T> __device__ __forceinline__ Pack<T> load_pack(const T* p, size_t i);
+template <> __device__ __forceinline__ Pack<float> load_pack<float>(const float* p, size_t i) {
+    check_vector_access(p + 4 * i, 16);
+    const float4 f = reinterpret_cast<const float4*>(p)[i];
+    return Pack<float>{{f.x, f.y, f.z, f.w}};
+}
+template <> __device__ __forceinline__ Pack<__nv_bfloat16> load_pack<__nv_bfloat16>(const __nv_bfloat16* p, size_t i) {
+    check_vector_access(p + 8 * i, 16);
+    const uint4 u = reinterpret_cast<const uint4*>(p)[i];
+    const unsigned w[4] = {u.x, u.y, u.z, u.w};
+    Pack<__nv_bfloat16> out;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[k]));
+        out.v[2 * k] = f.x;
+        out.v[2 * k + 1] = f.y;
+    }
+    return out;
+}
+// Rounds to T (to nearest even for bf16, as from_f) and stores pack i of p.
+__device__ __forceinline__ void store_pack(float* p, size_t i, const Pack<float>& x) {
+    check_vector_access(p + 4 * i, 16);
+    reinterpret_cast<float4*>(p)[i] = make_float4(x.v[0], x.v[1], x.v[2], x.v[3]);
+}
+__device__ __forceinline__ void store_pack(__nv_bfloat16* p, size_t i, const Pack<__nv_bfloat16>& x) {
+    check_vector_access(p + 8 * i, 16);
+    uint4 u;
+    u.x = pack_bf16x2(x.v[0], x.v[1]);
+    u.y = pack_bf16x2(x.v[2], x.v[3]);
+    u.z = pack_bf16x2(x.v[4], x.v[5]);
+    u.w = pack_bf16x2(x.v[6], x.v[7]);
+    reinterpret_cast<uint4*>(p)[i] = u;
+}
+
+// The f32 side of a pack of N elements of another type (f32 statistics or gradients beside bf16
+// data): floats [N·i, N·i + N) of p, N a multiple of 4, p 16-byte aligned.
+template <int N>
+__device__ __forceinline__ void load_f32s(float (&out)[N], const float* p, size_t i) {
+#pragma unroll
+    for (int k = 0; k < N; k += 4) {
+        const Pack<float> q = load_pack(p, (N * i + k) / 4);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) out[k + e] = q.v[e];
+    }
+}
+template <int N>
+__device__ __forceinline__ void store_f32s(float* p, size_t i, const float (&v)[N]) {
+#pragma unroll
+    for (int k = 0; k < N; k += 4) store_pack(p, (N * i + k) / 4, Pack<float>{{v[k], v[k + 1], v[k + 2], v[k + 3]}});
+}
+
+// A grid-stride loop over n elements in packs of N: pack(i) for each whole pack i when `packed`,
+// then one(j) for each element left (all of them when not packed).
+template <int N, typename PackFn, typename OneFn>
+__device__ __forceinline__ void grid_stride_packed(unsigned long long n, bool packed, PackFn pack, OneFn one) {
+    const unsigned long long first = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+    const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+    const unsigned long long packs = packed ? n / N : 0;
+    for (unsigned long long i = first; i < packs; i += stride) pack(i);
+    for (unsigned long long j = packs * N + first; j < n; j += stride) one(j);
+}
+
 // Two consecutive elements at p[0], p[1] (aligned to 2 elements).
 __device__ __forceinline__ void store2(float* p, float a, float b) { *reinterpret_cast<float2*>(p) = make_float2(a, b); }
 __device__ __forceinline__ void store2(__nv_bfloat16* p, float a, float b) { *reinterpret_cast<uint32_t*>(p) = pack_bf16x2(a, b); }

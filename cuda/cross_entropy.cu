@@ -34,13 +34,12 @@ __device__ __forceinline__ void cross_entropy_fwd_impl(float* __restrict__ lse, 
     const T* x = logits + row * vocab;
     float m = -INFINITY;
     double s = 0.0;
-    if ((vocab & 3) == 0) {
-        for (int c = threadIdx.x; c < vocab / 4; c += blockDim.x) {
-            const float4 v = lcpt::load4(x, c);
-            lcpt_online_add(m, s, v.x);
-            lcpt_online_add(m, s, v.y);
-            lcpt_online_add(m, s, v.z);
-            lcpt_online_add(m, s, v.w);
+    constexpr int N = lcpt::Pack<T>::N;
+    if (vocab % N == 0 && lcpt::aligned16(logits)) {
+        for (int c = threadIdx.x; c < vocab / N; c += blockDim.x) {
+            const lcpt::Pack<T> v = lcpt::load_pack(x, c);
+#pragma unroll
+            for (int k = 0; k < N; ++k) lcpt_online_add(m, s, v.v[k]);
         }
     } else {
         for (int c = threadIdx.x; c < vocab; c += blockDim.x) lcpt_online_add(m, s, lcpt::to_f(x[c]));
@@ -85,21 +84,23 @@ __device__ __forceinline__ void cross_entropy_bwd_impl(T* __restrict__ dlogits, 
     const T* x = logits + row * vocab;
     T* d = dlogits + row * vocab;
     const int t = targets[row];
+    constexpr int N = lcpt::Pack<T>::N;
+    const bool packed = vocab % N == 0 && lcpt::aligned16(logits) && lcpt::aligned16(dlogits);
     if (t == LCPT_IGNORE_INDEX) {
-        for (int c = threadIdx.x; c < vocab; c += blockDim.x) d[c] = lcpt::from_f<T>(0.f);
+        if (packed)
+            for (int c = threadIdx.x; c < vocab / N; c += blockDim.x) lcpt::store_pack(d, c, lcpt::Pack<T>{});
+        else
+            for (int c = threadIdx.x; c < vocab; c += blockDim.x) d[c] = lcpt::from_f<T>(0.f);
         return;
     }
     const float l = lse[row];
-    if ((vocab & 3) == 0) {
-        for (int c = threadIdx.x; c < vocab / 4; c += blockDim.x) {
-            const float4 v = lcpt::load4(x, c);
-            float4 o = make_float4(expf(v.x - l) * scale, expf(v.y - l) * scale, expf(v.z - l) * scale, expf(v.w - l) * scale);
-            const int k = t - 4 * c;
-            if (k == 0) o.x -= scale;
-            if (k == 1) o.y -= scale;
-            if (k == 2) o.z -= scale;
-            if (k == 3) o.w -= scale;
-            lcpt::store4(d, c, o);
+    if (packed) {
+        for (int c = threadIdx.x; c < vocab / N; c += blockDim.x) {
+            const lcpt::Pack<T> v = lcpt::load_pack(x, c);
+            lcpt::Pack<T> o;
+#pragma unroll
+            for (int k = 0; k < N; ++k) o.v[k] = expf(v.v[k] - l) * scale - (N * c + k == t ? scale : 0.f);
+            lcpt::store_pack(d, c, o);
         }
     } else {
         for (int c = threadIdx.x; c < vocab; c += blockDim.x) {

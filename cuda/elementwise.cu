@@ -1,26 +1,57 @@
 // Elementwise kernels (f32 or bf16 storage, f32 arithmetic), and the bf16 <-> f32 casts.
-// Grid-stride loops, 64-bit sizes.
+// Grid-stride loops, 64-bit sizes, in 16-byte packs where every pointer is aligned (common.cuh).
 #include "common.cuh"
-
-#define LCPT_GRID_STRIDE(i, n) \
-    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < (n); i += (unsigned long long)gridDim.x * blockDim.x)
 
 template <typename T>
 __device__ __forceinline__ void add_impl(T* __restrict__ out, const T* __restrict__ a, const T* __restrict__ b, unsigned long long n) {
-    LCPT_GRID_STRIDE(i, n) out[i] = lcpt::from_f<T>(lcpt::to_f(a[i]) + lcpt::to_f(b[i]));
+    constexpr int N = lcpt::Pack<T>::N;
+    lcpt::grid_stride_packed<N>(
+        n, lcpt::aligned16(out) && lcpt::aligned16(a) && lcpt::aligned16(b),
+        [&](unsigned long long i) {
+            lcpt::Pack<T> x = lcpt::load_pack(a, i);
+            const lcpt::Pack<T> y = lcpt::load_pack(b, i);
+#pragma unroll
+            for (int k = 0; k < N; ++k) x.v[k] += y.v[k];
+            lcpt::store_pack(out, i, x);
+        },
+        [&](unsigned long long j) { out[j] = lcpt::from_f<T>(lcpt::to_f(a[j]) + lcpt::to_f(b[j])); });
 }
 template <typename T>
 __device__ __forceinline__ void add_assign_impl(T* __restrict__ a, const T* __restrict__ b, unsigned long long n) {
-    LCPT_GRID_STRIDE(i, n) a[i] = lcpt::from_f<T>(lcpt::to_f(a[i]) + lcpt::to_f(b[i]));
+    constexpr int N = lcpt::Pack<T>::N;
+    lcpt::grid_stride_packed<N>(
+        n, lcpt::aligned16(a) && lcpt::aligned16(b),
+        [&](unsigned long long i) {
+            lcpt::Pack<T> x = lcpt::load_pack(a, i);
+            const lcpt::Pack<T> y = lcpt::load_pack(b, i);
+#pragma unroll
+            for (int k = 0; k < N; ++k) x.v[k] += y.v[k];
+            lcpt::store_pack(a, i, x);
+        },
+        [&](unsigned long long j) { a[j] = lcpt::from_f<T>(lcpt::to_f(a[j]) + lcpt::to_f(b[j])); });
 }
 template <typename T>
 __device__ __forceinline__ void scale_impl(T* __restrict__ a, float s, unsigned long long n) {
-    LCPT_GRID_STRIDE(i, n) a[i] = lcpt::from_f<T>(lcpt::to_f(a[i]) * s);
+    constexpr int N = lcpt::Pack<T>::N;
+    lcpt::grid_stride_packed<N>(
+        n, lcpt::aligned16(a),
+        [&](unsigned long long i) {
+            lcpt::Pack<T> x = lcpt::load_pack(a, i);
+#pragma unroll
+            for (int k = 0; k < N; ++k) x.v[k] *= s;
+            lcpt::store_pack(a, i, x);
+        },
+        [&](unsigned long long j) { a[j] = lcpt::from_f<T>(lcpt::to_f(a[j]) * s); });
 }
 template <typename T>
 __device__ __forceinline__ void fill_impl(T* __restrict__ a, float v, unsigned long long n) {
-    const T x = lcpt::from_f<T>(v);
-    LCPT_GRID_STRIDE(i, n) a[i] = x;
+    constexpr int N = lcpt::Pack<T>::N;
+    lcpt::Pack<T> x;
+#pragma unroll
+    for (int k = 0; k < N; ++k) x.v[k] = v;
+    lcpt::grid_stride_packed<N>(
+        n, lcpt::aligned16(a), [&](unsigned long long i) { lcpt::store_pack(a, i, x); },
+        [&](unsigned long long j) { a[j] = lcpt::from_f<T>(v); });
 }
 
 #define LCPT_ADD(S, T) \
@@ -36,11 +67,37 @@ LCPT_BOTH_TYPES(LCPT_ADD_ASSIGN)
 LCPT_BOTH_TYPES(LCPT_SCALE)
 LCPT_BOTH_TYPES(LCPT_FILL)
 
-// Round to nearest even, NaN stays NaN (as ops::convert::f32_to_bf16).
+// Round to nearest even, NaN stays NaN (as ops::convert::f32_to_bf16). Packs of 8: two 16-byte
+// f32 reads to one 16-byte bf16 write.
 extern "C" __global__ void cast_f32_to_bf16(__nv_bfloat16* __restrict__ out, const float* __restrict__ in, unsigned long long n) {
-    LCPT_GRID_STRIDE(i, n) out[i] = __float2bfloat16_rn(in[i]);
+    lcpt::grid_stride_packed<8>(
+        n, lcpt::aligned16(out) && lcpt::aligned16(in),
+        [&](unsigned long long i) {
+            const lcpt::Pack<float> lo = lcpt::load_pack(in, 2 * i), hi = lcpt::load_pack(in, 2 * i + 1);
+            lcpt::Pack<__nv_bfloat16> x;
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                x.v[k] = lo.v[k];
+                x.v[k + 4] = hi.v[k];
+            }
+            lcpt::store_pack(out, i, x);
+        },
+        [&](unsigned long long j) { out[j] = __float2bfloat16_rn(in[j]); });
 }
 
 extern "C" __global__ void cast_bf16_to_f32(float* __restrict__ out, const __nv_bfloat16* __restrict__ in, unsigned long long n) {
-    LCPT_GRID_STRIDE(i, n) out[i] = __bfloat162float(in[i]);
+    lcpt::grid_stride_packed<8>(
+        n, lcpt::aligned16(out) && lcpt::aligned16(in),
+        [&](unsigned long long i) {
+            const lcpt::Pack<__nv_bfloat16> x = lcpt::load_pack(in, i);
+            lcpt::Pack<float> lo, hi;
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                lo.v[k] = x.v[k];
+                hi.v[k] = x.v[k + 4];
+            }
+            lcpt::store_pack(out, 2 * i, lo);
+            lcpt::store_pack(out, 2 * i + 1, hi);
+        },
+        [&](unsigned long long j) { out[j] = __bfloat162float(in[j]); });
 }

@@ -5,6 +5,13 @@
 // chunks in order.
 #include "common.cuh"
 
+// Rows of `dim` elements starting at these pointers are read and written in 16-byte packs of n:
+// dim a multiple of n and every row start aligned (the bases aligned; rows then are too).
+template <typename... P>
+__device__ __forceinline__ bool packed_rows(int dim, int n, const P*... rows) {
+    return dim % n == 0 && (lcpt::aligned16(rows) && ...);
+}
+
 // The second half of a norm, shared by the plain and the fused forward: `ss` is this thread's part
 // of Σx² over the row; writes rstd and y = w · x · rstd.
 template <typename T>
@@ -13,10 +20,14 @@ __device__ __forceinline__ void normalize_row(T* __restrict__ yr, float* __restr
     ss = lcpt::block_sum(ss, scratch);
     const float inv = 1.f / sqrtf(ss * inv_dim + eps);
     if (threadIdx.x == 0) *rstd = inv;
-    if ((dim & 3) == 0) {
-        for (int c = threadIdx.x; c < dim / 4; c += blockDim.x) {
-            const float4 v = lcpt::load4(xr, c), g = lcpt::load4(w, c);
-            lcpt::store4(yr, c, make_float4(g.x * (v.x * inv), g.y * (v.y * inv), g.z * (v.z * inv), g.w * (v.w * inv)));
+    constexpr int N = lcpt::Pack<T>::N;
+    if (packed_rows(dim, N, xr, w, yr)) {
+        for (int c = threadIdx.x; c < dim / N; c += blockDim.x) {
+            const lcpt::Pack<T> v = lcpt::load_pack(xr, c), g = lcpt::load_pack(w, c);
+            lcpt::Pack<T> o;
+#pragma unroll
+            for (int k = 0; k < N; ++k) o.v[k] = g.v[k] * (v.v[k] * inv);
+            lcpt::store_pack(yr, c, o);
         }
     } else {
         for (int c = threadIdx.x; c < dim; c += blockDim.x) yr[c] = lcpt::from_f<T>(lcpt::to_f(w[c]) * (lcpt::to_f(xr[c]) * inv));
@@ -31,11 +42,12 @@ __device__ __forceinline__ void rmsnorm_fwd_impl(T* __restrict__ y, float* __res
     const T* xr = x + row * dim;
     T* yr = y + row * dim;
     float ss = 0.f;
-    const bool vec = (dim & 3) == 0;
-    if (vec) {
-        for (int c = threadIdx.x; c < dim / 4; c += blockDim.x) {
-            const float4 v = lcpt::load4(xr, c);
-            ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+    constexpr int N = lcpt::Pack<T>::N;
+    if (packed_rows(dim, N, x, y)) {
+        for (int c = threadIdx.x; c < dim / N; c += blockDim.x) {
+            const lcpt::Pack<T> v = lcpt::load_pack(xr, c);
+#pragma unroll
+            for (int k = 0; k < N; ++k) ss += v.v[k] * v.v[k];
         }
     } else {
         for (int c = threadIdx.x; c < dim; c += blockDim.x) {
@@ -55,12 +67,14 @@ __device__ __forceinline__ void rmsnorm_bwd_dx_impl(T* __restrict__ dx, const T*
     const T* xr = x + row * dim;
     const T* dyr = dy + row * dim;
     T* dxr = dx + row * dim;
-    const bool vec = (dim & 3) == 0;
+    constexpr int N = lcpt::Pack<T>::N;
+    const bool packed = packed_rows(dim, N, dx, dy, x, w);
     float gx = 0.f;
-    if (vec) {
-        for (int c = threadIdx.x; c < dim / 4; c += blockDim.x) {
-            const float4 a = lcpt::load4(xr, c), d = lcpt::load4(dyr, c), g = lcpt::load4(w, c);
-            gx += d.x * g.x * a.x + d.y * g.y * a.y + d.z * g.z * a.z + d.w * g.w * a.w;
+    if (packed) {
+        for (int c = threadIdx.x; c < dim / N; c += blockDim.x) {
+            const lcpt::Pack<T> a = lcpt::load_pack(xr, c), d = lcpt::load_pack(dyr, c), g = lcpt::load_pack(w, c);
+#pragma unroll
+            for (int k = 0; k < N; ++k) gx += d.v[k] * g.v[k] * a.v[k];
         }
     } else {
         for (int c = threadIdx.x; c < dim; c += blockDim.x) gx += lcpt::to_f(dyr[c]) * lcpt::to_f(w[c]) * lcpt::to_f(xr[c]);
@@ -68,28 +82,46 @@ __device__ __forceinline__ void rmsnorm_bwd_dx_impl(T* __restrict__ dx, const T*
     gx = lcpt::block_sum(gx, scratch);
     const float r = rstd[row];
     const float k = r * r * r * gx * inv_dim;
-    if (vec) {
-        for (int c = threadIdx.x; c < dim / 4; c += blockDim.x) {
-            const float4 a = lcpt::load4(xr, c), d = lcpt::load4(dyr, c), g = lcpt::load4(w, c);
-            lcpt::store4(dxr, c, make_float4(r * d.x * g.x - a.x * k, r * d.y * g.y - a.y * k, r * d.z * g.z - a.z * k, r * d.w * g.w - a.w * k));
+    if (packed) {
+        for (int c = threadIdx.x; c < dim / N; c += blockDim.x) {
+            const lcpt::Pack<T> a = lcpt::load_pack(xr, c), d = lcpt::load_pack(dyr, c), g = lcpt::load_pack(w, c);
+            lcpt::Pack<T> o;
+#pragma unroll
+            for (int e = 0; e < N; ++e) o.v[e] = r * d.v[e] * g.v[e] - a.v[e] * k;
+            lcpt::store_pack(dxr, c, o);
         }
     } else {
         for (int c = threadIdx.x; c < dim; c += blockDim.x) dxr[c] = lcpt::from_f<T>(r * lcpt::to_f(dyr[c]) * lcpt::to_f(w[c]) - lcpt::to_f(xr[c]) * k);
     }
 }
 
-// partial[chunk, c] = Σ over rows [chunk·rows_per_chunk, …) of dy·x·r. grid (ceil(dim/blockDim), chunks).
+// partial[chunk, c] = Σ over rows [chunk·rows_per_chunk, …) of dy·x·r. grid (any, chunks): the
+// threads along x stride over the row's packs of N columns (or single columns where not packed).
 template <typename T>
 __device__ __forceinline__ void rmsnorm_bwd_dw_partial_impl(float* __restrict__ partial, const T* __restrict__ dy, const T* __restrict__ x,
                                                             const float* __restrict__ rstd, unsigned long long rows, int dim, int rows_per_chunk) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= dim) return;
+    constexpr int N = lcpt::Pack<T>::N;
     const unsigned long long r0 = (unsigned long long)blockIdx.y * rows_per_chunk;
-    unsigned long long r1 = r0 + rows_per_chunk;
-    if (r1 > rows) r1 = rows;
-    float acc = 0.f;
-    for (unsigned long long r = r0; r < r1; ++r) acc += lcpt::to_f(dy[r * dim + c]) * lcpt::to_f(x[r * dim + c]) * rstd[r];
-    partial[(unsigned long long)blockIdx.y * dim + c] = acc;
+    const unsigned long long r1 = r0 + rows_per_chunk < rows ? r0 + rows_per_chunk : rows;
+    float* out = partial + (unsigned long long)blockIdx.y * dim;
+    const bool packed = packed_rows(dim, N, dy, x, partial);
+    const int units = packed ? dim / N : dim;
+    for (int u = blockIdx.x * blockDim.x + threadIdx.x; u < units; u += gridDim.x * blockDim.x) {
+        if (packed) {
+            float acc[N] = {};
+            for (unsigned long long r = r0; r < r1; ++r) {
+                const lcpt::Pack<T> d = lcpt::load_pack(dy + r * dim, u), v = lcpt::load_pack(x + r * dim, u);
+                const float rs = rstd[r];
+#pragma unroll
+                for (int k = 0; k < N; ++k) acc[k] += d.v[k] * v.v[k] * rs;
+            }
+            lcpt::store_f32s(out, u, acc);
+        } else {
+            float acc = 0.f;
+            for (unsigned long long r = r0; r < r1; ++r) acc += lcpt::to_f(dy[r * dim + u]) * lcpt::to_f(x[r * dim + u]) * rstd[r];
+            out[u] = acc;
+        }
+    }
 }
 
 #define LCPT_RMS_FWD(S, T)                                                                                                  \
@@ -112,13 +144,29 @@ LCPT_BOTH_TYPES(LCPT_RMS_FWD)
 LCPT_BOTH_TYPES(LCPT_RMS_BWD_DX)
 LCPT_BOTH_TYPES(LCPT_RMS_BWD_DW)
 
-// dw[c] += Σ_chunk partial[chunk, c], chunks in order (dw is f32 in both precisions).
+// dw[c] += Σ_chunk partial[chunk, c], chunks in order (dw is f32 in both precisions); threads
+// stride over packs of 4 columns (or single columns).
 extern "C" __global__ void __launch_bounds__(256) rmsnorm_bwd_dw_reduce(float* __restrict__ dw, const float* __restrict__ partial, int chunks, int dim) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= dim) return;
-    float acc = 0.f;
-    for (int k = 0; k < chunks; ++k) acc += partial[(unsigned long long)k * dim + c];
-    dw[c] += acc;
+    const bool packed = packed_rows(dim, 4, dw, partial);
+    const int units = packed ? dim / 4 : dim;
+    for (int u = blockIdx.x * blockDim.x + threadIdx.x; u < units; u += gridDim.x * blockDim.x) {
+        if (packed) {
+            lcpt::Pack<float> acc = {};
+            for (int k = 0; k < chunks; ++k) {
+                const lcpt::Pack<float> p = lcpt::load_pack(partial + (unsigned long long)k * dim, u);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc.v[e] += p.v[e];
+            }
+            lcpt::Pack<float> d = lcpt::load_pack(dw, u);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) d.v[e] += acc.v[e];
+            lcpt::store_pack(dw, u, d);
+        } else {
+            float acc = 0.f;
+            for (int k = 0; k < chunks; ++k) acc += partial[(unsigned long long)k * dim + u];
+            dw[u] += acc;
+        }
+    }
 }
 
 // Fused residual add + RMSNorm (forward): h = x + r, y = w · h / sqrt(mean(h²) + eps), one block
@@ -135,13 +183,17 @@ __device__ __forceinline__ void add_rmsnorm_fwd_impl(T* __restrict__ h, T* __res
     T* hr = h + row * dim;
     T* yr = y + row * dim;
     float ss = 0.f;
-    const bool vec = (dim & 3) == 0;
-    if (vec) {
-        for (int c = threadIdx.x; c < dim / 4; c += blockDim.x) {
-            const float4 a = lcpt::load4(xr, c), b = lcpt::load4(rr, c);
-            lcpt::store4(hr, c, make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w));
-            const float4 v = lcpt::load4(hr, c);  // as stored (rounded in bf16)
-            ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+    constexpr int N = lcpt::Pack<T>::N;
+    if (packed_rows(dim, N, x, r, h, y)) {
+        for (int c = threadIdx.x; c < dim / N; c += blockDim.x) {
+            lcpt::Pack<T> a = lcpt::load_pack(xr, c);
+            const lcpt::Pack<T> b = lcpt::load_pack(rr, c);
+#pragma unroll
+            for (int k = 0; k < N; ++k) a.v[k] += b.v[k];
+            lcpt::store_pack(hr, c, a);
+            const lcpt::Pack<T> v = lcpt::load_pack(hr, c);  // as stored (rounded in bf16)
+#pragma unroll
+            for (int k = 0; k < N; ++k) ss += v.v[k] * v.v[k];
         }
     } else {
         for (int c = threadIdx.x; c < dim; c += blockDim.x) {

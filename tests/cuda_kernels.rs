@@ -905,6 +905,11 @@ fn the_side_by_side_script_runs_and_pairs_every_row_with_pytorch() {
     let rows = [
         ("rmsnorm_fwd", 0.0),
         ("rmsnorm_fwd_bf16", 0.0),
+        ("rmsnorm_bwd", 0.0),
+        ("swiglu_bwd_bf16", 0.0),
+        ("add_bf16", 0.0),
+        ("rope_bf16", 0.0),
+        ("embedding_fwd_bf16", 0.0),
         ("cross_entropy_bwd_bf16", 0.0),
         ("attention_bwd_bf16", 1e6),
         ("adamw_bf16", 0.0),

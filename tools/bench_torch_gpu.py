@@ -94,7 +94,37 @@ def main():
     xb, wb, gb16, ub = x.bfloat16(), w.bfloat16(), g.bfloat16(), u.bfloat16()
     torch_t["rmsnorm_fwd_bf16"] = bench(lambda xb=xb, wb=wb: F.rms_norm(xb, (DIM,), wb, 1e-5))
     torch_t["swiglu_fwd_bf16"] = bench(lambda gb16=gb16, ub=ub: F.silu(gb16) * ub)
-    del x, g, u, xb, wb, gb16, ub
+    # The backward of both, the residual add, RoPE (HF's rotate-half form, cos/sin precomputed as
+    # transformers does) and the embedding lookup, in both precisions, as our rows.
+    table = torch.randn(VOCAB, DIM, device=dev)
+    ids = (torch.arange(ROWS, device=dev) * 7919) % VOCAB
+    pos = torch.arange(SEQ, device=dev, dtype=torch.float32)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, D, 2, device=dev, dtype=torch.float32) / D)
+    ang = torch.cat([torch.outer(pos, inv_freq)] * 2, dim=-1)[:, None, :]
+    qr = torch.randn(SEQ, HQ, D, device=dev)
+
+    def rope(q, cos, sin):
+        q1, q2 = q[..., : D // 2], q[..., D // 2:]
+        return q * cos + torch.cat((-q2, q1), dim=-1) * sin
+
+    for sfx, dt in (("", torch.float32), ("_bf16", torch.bfloat16)):
+        xr = x.to(dt).requires_grad_()
+        wr = w.to(dt).requires_grad_()
+        y = F.rms_norm(xr, (DIM,), wr, 1e-5)
+        dy = torch.randn_like(y)
+        torch_t["rmsnorm_bwd" + sfx] = bench(lambda y=y, xr=xr, wr=wr, dy=dy: torch.autograd.grad(y, (xr, wr), dy, retain_graph=True))
+        gr, ur = g.to(dt).requires_grad_(), u.to(dt).requires_grad_()
+        s_ = F.silu(gr) * ur
+        ds = torch.randn_like(s_)
+        torch_t["swiglu_bwd" + sfx] = bench(lambda s_=s_, gr=gr, ur=ur, ds=ds: torch.autograd.grad(s_, (gr, ur), ds, retain_graph=True))
+        xd = x.to(dt)
+        torch_t["add" + sfx] = bench(lambda xd=xd: xd + xd)
+        cos, sin, qd = ang.cos().to(dt), ang.sin().to(dt), qr.to(dt)
+        torch_t["rope" + sfx] = bench(lambda qd=qd, cos=cos, sin=sin: rope(qd, cos, sin))
+        td = table.to(dt)
+        torch_t["embedding_fwd" + sfx] = bench(lambda td=td: F.embedding(ids, td))
+        del xr, wr, y, dy, gr, ur, s_, ds, xd, cos, sin, qd, td
+    del x, g, u, xb, wb, gb16, ub, table, qr
     logits = torch.randn(ROWS, VOCAB, device=dev, requires_grad=True)
     tgt = torch.randint(0, VOCAB, (ROWS,), device=dev)
     torch_t["cross_entropy_fwd"] = bench(lambda logits=logits: F.cross_entropy(logits, tgt))

@@ -4,7 +4,8 @@ or as a file), beside ptxas' register/spill report: instruction classes (HMMA, L
 and LDG/STG by width, BAR, SHFL, MUFU, atomics) and, for the loop with the most HMMAs, its
 instructions per HMMA (the issue cost of a tensor-core op). `--require` checks (exit 1 on failure):
 the attention kernels named keep their LDGSTS and LDSM, no kernel of the hot list spills, the hot
-memory-bound kernels issue no 32-bit-or-narrower global access of bf16 data.
+memory-bound kernels keep their 128-bit global loads and stores (the 16-byte packs; narrower
+accesses remain only in the paths for unaligned views and row tails).
 
 Usage: sass_report.py SASS_FILE PTXAS_REPORT [--require]
 """
@@ -14,6 +15,13 @@ from collections import Counter, defaultdict
 
 # Kernels whose SASS must show the sm_80 data-movement instructions (cuda/attention_fa2.cu).
 PIPELINED = ("attn_fa2_fwd_d64_bf16", "attn_fa2_fwd_d128_bf16")
+# Memory-bound kernels that must read (and, the second set, write) their data in 16-byte packs
+# (cuda/common.cuh's load_pack/store_pack): the bf16 entry points, the casts, AdamW, dw's reduction.
+PACKED_LOADS = ("add_bf16", "add_assign_bf16", "scale_bf16", "swiglu_fwd_bf16", "swiglu_bwd_bf16", "rope_fwd_bf16",
+                "rmsnorm_fwd_bf16", "rmsnorm_bwd_dx_bf16", "rmsnorm_bwd_dw_partial_bf16", "rmsnorm_bwd_dw_reduce",
+                "add_rmsnorm_fwd_bf16", "cross_entropy_fwd_bf16", "cross_entropy_bwd_bf16", "embedding_fwd_bf16",
+                "embedding_bwd_bf16", "sum_squares_partial_bf16", "cast_f32_to_bf16", "cast_bf16_to_f32", "adamw_multi")
+PACKED_STORES = tuple(k for k in PACKED_LOADS if k not in ("cross_entropy_fwd_bf16", "sum_squares_partial_bf16")) + ("fill_bf16",)
 # Kernels that must not spill.
 HOT_PREFIXES = ("attn_", "rmsnorm_", "add_rmsnorm_", "swiglu_", "rope_", "cross_entropy_", "adamw_", "embedding_")
 
@@ -40,6 +48,9 @@ def parse(text):
 
 def classify(op):
     base = op.split(".")[0]
+    # Generic LD/ST of global data (pointers read from memory, as adamw_multi's table, are not
+    # known to be global): counted with LDG/STG.
+    base = {"LD": "LDG", "ST": "STG"}.get(base, base)
     if base in ("LDG", "STG", "LDS", "STS"):
         width = next((w for w in ("128", "64", "U8", "S8", "U16", "S16") if f".{w}" in op), "32")
         return f"{base}.{width}"
@@ -102,6 +113,10 @@ def main():
         print(f"{fn} {arch} {regs} {spill} " + " ".join(str(counts.get(c, 0)) for c in cols) + f" {per}")
         if fn in PIPELINED and (counts["LDGSTS"] == 0 or counts["LDSM"] == 0):
             failures.append(f"{fn} ({arch}): LDGSTS {counts['LDGSTS']}, LDSM {counts['LDSM']}: the pipelined attention lost its cp.async/ldmatrix")
+        if fn in PACKED_LOADS and counts["LDG.128"] == 0:
+            failures.append(f"{fn} ({arch}): no 128-bit global load: the memory-bound kernel lost its 16-byte packs")
+        if fn in PACKED_STORES and counts["STG.128"] == 0:
+            failures.append(f"{fn} ({arch}): no 128-bit global store: the memory-bound kernel lost its 16-byte packs")
         if fn.startswith(HOT_PREFIXES) and spill:
             failures.append(f"{fn} ({arch}) spills {spill} bytes")
     if require and failures:
@@ -109,7 +124,8 @@ def main():
             print("sass-report: FAIL " + f, file=sys.stderr)
         sys.exit(1)
     if require:
-        print("sass-report: pipelined attention keeps LDGSTS and LDSM; no hot kernel spills")
+        print("sass-report: pipelined attention keeps LDGSTS and LDSM; the memory-bound kernels access memory in 16-byte packs; "
+              "no hot kernel spills")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ using lcpt_emu::kernel_registry_len;
 
 static bool valid(int i) { return i >= 0 && i < kernel_registry_len; }
 
+extern "C" unsigned long long lcpt_emu_vector_accesses(void) { return lcpt_emu::vector_access_count(); }
+
 extern "C" int lcpt_emu_kernel_count(void) { return kernel_registry_len; }
 extern "C" const char* lcpt_emu_kernel_name(int i) { return valid(i) ? kernel_registry[i].name : nullptr; }
 extern "C" int lcpt_emu_kernel_find(const char* name) {

@@ -92,6 +92,7 @@ struct BlockState {
     uint3 block_idx, block_dim, grid_dim;
     unsigned char* dynamic_smem;
     unsigned dynamic_smem_bytes;
+    mutable unsigned long long vector_accesses;  // counted by the block's threads, summed per launch (runtime.cpp)
 };
 // A thread's cp.async copies not yet waited for: the source is read when the copy is issued, the
 // destination written only when a cp.async.wait_group completes its group (until then it keeps
@@ -167,6 +168,19 @@ static inline void check_smem(const void* p, unsigned bytes, unsigned align, con
         kernel_error("thread %u: %s: shared address %p is outside the block's %u bytes of dynamic shared memory", current_thread()->linear, what, p,
                      b->dynamic_smem_bytes);
     if (a % align) kernel_error("thread %u: %s: shared address %p is not %u-byte aligned", current_thread()->linear, what, p, align);
+}
+
+// 16- and 8-byte global accesses made by the launches of the calling host thread (runtime.cpp):
+// the tests see which path a memory-bound kernel took.
+unsigned long long& vector_access_count();
+
+// A vector access of global memory (counted): the device faults on an address not aligned to its
+// width.
+static inline void check_global_alignment(const void* p, unsigned bytes, const char* what) {
+    // Atomic: the sanitizer build sees the block's fibers as threads.
+    __atomic_fetch_add(&current_block()->vector_accesses, 1, __ATOMIC_RELAXED);
+    if (reinterpret_cast<uintptr_t>(p) % bytes)
+        kernel_error("thread %u: %s: address %p is not %u-byte aligned (misaligned address)", current_thread()->linear, what, p, bytes);
 }
 
 // cp.async.cg.shared.global [dst], [src], bytes, src_bytes: src_bytes (<= bytes) read from src,

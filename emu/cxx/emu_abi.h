@@ -10,6 +10,8 @@ extern "C" {
 // Number of kernel entry points compiled for the host, and the name of entry i.
 int lcpt_emu_kernel_count(void);
 const char* lcpt_emu_kernel_name(int i);
+// 16- and 8-byte global accesses (lcpt::load_pack and the like) made by this thread's launches.
+unsigned long long lcpt_emu_vector_accesses(void);
 // Index of the entry named `name`, or -1.
 int lcpt_emu_kernel_find(const char* name);
 // Static shared memory bytes of entry i (what ptxas reports as smem), registers per thread on

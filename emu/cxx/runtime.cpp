@@ -599,6 +599,7 @@ struct GridJob {
     unsigned long long blocks;
     std::atomic<unsigned long long> next{0};
     std::atomic<bool> failed{false};
+    std::atomic<unsigned long long> vector_accesses{0};
     std::mutex error_lock;
     unsigned long long error_block = ~0ull;  // the failed block with the lowest index reports
     int error_code = 0;
@@ -656,6 +657,7 @@ void run_blocks(GridJob& job) {
     w.block.grid_dim = job.grid;
     w.block.dynamic_smem = smem;
     w.block.dynamic_smem_bytes = job.dyn_smem;
+    w.block.vector_accesses = 0;
     const unsigned long long gx = job.grid.x, gxy = gx * job.grid.y;
     for (;;) {
         if (job.failed) break;
@@ -668,6 +670,7 @@ void run_blocks(GridJob& job) {
             break;
         }
     }
+    job.vector_accesses += w.block.vector_accesses;
     free(smem);
 }
 
@@ -745,6 +748,11 @@ class Pool {
 
 }  // namespace
 
+unsigned long long& vector_access_count() {
+    static thread_local unsigned long long n = 0;  // the launching thread's
+    return n;
+}
+
 int run_grid(const char* name, BlockThreadFn fn, void* params, dim3 grid, dim3 block, unsigned dyn_smem, char* err, size_t errlen) {
     const unsigned long long nthreads = static_cast<unsigned long long>(block.x) * block.y * block.z;
     if (nthreads == 0 || nthreads > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0) {
@@ -762,6 +770,7 @@ int run_grid(const char* name, BlockThreadFn fn, void* params, dim3 grid, dim3 b
     job.dyn_smem = dyn_smem;
     job.blocks = static_cast<unsigned long long>(grid.x) * grid.y * grid.z;
     Pool::get().run(job);
+    vector_access_count() += job.vector_accesses;
     if (!job.failed) return 0;
     if (err && errlen) snprintf(err, errlen, "%s", job.message);
     return job.error_code;

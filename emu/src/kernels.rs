@@ -7,6 +7,7 @@ mod ffi {
     use std::ffi::{c_char, c_int, c_void};
     extern "C" {
         pub fn lcpt_emu_kernel_count() -> c_int;
+        pub fn lcpt_emu_vector_accesses() -> u64;
         pub fn lcpt_emu_kernel_name(i: c_int) -> *const c_char;
         pub fn lcpt_emu_kernel_find(name: *const c_char) -> c_int;
         pub fn lcpt_emu_kernel_static_smem(i: c_int) -> c_int;
@@ -59,6 +60,12 @@ pub struct Kernel(c_int);
 /// Number of kernel entry points compiled for the host.
 pub fn count() -> usize {
     unsafe { ffi::lcpt_emu_kernel_count() as usize }
+}
+
+/// The 16- and 8-byte global accesses (cuda/common.cuh's packs) that launches on this thread have
+/// made so far: a test reads it before and after a launch to see which path a kernel took.
+pub fn vector_accesses() -> u64 {
+    unsafe { ffi::lcpt_emu_vector_accesses() }
 }
 
 /// Every kernel, in registry order.

@@ -471,3 +471,307 @@ fn tensor_core_attention_forward_kernel_matches_the_cpu_reference() {
     let max_err = out.iter().zip(&out_ref).map(|(g, r)| (g - r).abs()).fold(0f32, f32::max);
     assert!(max_err > 0.0, "bf16 tiles cannot give the f32 reference exactly: is the mma path running?");
 }
+
+/// Kernel arguments of f32 or bf16 elements starting `offset` elements past a 16-byte boundary:
+/// offset 0 lets the memory-bound kernels take their 16-byte packs, an odd offset makes them go
+/// one element at a time (their path for views that are not aligned).
+struct Buf {
+    words: Vec<u128>,
+    offset: usize,
+    len: usize,
+    bf16: bool,
+}
+
+impl Buf {
+    fn new(values: &[f32], bf16: bool, offset: usize) -> Buf {
+        let es = if bf16 { 2 } else { 4 };
+        let words = vec![0u128; ((offset + values.len()) * es).div_ceil(16) + 1];
+        let mut b = Buf { words, offset, len: values.len(), bf16 };
+        let bytes = b.bytes();
+        for (i, &v) in values.iter().enumerate() {
+            let at = (offset + i) * es;
+            if bf16 {
+                bytes[at..at + 2].copy_from_slice(&bf16::from_f32(v).to_bits().to_le_bytes());
+            } else {
+                bytes[at..at + 4].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        b
+    }
+    fn bytes(&mut self) -> &mut [u8] {
+        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr() as *mut u8, self.words.len() * 16) }
+    }
+    fn ptr(&mut self) -> *mut c_void {
+        let at = self.offset * if self.bf16 { 2 } else { 4 };
+        self.bytes()[at..].as_mut_ptr() as *mut c_void
+    }
+    fn values(&mut self) -> Vec<f32> {
+        let (offset, len, bf16) = (self.offset, self.len, self.bf16);
+        let bytes = self.bytes();
+        (0..len)
+            .map(|i| {
+                if bf16 {
+                    let at = (offset + i) * 2;
+                    bf16::from_bits(u16::from_le_bytes([bytes[at], bytes[at + 1]])).to_f32()
+                } else {
+                    let at = (offset + i) * 4;
+                    f32::from_le_bytes(bytes[at..at + 4].try_into().unwrap())
+                }
+            })
+            .collect()
+    }
+}
+
+/// Launches and says whether the kernel made 16-byte (or 8-byte) accesses.
+fn launch_packed(name: &str, grid: [u32; 3], block: [u32; 3], args: Args) -> bool {
+    let before = kernels::vector_accesses();
+    launch(name, grid, block, 0, args);
+    kernels::vector_accesses() > before
+}
+
+/// AdamWTensorDesc of cuda/adamw.cu.
+#[repr(C)]
+struct AdamWDesc {
+    param: *mut c_void,
+    working: *mut c_void,
+    grad: *mut c_void,
+    m: *mut c_void,
+    v: *mut c_void,
+    n: u64,
+    decay_factor: f32,
+    pad: f32,
+}
+
+/// Every output of the memory-bound kernels on inputs at `offset`, as (what, values, packed).
+fn memory_bound_outputs(
+    bf16: bool,
+    n: usize,
+    dim: usize,
+    head_dim: usize,
+    offset: usize,
+) -> Vec<(String, Vec<f32>, bool)> {
+    let t = if bf16 { "bf16" } else { "f32" };
+    let buf = |seed: u64, len: usize, scale: f32| {
+        let v: Vec<f32> = values(len, seed).iter().map(|x| x * scale).collect();
+        Buf::new(&v, bf16, offset)
+    };
+    let f32buf = |seed: u64, len: usize| Buf::new(&values(len, seed), false, offset);
+    let mut out = Vec::new();
+    // A small grid, so that the grid-stride loops go round.
+    let (g, b) = ([2, 1, 1], [64, 1, 1]);
+    let (mut a, mut bb, mut o) = (buf(1, n, 2.0), buf(2, n, 2.0), buf(3, n, 1.0));
+    let p = launch_packed(&format!("add_{t}"), g, b, Args::new().arg(o.ptr()).arg(a.ptr()).arg(bb.ptr()).arg(n as u64));
+    out.push(("add".into(), o.values(), p));
+    let p = launch_packed(&format!("add_assign_{t}"), g, b, Args::new().arg(a.ptr()).arg(bb.ptr()).arg(n as u64));
+    out.push(("add_assign".into(), a.values(), p));
+    let p = launch_packed(&format!("scale_{t}"), g, b, Args::new().arg(a.ptr()).arg(0.37f32).arg(n as u64));
+    out.push(("scale".into(), a.values(), p));
+    let (mut gate, mut up, mut dout) = (buf(4, n, 6.0), buf(5, n, 1.0), buf(6, n, 1.0));
+    let p = launch_packed(
+        &format!("swiglu_fwd_{t}"),
+        g,
+        b,
+        Args::new().arg(o.ptr()).arg(gate.ptr()).arg(up.ptr()).arg(n as u64),
+    );
+    out.push(("swiglu".into(), o.values(), p));
+    let (mut dg, mut du) = (buf(7, n, 1.0), buf(8, n, 1.0));
+    let args = Args::new().arg(dg.ptr()).arg(du.ptr()).arg(dout.ptr()).arg(gate.ptr()).arg(up.ptr()).arg(n as u64);
+    let p = launch_packed(&format!("swiglu_bwd_{t}"), g, b, args);
+    out.push(("swiglu dgate".into(), dg.values(), p));
+    out.push(("swiglu dup".into(), du.values(), p));
+    let mut partial = Buf::new(&[0.0; 4], false, 0); // two f64 partial sums
+    let p = launch_packed(
+        &format!("sum_squares_partial_{t}"),
+        g,
+        b,
+        Args::new().arg(partial.ptr()).arg(a.ptr()).arg(n as u64),
+    );
+    let pv = partial.bytes();
+    let sum = f64::from_le_bytes(pv[..8].try_into().unwrap()) + f64::from_le_bytes(pv[8..16].try_into().unwrap());
+    out.push(("sum_squares".into(), vec![sum as f32], p));
+    // The casts, between this precision's buffer and the other.
+    let (mut wide, mut narrow) =
+        (Buf::new(&values(n, 9).iter().map(|x| x * 300.0).collect::<Vec<_>>(), false, offset), buf(10, n, 1.0));
+    if bf16 {
+        let p = launch_packed("cast_f32_to_bf16", g, b, Args::new().arg(narrow.ptr()).arg(wide.ptr()).arg(n as u64));
+        out.push(("cast to bf16".into(), narrow.values(), p));
+        let p = launch_packed("cast_bf16_to_f32", g, b, Args::new().arg(wide.ptr()).arg(narrow.ptr()).arg(n as u64));
+        out.push(("cast to f32".into(), wide.values(), p));
+    }
+    // AdamW on f32 masters, with the bf16 working copy when bf16.
+    let (mut param, mut grad, mut m, mut v) = (f32buf(11, n), f32buf(12, n), f32buf(13, n), f32buf(14, n));
+    for x in v.bytes().chunks_exact_mut(4) {
+        let y = f32::from_le_bytes(x.try_into().unwrap()).abs();
+        x.copy_from_slice(&y.to_le_bytes());
+    }
+    let mut working = Buf::new(&vec![0.0; n], true, offset);
+    let wp = if bf16 { working.ptr() } else { std::ptr::null_mut() };
+    let desc = [AdamWDesc {
+        param: param.ptr(),
+        working: wp,
+        grad: grad.ptr(),
+        m: m.ptr(),
+        v: v.ptr(),
+        n: n as u64,
+        decay_factor: 0.999,
+        pad: 0.0,
+    }];
+    let args =
+        Args::new().ptr(desc.as_ptr()).arg(0.9f32).arg(0.95f32).arg(1e-8f32).arg(1e-3f32).arg(0.3f32).arg(0.7f32);
+    let p = launch_packed("adamw_multi", g, b, args);
+    out.push(("adamw param".into(), param.values(), p));
+    out.push(("adamw m".into(), m.values(), p));
+    out.push(("adamw v".into(), v.values(), p));
+    if bf16 {
+        out.push(("adamw working".into(), working.values(), p));
+    }
+    // Rows of `dim`: RMSNorm forward and backward, cross-entropy, the embedding.
+    let rows = 3;
+    let (mut x, mut w, mut dy) = (buf(15, rows * dim, 3.0), buf(16, dim, 1.0), buf(17, rows * dim, 1.0));
+    let (mut y, mut rstd) = (buf(18, rows * dim, 1.0), Buf::new(&[0.0; 3], false, 0));
+    let args = Args::new()
+        .arg(y.ptr())
+        .arg(rstd.ptr())
+        .arg(x.ptr())
+        .arg(w.ptr())
+        .arg(dim as i32)
+        .arg(1e-5f32)
+        .arg(1.0 / dim as f32);
+    let p = launch_packed(&format!("rmsnorm_fwd_{t}"), [rows as u32, 1, 1], [64, 1, 1], args);
+    out.push(("rmsnorm y".into(), y.values(), p));
+    let mut dx = buf(19, rows * dim, 1.0);
+    let args = Args::new()
+        .arg(dx.ptr())
+        .arg(dy.ptr())
+        .arg(x.ptr())
+        .arg(w.ptr())
+        .arg(rstd.ptr())
+        .arg(dim as i32)
+        .arg(1.0 / dim as f32);
+    let p = launch_packed(&format!("rmsnorm_bwd_dx_{t}"), [rows as u32, 1, 1], [64, 1, 1], args);
+    out.push(("rmsnorm dx".into(), dx.values(), p));
+    let (mut part, mut dw) = (f32buf(20, 2 * dim), f32buf(21, dim));
+    let args = Args::new()
+        .arg(part.ptr())
+        .arg(dy.ptr())
+        .arg(x.ptr())
+        .arg(rstd.ptr())
+        .arg(rows as u64)
+        .arg(dim as i32)
+        .arg(2i32);
+    let p = launch_packed(&format!("rmsnorm_bwd_dw_partial_{t}"), [1, 2, 1], [32, 1, 1], args);
+    let args = Args::new().arg(dw.ptr()).arg(part.ptr()).arg(2i32).arg(dim as i32);
+    let p2 = launch_packed("rmsnorm_bwd_dw_reduce", [1, 1, 1], [32, 1, 1], args);
+    out.push(("rmsnorm dw".into(), dw.values(), p && p2));
+    let (mut h, mut r) = (buf(22, rows * dim, 1.0), buf(23, rows * dim, 2.0));
+    let args = Args::new()
+        .arg(h.ptr())
+        .arg(y.ptr())
+        .arg(rstd.ptr())
+        .arg(x.ptr())
+        .arg(r.ptr())
+        .arg(w.ptr())
+        .arg(dim as i32)
+        .arg(1e-5f32)
+        .arg(1.0 / dim as f32);
+    let p = launch_packed(&format!("add_rmsnorm_fwd_{t}"), [rows as u32, 1, 1], [64, 1, 1], args);
+    out.push(("add_rmsnorm h".into(), h.values(), p));
+    out.push(("add_rmsnorm y".into(), y.values(), p));
+    let targets: Vec<i32> = vec![5, -100, dim as i32 - 1];
+    let (mut lse, mut loss) = (Buf::new(&[0.0; 3], false, 0), Buf::new(&[0.0; 3], false, 0));
+    let mut logits = buf(24, rows * dim, 8.0);
+    let args = Args::new().arg(lse.ptr()).arg(loss.ptr()).arg(logits.ptr()).ptr(targets.as_ptr()).arg(dim as i32);
+    let p = launch_packed(&format!("cross_entropy_fwd_{t}"), [rows as u32, 1, 1], [64, 1, 1], args);
+    out.push(("cross-entropy lse and loss".into(), [lse.values(), loss.values()].concat(), p));
+    let args =
+        Args::new().arg(dx.ptr()).arg(logits.ptr()).arg(lse.ptr()).ptr(targets.as_ptr()).arg(dim as i32).arg(0.7f32);
+    let p = launch_packed(&format!("cross_entropy_bwd_{t}"), [rows as u32, 1, 1], [64, 1, 1], args);
+    out.push(("cross-entropy dlogits".into(), dx.values(), p));
+    let ids: Vec<u32> = vec![2, 0, 2, 1];
+    let mut emb = buf(25, ids.len() * dim, 1.0);
+    let args = Args::new().arg(emb.ptr()).arg(x.ptr()).ptr(ids.as_ptr()).arg(dim as i32);
+    let p = launch_packed(&format!("embedding_fwd_{t}"), [ids.len() as u32, 1, 1], [32, 1, 1], args);
+    out.push(("embedding".into(), emb.values(), p));
+    // Tokens grouped by id as the host does: id 0: [1], id 1: [3], id 2: [0, 2].
+    let (order, seg_start, seg_ids): (Vec<u32>, Vec<u32>, Vec<u32>) =
+        (vec![1, 3, 0, 2], vec![0, 1, 2, 4], vec![0, 1, 2]);
+    let mut dtable = f32buf(26, rows * dim);
+    let args = Args::new()
+        .arg(dtable.ptr())
+        .arg(emb.ptr())
+        .ptr(order.as_ptr())
+        .ptr(seg_start.as_ptr())
+        .ptr(seg_ids.as_ptr())
+        .arg(dim as i32);
+    let p = launch_packed(&format!("embedding_bwd_{t}"), [3, 1, 1], [32, 1, 1], args);
+    out.push(("embedding dtable".into(), dtable.values(), p));
+    // RoPE on [tokens, heads, head_dim], in place, two heads per thread.
+    let (tokens, heads) = (5usize, 3usize);
+    let pos: Vec<u32> = vec![0, 1, 17, 4095, 131_071];
+    let inv_freq: Vec<f32> =
+        (0..head_dim / 2).map(|i| 1.0 / 10_000f32.powf((2 * i) as f32 / head_dim as f32)).collect();
+    let mut q = buf(27, tokens * heads * head_dim, 1.0);
+    for (inverse, hpt) in [(0i32, 1i32), (1, 2)] {
+        let qp = q.ptr();
+        let args = Args::new()
+            .arg(qp)
+            .arg(qp)
+            .ptr(pos.as_ptr())
+            .ptr(inv_freq.as_ptr())
+            .arg(tokens as u64)
+            .arg(heads as i32)
+            .arg(head_dim as i32)
+            .arg(inverse)
+            .arg(hpt);
+        let p = launch_packed(&format!("rope_fwd_{t}"), g, b, args);
+        out.push((format!("rope inverse {inverse}, {hpt} heads per thread"), q.values(), p));
+    }
+    out
+}
+
+#[test]
+fn memory_bound_kernels_agree_packed_and_element_by_element() {
+    // Offset 0: 16-byte packs where the lengths allow; offset 1 (and 3): unaligned, one element at a
+    // time. Elementwise results must be bit-identical; those with a reduction (norms, sums,
+    // cross-entropy) differ only by the order of the additions.
+    for bf16 in [false, true] {
+        let pack = if bf16 { 8 } else { 4 };
+        for (n, dim, head_dim) in
+            [(1usize, 8usize, 16usize), (7, 96, 64), (8, 96, 12), (1003, 1000, 128), (4103, 4096, 64)]
+        {
+            let packed = memory_bound_outputs(bf16, n, dim, head_dim, 0);
+            for offset in [1, 3] {
+                let single = memory_bound_outputs(bf16, n, dim, head_dim, offset);
+                for ((what, p, took_packs), (_, s, took_packs_unaligned)) in packed.iter().zip(&single) {
+                    let case = format!("{what} (bf16 {bf16}, n {n}, dim {dim}, head_dim {head_dim}, offset {offset})");
+                    assert!(!took_packs_unaligned, "{case}: a 16-byte access on an unaligned pointer");
+                    let whole_packs = match what.as_str() {
+                        w if w.starts_with("rope") => (head_dim / 2) % pack == 0,
+                        w if w.starts_with("rmsnorm")
+                            || w.starts_with("add_rmsnorm")
+                            || w.starts_with("cross")
+                            || w.starts_with("embedding") =>
+                        {
+                            dim % pack == 0
+                        }
+                        w if w.starts_with("adamw") => n >= 4,
+                        w if w.starts_with("cast") => n >= 8,
+                        _ => n >= pack,
+                    };
+                    assert_eq!(*took_packs, whole_packs, "{case}: packed path taken");
+                    let reduced = ["sum_squares", "rmsnorm", "add_rmsnorm y", "cross-entropy"]
+                        .iter()
+                        .any(|k| what.starts_with(k));
+                    for (i, (a, b)) in p.iter().zip(s).enumerate() {
+                        if reduced {
+                            let tol = if bf16 { 8e-3 } else { 2e-5 } * a.abs().max(1.0);
+                            assert!((a - b).abs() <= tol, "{case}[{i}]: {a} packed, {b} element by element");
+                        } else {
+                            assert_eq!(a.to_bits(), b.to_bits(), "{case}[{i}]: {a} packed, {b} element by element");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -237,7 +237,7 @@ impl Backend for Cuda {
         let (o, t, i, d) = (out.ptr, table.ptr, dids.ptr, dim as i32);
         self.launch(
             &Self::typed("embedding_fwd", out.dtype),
-            (ids.len() as u32, div_ceil(dim, 256) as u32, 1),
+            (ids.len() as u32, div_ceil(dim.div_ceil(16 / out.dtype.size()), 256) as u32, 1),
             (256, 1, 1),
             0,
             args![o, t, i, d],
@@ -271,7 +271,7 @@ impl Backend for Cuda {
         let (dt, dy, op, sp, ip, d) = (dtable.ptr, dout.ptr, o.ptr, s.ptr, i.ptr, dim as i32);
         self.launch(
             &Self::typed("embedding_bwd", dout.dtype),
-            (segs as u32, div_ceil(dim, 256) as u32, 1),
+            (segs as u32, div_ceil(dim.div_ceil(16 / dout.dtype.size()), 256) as u32, 1),
             (256, 1, 1),
             0,
             args![dt, dy, op, sp, ip, d],
@@ -347,7 +347,8 @@ impl Backend for Cuda {
         let chunks = div_ceil(rows, rows_per_chunk);
         let partial = self.alloc(chunks * dim);
         let (pp, nrows, rpc, nch) = (partial.ptr, rows as u64, rows_per_chunk as i32, chunks as i32);
-        let cols = div_ceil(dim, 256) as u32;
+        // Threads stride over a row's 16-byte packs of columns (cuda/rmsnorm.cu).
+        let cols = div_ceil(dim.div_ceil(16 / t.size()), 256) as u32;
         self.launch(
             &Self::typed("rmsnorm_bwd_dw_partial", t),
             (cols, chunks as u32, 1),
@@ -356,6 +357,7 @@ impl Backend for Cuda {
             args![pp, dyp, xp, rp, nrows, d, rpc],
         );
         let dwp = dw.ptr;
+        let cols = div_ceil(dim.div_ceil(4), 256) as u32;
         self.launch("rmsnorm_bwd_dw_reduce", (cols, 1, 1), (256, 1, 1), 0, args![dwp, pp, nch, d]);
         dx
     }
@@ -381,9 +383,23 @@ impl Backend for Cuda {
         let inv_freq: Vec<u32> =
             (0..head_dim / 2).map(|i| (1.0f32 / base.powf((2 * i) as f32 / head_dim as f32)).to_bits()).collect();
         let freqs = self.upload_cached(&inv_freq);
-        let (yp, xp, pp, fp, t, h, d, inv) =
-            (y.ptr, x.ptr, pos.ptr, freqs.ptr, tokens as u64, heads as i32, head_dim as i32, inverse as i32);
-        self.elementwise(&Self::typed("rope_fwd", y.dtype), x.len / 2, args![yp, xp, pp, fp, t, h, d, inv]);
+        // A thread per (token, run of a pack's pairs, group of heads): each thread's sin/cos serve
+        // its group's heads; groups as large as still fills the device.
+        let runs = (head_dim / 2).div_ceil(16 / y.dtype.size());
+        let heads_per_thread = (tokens * runs * heads / self.resident_threads()).clamp(1, heads.max(1));
+        let units = tokens * runs * heads.div_ceil(heads_per_thread);
+        let (yp, xp, pp, fp, t, h, d, inv, hpt) = (
+            y.ptr,
+            x.ptr,
+            pos.ptr,
+            freqs.ptr,
+            tokens as u64,
+            heads as i32,
+            head_dim as i32,
+            inverse as i32,
+            heads_per_thread as i32,
+        );
+        self.grid_stride(&Self::typed("rope_fwd", y.dtype), units, args![yp, xp, pp, fp, t, h, d, inv, hpt]);
         y
     }
 
@@ -623,7 +639,7 @@ impl Backend for Cuda {
             let (dp, gs) = (desc.ptr, grad_scale);
             self.launch(
                 "adamw_multi",
-                (self.blocks_for(max_n, 256), count as u32, 1),
+                (self.blocks_for(div_ceil(max_n, 4), 256), count as u32, 1),
                 (256, 1, 1),
                 0,
                 args![dp, b1, b2, eps, step_size, bc2_sqrt, gs],

@@ -80,10 +80,23 @@ impl Cuda {
         div_ceil(n, threads).clamp(1, self.inner.sm_count as usize * 16) as u32
     }
 
+    /// A grid-stride kernel over `n` elements: a thread per 16-byte pack (4 f32, 8 bf16; the
+    /// kernels' unit of access, cuda/common.cuh), at most 16 blocks per SM.
     pub(super) fn elementwise(&self, name: &str, n: usize, args: &mut [*mut c_void]) {
-        if n > 0 {
-            self.launch(name, (self.blocks_for(n, 256), 1, 1), (256, 1, 1), 0, args);
+        self.grid_stride(name, div_ceil(n, 4), args);
+    }
+
+    /// A grid-stride kernel over `units` units of work, one thread each, at most 16 blocks per SM.
+    pub(super) fn grid_stride(&self, name: &str, units: usize, args: &mut [*mut c_void]) {
+        if units > 0 {
+            self.launch(name, (self.blocks_for(units, 256), 1, 1), (256, 1, 1), 0, args);
         }
+    }
+
+    /// Resident threads the device can hold (its SMs × 2,048): the parallelism a memory-bound
+    /// kernel needs to cover HBM latency.
+    pub(super) fn resident_threads(&self) -> usize {
+        self.inner.sm_count as usize * 2048
     }
 
     /// A 4-byte-element host array on the device, reused when the same contents come again.

@@ -12,6 +12,8 @@
 #include "attention.cu"
 #include "attention_fa2.cu"
 #include "rmsnorm.cu"
+#include "rope.cu"
+#include "swiglu.cu"
 #include "broken_kernels.cu"
 
 namespace {
@@ -93,7 +95,22 @@ int run_clean() {
             fprintf(stderr, "fixed_race: out[%d] = %g, want %g\n", t, o[t], in[(t + 1) % 256]);
             return 1;
         }
-    printf("clean: rmsnorm_fwd_f32, attn_fwd_d64_bf16, attn_fa2_fwd_d64_bf16, fixed_race ran without a report\n");
+    // Memory-bound kernels in 16-byte packs with a tail (1,003 = 125 packs of 8 + 3), on buffers of
+    // exactly their length: a pack read or written past the end is an ASan report.
+    const unsigned long long n = 1003;
+    std::vector<__nv_bfloat16> gate = to_bf16(values(n, 8)), up = to_bf16(values(n, 9)), dout = to_bf16(values(n, 10)), dgate(n), dup(n);
+    check(lcpt_emu::launch<&swiglu_bwd_bf16>(dim3{2, 1, 1}, dim3{64, 1, 1}, 0, err, sizeof err, "swiglu_bwd_bf16", dgate.data(), dup.data(), dout.data(),
+                                             gate.data(), up.data(), n),
+          "swiglu_bwd_bf16");
+    // RoPE in place on [3 tokens, 3 heads, 64], two heads per thread (the second group has one).
+    std::vector<__nv_bfloat16> qr = to_bf16(values(3 * 3 * 64, 11));
+    std::vector<unsigned> pos = {0, 5, 4095};
+    std::vector<float> inv_freq(32);
+    for (int i = 0; i < 32; ++i) inv_freq[i] = powf(10000.f, -(2.f * i) / 64.f);
+    check(lcpt_emu::launch<&rope_fwd_bf16>(dim3{1, 1, 1}, dim3{32, 1, 1}, 0, err, sizeof err, "rope_fwd_bf16", qr.data(), qr.data(), pos.data(),
+                                           inv_freq.data(), 3ull, 3, 64, 0, 2),
+          "rope_fwd_bf16");
+    printf("clean: rmsnorm_fwd_f32, attn_fwd_d64_bf16, attn_fa2_fwd_d64_bf16, swiglu_bwd_bf16, rope_fwd_bf16, fixed_race ran without a report\n");
     return 0;
 }
 
