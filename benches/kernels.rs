@@ -338,6 +338,19 @@ mod gpu {
                         be.set_attention_kernel(AttnKernel::Auto);
                     }),
                 });
+                // The seven-matmul backward (dQ in its own kernel, no atomics) beside the fused one.
+                let dout2 = o.clone();
+                cases.push(Case {
+                    kernel: "attention_bwd_bf16_deterministic".into(),
+                    shape: format!("s{SEQ} h{hq}/{} d{d} causal", ATTN.kv_heads),
+                    bytes: 4.0 * q_bytes + 4.0 * kv_bytes,
+                    flops: 2.5 * attn_flops,
+                    run: Box::new(move || {
+                        be.set_attention_kernel(AttnKernel::Deterministic);
+                        drop(be.attention_backward(&dout2, q, k, v, o, lse, &[0, SEQ as u32], ATTN));
+                        be.set_attention_kernel(AttnKernel::Auto);
+                    }),
+                });
                 cases.push(Case {
                     kernel: "linear_bf16_storage".into(),
                     shape: format!("{GEMM}x{GEMM}x{GEMM}"),

@@ -16,9 +16,12 @@
 // for the P·V product (as FlashAttention does).
 //   forward      attn_fwd_d{64,128}       grid (query tiles of 64, heads)
 //   backward     attn_delta               D_i = dO_i·O_i (f32)
-//                attn_bwd_dq_d{64,128}    grid (query tiles of 64, heads): dQ, no atomics
+//                attn_bwd_fused_d{64,128} grid (key tiles of 64, heads): dK, dV and dQ in one pass
+//                                         (five matmuls), added into f32 accumulators with red.add
+//     or, deterministic (AttnKernel::Tiled / Deterministic), seven matmuls without atomics:
+//                attn_bwd_dq_d{64,128}    grid (query tiles of 64, heads): dQ
 //                attn_bwd_dkdv_d{64,128}  grid (key tiles of 64, kv_heads): dK, dV over every query
-//                                         head of the group, no atomics
+//                                         head of the group
 // Every other head_dim (even, <= 256) runs the simple kernels attn_*_simple (f32 arithmetic): one warp per
 // (token, head), correct but slow.
 #include "common.cuh"
@@ -270,12 +273,20 @@ __device__ __forceinline__ void bwd_dq_body(T* __restrict__ dq, const T* __restr
     }
 }
 
-template <int D, typename T>
-__device__ __forceinline__ void bwd_dkdv_body(T* __restrict__ dk, T* __restrict__ dv, const T* __restrict__ q, const T* __restrict__ k,
-                                              const T* __restrict__ v, const T* __restrict__ dout, const float* __restrict__ lse,
-                                              const float* __restrict__ delta, const int4* __restrict__ tiles, int heads, int kv_heads,
-                                              float scale, float scale_log2) {
-    constexpr int LD = D + 8, LDTQ = BMQ + 8;
+// dK and dV of one key tile over every query tile, grid (key tiles, kv_heads): each block sums
+// over the query heads of its group and stores dK, dV (O = T). FUSED_DQ, the five-matmul backward,
+// grid (key tiles, heads): a block takes one query head (so a large group does not leave a few
+// blocks with all the work), forms dQ += dS·K for each query tile in the same pass, through dS in
+// shared memory, and adds dQ, dK and dV into f32 accumulators (O = float; dq_acc [tokens, heads,
+// D], dk/dv [tokens, kv_heads, D], zeroed) with red.add. Without it attn_bwd_dq recomputes S and
+// dP for dQ: seven matmuls, no atomics, the same bits every run.
+template <int D, typename T, typename O, bool FUSED_DQ>
+__device__ __forceinline__ void bwd_dkdv_body(O* __restrict__ dk, O* __restrict__ dv, float* __restrict__ dq_acc, const T* __restrict__ q,
+                                              const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
+                                              const float* __restrict__ lse, const float* __restrict__ delta, const int4* __restrict__ tiles,
+                                              int heads, int kv_heads, float scale, float scale_log2) {
+    constexpr int LD = D + 8, LDTQ = BMQ + 8, LDTK = BN + 8, LDTS = BMQ + 8;
+    static_assert(BMQ == 32 && THREADS == 128, "the dQ step splits a 32-row query tile over 4 warps as 2 row halves x 2 column halves");
     bf16* Ks = lcpt::dynamic_smem<bf16>();
     bf16* Vs = Ks + BN * LD;
     bf16* Qs = Vs + BN * LD;
@@ -284,22 +295,26 @@ __device__ __forceinline__ void bwd_dkdv_body(T* __restrict__ dk, T* __restrict_
     bf16* dOt = Qt + D * LDTQ;
     float* lse_s = reinterpret_cast<float*>(dOt + D * LDTQ);
     float* dl_s = lse_s + BMQ;
+    bf16* Kt = reinterpret_cast<bf16*>(dl_s + BMQ);  // FUSED_DQ: Kᵀ [D][LDTK] and dSᵀ [BN][LDTS]
+    bf16* dSt = Kt + D * LDTK;
     const int4 tile = tiles[blockIdx.x];
     const int s0 = tile.x, s1 = tile.y, j0 = tile.z;
     (void)s0;
-    const int kvh = blockIdx.y, group = heads / kv_heads;
+    const int group = heads / kv_heads, kvh = FUSED_DQ ? blockIdx.y / group : blockIdx.y;
+    const int h_first = FUSED_DQ ? blockIdx.y : kvh * group, h_end = FUSED_DQ ? h_first + 1 : h_first + group;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
     const int key_a = j0 + warp * 16 + g, key_b = key_a + 8;
 
     load_rows<BN, D, LD>(Ks, k, j0, s1, kv_heads, kvh);
     load_rows<BN, D, LD>(Vs, v, j0, s1, kv_heads, kvh);
+    if (FUSED_DQ) load_rows_t<BN, D, LDTK>(Kt, k, j0, s1, kv_heads, kvh);
     float dka[D / 8][4], dva[D / 8][4];
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) dka[dt][e] = dva[dt][e] = 0.f;
 
-    for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
+    for (int h = h_first; h < h_end; ++h) {
         for (int q0 = j0; q0 < s1; q0 += BMQ) {
             __syncthreads();
             load_rows<BMQ, D, LD>(Qs, q, q0, s1, heads, h);
@@ -342,6 +357,15 @@ __device__ __forceinline__ void bwd_dkdv_body(T* __restrict__ dk, T* __restrict_
                     st[nt][e] = p;
                     dpt[nt][e] = p * (dpt[nt][e] - dl_s[qi]) * scale;  // dSᵀ
                 }
+            if (FUSED_DQ) {
+                // dSᵀ as it is held, [key][query] bf16: a lane's two adjacent queries in one store.
+#pragma unroll
+                for (int nt = 0; nt < BMQ / 8; ++nt) {
+                    bf16* row = dSt + (warp * 16 + g) * LDTS + nt * 8 + tig * 2;
+                    *reinterpret_cast<uint32_t*>(row) = lcpt::pack_bf16x2(dpt[nt][0], dpt[nt][1]);
+                    *reinterpret_cast<uint32_t*>(row + 8 * LDTS) = lcpt::pack_bf16x2(dpt[nt][2], dpt[nt][3]);
+                }
+            }
 #pragma unroll
             for (int kk = 0; kk < BMQ / 16; ++kk) {
                 uint32_t ap[4], as[4];
@@ -355,18 +379,59 @@ __device__ __forceinline__ void bwd_dkdv_body(T* __restrict__ dk, T* __restrict_
                     lcpt::mma_bf16_16816(dka[dt], as, ld32(qr), ld32(qr + 8));
                 }
             }
+            if (FUSED_DQ) {
+                // dQ[q0 + 16·(warp & 1) + …][(warp >> 1)·D/2 + …] += dS·K over this tile's keys (after
+                // dK/dV, so that P and dS no longer hold registers).
+                __syncthreads();
+                const int r0 = (warp & 1) * 16, c0 = (warp >> 1) * (D / 2);
+                // dS fragments (16 queries × 16 keys) from dSᵀ by ldmatrix.x4.trans, again for each
+                // column tile: at head_dim 128 four of them held across the loop would spill.
+                // Lanes 8i..8i+7 address key rows of matrix i: i = 0, 1 keys +0, i = 2, 3 keys +8;
+                // i = 1, 3 queries +8.
+                const bf16* ds_row = dSt + ((lane & 7) + ((lane >> 4) & 1) * 8) * LDTS + r0 + ((lane >> 3) & 1) * 8;
+                const int row_a = q0 + r0 + g, row_b = row_a + 8;
+#pragma unroll
+                for (int dt = 0; dt < D / 16; ++dt) {
+                    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+                    const int col = c0 + dt * 8;
+#pragma unroll
+                    for (int kk = 0; kk < BN / 16; ++kk) {
+                        uint32_t a[4];
+                        lcpt::ldmatrix_x4_trans(a, ds_row + kk * 16 * LDTS);
+                        const bf16* kr = Kt + (col + g) * LDTK + kk * 16 + tig * 2;
+                        lcpt::mma_bf16_16816(acc, a, ld32(kr), ld32(kr + 8));
+                    }
+                    if (row_a < s1) {
+                        float* dst = dq_acc + ((size_t)row_a * heads + h) * D + col + tig * 2;
+                        lcpt::red_add_f32(dst, acc[0]);
+                        lcpt::red_add_f32(dst + 1, acc[1]);
+                    }
+                    if (row_b < s1) {
+                        float* dst = dq_acc + ((size_t)row_b * heads + h) * D + col + tig * 2;
+                        lcpt::red_add_f32(dst, acc[2]);
+                        lcpt::red_add_f32(dst + 1, acc[3]);
+                    }
+                }
+            }
         }
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int key = r ? key_b : key_a;
         if (key < s1) {
-            T* dkr = dk + ((size_t)key * kv_heads + kvh) * D + tig * 2;
-            T* dvr = dv + ((size_t)key * kv_heads + kvh) * D + tig * 2;
+            O* dkr = dk + ((size_t)key * kv_heads + kvh) * D + tig * 2;
+            O* dvr = dv + ((size_t)key * kv_heads + kvh) * D + tig * 2;
 #pragma unroll
             for (int dt = 0; dt < D / 8; ++dt) {
-                lcpt::store2(dkr + dt * 8, dka[dt][2 * r], dka[dt][2 * r + 1]);
-                lcpt::store2(dvr + dt * 8, dva[dt][2 * r], dva[dt][2 * r + 1]);
+                if constexpr (FUSED_DQ) {
+                    lcpt::red_add_f32(dkr + dt * 8, dka[dt][2 * r]);
+                    lcpt::red_add_f32(dkr + dt * 8 + 1, dka[dt][2 * r + 1]);
+                    lcpt::red_add_f32(dvr + dt * 8, dva[dt][2 * r]);
+                    lcpt::red_add_f32(dvr + dt * 8 + 1, dva[dt][2 * r + 1]);
+                } else {
+                    lcpt::store2(dkr + dt * 8, dka[dt][2 * r], dka[dt][2 * r + 1]);
+                    lcpt::store2(dvr + dt * 8, dva[dt][2 * r], dva[dt][2 * r + 1]);
+                }
             }
         }
     }
@@ -395,7 +460,14 @@ using namespace lcpt_attn;
                                                                                     const T* dout, const float* lse, const float* delta, \
                                                                                     const int4* tiles, int heads, int kv_heads,          \
                                                                                     float scale, float scale_log2) {                     \
-        bwd_dkdv_body<D, T>(dk, dv, q, k, v, dout, lse, delta, tiles, heads, kv_heads, scale, scale_log2);                                \
+        bwd_dkdv_body<D, T, T, false>(dk, dv, nullptr, q, k, v, dout, lse, delta, tiles, heads, kv_heads, scale, scale_log2);                \
+    }                                                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(THREADS) attn_bwd_fused_d##D##_##S(float* dk, float* dv, float* dq_acc, const T* q,      \
+                                                                                     const T* k,                                         \
+                                                                                     const T* v, const T* dout, const float* lse,        \
+                                                                                     const float* delta, const int4* tiles, int heads,   \
+                                                                                     int kv_heads, float scale, float scale_log2) {      \
+        bwd_dkdv_body<D, T, float, true>(dk, dv, dq_acc, q, k, v, dout, lse, delta, tiles, heads, kv_heads, scale, scale_log2);                  \
     }
 
 #define LCPT_ATTN_D64(S, T) LCPT_ATTN_INSTANCES(64, S, T)

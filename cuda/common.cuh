@@ -133,6 +133,19 @@ __device__ __forceinline__ float exp2_approx(float x) {
 #endif
 }
 
+// *p += v atomically, returning nothing: RED.E.ADD.F32.FTZ.RN (the accumulations of the fused
+// attention backward). Subnormal inputs and results flush to zero, as the ISA says for f32 atomic
+// adds; the order of the adds is the hardware's, so sums differ in the last bits run to run.
+// atomicAdd with its result unused, not inline PTX: the compiler then folds constant offsets into
+// the instruction's address (an asm operand would take a register pair per address).
+__device__ __forceinline__ void red_add_f32(float* p, float v) {
+#ifdef LCPT_EMU_HOST
+    lcpt_emu::red_add_f32(p, v);
+#else
+    atomicAdd(p, v);
+#endif
+}
+
 // The block's dynamic shared memory (`extern __shared__`, sized by the launch) as T*; a seam so
 // that the host build supplies a buffer of exactly the launch's size.
 template <typename T>

@@ -912,6 +912,7 @@ fn the_side_by_side_script_runs_and_pairs_every_row_with_pytorch() {
         ("embedding_fwd_bf16", 0.0),
         ("cross_entropy_bwd_bf16", 0.0),
         ("attention_bwd_bf16", 1e6),
+        ("attention_bwd_bf16_deterministic", 1e6),
         ("adamw_bf16", 0.0),
         ("linear_bf16_storage", 4e6),
     ];
@@ -1070,4 +1071,64 @@ fn a_retired_input_is_reused_in_stream_order_after_its_collective() {
     assert_eq!(cuda.download(&p2.wait().unwrap()), want(&second, 200.0));
     assert_eq!(cuda.download(&overwrite), vec![-1.0; N], "the new owner's write happened");
     peer.join().unwrap();
+}
+
+/// The five-matmul backward (`AttnKernel::Auto`: dK, dV and dQ in one pass, dQ added with
+/// red.add) against the seven-matmul one (`Deterministic`: the same bf16 products, dQ summed in a
+/// fixed order) and the CPU: head_dim 64/128, GQA 1/2/4/8, ragged documents, both storage types.
+/// The deterministic one repeats bit for bit.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn attention_fused_backward_matches_the_deterministic_one_and_the_cpu() {
+    let g = gpu();
+    let sh = |heads, kv_heads, head_dim| AttnShape { heads, kv_heads, head_dim };
+    let cases = [
+        (sh(2, 2, 64), vec![0u32, 13]),
+        (sh(4, 2, 64), vec![0, 64, 65, 129, 300]),
+        (sh(8, 1, 64), vec![0, 200, 457]),
+        (sh(4, 1, 128), vec![0, 1, 2, 66, 130, 130, 387]),
+        (sh(8, 2, 128), vec![0, 520]),
+        (sh(8, 8, 128), vec![0, 33, 161]),
+    ];
+    for mixed in [false, true] {
+        g.set_mixed_precision(mixed);
+        for (shape, cu) in &cases {
+            let t = *cu.last().unwrap() as usize;
+            let (hq, hk, d) = (shape.heads, shape.kv_heads, shape.head_dim);
+            let (q, k, v) = (rand_vec(t * hq * d, 2.0), rand_vec(t * hk * d, 2.0), rand_vec(t * hk * d, 1.0));
+            let dout = rand_vec(t * hq * d, 1.0);
+            let (qg, kg, vg, dg) = (g.upload(&q), g.upload(&k), g.upload(&v), g.upload(&dout));
+            let what = format!("{shape:?} cu {cu:?} mixed {mixed}");
+            let (o_g, l_g) = g.attention(&qg, &kg, &vg, cu, *shape);
+            let mut runs = Vec::new();
+            for kernel in [AttnKernel::Auto, AttnKernel::Deterministic, AttnKernel::Deterministic] {
+                g.set_attention_kernel(kernel);
+                let (dq, dk, dv) = g.attention_backward(&dg, &qg, &kg, &vg, &o_g, &l_g, cu, *shape);
+                runs.push([g.download(&dq), g.download(&dk), g.download(&dv)]);
+            }
+            g.set_attention_kernel(AttnKernel::Auto);
+            let (o, l) = (g.download(&o_g), g.download(&l_g));
+            let inputs = |x: &[f32]| -> Vec<f32> {
+                if mixed {
+                    x.iter().map(|&v| llama_cpt_ops::convert::round_to_bf16(v)).collect()
+                } else {
+                    x.to_vec()
+                }
+            };
+            let (dq_c, dk_c, dv_c) =
+                Cpu.attention_backward(&inputs(&dout), &inputs(&q), &inputs(&k), &inputs(&v), &o, &l, cu, *shape);
+            let want = [dq_c, dk_c, dv_c];
+            for (i, name) in ["dq", "dk", "dv"].iter().enumerate() {
+                check(&format!("fused {name} vs cpu {what}"), &runs[0][i], &want[i], BF16_TOL * 1.5);
+                // Same bf16 products, other summation order (and bf16 storage rounds the result).
+                let tol = if mixed { 8e-3 } else { 1e-5 };
+                check(&format!("fused {name} vs deterministic {what}"), &runs[0][i], &runs[1][i], tol);
+                assert!(
+                    runs[1][i].iter().zip(&runs[2][i]).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "deterministic {name} repeats bit for bit {what}"
+                );
+            }
+        }
+    }
+    g.set_mixed_precision(false);
 }

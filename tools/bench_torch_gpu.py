@@ -149,6 +149,7 @@ def main():
     # SDPA runs in bf16 for both of our rows (ours reads f32 or bf16 and computes on bf16 tiles).
     torch_t["attention_fwd_bf16"], torch_t["attention_bwd_bf16"] = torch_t["attention_fwd"], torch_t["attention_bwd"]
     torch_t["attention_fwd_bf16_tiled"] = torch_t["attention_fwd"]  # our first forward, beside the pipelined one
+    torch_t["attention_bwd_bf16_deterministic"] = torch_t["attention_bwd"]  # our seven-matmul backward
     del q, k, v, o, do
     p = torch.nn.Parameter(torch.randn(ADAM_N, device=dev))
     p.grad = torch.randn(ADAM_N, device=dev)

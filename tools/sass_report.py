@@ -15,6 +15,9 @@ from collections import Counter, defaultdict
 
 # Kernels whose SASS must show the sm_80 data-movement instructions (cuda/attention_fa2.cu).
 PIPELINED = ("attn_fa2_fwd_d64_bf16", "attn_fa2_fwd_d128_bf16")
+# The five-matmul backward (cuda/attention.cu, FUSED_DQ): dS fragments by ldmatrix, dQ/dK/dV by
+# RED adds; losing either means the kernel is no longer the fused one.
+FUSED_BWD = tuple(f"attn_bwd_fused_d{d}_{t}" for d in (64, 128) for t in ("f32", "bf16"))
 # Memory-bound kernels that must read (and, the second set, write) their data in 16-byte packs
 # (cuda/common.cuh's load_pack/store_pack): the bf16 entry points, the casts, AdamW, dw's reduction.
 PACKED_LOADS = ("add_bf16", "add_assign_bf16", "scale_bf16", "swiglu_fwd_bf16", "swiglu_bwd_bf16", "rope_fwd_bf16",
@@ -54,7 +57,7 @@ def classify(op):
     if base in ("LDG", "STG", "LDS", "STS"):
         width = next((w for w in ("128", "64", "U8", "S8", "U16", "S16") if f".{w}" in op), "32")
         return f"{base}.{width}"
-    if base in ("RED", "ATOM", "ATOMS", "ATOMG"):
+    if base in ("RED", "REDG", "ATOM", "ATOMS", "ATOMG"):
         return "ATOM/RED"
     return base
 
@@ -113,6 +116,8 @@ def main():
         print(f"{fn} {arch} {regs} {spill} " + " ".join(str(counts.get(c, 0)) for c in cols) + f" {per}")
         if fn in PIPELINED and (counts["LDGSTS"] == 0 or counts["LDSM"] == 0):
             failures.append(f"{fn} ({arch}): LDGSTS {counts['LDGSTS']}, LDSM {counts['LDSM']}: the pipelined attention lost its cp.async/ldmatrix")
+        if fn in FUSED_BWD and (counts["ATOM/RED"] == 0 or counts["LDSM"] == 0):
+            failures.append(f"{fn} ({arch}): RED {counts['ATOM/RED']}, LDSM {counts['LDSM']}: the fused backward lost its atomics/ldmatrix")
         if fn in PACKED_LOADS and counts["LDG.128"] == 0:
             failures.append(f"{fn} ({arch}): no 128-bit global load: the memory-bound kernel lost its 16-byte packs")
         if fn in PACKED_STORES and counts["STG.128"] == 0:
@@ -124,7 +129,7 @@ def main():
             print("sass-report: FAIL " + f, file=sys.stderr)
         sys.exit(1)
     if require:
-        print("sass-report: pipelined attention keeps LDGSTS and LDSM; the memory-bound kernels access memory in 16-byte packs; "
+        print("sass-report: pipelined attention keeps LDGSTS and LDSM, the fused backward RED and LDSM; the memory-bound kernels access memory in 16-byte packs; "
               "no hot kernel spills")
 
 

@@ -183,6 +183,24 @@ static inline void check_global_alignment(const void* p, unsigned bytes, const c
         kernel_error("thread %u: %s: address %p is not %u-byte aligned (misaligned address)", current_thread()->linear, what, p, bytes);
 }
 
+// red.global.add.f32 [p], v: an atomic f32 add from any thread of any block (blocks run on several
+// host threads), subnormal inputs and results flushed to signed zero as the PTX ISA specifies for
+// atom/red .add.f32.
+static inline float flush_subnormal(float x) { return fabsf(x) < 1.17549435e-38f ? copysignf(0.f, x) : x; }
+static inline void red_add_f32(float* p, float v) {
+    if (reinterpret_cast<uintptr_t>(p) % 4) kernel_error("thread %u: red.add.f32: address %p is not 4-byte aligned", current_thread()->linear, p);
+    uint32_t* w = reinterpret_cast<uint32_t*>(p);
+    uint32_t old = __atomic_load_n(w, __ATOMIC_RELAXED);
+    for (;;) {
+        float f;
+        memcpy(&f, &old, 4);
+        f = flush_subnormal(flush_subnormal(f) + flush_subnormal(v));
+        uint32_t next;
+        memcpy(&next, &f, 4);
+        if (__atomic_compare_exchange_n(w, &old, next, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) return;
+    }
+}
+
 // cp.async.cg.shared.global [dst], [src], bytes, src_bytes: src_bytes (<= bytes) read from src,
 // the rest zero-filled; lands at the wait_group that completes its group.
 static inline void cp_async(void* dst, const void* src, unsigned bytes, unsigned src_bytes) {

@@ -135,6 +135,18 @@ void cp_async_never_waited_kernel(float* out) {
     out[threadIdx.x] = 0.f;
 }
 
+// Every thread of every block (8 blocks, run on several host threads) adds 1 to out[0] and 0.5 to
+// out[1 + t % 8]; block 0's thread 0 adds a subnormal to out[10] (flushed: stays 0) and takes
+// out[11] from 1.5·2⁻¹²⁶ to a subnormal result, 2⁻¹²⁷ (flushed to 0).
+void red_add_kernel(float* out) {
+    lcpt_emu::red_add_f32(out, 1.f);
+    lcpt_emu::red_add_f32(out + 1 + threadIdx.x % 8, 0.5f);
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        lcpt_emu::red_add_f32(out + 10, 1e-40f);
+        lcpt_emu::red_add_f32(out + 11, -1.17549435e-38f);
+    }
+}
+
 }  // namespace
 
 extern "C" int lcpt_emu_self_test(const char* which, unsigned threads, float* out, char* err, size_t errlen) {
@@ -155,6 +167,7 @@ extern "C" int lcpt_emu_self_test(const char* which, unsigned threads, float* ou
         return lcpt_emu::launch<&cp_async_exchange_kernel<2>>(grid, block, threads * 16, err, errlen, "cp_async_wait_too_few_test", out);
     if (strcmp(which, "cp_async_never_waited") == 0)
         return lcpt_emu::launch<&cp_async_never_waited_kernel>(grid, block, threads * 16, err, errlen, "cp_async_never_waited_test", out);
+    if (strcmp(which, "red_add") == 0) return lcpt_emu::launch<&red_add_kernel>(dim3{8, 1, 1}, block, 0, err, errlen, "red_add_test", out);
     if (err && errlen) snprintf(err, errlen, "no self test named %s", which);
     return 1;
 }

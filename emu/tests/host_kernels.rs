@@ -775,3 +775,19 @@ fn memory_bound_kernels_agree_packed_and_element_by_element() {
         }
     }
 }
+
+#[test]
+fn red_add_f32_is_atomic_across_blocks_and_flushes_subnormals() {
+    // 8 blocks of 128 threads on the emulator's host threads, every thread adding to one address:
+    // a lost update would leave the sum short. The sums are exact in f32.
+    let threads = 128u32;
+    let mut out = vec![0f32; threads as usize * 4];
+    out[11] = 1.5 * f32::MIN_POSITIVE;
+    kernels::self_test("red_add", threads, &mut out).unwrap();
+    assert_eq!(out[0], (8 * threads) as f32, "every add landed");
+    for i in 0..8 {
+        assert_eq!(out[1 + i], (8 * threads / 8) as f32 * 0.5, "slot {i}");
+    }
+    assert_eq!(out[10].to_bits(), 0, "a subnormal input is flushed to zero");
+    assert_eq!(out[11].to_bits(), 0, "a subnormal result is flushed to zero");
+}

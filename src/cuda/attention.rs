@@ -27,6 +27,8 @@ pub(super) fn attn_smem(kind: &str, d: usize) -> usize {
         "fwd" => (ATTN_BM * ld + ATTN_BN * ld + d * (ATTN_BN + 8)) * 2,
         "dq" => (2 * ATTN_BM * ld + 2 * ATTN_BN * ld + d * (ATTN_BN + 8)) * 2,
         "dkdv" => (2 * ATTN_BN * ld + 2 * ATTN_BMQ * ld + 2 * d * (ATTN_BMQ + 8)) * 2 + 2 * ATTN_BMQ * 4,
+        // dK/dV's, then Kᵀ and the dSᵀ tile for dQ.
+        "fused" => attn_smem("dkdv", d) + (d * (ATTN_BN + 8) + ATTN_BN * (ATTN_BMQ + 8)) * 2,
         // Q, K and V tiles, unpadded (swizzled) bf16.
         "fa2_fwd" => (FA2_BM + 2 * FA2_BN) * d * 2,
         _ => unreachable!(),
@@ -43,6 +45,8 @@ pub(super) fn allow_attention_smem(funcs: &HashMap<String, sys::CUfunction>) -> 
         ("attn_bwd_dq_d128", "dq", 128),
         ("attn_bwd_dkdv_d64", "dkdv", 64),
         ("attn_bwd_dkdv_d128", "dkdv", 128),
+        ("attn_bwd_fused_d64", "fused", 64),
+        ("attn_bwd_fused_d128", "fused", 128),
     ]
     .into_iter()
     .flat_map(|(b, k, d)| [DType::F32, DType::Bf16].map(|t| (format!("{b}_{}", t.suffix()), k, d)));
@@ -95,9 +99,9 @@ impl Cuda {
 
     /// The pipelined forward runs on bf16 storage (its tiles are copied as they are).
     fn use_fa2(&self, shape: AttnShape, t: DType) -> bool {
-        self.attention_kernel() == AttnKernel::Auto
+        matches!(self.attention_kernel(), AttnKernel::Auto | AttnKernel::Deterministic)
             && t == DType::Bf16
-            && (shape.head_dim == 64 || shape.head_dim == 128)
+            && self.use_mma(shape)
     }
 
     pub(super) fn check_attn(shape: AttnShape, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf) -> usize {
@@ -181,7 +185,6 @@ impl Cuda {
         self.bind();
         let (dout, q, k, v, out) = (self.act(dout), self.act(q), self.act(k), self.act(v), self.act(out));
         let t = self.act_dtype();
-        let (dq, dk, dv) = (self.alloc_act(q.len), self.alloc_act(k.len), self.alloc_act(v.len));
         let delta = self.alloc(tokens * heads);
         let rows = tokens * heads;
         let (delp, dop, outp, nrows, dd) = (delta.ptr, dout.ptr, out.ptr, rows as u64, d as i32);
@@ -193,8 +196,30 @@ impl Cuda {
             args![delp, dop, outp, nrows, dd],
         );
         let scale = (1.0 / (d as f64).sqrt()) as f32;
-        let (dqp, dkp, dvp, qp, kp, vp, lp, h, kvh) =
-            (dq.ptr, dk.ptr, dv.ptr, q.ptr, k.ptr, v.ptr, lse.ptr, heads as i32, kv_heads as i32);
+        let (qp, kp, vp, lp, h, kvh) = (q.ptr, k.ptr, v.ptr, lse.ptr, heads as i32, kv_heads as i32);
+        if self.use_mma(shape) && self.attention_kernel() == AttnKernel::Auto {
+            // Five matmuls: dK, dV and dQ in one pass, one block per (key tile, query head), all
+            // three added into f32 accumulators, then cast to the storage type (in f32 they are
+            // the results).
+            let (tiles, n) = self.doc_tiles(cu_seqlens, tokens, ATTN_BM);
+            let (tp, sl2) = (tiles.ptr, scale * std::f32::consts::LOG2_E);
+            let (dq, dk, dv) = (self.alloc(q.len), self.alloc(k.len), self.alloc(v.len));
+            for acc in [&dq, &dk, &dv] {
+                self.memset_zero(acc);
+            }
+            let (dqp, dkp, dvp) = (dq.ptr, dk.ptr, dv.ptr);
+            self.launch(
+                &Self::typed(if d == 64 { "attn_bwd_fused_d64" } else { "attn_bwd_fused_d128" }, t),
+                (n as u32, heads as u32, 1),
+                (128, 1, 1),
+                attn_smem("fused", d) as u32,
+                args![dkp, dvp, dqp, qp, kp, vp, dop, lp, delp, tp, h, kvh, scale, sl2],
+            );
+            let stored = |acc: CudaBuf| if t == DType::F32 { acc } else { self.as_type(&acc, t).into_owned() };
+            return (stored(dq), stored(dk), stored(dv));
+        }
+        let (dq, dk, dv) = (self.alloc_act(q.len), self.alloc_act(k.len), self.alloc_act(v.len));
+        let (dqp, dkp, dvp) = (dq.ptr, dk.ptr, dv.ptr);
         if self.use_mma(shape) {
             let (tiles, n) = self.doc_tiles(cu_seqlens, tokens, ATTN_BM);
             let (tp, sl2) = (tiles.ptr, scale * std::f32::consts::LOG2_E);

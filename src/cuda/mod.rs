@@ -15,8 +15,9 @@
 //!   error, not a panic, where there is no driver, no GPU, no cuBLASLt or no compiled kernels.
 //!
 //! Environment: `LLAMA_CPT_PRECISION` = f32 (default) | bf16 (mixed precision); `LLAMA_CPT_GEMM` =
-//! f32 (default) | tf32 | bf16 (how f32 GEMMs multiply); `LLAMA_CPT_ATTN=simple` forces the simple
-//! attention kernels; `LLAMA_CPT_CUDA_SYNC=1` synchronises and checks after every launch.
+//! f32 (default) | tf32 | bf16 (how f32 GEMMs multiply); `LLAMA_CPT_ATTN` = simple (the simple
+//! attention kernels) | tiled (the first tensor-core kernels) | deterministic (no atomics in the
+//! backward, see `AttnKernel`); `LLAMA_CPT_CUDA_SYNC=1` synchronises and checks after every launch.
 /// Kernel arguments: each expression's address, as `cuLaunchKernel` wants them. The values must
 /// have the exact C types of the kernel's parameters (u64 for pointers and 64-bit sizes, i32 for
 /// int, f32 for float).
@@ -74,6 +75,8 @@ const TYPED_KERNELS: &[&str] = &[
     "attn_bwd_dq_d128",
     "attn_bwd_dkdv_d64",
     "attn_bwd_dkdv_d128",
+    "attn_bwd_fused_d64",
+    "attn_bwd_fused_d128",
     "attn_delta",
     "attn_fwd_simple",
     "attn_bwd_dq_simple",
@@ -105,8 +108,12 @@ pub enum AttnKernel {
     /// The simple f32 kernels (any even head_dim up to 256).
     Simple = 1,
     /// The first tensor-core kernels (cuda/attention.cu) for every storage type: the reference
-    /// the pipelined ones are tested and timed against.
+    /// the pipelined ones are tested and timed against (the backward: seven matmuls, dQ in its own
+    /// kernel, no atomics).
     Tiled = 2,
+    /// Auto's forward with Tiled's backward: bit-identical results run to run (Auto's fused
+    /// backward adds dQ with atomics, in the hardware's order).
+    Deterministic = 3,
 }
 
 struct Inner {
@@ -210,6 +217,7 @@ impl Cuda {
             attn_kernel: AtomicU8::new(match std::env::var("LLAMA_CPT_ATTN").as_deref() {
                 Ok("simple") => AttnKernel::Simple as u8,
                 Ok("tiled") => AttnKernel::Tiled as u8,
+                Ok("deterministic") => AttnKernel::Deterministic as u8,
                 _ => AttnKernel::Auto as u8,
             }),
             mixed_precision: AtomicBool::new(std::env::var("LLAMA_CPT_PRECISION").as_deref() == Ok("bf16")),
@@ -239,6 +247,7 @@ impl Cuda {
         match self.inner.attn_kernel.load(Ordering::Relaxed) {
             1 => AttnKernel::Simple,
             2 => AttnKernel::Tiled,
+            3 => AttnKernel::Deterministic,
             _ => AttnKernel::Auto,
         }
     }

@@ -87,6 +87,20 @@ int run_clean() {
             fprintf(stderr, "attn_fa2_fwd_d64_bf16: lse[%zu] = %g, the first forward gives %g\n", i, lse2[i], lse[i]);
             return 1;
         }
+    // The fused backward (five matmuls, dQ/dK/dV by atomic adds into f32 accumulators of exactly
+    // their size), over the two 64-key tiles, one block per (key tile, query head).
+    std::vector<__nv_bfloat16> d_out = to_bf16(values(tokens * heads * d, 12));
+    std::vector<float> delta(tokens * heads, 0.f), dq(tokens * heads * d, 0.f), dk(tokens * kv_heads * d, 0.f), dv(tokens * kv_heads * d, 0.f);
+    const unsigned fused_smem = ((2 * 64 + 2 * 32) * ld + 2 * d * (32 + 8)) * 2 + 2 * 32 * 4 + (d * (64 + 8) + 64 * (32 + 8)) * 2;
+    check(lcpt_emu::launch<&attn_bwd_fused_d64_bf16>(dim3{2, heads, 1}, dim3{128, 1, 1}, fused_smem, err, sizeof err, "attn_bwd_fused_d64_bf16",
+                                                     dk.data(), dv.data(), dq.data(), q.data(), k.data(), v.data(), d_out.data(), lse.data(),
+                                                     delta.data(), tiles.data(), heads, kv_heads, 0.125f, 0.125f * 1.4426950408889634f),
+          "attn_bwd_fused_d64_bf16");
+    for (float x : dq)
+        if (!isfinite(x)) {
+            fprintf(stderr, "attn_bwd_fused_d64_bf16: non-finite dq\n");
+            return 1;
+        }
     // The racy kernel with its barrier.
     std::vector<float> in = values(256, 6), o(256);
     check(lcpt_emu::launch<&fixed_race>(dim3{2, 1, 1}, dim3{256, 1, 1}, 0, err, sizeof err, "fixed_race", o.data(), in.data()), "fixed_race");
@@ -110,7 +124,7 @@ int run_clean() {
     check(lcpt_emu::launch<&rope_fwd_bf16>(dim3{1, 1, 1}, dim3{32, 1, 1}, 0, err, sizeof err, "rope_fwd_bf16", qr.data(), qr.data(), pos.data(),
                                            inv_freq.data(), 3ull, 3, 64, 0, 2),
           "rope_fwd_bf16");
-    printf("clean: rmsnorm_fwd_f32, attn_fwd_d64_bf16, attn_fa2_fwd_d64_bf16, swiglu_bwd_bf16, rope_fwd_bf16, fixed_race ran without a report\n");
+    printf("clean: rmsnorm_fwd_f32, attn_fwd_d64_bf16, attn_fa2_fwd_d64_bf16, attn_bwd_fused_d64_bf16, swiglu_bwd_bf16, rope_fwd_bf16, fixed_race ran without a report\n");
     return 0;
 }
 
