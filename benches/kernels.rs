@@ -57,6 +57,7 @@ fn cpu_benches(c: &mut Criterion) {
 mod gpu {
     use super::*;
     use llama_cpt::cuda::{AttnKernel, Cuda, CudaBuf, GemmPrecision};
+    use std::rc::Rc;
 
     /// One timed case: name, shape, bytes moved (at least), FLOPs, and the work.
     pub struct Case<'a> {
@@ -410,32 +411,96 @@ mod gpu {
         g.finish();
     }
 
+    /// FlashAttention-2's benchmark grid on bf16 storage: head_dim 64 and 128 × sequence 1k–8k ×
+    /// causal or per-document (4 equal documents per sequence, so that PyTorch's peer is SDPA on
+    /// the documents as sequences), batch 16 × 16 heads; forward and backward. Smoke shapes:
+    /// head_dim 64, sequence 128, batch 2 × 2 heads.
+    pub fn attention_grid(be: &Cuda) -> Vec<Case<'static>> {
+        let smoke = std::env::var("LLAMA_CPT_BENCH_SMOKE").as_deref() == Ok("1");
+        let (dims, seqs, batch, heads): (&[usize], &[usize], usize, usize) =
+            if smoke { (&[64], &[128], 2, 2) } else { (&[64, 128], &[1024, 2048, 4096, 8192], 16, 16) };
+        be.set_mixed_precision(true);
+        let mut cases = Vec::new();
+        for &d in dims {
+            for &seq in seqs {
+                let shape = AttnShape { heads, kv_heads: heads, head_dim: d };
+                let n = batch * seq * heads * d;
+                // One random draw per shape, rotated for K, V and dO: the host RNG would take
+                // longer than the timings (3 G values over the grid).
+                let base = rand_vec(n, 21);
+                let up = |shift: usize| {
+                    let mut x = base.clone();
+                    x.rotate_left(shift % n);
+                    Rc::new(be.to_working(&be.upload(&x)))
+                };
+                let (q, k, v, dout) = (up(0), up(7919), up(104_729), up(1_299_709));
+                for docs in [1usize, 4] {
+                    let cu: Vec<u32> = (0..=batch * docs).map(|i| (i * seq / docs) as u32).collect();
+                    let (o, lse) = be.attention(&q, &k, &v, &cu, shape);
+                    let (o, lse) = (Rc::new(o), Rc::new(lse));
+                    // Causal FLOPs: half of 4·S²·H·D per document, forward; the backward 2.5×.
+                    let flops = (batch * docs) as f64 * 2.0 * ((seq / docs) as f64).powi(2) * (heads * d) as f64;
+                    let mask = if docs == 1 { "causal" } else { "docs" };
+                    let shape_s = format!("b{batch} h{heads} s{seq} d{d} {mask}");
+                    let bytes = 4.0 * (n * 2) as f64;
+                    let (bf, qf, kf, vf, cf) = (be.clone(), q.clone(), k.clone(), v.clone(), cu.clone());
+                    cases.push(Case {
+                        kernel: format!("grid_fwd_d{d}_s{seq}_{mask}"),
+                        shape: shape_s.clone(),
+                        bytes,
+                        flops,
+                        run: Box::new(move || drop(bf.attention(&qf, &kf, &vf, &cf, shape))),
+                    });
+                    let (bb, qb, kb, vb, db) = (be.clone(), q.clone(), k.clone(), v.clone(), dout.clone());
+                    cases.push(Case {
+                        kernel: format!("grid_bwd_d{d}_s{seq}_{mask}"),
+                        shape: shape_s,
+                        bytes: 2.0 * bytes,
+                        flops: 2.5 * flops,
+                        run: Box::new(move || drop(bb.attention_backward(&db, &qb, &kb, &vb, &o, &lse, &cu, shape))),
+                    });
+                }
+            }
+        }
+        cases
+    }
+
+    /// Median of 15 synchronised runs after 3 warm-up runs, as one JSON line.
+    fn time_case(be: &Cuda, case: &mut Case<'_>, lines: &mut String) {
+        for _ in 0..3 {
+            (case.run)();
+        }
+        be.synchronize().unwrap();
+        let mut times = Vec::new();
+        for _ in 0..15 {
+            let t = std::time::Instant::now();
+            (case.run)();
+            be.synchronize().unwrap();
+            times.push(t.elapsed().as_secs_f64());
+        }
+        times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let s = times[times.len() / 2];
+        eprintln!("{:<20} {:<28} {:>10.3} ms", case.kernel, case.shape, s * 1e3);
+        lines.push_str(&format!(
+            "{{\"kernel\": \"{}\", \"shape\": \"{}\", \"seconds\": {s:.9}, \"bytes\": {}, \"flops\": {}}}\n",
+            case.kernel, case.shape, case.bytes, case.flops
+        ));
+    }
+
     pub fn json_table(path: &str) {
         let Some(be) = gpu() else { return };
         let mut lines = String::new();
         for mixed in [false, true] {
             let mut inputs = Inputs::new(be.clone(), mixed);
             for mut case in inputs.cases() {
-                for _ in 0..3 {
-                    (case.run)();
-                }
-                be.synchronize().unwrap();
-                let mut times = Vec::new();
-                for _ in 0..15 {
-                    let t = std::time::Instant::now();
-                    (case.run)();
-                    be.synchronize().unwrap();
-                    times.push(t.elapsed().as_secs_f64());
-                }
-                times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-                let s = times[times.len() / 2];
-                eprintln!("{:<20} {:<28} {:>10.3} ms", case.kernel, case.shape, s * 1e3);
-                lines.push_str(&format!(
-                    "{{\"kernel\": \"{}\", \"shape\": \"{}\", \"seconds\": {s:.9}, \"bytes\": {}, \"flops\": {}}}\n",
-                    case.kernel, case.shape, case.bytes, case.flops
-                ));
+                time_case(&be, &mut case, &mut lines);
             }
         }
+        // The attention grid last, its buffers made and freed apart from the cases above.
+        for mut case in attention_grid(&be) {
+            time_case(&be, &mut case, &mut lines);
+        }
+        be.set_mixed_precision(false);
         let stats = be.memory_stats();
         eprintln!("allocator: {stats:?}");
         std::fs::write(path, lines).expect("writing the bench table");

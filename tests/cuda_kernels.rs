@@ -913,6 +913,8 @@ fn the_side_by_side_script_runs_and_pairs_every_row_with_pytorch() {
         ("cross_entropy_bwd_bf16", 0.0),
         ("attention_bwd_bf16", 1e6),
         ("attention_bwd_bf16_deterministic", 1e6),
+        ("grid_fwd_d64_s128_causal", 1e6),
+        ("grid_bwd_d64_s128_docs", 1e6),
         ("adamw_bf16", 0.0),
         ("linear_bf16_storage", 4e6),
     ];

@@ -151,6 +151,35 @@ def main():
     torch_t["attention_fwd_bf16_tiled"] = torch_t["attention_fwd"]  # our first forward, beside the pipelined one
     torch_t["attention_bwd_bf16_deterministic"] = torch_t["attention_bwd"]  # our seven-matmul backward
     del q, k, v, o, do
+    # FlashAttention-2's grid (our grid_* rows, benches/kernels.rs): batch 16 × 16 heads, bf16,
+    # causal, or 4 equal documents per sequence (SDPA on the documents as sequences); flash_attn
+    # beside it where the image has the package.
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        flash_attn_func = None
+    fa_t = {}
+    g_dims, g_seqs, g_batch, g_heads = ((64,), (128,), 2, 2) if SMOKE else ((64, 128), (1024, 2048, 4096, 8192), 16, 16)
+    for d_ in g_dims:
+        for seq in g_seqs:
+            for docs, mask in ((1, "causal"), (4, "docs")):
+                shp = (g_batch * docs, g_heads, seq // docs, d_)
+                qg, kg, vg = (torch.randn(shp, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+                og = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True)
+                dog = torch.randn_like(og)
+                torch_t[f"grid_fwd_d{d_}_s{seq}_{mask}"] = bench(
+                    lambda qg=qg, kg=kg, vg=vg: F.scaled_dot_product_attention(qg, kg, vg, is_causal=True))
+                torch_t[f"grid_bwd_d{d_}_s{seq}_{mask}"] = bench(
+                    lambda og=og, qg=qg, kg=kg, vg=vg, dog=dog: torch.autograd.grad(og, (qg, kg, vg), dog, retain_graph=True))
+                if flash_attn_func is not None and not SMOKE:
+                    qf, kf, vf = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (qg, kg, vg))
+                    of = flash_attn_func(qf, kf, vf, causal=True)
+                    dof = torch.randn_like(of)
+                    fa_t[f"grid_fwd_d{d_}_s{seq}_{mask}"] = bench(lambda qf=qf, kf=kf, vf=vf: flash_attn_func(qf, kf, vf, causal=True))
+                    fa_t[f"grid_bwd_d{d_}_s{seq}_{mask}"] = bench(
+                        lambda of=of, qf=qf, kf=kf, vf=vf, dof=dof: torch.autograd.grad(of, (qf, kf, vf), dof, retain_graph=True))
+                    del qf, kf, vf, of, dof
+                del qg, kg, vg, og, dog
     p = torch.nn.Parameter(torch.randn(ADAM_N, device=dev))
     p.grad = torch.randn(ADAM_N, device=dev)
     opt = torch.optim.AdamW([p], lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
@@ -172,7 +201,7 @@ def main():
 
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"copy_bw": copy_bw, "bf16_matmul": mm_rate, "torch_seconds": torch_t}, f, indent=1)
+            json.dump({"copy_bw": copy_bw, "bf16_matmul": mm_rate, "torch_seconds": torch_t, "flash_attn_seconds": fa_t}, f, indent=1)
 
     rows = []
     if args.ours:
@@ -195,6 +224,11 @@ def main():
         tt_s = f"{tt * 1e3:9.3f}" if tt else f"{'-':>9}"
         ratio = f"{s / tt:10.2f}" if tt else f"{'-':>10}"
         print(f"{r['kernel']:<20} {r['shape']:<26} {s * 1e3:9.3f} {rate_s:>14} {100 * roof:6.0f}% {tt_s} {ratio}")
+    if fa_t:
+        print("flash_attn (the package) on the grid rows, ms: "
+              + ", ".join(f"{k_} {v_ * 1e3:.3f}" for k_, v_ in fa_t.items()))
+    elif not SMOKE:
+        print("flash_attn: not installed in this image; the grid rows' peer is SDPA only")
     if not rows:
         print("(no timings of ours: pass --ours)")
         for k_, v_ in torch_t.items():

@@ -184,7 +184,7 @@ fi
 
 echo "== kernel timings =="
 rm -f "$OUT/ours.jsonl"
-LLAMA_CPT_BENCH_JSON="$OUT/ours.jsonl" timeout 150 "$BIN/kernels_bench" 2>&1 | tee "$OUT/bench.log" || status=1
+LLAMA_CPT_BENCH_JSON="$OUT/ours.jsonl" timeout 200 "$BIN/kernels_bench" 2>&1 | tee "$OUT/bench.log" || status=1
 ours=()
 if [ -s "$OUT/ours.jsonl" ]; then
     ours=(--ours "$OUT/ours.jsonl")
@@ -206,6 +206,6 @@ fi
 so_far=ok
 [ "$status" = 0 ] || so_far="FAILED, see $OUT/tests.log and $OUT/bench.log"
 echo "device check so far: $so_far; the table comes last"
-PYTHONUNBUFFERED=1 timeout 150 "$PY" tools/bench_torch_gpu.py "${torch_mode[@]}" "${ours[@]}" --json "$OUT/torch.json" 2>&1 | tee "$OUT/table.txt" || status=1
+PYTHONUNBUFFERED=1 timeout 200 "$PY" tools/bench_torch_gpu.py "${torch_mode[@]}" "${ours[@]}" --json "$OUT/torch.json" 2>&1 | tee "$OUT/table.txt" || status=1
 rm -rf "$LIBDIR"
 exit $status
