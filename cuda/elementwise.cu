@@ -2,8 +2,9 @@
 // Grid-stride loops, 64-bit sizes, in 16-byte packs where every pointer is aligned (common.cuh).
 #include "common.cuh"
 
+// out = a + b; out may be a (add_assign), so neither is __restrict__.
 template <typename T>
-__device__ __forceinline__ void add_impl(T* __restrict__ out, const T* __restrict__ a, const T* __restrict__ b, unsigned long long n) {
+__device__ __forceinline__ void add_impl(T* out, const T* a, const T* __restrict__ b, unsigned long long n) {
     constexpr int N = lcpt::Pack<T>::N;
     lcpt::grid_stride_packed<N>(
         n, lcpt::aligned16(out) && lcpt::aligned16(a) && lcpt::aligned16(b),
@@ -15,20 +16,6 @@ __device__ __forceinline__ void add_impl(T* __restrict__ out, const T* __restric
             lcpt::store_pack(out, i, x);
         },
         [&](unsigned long long j) { out[j] = lcpt::from_f<T>(lcpt::to_f(a[j]) + lcpt::to_f(b[j])); });
-}
-template <typename T>
-__device__ __forceinline__ void add_assign_impl(T* __restrict__ a, const T* __restrict__ b, unsigned long long n) {
-    constexpr int N = lcpt::Pack<T>::N;
-    lcpt::grid_stride_packed<N>(
-        n, lcpt::aligned16(a) && lcpt::aligned16(b),
-        [&](unsigned long long i) {
-            lcpt::Pack<T> x = lcpt::load_pack(a, i);
-            const lcpt::Pack<T> y = lcpt::load_pack(b, i);
-#pragma unroll
-            for (int k = 0; k < N; ++k) x.v[k] += y.v[k];
-            lcpt::store_pack(a, i, x);
-        },
-        [&](unsigned long long j) { a[j] = lcpt::from_f<T>(lcpt::to_f(a[j]) + lcpt::to_f(b[j])); });
 }
 template <typename T>
 __device__ __forceinline__ void scale_impl(T* __restrict__ a, float s, unsigned long long n) {
@@ -57,7 +44,7 @@ __device__ __forceinline__ void fill_impl(T* __restrict__ a, float v, unsigned l
 #define LCPT_ADD(S, T) \
     extern "C" __global__ void add_##S(T* out, const T* a, const T* b, unsigned long long n) { add_impl<T>(out, a, b, n); }
 #define LCPT_ADD_ASSIGN(S, T) \
-    extern "C" __global__ void add_assign_##S(T* a, const T* b, unsigned long long n) { add_assign_impl<T>(a, b, n); }
+    extern "C" __global__ void add_assign_##S(T* a, const T* b, unsigned long long n) { add_impl<T>(a, a, b, n); }
 #define LCPT_SCALE(S, T) \
     extern "C" __global__ void scale_##S(T* a, float s, unsigned long long n) { scale_impl<T>(a, s, n); }
 #define LCPT_FILL(S, T) \
