@@ -30,16 +30,6 @@ __device__ __forceinline__ void scale_impl(T* __restrict__ a, float s, unsigned 
         },
         [&](unsigned long long j) { a[j] = lcpt::from_f<T>(lcpt::to_f(a[j]) * s); });
 }
-template <typename T>
-__device__ __forceinline__ void fill_impl(T* __restrict__ a, float v, unsigned long long n) {
-    constexpr int N = lcpt::Pack<T>::N;
-    lcpt::Pack<T> x;
-#pragma unroll
-    for (int k = 0; k < N; ++k) x.v[k] = v;
-    lcpt::grid_stride_packed<N>(
-        n, lcpt::aligned16(a), [&](unsigned long long i) { lcpt::store_pack(a, i, x); },
-        [&](unsigned long long j) { a[j] = lcpt::from_f<T>(v); });
-}
 
 #define LCPT_ADD(S, T) \
     extern "C" __global__ void add_##S(T* out, const T* a, const T* b, unsigned long long n) { add_impl<T>(out, a, b, n); }
@@ -47,12 +37,9 @@ __device__ __forceinline__ void fill_impl(T* __restrict__ a, float v, unsigned l
     extern "C" __global__ void add_assign_##S(T* a, const T* b, unsigned long long n) { add_impl<T>(a, a, b, n); }
 #define LCPT_SCALE(S, T) \
     extern "C" __global__ void scale_##S(T* a, float s, unsigned long long n) { scale_impl<T>(a, s, n); }
-#define LCPT_FILL(S, T) \
-    extern "C" __global__ void fill_##S(T* a, float v, unsigned long long n) { fill_impl<T>(a, v, n); }
 LCPT_BOTH_TYPES(LCPT_ADD)
 LCPT_BOTH_TYPES(LCPT_ADD_ASSIGN)
 LCPT_BOTH_TYPES(LCPT_SCALE)
-LCPT_BOTH_TYPES(LCPT_FILL)
 
 // Round to nearest even, NaN stays NaN (as ops::convert::f32_to_bf16). Packs of 8: two 16-byte
 // f32 reads to one 16-byte bf16 write.

@@ -31,7 +31,7 @@ fn main() {
     let cxx = manifest.join("cxx");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed={}", root.join("build-support/cuda.rs").display());
-    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "LLAMA_CPT_EMU_NO_NVCC", "CXX"] {
+    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "LLAMA_CPT_EMU_NO_NVCC", "CXX", "LLAMA_CPT_EMU_SANITIZE"] {
         println!("cargo:rerun-if-env-changed={var}");
     }
     let units = list(&cuda_dir, &["cu", "cuh"]);
@@ -92,12 +92,57 @@ fn main() {
         println!("cargo:warning=llama-cpt-emu: ptxas reported no registers for {unknown} of {} kernels", entries.len());
     }
 
+    let sanitizer = Sanitizer::from_env();
     let mut build = host_build(&cxx, &cuda_dir);
+    let mut kernels = host_build(&cxx, &cuda_dir);
+    match sanitizer {
+        Sanitizer::None => {}
+        // Everything C++ under ASan; device memory is the Rust side's heap, whose malloc the
+        // preloaded libasan gives red zones.
+        Sanitizer::Address => {
+            for b in [&mut build, &mut kernels] {
+                b.flag("-fsanitize=address").flag("-fno-omit-frame-pointer").debug(true).opt_level(1);
+            }
+        }
+        // Only the kernels under TSan; the runtime keeps its bookkeeping uninstrumented and makes
+        // the fiber switches and barriers known through the annotations (runtime.cpp).
+        Sanitizer::Thread => {
+            build.define("LCPT_EMU_TSAN", "1").debug(true).opt_level(1);
+            kernels.flag("-fsanitize=thread").debug(true).opt_level(1);
+        }
+    }
+    // One archive (the runtime and the kernel registry refer to each other), the kernels compiled
+    // with their own flags.
+    kernels.file(&host_file);
+    for object in kernels.compile_intermediates() {
+        build.object(object);
+    }
     for f in ["runtime.cpp", "mma.cpp", "abi.cpp", "self_test.cpp"] {
         build.file(cxx.join(f));
     }
-    build.file(&host_file);
     build.compile("lcpt_emu_kernels");
+}
+
+/// `LLAMA_CPT_EMU_SANITIZE=address|thread`: the emulator built as the compute-sanitizer's memcheck
+/// or racecheck over every kernel the CUDA tests launch (tools/emu-sanitize.sh). The library then
+/// needs libasan or libtsan preloaded into the process that loads it, so it is built into a
+/// target directory of its own.
+#[derive(Clone, Copy)]
+enum Sanitizer {
+    None,
+    Address,
+    Thread,
+}
+
+impl Sanitizer {
+    fn from_env() -> Sanitizer {
+        match env::var("LLAMA_CPT_EMU_SANITIZE").as_deref() {
+            Err(_) | Ok("") => Sanitizer::None,
+            Ok("address") => Sanitizer::Address,
+            Ok("thread") => Sanitizer::Thread,
+            Ok(other) => panic!("emu/build.rs: LLAMA_CPT_EMU_SANITIZE={other:?}: expected `address` or `thread`"),
+        }
+    }
 }
 
 /// The host compiler setup shared by the scan and the build: C++17, -O2, our headers first (so

@@ -8,7 +8,8 @@
 #   - the seed-scale memory check (tools/seed-scale/measure.sh --check: the shapes-only device),
 #   - the embedded default `pretrain --device cuda` in f32 and bf16, compared step by step with
 #     the CPU runs (bound below), `evaluate` and `generate --device cuda` against the CPU,
-#   - the sanitizer runs (emu/cxx/tests/sanitizers.sh), the mpirun + NCCL rows
+#   - the sanitizer runs (emu/cxx/tests/sanitizers.sh: planted bugs caught; tools/emu-sanitize.sh:
+#     every entry point under ASan and TSan on the CUDA tests' shapes), the mpirun + NCCL rows
 #     (tools/emu-nccl-check.sh),
 # and prints one table last (check, result, figure); exits non-zero on any failure.
 #
@@ -64,27 +65,52 @@ else
     row emu-unit-tests FAIL "see $OUT/emu-tests.log"
 fi
 
-# Every CUDA test, the ignored GPU tests included, on the emulated card.
-t0=$(date +%s)
-if "${EMU_ENV[@]}" cargo test "${FEATURES[@]}" --test cuda_kernels -- --include-ignored --test-threads=1 >"$OUT/cuda-tests.log" 2>&1; then
-    row cuda-tests PASS "$(grep -E '^test result' "$OUT/cuda-tests.log" | sed 's/test result: ok. //; s/;.*//') ($(( $(date +%s) - t0 )) s)"
-else
-    row cuda-tests FAIL "$(grep -cE '\.\.\. FAILED' "$OUT/cuda-tests.log") failed, see $OUT/cuda-tests.log"
-fi
-
-# The same tests with the block's threads run in other orders (LLAMA_CPT_EMU_SCHEDULE): a missing
-# barrier whose race thread order happens to avoid gives a wrong result in one of them (planted:
-# the dK/dV kernel's loop-start barrier fails under both, the forward's under thread order and
-# reverse).
-for schedule in reverse random:1; do
+# Every CUDA test, the ignored GPU tests included, on the emulated card, in thread order and then
+# with the block's threads run in other orders (LLAMA_CPT_EMU_SCHEDULE): a missing barrier whose
+# race thread order happens to avoid gives a wrong result in one of them (planted: the dK/dV
+# kernel's loop-start barrier fails under both, the forward's under thread order and reverse).
+# All three draw the same inputs (one CUDA_TEST_SEED) and run a launch's blocks one after the other
+# (LLAMA_CPT_EMU_THREADS=1: the atomic adds of the fused attention backward then land in one
+# order), and log a digest of every kernel's buffers after each run (LLAMA_CPT_EMU_DIGEST_LOG):
+# the three logs must agree bit for bit, so a race that changes a result by less than a test's
+# tolerance is still caught, with the kernel named.
+seed=${CUDA_TEST_SEED:-$(( (RANDOM << 15) | RANDOM ))}
+for schedule in thread-order reverse random:1; do
     t0=$(date +%s)
-    log="$OUT/cuda-tests-${schedule%%:*}.log"
-    if "${EMU_ENV[@]}" LLAMA_CPT_EMU_SCHEDULE="$schedule" cargo test "${FEATURES[@]}" --test cuda_kernels -- --include-ignored --test-threads=1 >"$log" 2>&1; then
-        row "cuda-tests-schedule-$schedule" PASS "$(grep -E '^test result' "$log" | sed 's/test result: ok. //; s/;.*//') ($(( $(date +%s) - t0 )) s)"
+    name=cuda-tests-schedule-$schedule log="$OUT/cuda-tests-${schedule%%:*}.log"
+    [ "$schedule" = thread-order ] && name=cuda-tests log="$OUT/cuda-tests.log"
+    rm -f "$OUT/digests-${schedule%%:*}.log"
+    if "${EMU_ENV[@]}" LLAMA_CPT_EMU_SCHEDULE="$schedule" CUDA_TEST_SEED="$seed" LLAMA_CPT_EMU_THREADS=1 \
+        LLAMA_CPT_EMU_DIGEST_LOG="$PWD/$OUT/digests-${schedule%%:*}.log" \
+        cargo test "${FEATURES[@]}" --test cuda_kernels -- --include-ignored --test-threads=1 >"$log" 2>&1; then
+        row "$name" PASS "$(grep -E '^test result' "$log" | sed 's/test result: ok. //; s/;.*//') (seed $seed, $(( $(date +%s) - t0 )) s)"
     else
-        row "cuda-tests-schedule-$schedule" FAIL "$(grep -E '\.\.\. FAILED' "$log" | sed 's/^test //; s/ \.\.\. FAILED//' | paste -sd' '), see $log"
+        row "$name" FAIL "$(grep -E '\.\.\. FAILED' "$log" | sed 's/^test //; s/ \.\.\. FAILED//' | paste -sd' '), see $log"
     fi
 done
+# compare_digests A B: "" when the two logs hold the same launches with the same digests, else the
+# first launch of A (in launch order) that B does not have, or the two counts.
+compare_digests() {
+    local a=$1 b=$2
+    if [ "$(wc -l <"$a")" != "$(wc -l <"$b")" ]; then
+        echo "$(wc -l <"$a") launches against $(wc -l <"$b")"
+        return
+    fi
+    awk 'NR == FNR { missing[$0] = 1; next } { seq = $1; $1 = ""; if (substr($0, 2) in missing) { print "launch #" seq ":" $0; exit } }' \
+        <(comm -23 <(cut -d' ' -f2- "$a" | sort) <(cut -d' ' -f2- "$b" | sort)) <(sort -n "$a")
+}
+first=""
+for schedule in reverse random; do
+    first=$(compare_digests "$OUT/digests-thread-order.log" "$OUT/digests-$schedule.log")
+    [ -n "$first" ] && first="thread order vs $schedule: $(echo "$first" | cut -c1-100)" && break
+done
+if [ ! -s "$OUT/digests-thread-order.log" ]; then
+    row cuda-tests-bit-for-bit FAIL "no digests logged, see $OUT/cuda-tests.log"
+elif [ -n "$first" ]; then
+    row cuda-tests-bit-for-bit FAIL "$first"
+else
+    row cuda-tests-bit-for-bit PASS "$(wc -l <"$OUT/digests-thread-order.log") launches, every buffer identical in thread order, reverse and random:1"
+fi
 
 # The seed's memory on the shapes-only device (#23): a real TinyLlama-1.1B step at 2,048 context as
 # rank 0 of a virtual world of 8, ZeRO-1/2 with and without checkpointing, within 5% of the plan.
@@ -209,6 +235,20 @@ if [ $quick = 0 ]; then
     else
         row sanitizers FAIL "see $OUT/sanitizers.log"
     fi
+    # Every entry point of cuda/*.cu under the sanitizers, on the CUDA tests' shapes
+    # (tools/emu-sanitize.sh): memcheck and initcheck with ASan, exact-size allocations and 0x7f
+    # poison over every test; racecheck with TSan over the kernel tests.
+    for mode in address thread; do
+        t0=$(date +%s)
+        name=memcheck-every-kernel
+        [ $mode = thread ] && name=racecheck-every-kernel
+        log="$OUT/sanitize-$mode.log"
+        if EMU_SANITIZE_OUT="$OUT/sanitize-$mode" tools/emu-sanitize.sh $mode >"$log" 2>&1; then
+            row "$name" PASS "$(tail -1 "$log" | sed 's/^emu-sanitize [a-z]*: //')"
+        else
+            row "$name" FAIL "$(tail -1 "$log" | cut -c1-160)"
+        fi
+    done
     # ---- mpirun + NCCL rows (E3: tools/emu-nccl-check.sh prints name, result, figure lines) ----
     if [ -x tools/emu-nccl-check.sh ] || [ -f tools/emu-nccl-check.sh ]; then
         while IFS=$'\t' read -r name result figure; do

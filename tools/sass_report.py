@@ -24,7 +24,7 @@ PACKED_LOADS = ("add_bf16", "add_assign_bf16", "scale_bf16", "swiglu_fwd_bf16", 
                 "rmsnorm_fwd_bf16", "rmsnorm_bwd_dx_bf16", "rmsnorm_bwd_dw_partial_bf16", "rmsnorm_bwd_dw_reduce",
                 "add_rmsnorm_fwd_bf16", "cross_entropy_fwd_bf16", "cross_entropy_bwd_bf16", "embedding_fwd_bf16",
                 "embedding_bwd_bf16", "sum_squares_partial_bf16", "cast_f32_to_bf16", "cast_bf16_to_f32", "adamw_multi")
-PACKED_STORES = tuple(k for k in PACKED_LOADS if k not in ("cross_entropy_fwd_bf16", "sum_squares_partial_bf16")) + ("fill_bf16",)
+PACKED_STORES = tuple(k for k in PACKED_LOADS if k not in ("cross_entropy_fwd_bf16", "sum_squares_partial_bf16"))
 # Kernels that must not spill.
 HOT_PREFIXES = ("attn_", "rmsnorm_", "add_rmsnorm_", "swiglu_", "rope_", "cross_entropy_", "adamw_", "embedding_")
 

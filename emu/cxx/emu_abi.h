@@ -12,6 +12,10 @@ int lcpt_emu_kernel_count(void);
 const char* lcpt_emu_kernel_name(int i);
 // 16- and 8-byte global accesses (lcpt::load_pack and the like) made by this thread's launches.
 unsigned long long lcpt_emu_vector_accesses(void);
+// The byte device memory and shared memory hold before anything writes them: 0xff (NaN as f32
+// and bf16), or LLAMA_CPT_EMU_POISON (0..255, e.g. 0x7f: 3.4e38, a value that fmaxf and
+// comparisons do not skip as they skip NaN); an invalid value stops the process.
+unsigned char lcpt_emu_poison_byte(void);
 // Index of the entry named `name`, or -1.
 int lcpt_emu_kernel_find(const char* name);
 // Static shared memory bytes of entry i (what ptxas reports as smem), registers per thread on

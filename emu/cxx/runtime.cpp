@@ -585,6 +585,21 @@ void kernel_error(const char* fmt, ...) {
     abort();  // never resumed
 }
 
+extern "C" unsigned char lcpt_emu_poison_byte(void) {
+    static const unsigned char byte = [] {
+        const char* s = getenv("LLAMA_CPT_EMU_POISON");
+        if (!s || !*s) return static_cast<unsigned char>(0xff);
+        char* end = nullptr;
+        const long v = strtol(s, &end, 0);
+        if (*end != 0 || v < 0 || v > 255) {
+            fprintf(stderr, "emulated CUDA: LLAMA_CPT_EMU_POISON=%s: expected a byte, 0..255 (e.g. 0x7f)\n", s);
+            exit(2);
+        }
+        return static_cast<unsigned char>(v);
+    }();
+    return byte;
+}
+
 namespace {
 
 // One launch, shared by the threads that run its blocks: each takes the next block index until
@@ -644,15 +659,16 @@ void run_blocks(GridJob& job) {
         f->ts.thread_idx = uint3{t % job.block.x, (t / job.block.x) % job.block.y, t / (job.block.x * job.block.y)};
         f->ts.linear = t;
     }
-    // Exactly the launch's size, so that a sanitizer build sees one byte past it; filled with a
-    // NaN pattern because shared memory starts with whatever the previous block left.
+    // Exactly the launch's size, so that a sanitizer build sees one byte past it; filled with the
+    // poison (a NaN pattern by default) because shared memory starts with whatever the previous
+    // block left.
     unsigned char* smem = static_cast<unsigned char*>(malloc(job.dyn_smem ? job.dyn_smem : 1));
     if (!smem) {
         fail(w, "kernel %s: cannot allocate %u bytes of dynamic shared memory", job.name, job.dyn_smem);
         record_error(job, 0, CUDA_ERROR_LAUNCH_FAILED, w.message);
         return;
     }
-    memset(smem, 0xff, job.dyn_smem);
+    memset(smem, lcpt_emu_poison_byte(), job.dyn_smem);
     w.block.block_dim = job.block;
     w.block.grid_dim = job.grid;
     w.block.dynamic_smem = smem;

@@ -8,6 +8,7 @@ mod ffi {
     extern "C" {
         pub fn lcpt_emu_kernel_count() -> c_int;
         pub fn lcpt_emu_vector_accesses() -> u64;
+        pub fn lcpt_emu_poison_byte() -> u8;
         pub fn lcpt_emu_kernel_name(i: c_int) -> *const c_char;
         pub fn lcpt_emu_kernel_find(name: *const c_char) -> c_int;
         pub fn lcpt_emu_kernel_static_smem(i: c_int) -> c_int;
@@ -66,6 +67,12 @@ pub fn count() -> usize {
 /// made so far: a test reads it before and after a launch to see which path a kernel took.
 pub fn vector_accesses() -> u64 {
     unsafe { ffi::lcpt_emu_vector_accesses() }
+}
+
+/// The byte device and shared memory hold before anything writes them (0xff, NaN, unless
+/// `LLAMA_CPT_EMU_POISON` says otherwise; emu/cxx/emu_abi.h).
+pub fn poison_byte() -> u8 {
+    unsafe { ffi::lcpt_emu_poison_byte() }
 }
 
 /// Every kernel, in registry order.

@@ -10,6 +10,7 @@
 pub mod blaslt;
 pub mod driver;
 pub mod kernels;
+pub mod launch_log;
 pub mod mode;
 pub mod nccl;
 pub mod stream;

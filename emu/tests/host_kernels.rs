@@ -60,9 +60,9 @@ fn registry_lists_every_entry_point_with_its_signature_and_bounds() {
     assert_eq!(kernel("attn_fwd_d64_bf16").max_threads(), 128);
     assert_eq!(kernel("rmsnorm_fwd_f32").max_threads(), 256);
     assert_eq!(kernel("cross_entropy_fwd_f32").max_threads(), 512);
-    assert_eq!(kernel("fill_f32").max_threads(), 1024);
-    // fill_f32(float*, float, unsigned long long)
-    assert_eq!(kernel("fill_f32").param_sizes(), vec![8, 4, 8]);
+    assert_eq!(kernel("scale_f32").max_threads(), 1024);
+    // scale_f32(float*, float, unsigned long long)
+    assert_eq!(kernel("scale_f32").param_sizes(), vec![8, 4, 8]);
     assert!(kernels::find("no_such_kernel").is_none());
 }
 

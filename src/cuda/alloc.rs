@@ -20,6 +20,10 @@
 //! alive at once; with it at most the newest of a class is held back, so the last collective
 //! still overlaps the compute that follows.
 //!
+//! `LLAMA_CPT_CUDA_EXACT_ALLOC=1` makes every block exactly the requested size (cached by that
+//! size): the emulated compute-sanitizer (tools/emu-sanitize.sh) needs it, so that a kernel
+//! reading or writing past the end of its buffer lands in a red zone, not in a size class's slack.
+//!
 //! Every block is counted under the [`MemoryUse`] that was current when it was handed out (set by
 //! the trainer through [`crate::backend::memory_scope`]), and the split is kept at the peak.
 use crate::backend::{MemStats, MemoryUse};
@@ -50,6 +54,8 @@ pub(crate) struct Pool {
     pub(crate) stats: MemStats,
     /// What the blocks handed out now are for.
     pub(crate) current_use: MemoryUse,
+    /// Blocks of exactly the requested size (see the module comment).
+    exact_sizes: bool,
 }
 
 /// The size class of a request: multiples of 512 B up to 64 KiB, then an eighth of the next power
@@ -64,13 +70,18 @@ pub(crate) fn size_class(bytes: usize) -> usize {
 }
 
 impl Pool {
+    /// An empty pool; `exact_sizes`: blocks of exactly the requested size (module comment).
+    pub(crate) fn new(exact_sizes: bool) -> Pool {
+        Pool { exact_sizes, ..Pool::default() }
+    }
+
     /// A block of at least `bytes`; the caller holds the context current and the stream.
     pub(crate) fn alloc(
         &mut self,
         bytes: usize,
         stream: sys::CUstream,
     ) -> Result<(sys::CUdeviceptr, usize, MemoryUse), result::DriverError> {
-        let class = size_class(bytes);
+        let class = if self.exact_sizes { bytes.max(1) } else { size_class(bytes) };
         self.reclaim_finished();
         // A retired block first: taking a free one instead would leave the retired one idle once
         // its reader finished, and a backward would hold a block per bucket, not per class.

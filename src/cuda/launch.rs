@@ -220,13 +220,6 @@ impl Cuda {
 }
 
 impl Cuda {
-    /// Fills a buffer with `value` (tests poison outputs with NaN).
-    pub fn fill(&self, buf: &mut CudaBuf, value: f32) {
-        self.bind();
-        let (p, n) = (buf.ptr, buf.len as u64);
-        self.elementwise(&Self::typed("fill", buf.dtype), buf.len, args![p, value, n]);
-    }
-
     /// Uploads 4-byte integers (ids, targets) as a device buffer.
     pub fn upload_u32(&self, data: &[u32]) -> CudaBuf {
         self.upload_raw(data)

@@ -17,7 +17,8 @@
 //! Environment: `LLAMA_CPT_PRECISION` = f32 (default) | bf16 (mixed precision); `LLAMA_CPT_GEMM` =
 //! f32 (default) | tf32 | bf16 (how f32 GEMMs multiply); `LLAMA_CPT_ATTN` = simple (the simple
 //! attention kernels) | tiled (the first tensor-core kernels) | deterministic (no atomics in the
-//! backward, see `AttnKernel`); `LLAMA_CPT_CUDA_SYNC=1` synchronises and checks after every launch.
+//! backward, see `AttnKernel`); `LLAMA_CPT_CUDA_SYNC=1` synchronises and checks after every launch;
+//! `LLAMA_CPT_CUDA_EXACT_ALLOC=1` allocates every block at exactly its size (`alloc`).
 /// Kernel arguments: each expression's address, as `cuLaunchKernel` wants them. The values must
 /// have the exact C types of the kernel's parameters (u64 for pointers and 64-bit sizes, i32 for
 /// int, f32 for float).
@@ -56,7 +57,6 @@ const TYPED_KERNELS: &[&str] = &[
     "add",
     "add_assign",
     "scale",
-    "fill",
     "embedding_fwd",
     "embedding_bwd",
     "rmsnorm_fwd",
@@ -198,7 +198,7 @@ impl Cuda {
         }
         attention::allow_attention_smem(&funcs)?;
         let home = Arc::new(Home {
-            pool: Mutex::new(Pool::default()),
+            pool: Mutex::new(Pool::new(std::env::var("LLAMA_CPT_CUDA_EXACT_ALLOC").as_deref() == Ok("1"))),
             ctx: ctx.clone(),
             stream: stream.clone(),
             profile: Default::default(),

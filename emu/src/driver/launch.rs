@@ -162,6 +162,7 @@ pub unsafe extern "C" fn cuLaunchKernel(
         if shapes_only() {
             return Ok(());
         }
+        let seq = crate::launch_log::next_launch();
         stream::enqueue(
             s,
             Box::new(move || {
@@ -169,7 +170,9 @@ pub unsafe extern "C" fn cuLaunchKernel(
                 unsafe { k.launch(grid, block, dyn_smem, &mut ptrs) }.map_err(|e| {
                     eprintln!("emulated CUDA: kernel {} failed: {e}", k.name());
                     launch_code(e.code)
-                })
+                })?;
+                crate::launch_log::ran(k, seq, (grid, block, dyn_smem), &ptrs, &sizes);
+                Ok(())
             }),
         )
     })

@@ -41,8 +41,9 @@ pub fn alloc(bytes: usize) -> Result<CUdeviceptr, CUresult> {
         if p.is_null() {
             return Err(CUresult::CUDA_ERROR_OUT_OF_MEMORY);
         }
-        // Device memory is never handed out zeroed: all-ones bytes are NaN as f32 and bf16.
-        unsafe { std::ptr::write_bytes(p, 0xff, bytes) };
+        // Device memory is never handed out zeroed: all-ones bytes (NaN as f32 and bf16) unless
+        // LLAMA_CPT_EMU_POISON names another byte.
+        unsafe { std::ptr::write_bytes(p, crate::kernels::poison_byte(), bytes) };
         p
     };
     allocs.insert(p as u64, bytes);
@@ -69,6 +70,11 @@ fn free(ptr: CUdeviceptr) -> Result<(), CUresult> {
         unsafe { std::alloc::dealloc(ptr as *mut u8, layout(bytes)) };
     }
     Ok(())
+}
+
+/// The live allocations now: start address → size in bytes.
+pub fn live_allocations() -> BTreeMap<u64, usize> {
+    allocations().lock().unwrap().clone()
 }
 
 /// `CUDA_ERROR_INVALID_VALUE` unless `[ptr, ptr + bytes)` lies inside one live allocation.
