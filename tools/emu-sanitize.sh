@@ -11,8 +11,9 @@
 #   - a log of the kernels that ran (LLAMA_CPT_EMU_KERNEL_LOG): an entry point of cuda/*.cu that no
 #     test launched fails the run, by name,
 #   - under `address`, device and shared memory poisoned with 0x7f bytes (3.4e38 as f32 and bf16)
-#     instead of NaN (LLAMA_CPT_EMU_POISON): the initcheck, a kernel that reads memory nobody wrote
-#     gives a huge value where NaN could have been skipped by fmaxf or a comparison.
+#     instead of NaN (LLAMA_CPT_EMU_POISON, and LLAMA_CPT_CUDA_POISON=huge for the outputs the
+#     tests poison themselves): the initcheck, a kernel that reads memory nobody wrote gives a huge
+#     value where NaN could have been skipped by fmaxf or a comparison.
 # Fails on any report; the report's summary line names the kernel and the source line.
 # Usage: tools/emu-sanitize.sh address|thread [test name...]   (needs libasan / libtsan of CXX,
 # default c++). The sanitized library lives in its own target directory, target/emu-MODE.
@@ -20,8 +21,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 mode=${1:-}
 case $mode in
-    address) runtime_lib=libasan.so poison=0x7f ;;
-    thread) runtime_lib=libtsan.so poison=0xff ;;
+    address) runtime_lib=libasan.so poison=0x7f test_poison=huge ;;
+    thread) runtime_lib=libtsan.so poison=0xff test_poison=nan ;;
     *)
         echo "usage: tools/emu-sanitize.sh address|thread [test name...]" >&2
         exit 2
@@ -76,13 +77,14 @@ fi
 # halt_on_error: the first report ends the test's process. ignore_noninstrumented_modules: only
 # the instrumented kernels' accesses count for TSan, not the Rust side's memcpy and free, whose
 # synchronisation (futexes) TSan cannot see.
-export LD_PRELOAD_LIB=$runtime LIB_DIR=$PWD/$lib POISON=$poison BINARY=$binary TEST_OUT=$PWD/$OUT/tests
+export LD_PRELOAD_LIB=$runtime LIB_DIR=$PWD/$lib POISON=$poison TEST_POISON=$test_poison BINARY=$binary TEST_OUT=$PWD/$OUT/tests
 run_one() { # test name: its log in $TEST_OUT/NAME.log, ending with a line of its exit status and
     # time; the kernels it ran, at which launch shapes, in $TEST_OUT/NAME.kernels
     local t0 rc
     t0=$(date +%s)
     env LD_PRELOAD="$LD_PRELOAD_LIB" LD_LIBRARY_PATH="$LIB_DIR" LLAMA_CPT_CUDA_EXACT_ALLOC=1 \
-        LLAMA_CPT_EMU_KERNEL_LOG="$TEST_OUT/$1.kernels" LLAMA_CPT_EMU_POISON="$POISON" RUST_BACKTRACE=0 \
+        LLAMA_CPT_EMU_KERNEL_LOG="$TEST_OUT/$1.kernels" LLAMA_CPT_EMU_POISON="$POISON" LLAMA_CPT_CUDA_POISON="$TEST_POISON" \
+        RUST_BACKTRACE=0 \
         ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 \
         TSAN_OPTIONS=halt_on_error=1:ignore_noninstrumented_modules=1:report_signal_unsafe=0 \
         "$BINARY" --include-ignored --test-threads=1 --exact "$1" >"$TEST_OUT/$1.log" 2>&1

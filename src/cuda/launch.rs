@@ -18,10 +18,16 @@ impl Cuda {
     pub(super) fn alloc_as(&self, len: usize, dtype: DType) -> CudaBuf {
         let b = CudaBuf::alloc(&self.inner.home, len, dtype);
         if len > 0 && self.inner.poison.load(Ordering::Relaxed) {
-            // Quiet NaN in every element: a kernel that leaves an output element unwritten shows.
+            // Quiet NaN in every element (3.4e38 with LLAMA_CPT_CUDA_POISON=huge): a kernel that
+            // leaves an output element unwritten, or reads one before writing it, shows.
+            let huge = self.inner.poison_huge;
             match dtype {
-                DType::F32 => unsafe { sys::cuMemsetD32Async(b.ptr, 0x7fc0_0000, len, self.stream()) },
-                DType::Bf16 => unsafe { sys::cuMemsetD16Async(b.ptr, 0x7fc0, len, self.stream()) },
+                DType::F32 => unsafe {
+                    sys::cuMemsetD32Async(b.ptr, if huge { 0x7f7f_7f7f } else { 0x7fc0_0000 }, len, self.stream())
+                },
+                DType::Bf16 => unsafe {
+                    sys::cuMemsetD16Async(b.ptr, if huge { 0x7f7f } else { 0x7fc0 }, len, self.stream())
+                },
             }
             .result()
             .expect("poisoning a buffer");
@@ -49,7 +55,8 @@ impl Cuda {
         format!("{base}_{}", t.suffix())
     }
 
-    /// Fill every newly allocated buffer with NaN before the kernel that writes it (for tests).
+    /// Fill every newly allocated buffer with NaN (or 3.4e38, `LLAMA_CPT_CUDA_POISON=huge`) before
+    /// the kernel that writes it (for tests).
     pub fn set_poison_allocations(&self, on: bool) {
         self.inner.poison.store(on, Ordering::Relaxed);
     }

@@ -18,7 +18,8 @@
 //! f32 (default) | tf32 | bf16 (how f32 GEMMs multiply); `LLAMA_CPT_ATTN` = simple (the simple
 //! attention kernels) | tiled (the first tensor-core kernels) | deterministic (no atomics in the
 //! backward, see `AttnKernel`); `LLAMA_CPT_CUDA_SYNC=1` synchronises and checks after every launch;
-//! `LLAMA_CPT_CUDA_EXACT_ALLOC=1` allocates every block at exactly its size (`alloc`).
+//! `LLAMA_CPT_CUDA_EXACT_ALLOC=1` allocates every block at exactly its size (`alloc`);
+//! `LLAMA_CPT_CUDA_POISON=huge` poisons tests' buffers with 3.4e38 instead of NaN.
 /// Kernel arguments: each expression's address, as `cuLaunchKernel` wants them. The values must
 /// have the exact C types of the kernel's parameters (u64 for pointers and 64-bit sizes, i32 for
 /// int, f32 for float).
@@ -129,6 +130,9 @@ struct Inner {
     mixed_precision: AtomicBool,
     sync_each_launch: AtomicBool,
     poison: AtomicBool,
+    /// The poison is 3.4e38, not NaN (`LLAMA_CPT_CUDA_POISON=huge`): what `fmaxf` and comparisons
+    /// skip as NaN, they do not skip as a huge value.
+    poison_huge: bool,
     device_name: String,
     cc: (i32, i32),
     sm_count: u32,
@@ -223,6 +227,7 @@ impl Cuda {
             mixed_precision: AtomicBool::new(std::env::var("LLAMA_CPT_PRECISION").as_deref() == Ok("bf16")),
             sync_each_launch: AtomicBool::new(std::env::var("LLAMA_CPT_CUDA_SYNC").as_deref() == Ok("1")),
             poison: AtomicBool::new(false),
+            poison_huge: std::env::var("LLAMA_CPT_CUDA_POISON").as_deref() == Ok("huge"),
             device_name,
             cc,
             sm_count,
